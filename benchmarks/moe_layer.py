@@ -1,0 +1,299 @@
+"""Forward+backward speed of one MoE layer against a compute-matched dense FFN (CPU, fp32).
+
+Cases, all at the same shape (default: the paper-small layer, T=4096 tokens, d=512, 66 experts of
+width 128, top-8):
+
+* dense FFN with the MoE's active FLOPs, d -> K*M -> d: ReLU, and SwiGLU (w1, w3: d -> K*M; w2 back);
+* Hugging Face transformers' `OlmoeSparseMoeBlock` (SwiGLU experts) with the experts implementation
+  "eager" (per-expert Python loop) and "grouped_mm" (see benchmarks/_hf_olmoe.py);
+* libmoe: `smoe` with every dispatch backend, every algorithm in `ALGORITHMS` with dispatch="auto"
+  (ReLU experts), and `smoe` with SwiGLU experts.
+
+Each case is built once, run `--warmup` times, then timed `--repeats` times; the median is reported
+with its ratio to the dense FFN of the same activation. One iteration is forward plus backward of
+`(out * g).sum() + aux_loss` with a fixed random `g` (the input requires grad too, as inside a
+model); gradients are cleared (set to None) before each iteration, outside the timed region.
+
+    python benchmarks/moe_layer.py                     # paper-small shape, all cores
+    python benchmarks/moe_layer.py --threads 1 --json moe_layer_1t.json
+    python benchmarks/moe_layer.py --quick             # T=512 smoke run
+    python benchmarks/moe_layer.py --filter 'dense|olmoe'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _hf_olmoe
+import _hf_olmoe  # noqa: E402
+
+LIBMOE_BACKENDS = ("blocked", "grouped", "padded", "loop")
+
+
+# --------------------------------------------------------------------------- the dense baseline
+
+
+class DenseFFN(nn.Module):
+    """Bias-free FFN of width `hidden`: relu -> w2(relu(w1 x)); swiglu -> w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, d_model: int, hidden: int, activation: str):
+        super().__init__()
+        if activation not in ("relu", "swiglu"):
+            raise ValueError(f"activation must be relu or swiglu, got {activation!r}")
+        self.activation = activation
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False) if activation == "swiglu" else None
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w3 is None:
+            return self.w2(F.relu(self.w1(x)))
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# --------------------------------------------------------------------------- libmoe
+
+
+def import_libmoe():
+    """`(build_moe, ALGORITHMS)`, from the installed package or this checkout's src/."""
+    try:
+        from libmoe.moe import ALGORITHMS, build_moe
+    except ImportError:
+        src = Path(__file__).resolve().parents[1] / "src"
+        if str(src) not in sys.path:
+            sys.path.insert(0, str(src))
+        from libmoe.moe import ALGORITHMS, build_moe
+    return build_moe, tuple(ALGORITHMS)
+
+
+# --------------------------------------------------------------------------- cases and timing
+
+
+@dataclass
+class Case:
+    name: str
+    activation: str  # "relu" | "swiglu": which dense FFN it is compared with
+    build: Callable[[], nn.Module]
+    describe: Callable[[nn.Module, torch.Tensor], str] | None = None  # a note, from the built module
+    error: str | None = None  # set when the case cannot even be listed (missing dependency)
+    baseline: bool = False  # the dense FFN the other cases of this activation are compared with
+
+
+@dataclass
+class Row:
+    case: str
+    activation: str
+    ms: float | None = None
+    ratio: float | None = None
+    note: str = ""
+    error: str | None = None
+    times_ms: list[float] = field(default_factory=list)
+
+
+def make_cases(args) -> list[Case]:
+    d, e, m, k = args.d_model, args.experts, args.expert_dim, args.top_k
+    cases = [
+        Case("dense FFN relu", "relu", lambda: DenseFFN(d, k * m, "relu"), baseline=True),
+        Case("dense FFN swiglu", "swiglu", lambda: DenseFFN(d, k * m, "swiglu"), baseline=True),
+    ]
+
+    for impl in _hf_olmoe.IMPLEMENTATIONS:
+        name = f"transformers OLMoE {impl}"
+        if not _hf_olmoe.available():
+            err = f"transformers not installed: pip install libmoe[bench] ({_hf_olmoe.IMPORT_ERROR})"
+            cases.append(Case(name, "swiglu", lambda: None, error=err))
+        else:
+            cases.append(
+                Case(
+                    name,
+                    "swiglu",
+                    lambda impl=impl: _hf_olmoe.build_olmoe_block(d, e, m, k, impl),
+                    describe=_hf_olmoe.implementation_report,
+                )
+            )
+
+    try:
+        build_moe, algorithms = import_libmoe()
+        libmoe_error = None
+    except Exception as exc:  # the library may be mid-rewrite: report, do not crash
+        build_moe, algorithms, libmoe_error = None, (), f"import libmoe.moe: {exc!r}"
+
+    def libmoe_case(name, activation, algorithm, dispatch):
+        return Case(
+            name,
+            activation,
+            lambda: build_moe(algorithm, d, e, m, k, dispatch=dispatch, activation=activation),
+            error=libmoe_error,
+        )
+
+    for backend in LIBMOE_BACKENDS:
+        cases.append(libmoe_case(f"libmoe smoe dispatch={backend}", "relu", "smoe", backend))
+    if libmoe_error is not None:
+        cases.append(Case("libmoe ALGORITHMS (auto)", "relu", lambda: None, error=libmoe_error))
+    for algorithm in algorithms:
+        cases.append(libmoe_case(f"libmoe {algorithm} dispatch=auto", "relu", algorithm, "auto"))
+    cases.append(libmoe_case("libmoe smoe swiglu dispatch=auto", "swiglu", "smoe", "auto"))
+    return cases
+
+
+def objective(out, g: torch.Tensor) -> torch.Tensor:
+    """`(y * g).sum() (+ aux_loss)` for a plain tensor or a libmoe `MoEOutput`."""
+    if isinstance(out, torch.Tensor):
+        return (out * g).sum()
+    return (out.output * g).sum() + out.aux_loss
+
+
+def time_case(fn: Callable[[], None], repeats: int, warmup: int = 2, setup=None) -> list[float]:
+    """Milliseconds of each of `repeats` timed calls of `fn`, after `warmup` untimed ones."""
+    times = []
+    for i in range(warmup + repeats):
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        if i >= warmup:
+            times.append(elapsed * 1e3)
+    return times
+
+
+def run_case(case: Case, x: torch.Tensor, g: torch.Tensor, args) -> Row:
+    row = Row(case.name, case.activation, error=case.error)
+    if case.error is not None:
+        return row
+    try:
+        torch.manual_seed(args.seed + 1)
+        module = case.build()
+
+        def setup():
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+
+        def step():
+            objective(module(x), g).backward()
+
+        row.times_ms = time_case(step, args.repeats, args.warmup, setup)
+        row.ms = statistics.median(row.times_ms)
+        if case.describe is not None:
+            row.note = case.describe(module, x.detach())
+    except Exception as exc:  # one broken case must not stop the others
+        row.error = f"{type(exc).__name__}: {exc}"
+    return row
+
+
+# --------------------------------------------------------------------------- output
+
+
+def one_line(text: str, width: int = 90) -> str:
+    text = " ".join(text.split()).replace("|", "/")
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| case | act | ms (median) | vs dense | note |", "|---|---|---:|---:|---|"]
+    for r in rows:
+        if r.error is not None:
+            lines.append(f"| {r.case} | {r.activation} | error | | {one_line(r.error)} |")
+            continue
+        ratio = f"{r.ratio:.2f}x" if r.ratio is not None else ""
+        lines.append(f"| {r.case} | {r.activation} | {r.ms:.1f} | {ratio} | {one_line(r.note)} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=4096, help="T, tokens per batch (default 4096)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--experts", type=int, default=66)
+    p.add_argument("--expert-dim", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--quick", action="store_true", help="smoke run: T=512")
+    p.add_argument("--repeats", type=int, default=7, help="timed iterations, median reported")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--filter", default=None, help="regex: run only the cases whose name matches")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the rows as JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tokens = 512
+    args.seq_len = min(args.seq_len, args.tokens)
+    if args.tokens % args.seq_len:
+        p.error(f"--tokens {args.tokens} is not a multiple of --seq-len {args.seq_len}")
+    if args.threads is None:
+        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1
+        )
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    shape = (args.tokens // args.seq_len, args.seq_len, args.d_model)
+    x = torch.randn(shape, requires_grad=True)
+    g = torch.randn(shape)
+
+    config = {
+        "tokens": args.tokens,
+        "seq_len": args.seq_len,
+        "d_model": args.d_model,
+        "experts": args.experts,
+        "expert_dim": args.expert_dim,
+        "top_k": args.top_k,
+        "dtype": "float32",
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "torch": torch.__version__,
+        "transformers": _hf_olmoe.version(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    print(
+        f"# MoE layer fwd+bwd: T={args.tokens} (x {list(shape)}), d={args.d_model}, "
+        f"E={args.experts}, M={args.expert_dim}, K={args.top_k}, fp32, "
+        f"threads={config['threads']}, median of {args.repeats}; torch {torch.__version__}, "
+        f"transformers {config['transformers']}"
+    )
+
+    cases = make_cases(args)
+    if args.filter:
+        cases = [c for c in cases if re.search(args.filter, c.name)]
+    rows = []
+    for case in cases:
+        row = run_case(case, x, g, args)
+        status = f"{row.ms:.1f} ms" if row.error is None else f"error: {one_line(row.error, 60)}"
+        print(f"  {case.name}: {status}", file=sys.stderr, flush=True)
+        rows.append(row)
+
+    dense = {r.activation: r.ms for c, r in zip(cases, rows) if c.baseline and r.error is None}
+    for r in rows:
+        if r.error is None and dense.get(r.activation):
+            r.ratio = r.ms / dense[r.activation]
+
+    print(markdown(rows))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"config": config, "rows": [vars(r) for r in rows]}, indent=2) + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

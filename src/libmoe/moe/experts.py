@@ -1,0 +1,104 @@
+"""Routed experts as stacked weights, and their activations.
+
+Expert e computes act(x @ w1[e]) @ w2[e]; gated activations compute
+(act(x @ w1[e]) * (x @ w3[e])) @ w2[e]. The experts never see the router: they take
+(x [T, D], expert ids [T, K], combine weights [T, K]) and return [T, D] (ids outside [0, E) are
+skipped), through one of the dispatch backends in `dispatch.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An expert activation: forward fn, its derivative (for the fused backward), gated or not."""
+
+    name: str
+    fn: Callable[[Tensor], Tensor]
+    grad: Callable[[Tensor], Tensor]
+    gated: bool
+
+
+def _gelu_grad(h: Tensor) -> Tensor:
+    cdf = 0.5 * (1.0 + torch.erf(h * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * h * h) * (1.0 / math.sqrt(2.0 * math.pi))
+    return cdf + h * pdf
+
+
+def _silu_grad(h: Tensor) -> Tensor:
+    s = torch.sigmoid(h)
+    return s * (1.0 + h * (1.0 - s))
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "relu": Activation("relu", F.relu, lambda h: (h > 0).to(h.dtype), gated=False),
+    "gelu": Activation("gelu", F.gelu, _gelu_grad, gated=False),
+    "silu": Activation("silu", F.silu, _silu_grad, gated=False),
+    "swiglu": Activation("swiglu", F.silu, _silu_grad, gated=True),
+    "geglu": Activation("geglu", F.gelu, _gelu_grad, gated=True),
+}
+
+
+class Experts(nn.Module):
+    """E feed-forward experts of width M stored as w1 [E, D, M], w2 [E, M, D] (and w3 when gated).
+
+    Initialisation matches a dense FFN of width `init_width` (default M) built from nn.Linear,
+    so that a compute-matched dense baseline and the experts start from the same distribution.
+    """
+
+    def __init__(
+        self,
+        n_experts: int,
+        d_model: int,
+        expert_dim: int,
+        activation: str = "relu",
+        init_width: int | None = None,
+    ):
+        super().__init__()
+        self.n_experts, self.d_model, self.expert_dim = n_experts, d_model, expert_dim
+        self.activation = ACTIVATIONS[activation]
+        self.init_width = init_width or expert_dim
+        self.w1 = nn.Parameter(torch.empty(n_experts, d_model, expert_dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, expert_dim, d_model))
+        self.w3 = (
+            nn.Parameter(torch.empty(n_experts, d_model, expert_dim))
+            if self.activation.gated
+            else None
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound_in, bound_out = 1.0 / math.sqrt(self.d_model), 1.0 / math.sqrt(self.init_width)
+        nn.init.uniform_(self.w1, -bound_in, bound_in)
+        nn.init.uniform_(self.w2, -bound_out, bound_out)
+        if self.w3 is not None:
+            nn.init.uniform_(self.w3, -bound_in, bound_in)
+
+    def forward(self, x: Tensor, ids: Tensor, weights: Tensor, dispatch: str = "auto") -> Tensor:
+        from .dispatch import run_experts
+
+        return run_experts(dispatch, x, ids, weights, self.w1, self.w2, self.w3, self.activation)
+
+    def dense_forward(self, x: Tensor) -> Tensor:
+        """Every token through every expert with weight 1 (shared experts, dense FFN): [T, D]."""
+        E, D, M = self.w1.shape
+        # Summing E experts with weight 1 is one FFN of width E*M: concatenate along the hidden dim.
+        h = x @ self.w1.permute(1, 0, 2).reshape(D, E * M)
+        a = self.activation.fn(h)
+        if self.w3 is not None:
+            a = a * (x @ self.w3.permute(1, 0, 2).reshape(D, E * M))
+        return a @ self.w2.reshape(E * M, D)
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_experts={self.n_experts}, d_model={self.d_model}, "
+            f"expert_dim={self.expert_dim}, activation={self.activation.name}"
+        )

@@ -1,0 +1,250 @@
+"""The MoE layer (router + routed experts + optional shared experts), the dense baseline, and
+`build_moe`, the one factory behind every algorithm name."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .experts import Experts
+from .options import MoEOptions, check_number, unknown_option_error
+from .routers import REGISTRY, ExpertChoiceRouter, Routing, TopKRouter
+
+
+@dataclass
+class MoEOutput:
+    """What every MoE layer returns.
+
+    output: x's shape. aux_loss: scalar, the weighted sum of the aux terms (zero when none).
+    aux: unweighted named terms ("balance", "z", ...). routing: the layer's Routing (None for
+    dense). stats: detached diagnostics (e.g. "dropped_fraction" when a capacity drops tokens).
+    """
+
+    output: Tensor
+    aux_loss: Tensor
+    aux: dict[str, Tensor] = field(default_factory=dict)
+    routing: Routing | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def drop_over_capacity(ids: Tensor, n_experts: int, capacity: int) -> Tensor:
+    """Keep each expert's first `capacity` assignments in (token, rank) order; others become -1."""
+    flat = ids.reshape(-1)
+    valid = (flat >= 0) & (flat < n_experts)
+    keyed = torch.where(valid, flat, n_experts)
+    order = torch.argsort(keyed, stable=True)
+    sorted_ids = keyed[order]
+    counts = torch.bincount(sorted_ids, minlength=n_experts + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(flat.numel(), device=ids.device) - starts[sorted_ids]
+    keep = torch.empty_like(valid)
+    keep[order] = rank < capacity
+    return torch.where(keep & valid, flat, -1).view_as(ids)
+
+
+class MoELayer(nn.Module):
+    """A sparse MoE FFN: `router` (one class per algorithm), `experts` (w1 [E, D, M], w2 [E, M, D])
+    and, when n_shared > 0, `shared_experts` that every token uses.
+
+    forward(x [..., D], prev_logits=None) -> MoEOutput. `prev_logits` is the previous MoE layer's
+    `routing.logits` (used by moe_plus_plus's gating residual, ignored by other routers).
+    """
+
+    def __init__(
+        self,
+        algorithm: str,
+        router: TopKRouter,
+        d_model: int,
+        n_experts: int,
+        expert_dim: int,
+        top_k: int,
+        opts: MoEOptions,
+    ):
+        super().__init__()
+        self.algorithm, self.opts = algorithm, opts
+        self.d_model, self.n_experts, self.expert_dim, self.top_k = (
+            d_model, n_experts, expert_dim, top_k
+        )
+        self.router = router
+        # Experts start like the compute-matched dense FFN of width top_k * expert_dim.
+        self.experts = Experts(n_experts, d_model, expert_dim, opts.activation, top_k * expert_dim)
+        self.shared_experts = (
+            Experts(opts.n_shared, d_model, expert_dim, opts.activation, top_k * expert_dim)
+            if opts.n_shared > 0
+            else None
+        )
+        self.aux_coefficients = router.aux_coefficients()
+
+    @property
+    def dispatch(self) -> str:
+        return self.opts.dispatch
+
+    def forward(self, x: Tensor, prev_logits: Tensor | None = None) -> MoEOutput:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"input has last dimension {x.shape[-1]} but the MoE layer has d_model="
+                f"{self.d_model}; pass x of shape [..., {self.d_model}]."
+            )
+        shape = x.shape
+        x2 = x.reshape(-1, self.d_model)
+        T = x2.shape[0]
+        seq_len = shape[-2] if x.dim() >= 3 and shape[-2] > 0 else max(T, 1)
+        if prev_logits is not None:
+            prev_logits = prev_logits.reshape(T, -1)
+        routing, aux = self.router(x2, seq_len, prev_logits)
+
+        ids, weights = self.router.expert_plan(routing)
+        scale = self.opts.routed_scaling
+        if scale != 1.0:
+            weights = weights * scale
+        stats: dict[str, float] = {}
+        cf = self.opts.capacity_factor
+        if cf is not None and not isinstance(self.router, ExpertChoiceRouter) and T > 0:
+            capacity = math.ceil(cf * T * self.top_k / self.n_experts)
+            kept = drop_over_capacity(ids, self.n_experts, capacity)
+            routed = (ids >= 0).sum().clamp_min(1)
+            stats["dropped_fraction"] = float(((ids >= 0) & (kept < 0)).sum() / routed)
+            ids = kept
+
+        y = self.experts(x2, ids, weights, self.dispatch)
+        extra = self.router.extra_output(x2, routing, scale)
+        if extra is not None:
+            y = y + extra
+        if self.shared_experts is not None:
+            y = y + self.opts.shared_scaling * self.shared_experts.dense_forward(x2)
+        return MoEOutput(y.view(shape), _weighted_sum(aux, self.aux_coefficients, x), aux,
+                         routing, stats)
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Auxiliary-loss-free balancing: call after each optimizer step (see attach_bias_balancing)."""
+        self.router.update_bias()
+
+    def set_training_progress(self, fraction: float) -> None:
+        self.router.set_training_progress(fraction)
+
+    def extra_repr(self) -> str:
+        return f"algorithm={self.algorithm!r}, top_k={self.top_k}, router_slots={self.router.n_slots}"
+
+
+def _weighted_sum(aux: dict[str, Tensor], coefs: dict[str, float], x: Tensor) -> Tensor:
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    for name, coef in coefs.items():
+        if coef != 0 and name in aux:
+            total = total + coef * aux[name].float()
+    return total
+
+
+class DenseFFN(nn.Module):
+    """The compute-matched dense baseline: one FFN of width top_k * expert_dim, stored as
+    `experts` with a single expert so that parameter layout and initialisation match MoE layers."""
+
+    def __init__(self, d_model: int, width: int, opts: MoEOptions):
+        super().__init__()
+        self.algorithm, self.opts, self.d_model = "dense", opts, d_model
+        self.experts = Experts(1, d_model, width, opts.activation, width)
+
+    def forward(self, x: Tensor, prev_logits: Tensor | None = None) -> MoEOutput:
+        y = self.experts.dense_forward(x.reshape(-1, self.d_model)).view(x.shape)
+        return MoEOutput(y, torch.zeros((), device=x.device), {}, None, {})
+
+    def update_bias(self) -> None:
+        pass
+
+    def set_training_progress(self, fraction: float) -> None:
+        pass
+
+
+def _check_name(name: str) -> None:
+    if name not in REGISTRY:
+        near = difflib.get_close_matches(str(name), list(REGISTRY), n=3)
+        hint = f" Did you mean {', '.join(near)}?" if near else ""
+        raise ValueError(
+            f"unknown MoE algorithm {name!r}.{hint} Valid names: {', '.join(REGISTRY)}."
+        )
+
+
+def build_moe(
+    name: str, d_model: int, n_experts: int, expert_dim: int, top_k: int, **options: Any
+) -> MoELayer | DenseFFN:
+    """Build the MoE layer of algorithm `name` (see ALGORITHMS and docs/moe.md for the options).
+
+    For shared-expert algorithms `n_experts` counts the routed experts. `dense` builds the
+    compute-matched dense FFN of width top_k * expert_dim.
+    """
+    _check_name(name)
+    spec = REGISTRY[name]
+    for arg, value in (("d_model", d_model), ("n_experts", n_experts),
+                       ("expert_dim", expert_dim), ("top_k", top_k)):
+        check_number(arg, value, 1, integer=True)
+    if top_k > n_experts:
+        raise ValueError(
+            f"top_k={top_k} exceeds n_experts={n_experts}; lower top_k or add experts."
+        )
+    router_cls = spec.router
+    own = dict(router_cls.OPTIONS) if router_cls is not None else {}
+    generic = MoEOptions.generic_names()
+    merged = {**spec.defaults, **options}
+    extra = dict(own)
+    for key in list(merged):
+        if key in own:
+            extra[key] = merged.pop(key)
+        elif key not in generic:
+            raise unknown_option_error(key, generic + list(own), name)
+    opts = MoEOptions(**merged, extra=extra)
+    if router_cls is None:
+        return DenseFFN(d_model, top_k * expert_dim, opts)
+    router_cls.check_options(opts, n_experts, top_k)
+    _check_group_routing(name, opts, router_cls, n_experts, top_k)
+    router = router_cls(d_model, n_experts, top_k, opts)
+    return MoELayer(name, router, d_model, n_experts, expert_dim, top_k, opts)
+
+
+def _check_group_routing(name, opts, router_cls, n_experts, top_k) -> None:
+    if opts.n_group == 0 and opts.topk_group == 0:
+        return
+    if router_cls.slot_count(n_experts, top_k, opts) != n_experts or router_cls is ExpertChoiceRouter:
+        raise ValueError(
+            f"n_group is not supported by {name!r}; use it with smoe, sigma_moe, sharede_v2, "
+            "sharede_v3 or another router whose slots are the experts."
+        )
+    g, kg = opts.n_group, opts.topk_group
+    if g < 1 or n_experts % g:
+        raise ValueError(f"n_group={g} must divide n_experts={n_experts}.")
+    if not 1 <= kg <= g:
+        raise ValueError(f"topk_group={kg} must be between 1 and n_group={g}.")
+    if kg * (n_experts // g) < top_k:
+        raise ValueError(
+            f"topk_group={kg} groups of {n_experts // g} experts hold fewer than top_k={top_k}; "
+            "raise topk_group."
+        )
+
+
+def moe_layers(model: nn.Module) -> Iterator[MoELayer | DenseFFN]:
+    """Every libmoe MoE/dense FFN layer inside `model`, in module order."""
+    for module in model.modules():
+        if isinstance(module, (MoELayer, DenseFFN)):
+            yield module
+
+
+def update_bias_balancing(model: nn.Module) -> None:
+    """Apply the auxiliary-loss-free bias update of every layer (call after optimizer.step())."""
+    for layer in moe_layers(model):
+        layer.update_bias()
+
+
+def attach_bias_balancing(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """Register an optimizer step post-hook that updates every layer's balancing bias."""
+    return optimizer.register_step_post_hook(lambda *_: update_bias_balancing(model))
+
+
+def set_training_progress(model: nn.Module, fraction: float) -> None:
+    """Tell every layer how far training has gone (Hyper-R's growing k uses it)."""
+    for layer in moe_layers(model):
+        layer.set_training_progress(fraction)

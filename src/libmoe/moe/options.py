@@ -1,0 +1,89 @@
+"""Validated options of an MoE layer: the generic ones here, each algorithm's own knobs on its router."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .experts import ACTIVATIONS
+
+DISPATCH_CHOICES = ("auto", "blocked", "grouped", "padded", "loop")
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}.")
+
+
+def check_number(name: str, value: Any, low: float | None = None, strict: bool = False,
+                 integer: bool = False) -> None:
+    """Raise ValueError unless value is a number (an int when `integer`) above `low`."""
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok and low is not None:
+        ok = value > low if strict else value >= low
+    if not ok:
+        what = "an integer" if integer else "a number"
+        if low is not None:
+            what += f" {'>' if strict else '>='} {low}"
+        raise ValueError(f"{name}={value!r} is not valid; it must be {what}.")
+
+
+def unknown_option_error(name: str, valid: list[str], algorithm: str) -> ValueError:
+    near = difflib.get_close_matches(name, valid, n=3)
+    hint = f" Did you mean {', '.join(near)}?" if near else ""
+    return ValueError(
+        f"unknown option {name!r} for algorithm {algorithm!r}.{hint} "
+        f"Valid options: {', '.join(sorted(valid))}."
+    )
+
+
+@dataclass
+class MoEOptions:
+    """Options every algorithm understands (ALGORITHMS.md sections 1-2; docs/moe.md).
+
+    `extra` holds the algorithm's own knobs (declared by its router class, e.g. xmoe_tau).
+    """
+
+    activation: str = "relu"
+    temperature: float = 1.0
+    router_init_std: float = 0.02
+    n_shared: int = 0
+    balance_coef: float = 0.01
+    balance_scope: str = "sequence"
+    balance_count: str = "topk"
+    z_coef: float = 0.0
+    bias_balancing: float = 0.0
+    capacity_factor: float | None = None
+    routed_scaling: float = 1.0
+    shared_scaling: float = 1.0
+    dispatch: str = "auto"
+    n_group: int = 0
+    topk_group: int = 0
+    bias: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_choice("activation", self.activation, tuple(ACTIVATIONS))
+        check_number("temperature", self.temperature, 0.0, strict=True)
+        check_number("router_init_std", self.router_init_std, 0.0)
+        check_number("n_shared", self.n_shared, 0, integer=True)
+        check_number("balance_coef", self.balance_coef, 0.0)
+        check_choice("balance_scope", self.balance_scope, ("sequence", "batch", "global"))
+        check_choice("balance_count", self.balance_count, ("topk", "top1"))
+        check_number("z_coef", self.z_coef, 0.0)
+        check_number("bias_balancing", self.bias_balancing, 0.0)
+        if self.capacity_factor is not None:
+            check_number("capacity_factor", self.capacity_factor, 0.0, strict=True)
+        check_number("routed_scaling", self.routed_scaling)
+        check_number("shared_scaling", self.shared_scaling)
+        check_choice("dispatch", self.dispatch, DISPATCH_CHOICES)
+        check_number("n_group", self.n_group, 0, integer=True)
+        check_number("topk_group", self.topk_group, 0, integer=True)
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"bias={self.bias!r} is not valid; it must be True or False.")
+
+    @classmethod
+    def generic_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "extra"]

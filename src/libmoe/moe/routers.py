@@ -1,0 +1,531 @@
+"""Routers: one small registered class per routing algorithm (ALGORITHMS.md section 1).
+
+A router maps tokens x [T, D] to a `Routing` record (T tokens, K choices, R router slots) and a
+dict of unweighted auxiliary terms. It also says how its slots map onto the FFN experts
+(`expert_plan`) and adds the output of any computation-free slots (`extra_output`), so the
+experts and the dispatch never see the router.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional as fn
+from .options import MoEOptions, check_choice, check_number
+
+
+@dataclass(frozen=True)
+class Routing:
+    """One MoE layer's routing decision for T tokens.
+
+    topk_idx [T, K] int64 slot ids sorted by weight, descending (-1 pads expert_choice rows);
+    topk_weight [T, K] normalised combine weights; probs [T, R] router probabilities (sigmoid
+    routers: the sigmoid scores); logits [T, R] router logits before temperature.
+    """
+
+    topk_idx: Tensor
+    topk_weight: Tensor
+    probs: Tensor
+    logits: Tensor
+
+
+class Router(nn.Module):
+    """Base class. Subclasses set `n_slots` and implement `forward`.
+
+    OPTIONS lists the algorithm's own knobs and their defaults; `check_options` validates them.
+    """
+
+    OPTIONS: ClassVar[dict[str, Any]] = {}
+    aux_names: ClassVar[tuple[str, ...]] = ("balance", "z")
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, opts: MoEOptions):
+        super().__init__()
+        self.d_model, self.n_experts, self.top_k, self.opts = d_model, n_experts, top_k, opts
+        self.n_slots = n_experts
+        self.temperature = opts.temperature  # mutable at inference (temperature study)
+        self.drop_top = 0  # DropTop-n perturbation at inference (analysis tools)
+
+    @classmethod
+    def check_options(cls, opts: MoEOptions, n_experts: int, top_k: int) -> None:
+        """Validate the algorithm's own options (opts.extra, defaults filled in)."""
+
+    def aux_coefficients(self) -> dict[str, float]:
+        return {"balance": self.opts.balance_coef, "z": self.opts.z_coef}
+
+    def expert_plan(self, routing: Routing) -> tuple[Tensor, Tensor]:
+        """(expert ids [T, K], combine weights [T, K]) for the FFN experts; ids < 0 are skipped."""
+        return routing.topk_idx, routing.topk_weight
+
+    def extra_output(self, x: Tensor, routing: Routing, scale: float) -> Tensor | None:
+        """Output of routed slots that are not FFN experts (MoE++ zero-computation experts)."""
+        return None
+
+    def update_bias(self) -> None:
+        """Apply auxiliary-loss-free bias balancing after an optimizer step (no-op by default)."""
+
+    def set_training_progress(self, fraction: float) -> None:
+        """Tell schedule-dependent routers (hyper) how far training has gone, in [0, 1]."""
+
+
+def _grad_if(coef: float):
+    """Build an aux term with autograd only when its coefficient can make it matter."""
+    return torch.set_grad_enabled(torch.is_grad_enabled() and coef != 0)
+
+
+class TopKRouter(Router):
+    """Linear router logits z = W_r x (+ b), scores, top-K selection and combine weights.
+
+    The default is SMoE (softmax, renormalised top-K). Subclasses override one of `logits`,
+    `scores`, `balance_probs`, `combine` or `aux_terms`. Every top-K router supports the
+    auxiliary-loss-free balancing bias of DeepSeek-V3 (`bias_balancing` = update rate gamma) and
+    group-limited routing (`n_group`, `topk_group`).
+    """
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, opts: MoEOptions):
+        super().__init__(d_model, n_experts, top_k, opts)
+        self.n_slots = self.slot_count(n_experts, top_k, opts)
+        self.init_router(d_model)
+        self.register_buffer("expert_bias", torch.zeros(self.n_slots))
+        self.register_buffer("load_counts", torch.zeros(self.n_slots), persistent=False)
+
+    @classmethod
+    def slot_count(cls, n_experts: int, top_k: int, opts: MoEOptions) -> int:
+        return n_experts
+
+    def init_router(self, d_model: int) -> None:
+        self.weight = nn.Parameter(torch.empty(self.n_slots, d_model))
+        nn.init.normal_(self.weight, std=self.opts.router_init_std)
+        self.bias = nn.Parameter(torch.zeros(self.n_slots)) if self.opts.bias else None
+
+    def logits(self, x: Tensor, prev_logits: Tensor | None) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def scores(self, z: Tensor) -> Tensor:
+        return torch.softmax(z / self.temperature, dim=-1)
+
+    def balance_probs(self, s: Tensor) -> Tensor:
+        """Scores normalised to sum 1 over slots (softmax as is, sigmoid divided by its sum)."""
+        return s
+
+    def combine(self, z: Tensor, s: Tensor, idx: Tensor, vals: Tensor) -> Tensor:
+        return fn.renorm(vals)
+
+    def current_k(self) -> int:
+        return self.top_k
+
+    def aux_terms(self, z: Tensor, s: Tensor, idx: Tensor, seq_len: int) -> dict[str, Tensor]:
+        o = self.opts
+        with _grad_if(o.balance_coef):
+            balance = fn.balance_loss(
+                self.balance_probs(s), idx, seq_len, o.balance_scope, o.balance_count
+            )
+        with _grad_if(o.z_coef):
+            z_term = fn.z_loss(z)
+        return {"balance": balance, "z": z_term}
+
+    def forward(
+        self, x: Tensor, seq_len: int, prev_logits: Tensor | None = None
+    ) -> tuple[Routing, dict[str, Tensor]]:
+        z = self.logits(x, prev_logits)
+        s = self.scores(z)
+        bias = self.expert_bias if self.opts.bias_balancing > 0 else None
+        idx, vals = fn.select_topk(
+            s, self.current_k(), bias, self.drop_top, self.opts.n_group, self.opts.topk_group
+        )
+        idx, w = fn.sort_by_weight(idx, self.combine(z, s, idx, vals))
+        if self.training and self.opts.bias_balancing > 0:
+            self.load_counts += fn.selection_counts(idx, self.n_slots).to(self.load_counts)
+        return Routing(idx, w, s, z), self.aux_terms(z, s, idx, seq_len)
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """b_e += gamma * sign(mean(c) - c_e) with the step's counts c (all-reduced across ranks)."""
+        if self.opts.bias_balancing <= 0:
+            return
+        counts = self.load_counts
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+        if counts.sum() > 0:
+            self.expert_bias += self.opts.bias_balancing * torch.sign(counts.mean() - counts)
+        counts.zero_()
+
+
+class SigmoidTopKRouter(TopKRouter):
+    """Sigmoid scores, top-K, renormalised (sigma-MoE, Csordas et al. 2023; DeepSeek-V3 gate)."""
+
+    def scores(self, z: Tensor) -> Tensor:
+        return torch.sigmoid(z / self.temperature)
+
+    def balance_probs(self, s: Tensor) -> Tensor:
+        return s / s.sum(-1, keepdim=True)
+
+
+class SharedEV3Router(SigmoidTopKRouter):
+    """DeepSeek-V3 gate: selection on s + b, weights from the unbiased s, times routed_scaling
+    (applied by the layer to the whole routed output)."""
+
+
+class XMoERouter(TopKRouter):
+    """XMoE (Chi et al. 2022): low-dimensional projection, cosine against expert embeddings.
+
+    p = softmax((r/|r|) . Q^T / xmoe_tau / temperature), r = W_p x in R^{d_r}, rows of Q rescaled
+    to norm 1.5. `weight` is the effective [E, D] map Q W_p / xmoe_tau (exact up to the per-token
+    normalisation of r).
+    """
+
+    OPTIONS = {"xmoe_dim": None, "xmoe_tau": 0.3, "xmoe_weights": "renorm"}
+    Q_NORM = 1.5
+
+    @classmethod
+    def check_options(cls, opts, n_experts, top_k):
+        x = opts.extra
+        if x["xmoe_dim"] is not None:
+            check_number("xmoe_dim", x["xmoe_dim"], 0, strict=True, integer=True)
+        check_number("xmoe_tau", x["xmoe_tau"], 0.0, strict=True)
+        check_choice("xmoe_weights", x["xmoe_weights"], ("renorm", "softmax"))
+
+    def init_router(self, d_model: int) -> None:
+        d_r = self.opts.extra["xmoe_dim"] or max(1, self.n_slots // 2)
+        self.proj = nn.Linear(d_model, d_r, bias=False)
+        nn.init.normal_(self.proj.weight, std=self.opts.router_init_std)
+        self.expert_embeddings = nn.Parameter(torch.empty(self.n_slots, d_r))
+        nn.init.orthogonal_(self.expert_embeddings, gain=0.32)
+        self.bias = None
+
+    def _queries(self) -> Tensor:
+        return F.normalize(self.expert_embeddings, dim=-1) * self.Q_NORM
+
+    @property
+    def weight(self) -> Tensor:
+        return self._queries() @ self.proj.weight / self.opts.extra["xmoe_tau"]
+
+    def logits(self, x, prev_logits):
+        r = F.normalize(self.proj(x), dim=-1)
+        return r @ self._queries().t() / self.opts.extra["xmoe_tau"]
+
+    def combine(self, z, s, idx, vals):
+        if self.opts.extra["xmoe_weights"] == "softmax":
+            return torch.softmax(vals, dim=-1)
+        return fn.renorm(vals)
+
+
+class CosineRouter(TopKRouter):
+    """Cosine router (LibMoE v1): z_e = x.w_e / ((|x| + theta)(|w_e| + theta)), theta = 0 here;
+    weights = softmax of the K selected z / temperature (equal to renormalised probabilities)."""
+
+    theta = 0.0
+
+    def logits(self, x, prev_logits):
+        th = self.theta
+        xn = x.norm(dim=-1, keepdim=True) + th
+        wn = self.weight.norm(dim=-1) + th
+        if th == 0.0:
+            xn, wn = xn.clamp_min(1e-12), wn.clamp_min(1e-12)
+        return F.linear(x, self.weight) / (xn * wn)
+
+    def combine(self, z, s, idx, vals):
+        return torch.softmax(z.gather(-1, idx) / self.temperature, dim=-1)
+
+
+class PerturbedCosineRouter(CosineRouter):
+    """Perturbed cosine router: theta (default 0.1) keeps the norms away from zero."""
+
+    OPTIONS = {"theta": 0.1}
+
+    @classmethod
+    def check_options(cls, opts, n_experts, top_k):
+        check_number("theta", opts.extra["theta"], 0.0)
+
+    def init_router(self, d_model):
+        super().init_router(d_model)
+        self.theta = float(self.opts.extra["theta"])
+
+
+class HyperRouter(TopKRouter):
+    """HyperRouter (Do et al. 2023): a FROZEN hypernetwork H maps a trainable embedding e to the
+    router's [W_r, b_r]. k grows linearly from hyper_k_min to top_k over training
+    (`set_training_progress`); weights = softmax of the k selected logits / temperature."""
+
+    OPTIONS = {"hyper_embed_dim": 32, "hyper_hidden_dim": 64, "hyper_k_min": 1}
+
+    @classmethod
+    def check_options(cls, opts, n_experts, top_k):
+        x = opts.extra
+        check_number("hyper_embed_dim", x["hyper_embed_dim"], 0, strict=True, integer=True)
+        check_number("hyper_hidden_dim", x["hyper_hidden_dim"], 0, strict=True, integer=True)
+        check_number("hyper_k_min", x["hyper_k_min"], 0, strict=True, integer=True)
+        if x["hyper_k_min"] > top_k:
+            raise ValueError(
+                f"hyper_k_min={x['hyper_k_min']} exceeds top_k={top_k}; lower hyper_k_min."
+            )
+
+    def init_router(self, d_model):
+        x = self.opts.extra
+        E, std = self.n_slots, self.opts.router_init_std
+        self.embedding = nn.Parameter(torch.randn(x["hyper_embed_dim"]))
+        self.hypernet = nn.Sequential(
+            nn.Linear(x["hyper_embed_dim"], x["hyper_hidden_dim"]),
+            nn.ReLU(),
+            nn.Linear(x["hyper_hidden_dim"], E * d_model + E),
+        )
+        for layer in (self.hypernet[0], self.hypernet[2]):
+            nn.init.normal_(layer.weight, std=std)
+            nn.init.zeros_(layer.bias)
+        self.hypernet.requires_grad_(False)
+        self.register_buffer("progress", torch.zeros(()))
+
+    def _generated(self) -> tuple[Tensor, Tensor]:
+        out = self.hypernet(self.embedding)
+        E, D = self.n_slots, self.d_model
+        return out[: E * D].view(E, D), out[E * D :]
+
+    @property
+    def weight(self) -> Tensor:
+        return self._generated()[0]
+
+    @property
+    def bias(self) -> Tensor:
+        return self._generated()[1]
+
+    def logits(self, x, prev_logits):
+        w, b = self._generated()
+        return F.linear(x, w, b)
+
+    def current_k(self) -> int:
+        k_min = self.opts.extra["hyper_k_min"]
+        return int(round(k_min + (self.top_k - k_min) * float(self.progress)))
+
+    def combine(self, z, s, idx, vals):
+        return torch.softmax(z.gather(-1, idx) / self.temperature, dim=-1)
+
+    def set_training_progress(self, fraction: float) -> None:
+        self.progress.fill_(min(max(float(fraction), 0.0), 1.0))
+
+
+class MoEPlusPlusRouter(TopKRouter):
+    """MoE++ (Jin et al. 2024): E FFN experts plus zero, copy and constant experts; gating residual
+    z_l <- z_l + W_g z_{l-1} from the previous MoE++ layer's logits (W_g zero-initialised).
+
+    Slots: [0, E) FFN, then n_zero zero experts (output 0), n_copy copy experts (output x), n_const
+    constant experts (a0 x + a1 v_c with [a0, a1] = softmax(W_c x)).
+    """
+
+    OPTIONS = {"n_zero": 1, "n_copy": 1, "n_const": 6, "tau_pp": 0.75}
+
+    @classmethod
+    def check_options(cls, opts, n_experts, top_k):
+        x = opts.extra
+        for name in ("n_zero", "n_copy", "n_const"):
+            check_number(name, x[name], 0, integer=True)
+        check_number("tau_pp", x["tau_pp"], 0.0)
+
+    @classmethod
+    def slot_count(cls, n_experts, top_k, opts):
+        x = opts.extra
+        return n_experts + x["n_zero"] + x["n_copy"] + x["n_const"]
+
+    def init_router(self, d_model):
+        super().init_router(d_model)
+        x, R = self.opts.extra, self.n_slots
+        self.gate_residual = nn.Linear(R, R, bias=False)
+        nn.init.zeros_(self.gate_residual.weight)
+        self.const_proj = nn.Parameter(torch.empty(x["n_const"], 2, d_model))
+        nn.init.normal_(self.const_proj, std=self.opts.router_init_std)
+        self.const_values = nn.Parameter(torch.empty(x["n_const"], d_model))
+        nn.init.normal_(self.const_values, std=0.02)
+        eta = torch.full((R,), float(x["tau_pp"]))
+        eta[: self.n_experts] = 1.0
+        self.register_buffer("eta", eta, persistent=False)
+
+    def logits(self, x, prev_logits):
+        z = F.linear(x, self.weight, self.bias)
+        if prev_logits is not None:
+            if prev_logits.shape != z.shape:
+                raise ValueError(
+                    f"prev_logits has shape {tuple(prev_logits.shape)} but this MoE++ layer's "
+                    f"logits have shape {tuple(z.shape)}; pass the previous MoE++ layer's "
+                    "routing.logits (same tokens, same slot count)."
+                )
+            z = z + self.gate_residual(prev_logits)
+        return z
+
+    def aux_terms(self, z, s, idx, seq_len):
+        o = self.opts
+        with _grad_if(o.balance_coef):
+            balance = fn.balance_loss(s, idx, seq_len, o.balance_scope, o.balance_count, self.eta)
+        with _grad_if(o.z_coef):
+            z_term = fn.z_loss(z)
+        return {"balance": balance, "z": z_term}
+
+    def expert_plan(self, routing):
+        idx = routing.topk_idx
+        return idx.masked_fill(idx >= self.n_experts, -1), routing.topk_weight
+
+    def extra_output(self, x, routing, scale):
+        x_cfg, E = self.opts.extra, self.n_experts
+        slot_w = torch.zeros(x.shape[0], self.n_slots, dtype=x.dtype, device=x.device)
+        slot_w = slot_w.scatter_add(1, routing.topk_idx, routing.topk_weight.to(x.dtype) * scale)
+        copy_start = E + x_cfg["n_zero"]
+        const_start = copy_start + x_cfg["n_copy"]
+        y = x * slot_w[:, copy_start:const_start].sum(-1, keepdim=True)
+        if x_cfg["n_const"] > 0:
+            wc = slot_w[:, const_start:]  # [T, C]
+            a = torch.softmax(torch.einsum("td,cad->tca", x, self.const_proj), dim=-1)
+            y = y + x * (wc * a[..., 0]).sum(-1, keepdim=True) + (wc * a[..., 1]) @ self.const_values
+        return y
+
+
+class TCMoERouter(TopKRouter):
+    """TC-MoE (Yan et al. 2025): ternary choice. Slots [0, E) use +FFN_e, [E, 2E) use -FFN_{s-E},
+    n_null null slots compute nothing. Logit offsets -1 and -10; w_j = p_j / (sum of the selected
+    non-null p + sum of ALL null p); balance over base experts plus a null reward -beta*mean(null p).
+    """
+
+    OPTIONS = {"n_null": None, "tc_beta": 1e-5}
+    aux_names = ("balance", "z", "null_reward")
+
+    @classmethod
+    def check_options(cls, opts, n_experts, top_k):
+        x = opts.extra
+        if x["n_null"] is not None:
+            check_number("n_null", x["n_null"], 0, integer=True)
+        check_number("tc_beta", x["tc_beta"], 0.0)
+
+    @classmethod
+    def slot_count(cls, n_experts, top_k, opts):
+        n_null = opts.extra["n_null"]
+        return 2 * n_experts + (top_k if n_null is None else n_null)
+
+    def init_router(self, d_model):
+        super().init_router(d_model)
+        E = self.n_experts
+        offsets = torch.zeros(self.n_slots)
+        offsets[E : 2 * E] = -1.0
+        offsets[2 * E :] = -10.0
+        self.register_buffer("slot_offsets", offsets, persistent=False)
+
+    def aux_coefficients(self):
+        return {**super().aux_coefficients(), "null_reward": self.opts.extra["tc_beta"]}
+
+    def logits(self, x, prev_logits):
+        return F.linear(x, self.weight, self.bias) + self.slot_offsets
+
+    def combine(self, z, s, idx, vals):
+        E2 = 2 * self.n_experts
+        non_null = (idx < E2).to(vals.dtype)
+        denom = (vals * non_null).sum(-1, keepdim=True) + s[:, E2:].sum(-1, keepdim=True)
+        return vals / denom
+
+    def aux_terms(self, z, s, idx, seq_len):
+        o, E = self.opts, self.n_experts
+        with _grad_if(o.balance_coef):
+            p_hat = s[:, : 2 * E] / s[:, : 2 * E].sum(-1, keepdim=True)
+            p_base = p_hat[:, :E] + p_hat[:, E:]
+            base_idx = torch.where(idx < 2 * E, idx % E, -1)
+            balance = fn.balance_loss(p_base, base_idx, seq_len, o.balance_scope, o.balance_count)
+        with _grad_if(o.z_coef):
+            z_term = fn.z_loss(z)
+        with _grad_if(o.extra["tc_beta"]):
+            if s.shape[0] == 0:
+                null_reward = s.sum() * 0.0
+            else:
+                null_reward = -s[:, 2 * E :].sum(-1).mean()
+        return {"balance": balance, "z": z_term, "null_reward": null_reward}
+
+    def expert_plan(self, routing):
+        idx, w, E = routing.topk_idx, routing.topk_weight, self.n_experts
+        sign = torch.where(idx < E, 1.0, -1.0).to(w.dtype)
+        null = idx >= 2 * E
+        ids = torch.where(null, -1, idx % E)
+        return ids, torch.where(null, torch.zeros_like(w), w * sign)
+
+
+class ExpertChoiceRouter(TopKRouter):
+    """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens by softmax score,
+    C = ceil(capacity_factor * T * K / E). A token's weights are its scores for the experts that
+    chose it; rows of `topk_idx` [T, E] are sorted by weight and padded with -1 (weight 0).
+
+    Selection looks at every token of the batch, so in a causal LM a token's routing depends on
+    later tokens: use it for analysis and encoder-style studies, not for autoregressive decoding.
+    """
+
+    aux_names = ("z",)
+
+    @classmethod
+    def check_options(cls, opts, n_experts, top_k):
+        if opts.bias_balancing > 0:
+            raise ValueError(
+                "bias_balancing is not valid for expert_choice, which is balanced by construction; "
+                "set bias_balancing=0."
+            )
+
+    def aux_coefficients(self):
+        return {"z": self.opts.z_coef}
+
+    def forward(self, x, seq_len, prev_logits=None):
+        z = self.logits(x, prev_logits)
+        s = self.scores(z)
+        T, E = s.shape
+        cf = self.opts.capacity_factor or 1.0
+        C = min(T, math.ceil(cf * T * self.top_k / E))
+        chosen = torch.zeros_like(s, dtype=torch.bool)
+        if C > 0:
+            chosen.scatter_(0, s.topk(C, dim=0).indices, True)
+        masked = torch.where(chosen, s, torch.full_like(s, -1.0))
+        w, order = masked.sort(dim=-1, descending=True, stable=True)
+        idx = torch.where(w >= 0, order, -1)
+        w = w.clamp_min(0.0)
+        with _grad_if(self.opts.z_coef):
+            z_term = fn.z_loss(z)
+        return Routing(idx, w, s, z), {"z": z_term}
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """A registered algorithm: its router class (None for dense) and its option defaults."""
+
+    name: str
+    router: type[Router] | None
+    defaults: dict[str, Any]
+    description: str
+
+
+REGISTRY: dict[str, AlgorithmSpec] = {}
+
+
+def register_algorithm(
+    name: str, router: type[Router] | None, description: str, **defaults: Any
+) -> None:
+    """Add an algorithm to the registry; names are unique."""
+    if name in REGISTRY:
+        raise ValueError(f"algorithm {name!r} is already registered.")
+    REGISTRY[name] = AlgorithmSpec(name, router, defaults, description)
+
+
+register_algorithm("smoe", TopKRouter, "softmax router, renormalised top-k (Shazeer 2017, Switch)")
+register_algorithm("sigma_moe", SigmoidTopKRouter, "sigmoid router, renormalised top-k (Csordas 2023)")
+register_algorithm("xmoe", XMoERouter, "low-dim cosine router with expert embeddings (Chi 2022)")
+register_algorithm(
+    "sharede_v2", TopKRouter, "softmax router + always-on shared experts (DeepSeek-V2)", n_shared=2
+)
+register_algorithm(
+    "sharede_v3", SharedEV3Router, "sigmoid router with selection bias + shared experts (DeepSeek-V3)",
+    n_shared=2,
+)
+register_algorithm("moe_plus_plus", MoEPlusPlusRouter, "zero/copy/constant experts + gating residual")
+register_algorithm("tc_moe", TCMoERouter, "ternary choice: +expert, -expert, null (Yan 2025)")
+register_algorithm("cosine", CosineRouter, "cosine-similarity router (LibMoE v1 Cosine-R)")
+register_algorithm("perturbed_cosine", PerturbedCosineRouter, "cosine router with norm perturbation")
+register_algorithm("hyper", HyperRouter, "frozen hypernetwork router with growing k (HyperRouter)")
+register_algorithm(
+    "expert_choice", ExpertChoiceRouter, "experts choose their top tokens (Zhou 2022)",
+    capacity_factor=1.0,
+)
+register_algorithm("dense", None, "compute-matched dense FFN of width top_k * expert_dim")
