@@ -264,12 +264,14 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "transformers": _hf_olmoe.version(),
         "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     print(
         f"# MoE layer fwd+bwd: T={args.tokens} (x {list(shape)}), d={args.d_model}, "
         f"E={args.experts}, M={args.expert_dim}, K={args.top_k}, fp32, "
         f"threads={config['threads']}, median of {args.repeats}; torch {torch.__version__}, "
-        f"transformers {config['transformers']}"
+        f"transformers {config['transformers']}; load average {config['loadavg_1min']}"
     )
 
     cases = make_cases(args)

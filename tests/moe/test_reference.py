@@ -225,7 +225,7 @@ def reference(layer, name, x, opts=None, k=K, e=E, prev_logits=None):
         sels = [sorted(c.items(), key=lambda sw: -sw[1].item()) for c in chosen]
     else:
         bias_b = None
-        if name == "sharede_v3" and hasattr(layer.router, "expert_bias"):
+        if opts.get("bias_balancing") and hasattr(layer.router, "expert_bias"):
             bias_b = layer.router.expert_bias.detach().double()
         n_group, topk_group = opts.get("n_group"), opts.get("topk_group")
         res["group_changed"] = False
@@ -404,7 +404,7 @@ def check(layer, name, x, opts=None, k=K, e=E, prev_logits=None, *, routing=True
             pad = [(i, v) for i, v in act_row if i < 0]
             if any(v != 0.0 for _, v in pad):
                 errs.append(f"token {t}: padding entries with non-zero weight {pad}")
-            exp = dict((s, float(w)) for s, w in ref["sels"][t])
+            exp = {s: float(w.detach()) for s, w in ref["sels"][t]}
             got = dict(valid)
             if set(got) != set(exp):
                 errs.append(f"token {t}: selected {sorted(got)} expected {sorted(exp)}")
@@ -477,6 +477,8 @@ def test_matches_reference_default_options(name, dispatch):
     opts = {} if dispatch == "auto" else {"dispatch": dispatch}
     x = _x((2, 8, D)) if name in ("moe_plus_plus", "tc_moe") else _x()
     layer = make_layer(name, **opts)
+    if name == "hyper":  # the default progress is not specified by the contract
+        _set_progress(layer, 1.0)
     _, ref = check(layer, name, x, opts)
     if name == "moe_plus_plus":  # the test must exercise every zero-computation kind
         used = {s for row in ref["sels"] for s, _ in row}
@@ -531,6 +533,8 @@ OPTION_CASES = [
 @pytest.mark.parametrize("name,opts", OPTION_CASES, ids=[f"{n}-{o}" for n, o in OPTION_CASES])
 def test_matches_reference_options(name, opts):
     layer = make_layer(name, **opts)
+    if name == "hyper":
+        _set_progress(layer, 1.0)
     x = _x((2, 8, D)) if name in ("moe_plus_plus", "tc_moe") else _x()
     check(layer, name, x, opts)
 
@@ -543,18 +547,23 @@ def test_leading_dims_and_sequence_scope(name, shape):
     check(layer, name, _x(shape), {})
 
 
-def test_sharede_v3_bias_affects_selection_not_weights():
-    opts = {"n_shared": 1}
-    layer = make_layer("sharede_v3", **opts)
+@pytest.mark.parametrize("name", ["sharede_v3", "smoe", "sigma_moe"])
+def test_bias_balancing_affects_selection_not_weights(name):
+    """Aux-loss-free balancing: selection on scores + b, weights from the unbiased scores.
+    b only acts when bias_balancing (gamma) > 0 ("b = 0 when bias balancing is off")."""
+    opts = {"n_shared": 1, "bias_balancing": 0.001} if name == "sharede_v3" else {
+        "bias_balancing": 0.001}
+    layer = make_layer(name, **opts)
     assert "router.expert_bias" in dict(layer.named_buffers()), "expert_bias must be a buffer"
     assert "router.expert_bias" not in dict(layer.named_parameters())
     x = _x()
+    scale = 0.2 if name == "smoe" else 1.0
     with torch.no_grad():
-        layer.router.expert_bias.copy_(torch.tensor([0.0, 0.3, -0.3, 0.5, 0.0, -0.5]))
-    _, ref = check(layer, "sharede_v3", x, opts)
+        layer.router.expert_bias.copy_(torch.tensor([0.0, 0.3, -0.3, 0.5, 0.0, -0.5]) * scale)
+    _, ref = check(layer, name, x, opts)
     # sanity: the bias changes at least one selection in this setup
-    layer_nb = make_layer("sharede_v3", **opts)
-    ref_nb = reference(layer_nb, "sharede_v3", x, opts)
+    layer_nb = make_layer(name, **opts)
+    ref_nb = reference(layer_nb, name, x, opts)
     assert any({s for s, _ in a} != {s for s, _ in b}
                for a, b in zip(ref["sels"], ref_nb["sels"])), "setup: bias changed nothing"
 
@@ -562,6 +571,8 @@ def test_sharede_v3_bias_affects_selection_not_weights():
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_group_limited_routing(with_bias):
     opts = {"n_group": 2, "topk_group": 1}
+    if with_bias:
+        opts["bias_balancing"] = 0.001
     layer = make_layer("sharede_v3", **opts)
     if with_bias:
         with torch.no_grad():
@@ -758,26 +769,50 @@ def _gc_layer(name, dispatch):
     raise AssertionError("no tie-free seed found")
 
 
+def _aux_outputs(out, name):
+    # aux terms are checked unweighted: out.aux_loss is float32 even for a float64 layer
+    # (see test_aux_loss_dtype_follows_input), which would make a float64 gradcheck meaningless
+    terms = [out.output, out.aux["balance"], out.aux["z"]]
+    if name == "tc_moe":
+        terms.append(out.aux["null_reward"])
+    return tuple(terms)
+
+
 @pytest.mark.parametrize("dispatch", DISPATCHES)
 @pytest.mark.parametrize("name", GC_NAMES)
 def test_gradcheck(name, dispatch):
+    """float64 gradcheck of output and aux terms: full Jacobian w.r.t. the input, fast mode
+    (random projections) w.r.t. every trainable parameter (and MoE++'s prev_logits)."""
     layer, x, prev, opts = _gc_layer(name, dispatch)
     pnames = [n for n, p in layer.named_parameters() if p.requires_grad]
     params = [dict(layer.named_parameters())[n].detach().clone().requires_grad_(True)
               for n in pnames]
-    extra = [] if prev is None else [prev.clone().requires_grad_(True)]
 
-    def fn(x_, *rest):
-        if prev is not None:
-            prev_, ps = rest[0], rest[1:]
-            kwargs = {"prev_logits": prev_}
-        else:
-            ps, kwargs = rest, {}
+    def run(x_, prev_, ps):
+        kwargs = {} if prev_ is None else {"prev_logits": prev_}
         out = torch.func.functional_call(layer, dict(zip(pnames, ps)), (x_,), kwargs)
-        return out.output, out.aux_loss
+        return _aux_outputs(out, name)
 
-    inputs = (x.clone().requires_grad_(True), *extra, *params)
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3)
+    fixed = [p.detach() for p in params]
+    assert torch.autograd.gradcheck(
+        lambda x_: run(x_, prev, fixed), (x.clone().requires_grad_(True),),
+        eps=1e-6, atol=1e-5, rtol=1e-3)
+    if prev is None:
+        fn, inputs = (lambda *ps: run(x, None, ps)), tuple(params)
+    else:
+        fn = lambda prev_, *ps: run(x, prev_, ps)  # noqa: E731
+        inputs = (prev.clone().requires_grad_(True), *params)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, fast_mode=True)
+
+
+@pytest.mark.parametrize("name", ["smoe", "tc_moe", "moe_plus_plus"])
+def test_aux_loss_dtype_follows_input(name):
+    layer = make_layer(name, dtype=torch.float64, z_coef=0.1)
+    out = layer(_x(dtype=torch.float64))
+    assert out.aux["balance"].dtype == torch.float64
+    assert out.aux_loss.dtype == torch.float64, (
+        f"aux_loss is {out.aux_loss.dtype} for a float64 layer: its gradient is then only "
+        "float32-accurate and a float64 gradcheck of aux_loss fails")
 
 
 # --------------------------------------------------------------------------------------------
@@ -831,13 +866,16 @@ def test_uniform_router_balance_equals_coef(name, scope):
 # --------------------------------------------------------------------------------------------
 
 
+_EMPTY = [(n, False) for n in NAMES] + [("moe_plus_plus", True)]
+
+
 @pytest.mark.parametrize("shape", [(0, D), (2, 0, D)])
-@pytest.mark.parametrize("name", NAMES)
-def test_empty_input(name, shape):
+@pytest.mark.parametrize("name,with_prev", _EMPTY)
+def test_empty_input(name, with_prev, shape):
     layer = make_layer(name)
     x = torch.zeros(shape, requires_grad=True)
     kwargs = {}
-    if name == "moe_plus_plus":
+    if with_prev:
         kwargs["prev_logits"] = torch.zeros(0, layer.router.weight.shape[0])
     out = layer(x, **kwargs)
     assert out.output.shape == x.shape
