@@ -11,9 +11,10 @@ KeyError at the first forward.
 
 The config takes it as the constructor kwarg `OlmoeConfig(..., experts_implementation="grouped_mm")`
 (stored in the property `config._experts_implementation`). Only `PreTrainedModel.__init__` resolves
-an unset value (None) to the model default "grouped_mm"; a *standalone* `OlmoeSparseMoeBlock(config)`
-built from a config without the kwarg silently runs the eager loop (after a one-time warning). So we
-always pass it explicitly, and `implementation_report` checks which kernel really ran.
+an unset value (None) to the model default "grouped_mm"; a *standalone*
+`OlmoeSparseMoeBlock(config)` built from a config without the kwarg silently runs the eager loop
+(after a one-time warning). So we always pass it explicitly, and `implementation_report` checks
+which kernel really ran.
 
 The block's parameters are created with `torch.empty` (and the router with zeros: every token would
 tie and go to the same 8 experts); `PreTrainedModel._init_weights` normally fills them, so we do the
@@ -61,7 +62,7 @@ def build_olmoe_block(
     computes its load-balancing loss at the model level from the router logits).
     """
     if IMPORT_ERROR is not None:
-        raise ImportError("transformers is not installed: pip install libmoe[bench]") from IMPORT_ERROR
+        raise ImportError("transformers missing: pip install libmoe[bench]") from IMPORT_ERROR
     config = OlmoeConfig(
         hidden_size=d_model,
         intermediate_size=expert_dim,
@@ -111,7 +112,8 @@ def implementation_report(block: torch.nn.Module, x: torch.Tensor) -> str:
     with torch.no_grad(), counter:
         block(x)
     ops = ", ".join(
-        f"{op}x{counter.counts[op]}" for op in ("_grouped_mm", "grouped_mm", "index_add_", "bmm")
+        f"{op}x{counter.counts[op]}"
+        for op in ("_grouped_mm", "grouped_mm", "index_add_", "bmm")
         if counter.counts[op]
     )
     return f"{fn_name}: {ops or 'no expert kernels seen'}"

@@ -3,7 +3,7 @@
 Cases, all at the same shape (default: the paper-small layer, T=4096 tokens, d=512, 66 experts of
 width 128, top-8):
 
-* dense FFN with the MoE's active FLOPs, d -> K*M -> d: ReLU, and SwiGLU (w1, w3: d -> K*M; w2 back);
+* dense FFN with the MoE's active FLOPs, d -> K*M -> d: ReLU, and SwiGLU (w1, w3: d -> K*M; w2);
 * Hugging Face transformers' `OlmoeSparseMoeBlock` (SwiGLU experts) with the experts implementation
   "eager" (per-expert Python loop) and "grouped_mm" (see benchmarks/_hf_olmoe.py);
 * libmoe: `smoe` with every dispatch backend, every algorithm in `ALGORITHMS` with dispatch="auto"
@@ -88,7 +88,7 @@ class Case:
     name: str
     activation: str  # "relu" | "swiglu": which dense FFN it is compared with
     build: Callable[[], nn.Module]
-    describe: Callable[[nn.Module, torch.Tensor], str] | None = None  # a note, from the built module
+    describe: Callable[[nn.Module, torch.Tensor], str] | None = None  # note from the module
     error: str | None = None  # set when the case cannot even be listed (missing dependency)
     baseline: bool = False  # the dense FFN the other cases of this activation are compared with
 
@@ -114,7 +114,7 @@ def make_cases(args) -> list[Case]:
     for impl in _hf_olmoe.IMPLEMENTATIONS:
         name = f"transformers OLMoE {impl}"
         if not _hf_olmoe.available():
-            err = f"transformers not installed: pip install libmoe[bench] ({_hf_olmoe.IMPORT_ERROR})"
+            err = f"transformers missing: pip install libmoe[bench] ({_hf_olmoe.IMPORT_ERROR})"
             cases.append(Case(name, "swiglu", lambda: None, error=err))
         else:
             cases.append(
@@ -236,8 +236,10 @@ def parse_args(argv=None):
     if args.tokens % args.seq_len:
         p.error(f"--tokens {args.tokens} is not a multiple of --seq-len {args.seq_len}")
     if args.threads is None:
-        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1
+        args.threads = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1)
         )
     return args
 
@@ -284,7 +286,11 @@ def main(argv=None) -> int:
         print(f"  {case.name}: {status}", file=sys.stderr, flush=True)
         rows.append(row)
 
-    dense = {r.activation: r.ms for c, r in zip(cases, rows) if c.baseline and r.error is None}
+    dense = {
+        r.activation: r.ms
+        for c, r in zip(cases, rows, strict=True)
+        if c.baseline and r.error is None
+    }
     for r in rows:
         if r.error is None and dense.get(r.activation):
             r.ratio = r.ms / dense[r.activation]

@@ -17,7 +17,7 @@ Every backend computes, for x [T, D], expert ids [T, K] and combine weights [T, 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

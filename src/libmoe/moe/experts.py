@@ -9,8 +9,8 @@ skipped), through one of the dispatch backends in `dispatch.py`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
