@@ -14,9 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-moe = pytest.importorskip("libmoe.moe")
-build_moe = moe.build_moe
-ALGORITHMS = moe.ALGORITHMS
+from libmoe.moe import ALGORITHMS, build_moe
 
 D, E, M, K = 16, 6, 8, 2
 NAMES = [
@@ -257,8 +255,6 @@ def reference(layer, name, x, opts=None, k=K, e=E, prev_logits=None):
                 w = torch.softmax(v, 0)
             else:
                 w = v / v.sum()
-            if name == "sharede_v3":
-                w = w * opts.get("routed_scaling", 1.0)
             sels.append(sorted(zip(chosen, w), key=lambda sw: -sw[1].item()))
 
     # ---- capacity (token choice): Switch style, first C assignments in (token, rank) order
@@ -289,7 +285,8 @@ def reference(layer, name, x, opts=None, k=K, e=E, prev_logits=None):
             o = slot_out(slot, xt)
             if o is not None:
                 y = y + w * o
-        outs.append(y + shared_out(xt))
+        # routed_scaling scales the routed output; topk_weight stays normalised (docs/moe.md)
+        outs.append(opts.get("routed_scaling", 1.0) * y + shared_out(xt))
     out = torch.stack(outs) if outs else xs.new_zeros(0, d)
     res["output"] = out.reshape(x.shape)
     res["logits"] = torch.stack(logits) if logits else None
@@ -417,7 +414,8 @@ def check(layer, name, x, opts=None, k=K, e=E, prev_logits=None, *, routing=True
             if weights:
                 for s in exp:
                     if not math.isclose(got[s], exp[s], abs_tol=ATOL, rel_tol=RTOL):
-                        errs.append(f"token {t} slot {s}: weight {got[s]:.7f} expected {exp[s]:.7f}")
+                        errs.append(
+                            f"token {t} slot {s}: weight {got[s]:.7f} expected {exp[s]:.7f}")
     if aux and name != "dense" and n_tok:
         if name != "expert_choice":
             _diff(out.aux["balance"], ref["balance"], "aux['balance']", errs)
@@ -554,9 +552,9 @@ def test_sharede_v3_routed_scaling_output(opts):
 
 
 @pytest.mark.parametrize("opts", SCALING_CASES[:2], ids=str)
-def test_sharede_v3_topk_weight_includes_routed_scaling(opts):
-    """docs/moe.md: sharede_v3 'w = renorm of the unbiased s, x routed_scaling', and
-    routing.topk_weight is w."""
+def test_sharede_v3_topk_weight_stays_normalised_under_routed_scaling(opts):
+    """routed_scaling multiplies the routed output; routing.topk_weight stays the normalised
+    weights that traces record (docs/moe.md)."""
     layer = make_layer("sharede_v3", **opts)
     check(layer, "sharede_v3", _x(), opts, grads=False)
 
@@ -947,3 +945,64 @@ def test_bad_option_value_raises(name, option, value, allowed):
     msg = str(info.value)
     assert option in msg and value in msg, msg
     assert allowed in msg, f"message does not say what is allowed: {msg}"
+
+
+# --------------------------------------------------------------------------------------------
+# 5. parameter shapes and initialisation from the specification
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,opts,n_shared", [
+    ("sharede_v2", {}, 2), ("sharede_v3", {}, 2), ("sharede_v2", {"n_shared": 3}, 3),
+    ("sharede_v3", {"n_shared": 1, "activation": "swiglu"}, 1),
+])
+def test_shared_experts_shapes(name, opts, n_shared):
+    """SharedE: n_shared (default 2, the paper's 64 routed + 2 shared) experts of width M."""
+    layer = build_moe(name, D, E, M, K, **opts)
+    sh = layer.shared_experts
+    assert tuple(sh.w1.shape) == (n_shared, D, M)
+    assert tuple(sh.w2.shape) == (n_shared, M, D)
+    if opts.get("activation") == "swiglu":
+        assert tuple(sh.w3.shape) == (n_shared, D, M)
+    assert tuple(layer.experts.w1.shape) == (E, D, M)
+
+
+@pytest.mark.parametrize("name,opts,n_slots", [
+    ("smoe", {}, E), ("moe_plus_plus", {}, E + 8),
+    ("moe_plus_plus", {"n_zero": 2, "n_copy": 0, "n_const": 3}, E + 5),
+    ("tc_moe", {}, 2 * E + K), ("tc_moe", {"n_null": 3}, 2 * E + 3),
+])
+def test_router_slot_count(name, opts, n_slots):
+    layer = build_moe(name, D, E, M, K, **opts)
+    assert tuple(layer.router.weight.shape) == (n_slots, D)
+    out = layer(_x())
+    assert tuple(out.routing.probs.shape) == (10, n_slots)
+    assert tuple(out.routing.logits.shape) == (10, n_slots)
+    assert tuple(out.routing.topk_idx.shape) == (10, K)
+
+
+def test_xmoe_projection_and_orthogonal_embeddings():
+    layer = build_moe("xmoe", D, E, M, K)
+    d_r = E // 2
+    assert tuple(layer.router.proj.weight.shape) == (d_r, D)
+    q = layer.router.expert_embeddings.detach().double()
+    assert tuple(q.shape) == (E, d_r)
+    # orthogonal init with gain 0.32: the d_r columns are orthogonal with norm 0.32
+    torch.testing.assert_close(q.T @ q, 0.32 ** 2 * torch.eye(d_r, dtype=torch.float64),
+                               atol=1e-5, rtol=0)
+
+
+def test_router_init_std():
+    g_default = build_moe("smoe", 64, 32, M, K).router.weight.detach()
+    g_wide = build_moe("smoe", 64, 32, M, K, router_init_std=0.06).router.weight.detach()
+    assert 0.018 < g_default.std().item() < 0.022
+    assert 0.054 < g_wide.std().item() < 0.066
+    assert abs(g_default.mean().item()) < 0.003
+
+
+def test_hyper_hypernet_init_std():
+    layer = build_moe("hyper", D, E, M, K)
+    for i in (0, 2):
+        w = layer.router.hypernet[i].weight.detach()
+        assert 0.017 < w.std().item() < 0.023, f"hypernet[{i}] std {w.std().item()}"
+    assert tuple(layer.router.hypernet[2].weight.shape)[0] == E * D + E

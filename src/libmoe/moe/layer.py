@@ -96,7 +96,7 @@ class MoELayer(nn.Module):
         T = x2.shape[0]
         seq_len = shape[-2] if x.dim() >= 3 and shape[-2] > 0 else max(T, 1)
         if prev_logits is not None:
-            prev_logits = prev_logits.reshape(T, -1)
+            prev_logits = prev_logits.reshape(T, prev_logits.shape[-1])
         routing, aux = self.router(x2, seq_len, prev_logits)
 
         ids, weights = self.router.expert_plan(routing)
@@ -134,10 +134,11 @@ class MoELayer(nn.Module):
 
 
 def _weighted_sum(aux: dict[str, Tensor], coefs: dict[str, float], x: Tensor) -> Tensor:
-    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    dtype = torch.promote_types(torch.float32, x.dtype)  # float64 stays float64, bf16 -> fp32
+    total = torch.zeros((), dtype=dtype, device=x.device)
     for name, coef in coefs.items():
         if coef != 0 and name in aux:
-            total = total + coef * aux[name].float()
+            total = total + coef * aux[name].to(dtype)
     return total
 
 
