@@ -237,9 +237,7 @@ def parse_args(argv=None):
         p.error(f"--tokens {args.tokens} is not a multiple of --seq-len {args.seq_len}")
     if args.threads is None:
         args.threads = (
-            len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity")
-            else (os.cpu_count() or 1)
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         )
     return args
 
@@ -286,11 +284,7 @@ def main(argv=None) -> int:
         print(f"  {case.name}: {status}", file=sys.stderr, flush=True)
         rows.append(row)
 
-    dense = {
-        r.activation: r.ms
-        for c, r in zip(cases, rows, strict=True)
-        if c.baseline and r.error is None
-    }
+    dense = {r.activation: r.ms for c, r in zip(cases, rows, strict=True) if c.baseline and r.error is None}
     for r in rows:
         if r.error is None and dense.get(r.activation):
             r.ratio = r.ms / dense[r.activation]

@@ -151,12 +151,16 @@ class _BlockedExperts(torch.autograd.Function):
         gy = gy.contiguous()
         w = weights.reshape(-1)[pos]
         gx = torch.zeros_like(x)
-        gw1, gw2 = torch.zeros_like(w1), torch.zeros_like(w2)
-        gw3 = torch.zeros_like(w3) if w3 is not None else None
+        # Every expert's gradient block is written below (zeroed when it got no tokens): no fill.
+        gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
+        gw3 = torch.empty_like(w3) if w3 is not None else None
         gw = w.new_empty(w.shape)
         start = 0
         for e, c in enumerate(counts):
             if c == 0:
+                for grad in (gw1, gw2, gw3):
+                    if grad is not None:
+                        grad[e].zero_()
                 continue
             rows = slice(start, start + c)
             t, we = tok[rows], w[rows].unsqueeze(-1)
