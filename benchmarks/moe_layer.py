@@ -68,18 +68,6 @@ class DenseFFN(nn.Module):
 # --------------------------------------------------------------------------- libmoe
 
 
-def import_libmoe():
-    """`(build_moe, ALGORITHMS)`, from the installed package or this checkout's src/."""
-    try:
-        from libmoe.moe import ALGORITHMS, build_moe
-    except ImportError:
-        src = Path(__file__).resolve().parents[1] / "src"
-        if str(src) not in sys.path:
-            sys.path.insert(0, str(src))
-        from libmoe.moe import ALGORITHMS, build_moe
-    return build_moe, tuple(ALGORITHMS)
-
-
 # --------------------------------------------------------------------------- cases and timing
 
 
@@ -126,25 +114,19 @@ def make_cases(args) -> list[Case]:
                 )
             )
 
-    try:
-        build_moe, algorithms = import_libmoe()
-        libmoe_error = None
-    except Exception as exc:  # the library may be mid-rewrite: report, do not crash
-        build_moe, algorithms, libmoe_error = None, (), f"import libmoe.moe: {exc!r}"
+    from libmoe.moe import ALGORITHMS, build_moe, set_training_progress
+
+    def build_libmoe(algorithm, activation, dispatch):
+        layer = build_moe(algorithm, d, e, m, k, dispatch=dispatch, activation=activation)
+        set_training_progress(layer, 1.0)  # Hyper-R at its final k (= top_k), like the others
+        return layer
 
     def libmoe_case(name, activation, algorithm, dispatch):
-        return Case(
-            name,
-            activation,
-            lambda: build_moe(algorithm, d, e, m, k, dispatch=dispatch, activation=activation),
-            error=libmoe_error,
-        )
+        return Case(name, activation, lambda: build_libmoe(algorithm, activation, dispatch))
 
     for backend in LIBMOE_BACKENDS:
         cases.append(libmoe_case(f"libmoe smoe dispatch={backend}", "relu", "smoe", backend))
-    if libmoe_error is not None:
-        cases.append(Case("libmoe ALGORITHMS (auto)", "relu", lambda: None, error=libmoe_error))
-    for algorithm in algorithms:
+    for algorithm in ALGORITHMS:
         cases.append(libmoe_case(f"libmoe {algorithm} dispatch=auto", "relu", algorithm, "auto"))
     cases.append(libmoe_case("libmoe smoe swiglu dispatch=auto", "swiglu", "smoe", "auto"))
     return cases
@@ -223,7 +205,7 @@ def parse_args(argv=None):
     p.add_argument("--expert-dim", type=int, default=128)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="smoke run: T=512")
-    p.add_argument("--repeats", type=int, default=7, help="timed iterations, median reported")
+    p.add_argument("--repeats", type=int, default=11, help="timed iterations, median reported")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)

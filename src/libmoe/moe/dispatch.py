@@ -126,6 +126,7 @@ class _BlockedExperts(torch.autograd.Function):
         y = x.new_zeros(T, D)
         h_all = x.new_empty(N, M)
         g_all = x.new_empty(N, M) if w3 is not None else None
+        relu = act.name == "relu"
         start = 0
         for e, c in enumerate(counts):
             if c == 0:
@@ -134,6 +135,11 @@ class _BlockedExperts(torch.autograd.Function):
             t = tok[rows]
             xe = x.index_select(0, t)
             h = torch.mm(xe, w1[e], out=h_all[rows])
+            if relu:  # keep relu(h) in place of h: backward needs only the output's sign
+                a = h.relu_().mul(w[rows].unsqueeze(-1))
+                y.index_add_(0, t, torch.mm(a, w2[e]))
+                start += c
+                continue
             a = act.fn(h)
             if w3 is not None:
                 a.mul_(torch.mm(xe, w3[e], out=g_all[rows]))
@@ -148,6 +154,7 @@ class _BlockedExperts(torch.autograd.Function):
     def backward(ctx, gy):
         x, weights, w1, w2, w3, tok, pos, h_all, g_all = ctx.saved_tensors
         act, counts = ctx.act, ctx.counts
+        relu = act.name == "relu"
         gy = gy.contiguous()
         w = weights.reshape(-1)[pos]
         gx = torch.zeros_like(x)
@@ -165,7 +172,7 @@ class _BlockedExperts(torch.autograd.Function):
             rows = slice(start, start + c)
             t, we = tok[rows], w[rows].unsqueeze(-1)
             xe, gye, h = x.index_select(0, t), gy.index_select(0, t), h_all[rows]
-            a = act.fn(h)
+            a = h if relu else act.fn(h)
             if w3 is not None:
                 a = a * g_all[rows]
             torch.mm((a * we).t(), gye, out=gw2[e])
@@ -178,7 +185,10 @@ class _BlockedExperts(torch.autograd.Function):
                 gh = ga.mul_(g_all[rows]).mul_(act.grad(h))
                 gxe = torch.mm(gh, w1[e].t()).addmm_(gg, w3[e].t())
             else:
-                gh = ga.mul_(act.grad(h))
+                if relu:
+                    gh = torch.ops.aten.threshold_backward(ga, h, 0.0)
+                else:
+                    gh = ga.mul_(act.grad(h))
                 gxe = torch.mm(gh, w1[e].t())
             torch.mm(xe.t(), gh, out=gw1[e])
             gx.index_add_(0, t, gxe)
