@@ -282,3 +282,20 @@ def test_sizes_and_names_are_checked():
     with pytest.raises(ValueError, match="d_model"):
         layer = build_moe("smoe", D, E, M, K)
         layer(torch.randn(3, D + 1))
+
+
+def test_moe_plus_plus_layers_chain_their_logits():
+    """How a model threads the gating residual: each MoE++ layer gets the previous one's logits,
+    and the gradient reaches the earlier router through W_g."""
+    torch.manual_seed(0)
+    layers = [build_moe("moe_plus_plus", D, E, M, K) for _ in range(3)]
+    for layer in layers[1:]:
+        torch.nn.init.normal_(layer.router.gate_residual.weight, std=0.1)
+    h, prev = torch.randn(2, 5, D), None
+    for layer in layers:
+        out = layer(h, prev_logits=prev)
+        h, prev = h + out.output, out.routing.logits
+    h.sum().backward()
+    assert layers[0].router.weight.grad is not None
+    assert all(layer.router.gate_residual.weight.grad.abs().sum() > 0 for layer in layers[1:])
+    assert layers[0].router.gate_residual.weight.grad is None  # first layer: no previous logits

@@ -139,7 +139,9 @@ class TopKRouter(Router):
         idx, vals = fn.select_topk(
             s, self.current_k(), bias, self.drop_top, self.opts.n_group, self.opts.topk_group
         )
-        idx, w = fn.sort_by_weight(idx, self.combine(z, s, idx, vals))
+        w = self.combine(z, s, idx, vals)
+        if bias is not None:  # biased selection order can differ from the weight order
+            idx, w = fn.sort_by_weight(idx, w)
         if self.training and self.opts.bias_balancing > 0:
             self.load_counts += fn.selection_counts(idx, self.n_slots).to(self.load_counts)
         return Routing(idx, w, s, z), self.aux_terms(z, s, idx, seq_len)
