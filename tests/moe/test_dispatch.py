@@ -120,7 +120,10 @@ def test_experts_without_tokens_get_zero_gradient(backend):
 
 
 def test_auto_backend_choice_on_cpu():
-    assert resolve_backend("auto", torch.zeros(1, 1)) == "blocked"
+    x = torch.zeros(1, 1)
+    assert resolve_backend("auto", x, n_assignments=4096 * 8, n_experts=66) == "blocked"
+    assert resolve_backend("auto", x, n_assignments=512 * 8, n_experts=66) == "grouped"
+    assert resolve_backend("auto", x.double(), n_assignments=512 * 8, n_experts=66) == "padded"
     assert resolve_backend("padded", torch.zeros(1, 1)) == "padded"
     assert grouped_mm_supported(torch.zeros(1, dtype=torch.float32)) == hasattr(torch, "_grouped_mm")
     assert not grouped_mm_supported(torch.zeros(1, dtype=torch.float64))

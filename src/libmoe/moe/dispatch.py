@@ -11,8 +11,9 @@ Every backend computes, for x [T, D], expert ids [T, K] and combine weights [T, 
 - ``blocked``: a custom autograd function that gathers each expert's rows into a small buffer,
   multiplies the routing weight into the hidden activation, scatters results straight back and
   saves only the hidden pre-activation for backward (PERFORMANCE_NOTES: the fastest on CPU).
-- ``auto``: ``blocked`` on CPU; on CUDA ``grouped`` when ``torch._grouped_mm`` supports the dtype
-  (bf16 on sm90+), else ``padded``.
+- ``auto``: on CPU ``blocked`` when experts average at least BLOCKED_MIN_LOAD rows, else
+  ``grouped`` (``padded`` where ``torch._grouped_mm`` lacks the dtype); on CUDA ``grouped`` when
+  ``torch._grouped_mm`` supports the dtype (bf16 on sm90+), else ``padded``.
 """
 
 from __future__ import annotations
@@ -215,13 +216,20 @@ _BACKENDS: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def resolve_backend(name: str, x: Tensor) -> str:
-    """Pick the concrete backend for `auto` from the device and dtype (see module docstring)."""
+# Average rows per expert (T*K/E) above which `blocked` beats the batched backends on CPU
+# (benchmarks/dispatch_grid.py, 2-core CPU, fp32: blocked wins from ~250 rows, grouped/padded below).
+BLOCKED_MIN_LOAD = 192
+
+
+def resolve_backend(name: str, x: Tensor, n_assignments: int = 0, n_experts: int = 1) -> str:
+    """Pick the concrete backend for `auto` from device, dtype and the average load per expert."""
     if name != "auto":
         return name
     if x.device.type == "cuda":
         return "grouped" if grouped_mm_supported(x) else "padded"
-    return "blocked"
+    if n_assignments / max(n_experts, 1) >= BLOCKED_MIN_LOAD:
+        return "blocked"
+    return "grouped" if grouped_mm_supported(x) else "padded"
 
 
 def run_experts(
@@ -238,4 +246,5 @@ def run_experts(
     if not bool(((ids >= 0) & (ids < w1.shape[0])).any()):
         # Nothing routed to an FFN expert (e.g. an empty batch): a zero output still in the graph.
         return x * 0.0 + weights.sum() * 0.0
-    return _BACKENDS[resolve_backend(backend, x)](x, ids, weights, w1, w2, w3, act)
+    backend = resolve_backend(backend, x, ids.numel(), w1.shape[0])
+    return _BACKENDS[backend](x, ids, weights, w1, w2, w3, act)
