@@ -9,10 +9,11 @@ width 128, top-8):
 * libmoe: `smoe` with every dispatch backend, every algorithm in `ALGORITHMS` with dispatch="auto"
   (ReLU experts), and `smoe` with SwiGLU experts.
 
-Each case is built once, run `--warmup` times, then timed `--repeats` times; the median is reported
-with its ratio to the dense FFN of the same activation. One iteration is forward plus backward of
-`(out * g).sum() + aux_loss` with a fixed random `g` (the input requires grad too, as inside a
-model); gradients are cleared (set to None) before each iteration, outside the timed region.
+Every case is built first; then the cases run round-robin, `--warmup` untimed rounds and
+`--repeats` timed ones, so that slow drifts of a shared machine hit all cases alike, and each case
+reports its median with its ratio to the dense FFN of the same activation. One iteration is forward
+plus backward of `(out * g).sum() + aux_loss` with a fixed random `g` (the input requires grad too,
+as inside a model); gradients are cleared (set to None) before each iteration, outside the timing.
 
     python benchmarks/moe_layer.py                     # paper-small shape, all cores
     python benchmarks/moe_layer.py --threads 1 --json moe_layer_1t.json
@@ -139,42 +140,48 @@ def objective(out, g: torch.Tensor) -> torch.Tensor:
     return (out.output * g).sum() + out.aux_loss
 
 
-def time_case(fn: Callable[[], None], repeats: int, warmup: int = 2, setup=None) -> list[float]:
-    """Milliseconds of each of `repeats` timed calls of `fn`, after `warmup` untimed ones."""
-    times = []
-    for i in range(warmup + repeats):
-        if setup is not None:
-            setup()
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
-        if i >= warmup:
-            times.append(elapsed * 1e3)
-    return times
-
-
-def run_case(case: Case, x: torch.Tensor, g: torch.Tensor, args) -> Row:
+def prepare(case: Case, x: torch.Tensor, g: torch.Tensor, args) -> tuple[Row, Callable | None]:
+    """Build the case's module; return its row and a function running one timed iteration."""
     row = Row(case.name, case.activation, error=case.error)
     if case.error is not None:
-        return row
+        return row, None
     try:
         torch.manual_seed(args.seed + 1)
         module = case.build()
-
-        def setup():
-            module.zero_grad(set_to_none=True)
-            x.grad = None
-
-        def step():
-            objective(module(x), g).backward()
-
-        row.times_ms = time_case(step, args.repeats, args.warmup, setup)
-        row.ms = statistics.median(row.times_ms)
         if case.describe is not None:
             row.note = case.describe(module, x.detach())
     except Exception as exc:  # one broken case must not stop the others
         row.error = f"{type(exc).__name__}: {exc}"
-    return row
+        return row, None
+
+    def iteration() -> float:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        start = time.perf_counter()
+        objective(module(x), g).backward()
+        return (time.perf_counter() - start) * 1e3
+
+    return row, iteration
+
+
+def run_interleaved(prepared: list[tuple[Row, Callable | None]], args) -> None:
+    """Round-robin over the cases (`warmup` + `repeats` rounds) so that slow drifts of the machine
+    hit every case alike; each row gets its median."""
+    for r in range(args.warmup + args.repeats):
+        for row, iteration in prepared:
+            if iteration is None or row.error is not None:
+                continue
+            try:
+                ms = iteration()
+            except Exception as exc:
+                row.error = f"{type(exc).__name__}: {exc}"
+                continue
+            if r >= args.warmup:
+                row.times_ms.append(ms)
+        print(f"  round {r + 1}/{args.warmup + args.repeats}", file=sys.stderr, flush=True)
+    for row, _ in prepared:
+        if row.error is None and row.times_ms:
+            row.ms = statistics.median(row.times_ms)
 
 
 # --------------------------------------------------------------------------- output
@@ -259,12 +266,9 @@ def main(argv=None) -> int:
     cases = make_cases(args)
     if args.filter:
         cases = [c for c in cases if re.search(args.filter, c.name)]
-    rows = []
-    for case in cases:
-        row = run_case(case, x, g, args)
-        status = f"{row.ms:.1f} ms" if row.error is None else f"error: {one_line(row.error, 60)}"
-        print(f"  {case.name}: {status}", file=sys.stderr, flush=True)
-        rows.append(row)
+    prepared = [prepare(case, x, g, args) for case in cases]
+    run_interleaved(prepared, args)
+    rows = [row for row, _ in prepared]
 
     dense = {r.activation: r.ms for c, r in zip(cases, rows, strict=True) if c.baseline and r.error is None}
     for r in rows:
