@@ -74,12 +74,33 @@ def test_loop_matches_naive_per_token(activation):
 def test_backends_equal_loop_reference(T, D, E, M, k_frac, activation, seed, holes):
     K = 1 + round(k_frac * (E - 1))
     case = make_case(T, D, E, M, K, activation, seed, holes=holes)
+    check_backends_against_loop(case, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    T=st.integers(0, 40),
+    D=st.sampled_from([4, 5, 8, 12]),
+    E=st.integers(1, 9),
+    M=st.sampled_from([3, 4, 8]),
+    k_frac=st.floats(0, 1),
+    activation=st.sampled_from(sorted(ACTIVATIONS)),
+    seed=st.integers(0, 2**16),
+)
+def test_backends_equal_loop_reference_float32(T, D, E, M, k_frac, activation, seed):
+    """float32 exercises torch._grouped_mm (aligned dims) and its fallback (unaligned dims)."""
+    K = 1 + round(k_frac * (E - 1))
+    case = make_case(T, D, E, M, K, activation, seed, dtype=torch.float32)
+    check_backends_against_loop(case, rtol=1e-4, atol=1e-5)
+
+
+def check_backends_against_loop(case, rtol, atol):
     y_ref, g_ref = outputs_and_grads("loop", *case)
     for backend in BACKENDS:
         y, grads = outputs_and_grads(backend, *case)
-        torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9, msg=backend)
+        torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol, msg=backend)
         for gr, gr_ref in zip(grads, g_ref):
-            torch.testing.assert_close(gr, gr_ref, rtol=1e-9, atol=1e-9, msg=backend)
+            torch.testing.assert_close(gr, gr_ref, rtol=rtol, atol=atol, msg=backend)
 
 
 @pytest.mark.parametrize("backend", ("loop",) + BACKENDS)
@@ -120,13 +141,15 @@ def test_experts_without_tokens_get_zero_gradient(backend):
 
 
 def test_auto_backend_choice_on_cpu():
-    x = torch.zeros(1, 1)
+    x = torch.zeros(1, 8)
     assert resolve_backend("auto", x, n_assignments=4096 * 8, n_experts=66) == "blocked"
     assert resolve_backend("auto", x, n_assignments=512 * 8, n_experts=66) == "grouped"
     assert resolve_backend("auto", x.double(), n_assignments=512 * 8, n_experts=66) == "padded"
-    assert resolve_backend("padded", torch.zeros(1, 1)) == "padded"
-    assert grouped_mm_supported(torch.zeros(1, dtype=torch.float32)) == hasattr(torch, "_grouped_mm")
-    assert not grouped_mm_supported(torch.zeros(1, dtype=torch.float64))
+    assert resolve_backend("padded", x) == "padded"
+    assert resolve_backend("auto", torch.zeros(1, 5), n_assignments=8, n_experts=66) == "padded"
+    assert not grouped_mm_supported(torch.zeros(1, 8, dtype=torch.float64))
+    assert not grouped_mm_supported(torch.zeros(1, 5), torch.zeros(2, 5, 8))  # 20-byte rows
+    assert grouped_mm_supported(torch.zeros(1, 8), torch.zeros(2, 8, 4)) == hasattr(torch, "_grouped_mm")
 
 
 def test_blocked_under_cpu_autocast_runs_in_bf16():

@@ -88,20 +88,24 @@ def padded_dispatch(x, ids, weights, w1, w2, w3, act):
     return y[:T]
 
 
-def grouped_mm_supported(x: Tensor) -> bool:
-    """Whether torch._grouped_mm runs for this device/dtype (fp32 on CPU; bf16 on CUDA sm90+)."""
+def grouped_mm_supported(x: Tensor, w1: Tensor | None = None) -> bool:
+    """Whether torch._grouped_mm runs here: fp32/bf16 on CPU, bf16 on CUDA sm90+, and row strides
+    (d_model, expert_dim) that are multiples of 16 bytes."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if x.device.type == "cpu":
-        return x.dtype in (torch.float32, torch.bfloat16)
-    if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
-    return False
+        ok = x.dtype in (torch.float32, torch.bfloat16)
+    elif x.device.type == "cuda":
+        ok = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    else:
+        ok = False
+    dims = (x.shape[-1],) if w1 is None else (x.shape[-1], w1.shape[-1])
+    return ok and all(d * x.element_size() % 16 == 0 for d in dims)
 
 
 def grouped_dispatch(x, ids, weights, w1, w2, w3, act):
     """Tokens sorted by expert, one grouped matmul per projection (weight on the hidden activation)."""
-    if not grouped_mm_supported(x):
+    if not grouped_mm_supported(x, w1):
         return loop_dispatch(x, ids, weights, w1, w2, w3, act)
     T, D = x.shape
     tok, pos, counts = sort_by_expert(ids, weights, w1.shape[0])
@@ -221,15 +225,17 @@ _BACKENDS: dict[str, Callable[..., Tensor]] = {
 BLOCKED_MIN_LOAD = 192
 
 
-def resolve_backend(name: str, x: Tensor, n_assignments: int = 0, n_experts: int = 1) -> str:
+def resolve_backend(
+    name: str, x: Tensor, n_assignments: int = 0, n_experts: int = 1, w1: Tensor | None = None
+) -> str:
     """Pick the concrete backend for `auto` from device, dtype and the average load per expert."""
     if name != "auto":
         return name
     if x.device.type == "cuda":
-        return "grouped" if grouped_mm_supported(x) else "padded"
+        return "grouped" if grouped_mm_supported(x, w1) else "padded"
     if n_assignments / max(n_experts, 1) >= BLOCKED_MIN_LOAD:
         return "blocked"
-    return "grouped" if grouped_mm_supported(x) else "padded"
+    return "grouped" if grouped_mm_supported(x, w1) else "padded"
 
 
 def run_experts(
@@ -246,5 +252,5 @@ def run_experts(
     if not bool(((ids >= 0) & (ids < w1.shape[0])).any()):
         # Nothing routed to an FFN expert (e.g. an empty batch): a zero output still in the graph.
         return x * 0.0 + weights.sum() * 0.0
-    backend = resolve_backend(backend, x, ids.numel(), w1.shape[0])
+    backend = resolve_backend(backend, x, ids.numel(), w1.shape[0], w1)
     return _BACKENDS[backend](x, ids, weights, w1, w2, w3, act)
