@@ -299,3 +299,25 @@ def test_moe_plus_plus_layers_chain_their_logits():
     assert layers[0].router.weight.grad is not None
     assert all(layer.router.gate_residual.weight.grad.abs().sum() > 0 for layer in layers[1:])
     assert layers[0].router.gate_residual.weight.grad is None  # first layer: no previous logits
+
+
+@pytest.mark.parametrize("backend", ["blocked", "grouped", "padded", "loop"])
+def test_autocast_routes_in_fp32_and_computes_experts_in_bf16(backend):
+    torch.manual_seed(0)
+    layer = build_moe("smoe", 16, E, 8, K, dispatch=backend)
+    x = torch.randn(2, 8, 16)
+    ref = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.output.dtype == torch.bfloat16
+    assert out.routing.probs.dtype == torch.float32 and out.aux_loss.dtype == torch.float32
+    assert torch.equal(out.routing.topk_idx, ref.routing.topk_idx)  # routing unaffected
+    torch.testing.assert_close(out.output.float(), ref.output, rtol=0.05, atol=0.05)
+    out.output.float().sum().backward()
+    assert layer.experts.w1.grad.dtype == torch.float32
+
+
+def test_model_cast_to_float64_runs_router_in_float64():
+    layer = build_moe("xmoe", D, E, M, K).double()
+    out = layer(torch.randn(5, D, dtype=torch.float64))
+    assert out.routing.probs.dtype == torch.float64 and out.output.dtype == torch.float64

@@ -204,12 +204,7 @@ class _BlockedExperts(torch.autograd.Function):
 
 def blocked_dispatch(x, ids, weights, w1, w2, w3, act):
     tok, pos, counts = sort_by_expert(ids, weights, w1.shape[0])
-    dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-    with torch.autocast(x.device.type, enabled=False):
-        cast = [t.to(dtype) if t is not None else None for t in (x, weights, w1, w2, w3)]
-        return _BlockedExperts.apply(*cast, tok, pos, counts.tolist(), act)
+    return _BlockedExperts.apply(x, weights, w1, w2, w3, tok, pos, counts.tolist(), act)
 
 
 _BACKENDS: dict[str, Callable[..., Tensor]] = {
@@ -248,9 +243,19 @@ def run_experts(
     w3: Tensor | None,
     act: Activation,
 ) -> Tensor:
-    """y [T, D] = sum_j weights[:, j] * FFN_{ids[:, j]}(x) with the chosen dispatch backend."""
+    """y [T, D] = sum_j weights[:, j] * FFN_{ids[:, j]}(x) with the chosen dispatch backend.
+
+    Under autocast every backend computes in the autocast dtype (inputs and expert weights cast
+    once here, autocast off inside), so that all backends, custom ones included, agree.
+    """
     if not bool(((ids >= 0) & (ids < w1.shape[0])).any()):
         # Nothing routed to an FFN expert (e.g. an empty batch): a zero output still in the graph.
         return x * 0.0 + weights.sum() * 0.0
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            cast = [t.to(dtype) if t is not None else None for t in (x, weights, w1, w2, w3)]
+            return run_experts(backend, cast[0], ids, cast[1], cast[2], cast[3], cast[4], act)
     backend = resolve_backend(backend, x, ids.numel(), w1.shape[0], w1)
-    return _BACKENDS[backend](x, ids, weights, w1, w2, w3, act)
+    return _BACKENDS[backend](x, ids, weights.to(x.dtype), w1, w2, w3, act)

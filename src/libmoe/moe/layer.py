@@ -97,7 +97,13 @@ class MoELayer(nn.Module):
         seq_len = shape[-2] if x.dim() >= 3 and shape[-2] > 0 else max(T, 1)
         if prev_logits is not None:
             prev_logits = prev_logits.reshape(T, prev_logits.shape[-1])
-        routing, aux = self.router(x2, seq_len, prev_logits)
+        # The router runs outside autocast, in its parameters' dtype (fp32 unless the model was
+        # cast): top-k choices and balance losses are sensitive to bf16 rounding.
+        with torch.autocast(x.device.type, enabled=False):
+            dtype = self.router.param_dtype()
+            routing, aux = self.router(
+                x2.to(dtype), seq_len, prev_logits.to(dtype) if prev_logits is not None else None
+            )
 
         ids, weights = self.router.expert_plan(routing)
         scale = self.opts.routed_scaling

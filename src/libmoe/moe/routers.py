@@ -59,6 +59,13 @@ class Router(nn.Module):
     def aux_coefficients(self) -> dict[str, float]:
         return {"balance": self.opts.balance_coef, "z": self.opts.z_coef}
 
+    def param_dtype(self) -> torch.dtype:
+        """The dtype the router computes in: that of its (first floating) parameter."""
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.get_default_dtype()
+
     def expert_plan(self, routing: Routing) -> tuple[Tensor, Tensor]:
         """(expert ids [T, K], combine weights [T, K]) for the FFN experts; ids < 0 are skipped."""
         return routing.topk_idx, routing.topk_weight
