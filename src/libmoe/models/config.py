@@ -1,0 +1,112 @@
+"""Model configuration and presets of the decoder-only MoE Transformer (paper Table 5)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from ..moe import ALGORITHMS
+from ..moe.options import check_number
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only, pre-LayerNorm Transformer whose FFN sublayers are MoE layers.
+
+    n_experts / top_k / expert_dim describe the compute budget shared by every algorithm: the
+    dense baseline's FFN width is top_k * expert_dim, and shared-expert algorithms take `n_shared`
+    of the n_experts and of the top_k as always-on experts (the paper's 64 routed + 2 shared, k 6).
+    """
+
+    vocab_size: int = 8000
+    d_model: int = 512
+    n_layers: int = 16
+    n_heads: int = 4
+    head_dim: int = 82
+    rope_fraction: float = 0.5
+    rope_base: float = 10000.0
+    max_seq_len: int = 1024
+    algorithm: str = "smoe"
+    n_experts: int = 66
+    expert_dim: int = 128
+    top_k: int = 8
+    n_shared: int = 2
+    moe_every: int = 1
+    moe_options: dict[str, Any] = field(default_factory=dict)
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "max_seq_len",
+                     "n_experts", "expert_dim", "top_k", "moe_every"):
+            check_number(name, getattr(self, name), 1, integer=True)
+        check_number("n_shared", self.n_shared, 0, integer=True)
+        check_number("rope_fraction", self.rope_fraction, 0.0)
+        if self.rope_fraction > 1:
+            raise ValueError(f"rope_fraction={self.rope_fraction} must be between 0 and 1.")
+        if self.algorithm not in ALGORITHMS:
+            near = difflib.get_close_matches(self.algorithm, ALGORITHMS, n=3)
+            hint = f" Did you mean {', '.join(near)}?" if near else ""
+            raise ValueError(
+                f"unknown algorithm {self.algorithm!r}.{hint} Valid: {', '.join(ALGORITHMS)}."
+            )
+        if self.uses_shared and self.n_shared >= self.top_k:
+            raise ValueError(
+                f"n_shared={self.n_shared} must be below top_k={self.top_k} for {self.algorithm}: "
+                "shared experts take part of the top-k budget."
+            )
+
+    @property
+    def uses_shared(self) -> bool:
+        return self.algorithm in ("sharede_v2", "sharede_v3")
+
+    @property
+    def rope_dim(self) -> int:
+        """Rotary dimensions per head: the even number nearest below rope_fraction * head_dim."""
+        return int(self.head_dim * self.rope_fraction) // 2 * 2
+
+    def moe_args(self) -> tuple[int, int, dict[str, Any]]:
+        """(n routed experts, top_k, options) for build_moe under this config's budget."""
+        options = dict(self.moe_options)
+        if self.uses_shared:
+            options.setdefault("n_shared", self.n_shared)
+            return self.n_experts - self.n_shared, self.top_k - self.n_shared, options
+        return self.n_experts, self.top_k, options
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """MoE FFN in every `moe_every`-th layer (the last of each group), dense FFN elsewhere."""
+        return self.algorithm != "dense" and (layer + 1) % self.moe_every == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Seconds on a CPU: for tests.
+    "micro": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=2, head_dim=32,
+                  max_seq_len=64, n_experts=8, expert_dim=32, top_k=2, n_shared=1),
+    # Minutes on 2 CPU cores; the shape measured in PERFORMANCE_NOTES (MoE beats dense there).
+    "cpu-tiny": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, head_dim=32,
+                     max_seq_len=128, n_experts=16, expert_dim=128, top_k=4, n_shared=2),
+    # The paper's Table 5 language-modelling settings.
+    "paper-158m": dict(vocab_size=8000, d_model=512, n_layers=16, n_heads=4, head_dim=82,
+                       max_seq_len=1024, n_experts=66, expert_dim=128, top_k=8, n_shared=2),
+    "paper-679m": dict(vocab_size=8000, d_model=1024, n_layers=18, n_heads=4, head_dim=128,
+                       max_seq_len=1024, n_experts=66, expert_dim=256, top_k=8, n_shared=2),
+}
+
+
+def model_config(preset: str = "micro", algorithm: str = "smoe", **overrides: Any) -> ModelConfig:
+    """The preset's config for `algorithm`, with field overrides (unknown names are an error)."""
+    if preset not in PRESETS:
+        near = difflib.get_close_matches(preset, list(PRESETS), n=3)
+        hint = f" Did you mean {', '.join(near)}?" if near else ""
+        raise ValueError(f"unknown preset {preset!r}.{hint} Valid: {', '.join(PRESETS)}.")
+    valid = [f.name for f in fields(ModelConfig)]
+    for key in overrides:
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=3)
+            hint = f" Did you mean {', '.join(near)}?" if near else ""
+            raise ValueError(f"unknown model option {key!r}.{hint}")
+    return replace(ModelConfig(**PRESETS[preset], algorithm=algorithm), **overrides)

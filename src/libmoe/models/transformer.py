@@ -1,0 +1,132 @@
+"""The decoder-only MoE Transformer of the paper's language-modelling experiments.
+
+Pre-LayerNorm blocks: x + Attn(LN(x)), then x + FFN(LN(x)) where FFN is a `build_moe` layer
+(or the compute-matched dense FFN). Causal SDPA attention with rotary embeddings on a fraction of
+each head's dimensions, untied output head, no dropout. Shapes: B batch, S sequence, D d_model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..moe import MoEOutput, Routing, build_moe
+from .config import ModelConfig
+
+
+def rotary_tables(seq_len: int, rope_dim: int, base: float, device=None) -> tuple[Tensor, Tensor]:
+    """cos, sin tables [S, rope_dim / 2] for rotary position embeddings."""
+    inv_freq = 1.0 / base ** (torch.arange(0, rope_dim, 2, device=device).float() / rope_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first 2*cos.shape[-1] dims of x [B, H, S, Dh] pairwise (x1, x2 halves); the
+    remaining dims pass through unchanged."""
+    r = cos.shape[-1]
+    if r == 0:
+        return x
+    x1, x2, rest = x[..., :r], x[..., r : 2 * r], x[..., 2 * r :]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        inner = cfg.n_heads * cfg.head_dim
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * inner, bias=False)
+        self.out = nn.Linear(inner, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, S, _ = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(B, S, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        if cfg.is_moe_layer(layer):
+            n_experts, top_k, options = cfg.moe_args()
+            self.ffn = build_moe(cfg.algorithm, cfg.d_model, n_experts, cfg.expert_dim, top_k,
+                                 **options)
+        else:
+            activation = cfg.moe_options.get("activation", "relu")
+            self.ffn = build_moe("dense", cfg.d_model, cfg.n_experts, cfg.expert_dim, cfg.top_k,
+                                 activation=activation)
+
+    def forward(self, x, cos, sin, prev_logits):
+        x = x + self.attn(self.norm1(x), cos, sin)
+        out: MoEOutput = self.ffn(self.norm2(x), prev_logits=prev_logits)
+        return x + out.output, out
+
+
+@dataclass
+class LMOutput:
+    """logits [B, S, V]; loss: language-model cross-entropy (None without targets); aux_loss: sum
+    over layers of each layer's weighted aux terms; aux: per-term sums over layers (unweighted);
+    routing: one Routing per MoE layer, in depth order."""
+
+    logits: Tensor
+    loss: Tensor | None
+    aux_loss: Tensor
+    aux: dict[str, Tensor] = field(default_factory=dict)
+    routing: list[Routing] = field(default_factory=list)
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only Transformer LM with MoE FFNs (see module docstring)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # N(0, init_std) for embeddings, attention and head; MoE layers keep their own init
+        # (routers N(0, router_init_std), experts like the compute-matched dense FFN).
+        own = [self.embed, self.head] + [m for b in self.blocks for m in (b.attn.qkv, b.attn.out)]
+        for module in own:
+            nn.init.normal_(module.weight, std=cfg.init_std)
+        cos, sin = rotary_tables(cfg.max_seq_len, cfg.rope_dim, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, tokens: Tensor, targets: Tensor | None = None) -> LMOutput:
+        B, S = tokens.shape
+        if self.config.max_seq_len < S:
+            raise ValueError(
+                f"sequence length {S} exceeds max_seq_len={self.config.max_seq_len}; "
+                "shorten the input or raise max_seq_len."
+            )
+        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        x = self.embed(tokens)
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        aux: dict[str, Tensor] = {}
+        routing: list[Routing] = []
+        prev_logits = None  # MoE++'s gating residual: each MoE layer sees the previous one's logits
+        for block in self.blocks:
+            x, out = block(x, cos, sin, prev_logits)
+            aux_loss = aux_loss + out.aux_loss
+            for name, value in out.aux.items():
+                aux[name] = aux[name] + value.detach() if name in aux else value.detach()
+            if out.routing is not None:
+                routing.append(out.routing)
+                prev_logits = out.routing.logits
+        logits = self.head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        return LMOutput(logits, loss, aux_loss, aux, routing)
