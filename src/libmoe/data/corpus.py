@@ -1,0 +1,142 @@
+"""Text corpora with a domain label per document: the embedded default and local files.
+
+Sources (`load_corpus(source)`):
+- ``"embedded"``: text that ships with Python itself, so nothing is downloaded and no third-party
+  text is in the repository: the documentation topics of `pydoc_data.topics` (prose, domain
+  ``python_docs``) and the top-level standard-library modules' source (domain ``python_code``).
+- a directory: every ``*.txt`` below it, one document per file, the domain being the first
+  sub-folder's name (files directly inside the directory get the directory's own name); the layout
+  of ``../shared/data/corpus``.
+- a ``.jsonl`` file: one document per line from its ``text`` field, the domain from a ``domain``
+  field when present, else the file's stem.
+- any other file: one plain-text document whose domain is the file's stem.
+
+Files that are not valid UTF-8 are skipped and counted in `Corpus.skipped`, never half-read.
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    domain: str
+    source: str
+
+
+@dataclass
+class Corpus:
+    documents: list[Document]
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def domains(self) -> list[str]:
+        """Domain labels in first-seen order."""
+        return list(dict.fromkeys(d.domain for d in self.documents))
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+
+def embedded_corpus() -> Corpus:
+    """Python's documentation topics (prose) and standard-library sources (code); see module doc."""
+    import pydoc_data.topics
+
+    docs = [
+        Document(text, "python_docs", f"pydoc_data.topics:{name}")
+        for name, text in sorted(pydoc_data.topics.topics.items())
+        if text.strip()
+    ]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    corpus = Corpus(docs)
+    for path in sorted(stdlib.glob("*.py")):
+        _add_text_file(corpus, path, "python_code")
+    if not corpus.documents:
+        raise FileNotFoundError("the embedded corpus found no Python documentation or sources.")
+    return corpus
+
+
+def _add_text_file(corpus: Corpus, path: Path, domain: str) -> None:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        corpus.skipped.append(str(path))
+        return
+    if text.strip():
+        corpus.documents.append(Document(text, domain, str(path)))
+
+
+def _load_jsonl(path: Path) -> Corpus:
+    corpus = Corpus([])
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(
+                    f"{path}:{n} is not a UTF-8 JSON line ({err}); fix or remove it."
+                ) from err
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{n} has no string 'text' field; each line needs one.")
+            if record["text"].strip():
+                domain = str(record.get("domain") or path.stem)
+                corpus.documents.append(Document(record["text"], domain, f"{path}:{n}"))
+    return corpus
+
+
+def load_corpus(source: str | Path = "embedded") -> Corpus:
+    """Load documents with domain labels from `source` (see the module docstring)."""
+    if str(source) == "embedded":
+        return embedded_corpus()
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"data source {str(source)!r} does not exist; give a directory of .txt files, a text "
+            "or .jsonl file, or 'embedded'."
+        )
+    if path.is_dir():
+        corpus = Corpus([])
+        for file in sorted(path.rglob("*.txt")):
+            parts = file.relative_to(path).parts
+            _add_text_file(corpus, file, parts[0] if len(parts) > 1 else path.name)
+    elif path.suffix == ".jsonl":
+        corpus = _load_jsonl(path)
+    else:
+        corpus = Corpus([])
+        _add_text_file(corpus, path, path.stem)
+    if not corpus.documents:
+        why = f" ({len(corpus.skipped)} files skipped as not UTF-8)" if corpus.skipped else ""
+        raise ValueError(f"data source {str(source)!r} holds no text{why}.")
+    return corpus
+
+
+def split_documents(corpus: Corpus, max_chars: int = 50_000) -> Corpus:
+    """Cut documents longer than `max_chars` at line breaks into pieces of at most about that size
+    (a single long file such as tinyshakespeare.txt becomes many documents, which a by-document
+    validation split needs). Labels and sources are kept; pieces get a ``#k`` suffix."""
+    if max_chars < 1:
+        raise ValueError(f"max_chars={max_chars} must be at least 1.")
+    out = []
+    for doc in corpus.documents:
+        if len(doc.text) <= max_chars:
+            out.append(doc)
+            continue
+        piece, pieces = [], []
+        size = 0
+        for line in doc.text.splitlines(keepends=True):
+            if size + len(line) > max_chars and piece:
+                pieces.append("".join(piece))
+                piece, size = [], 0
+            piece.append(line)
+            size += len(line)
+        if piece:
+            pieces.append("".join(piece))
+        out.extend(Document(p, doc.domain, f"{doc.source}#{k}") for k, p in enumerate(pieces))
+    return Corpus(out, list(corpus.skipped))
