@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .experts import Experts
 from .options import MoEOptions, check_number, unknown_option_error
-from .routers import REGISTRY, ExpertChoiceRouter, Routing, TopKRouter
+from .routers import REGISTRY, ExpertChoiceRouter, Router, Routing
 
 
 @dataclass
@@ -59,7 +59,7 @@ class MoELayer(nn.Module):
     def __init__(
         self,
         algorithm: str,
-        router: TopKRouter,
+        router: Router,
         d_model: int,
         n_experts: int,
         expert_dim: int,

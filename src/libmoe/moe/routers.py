@@ -52,6 +52,12 @@ class Router(nn.Module):
         self.temperature = opts.temperature  # mutable at inference (temperature study)
         self.drop_top = 0  # DropTop-n perturbation at inference (analysis tools)
 
+    def forward(
+        self, x: Tensor, seq_len: int, prev_logits: Tensor | None = None
+    ) -> tuple[Routing, dict[str, Tensor]]:
+        """Route x [T, D] (sequences of `seq_len` tokens) -> (Routing, unweighted aux terms)."""
+        raise NotImplementedError
+
     @classmethod
     def check_options(cls, opts: MoEOptions, n_experts: int, top_k: int) -> None:
         """Validate the algorithm's own options (opts.extra, defaults filled in)."""
