@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from libmoe.moe import build_moe
+from libmoe.moe import DISPATCH_BACKENDS, build_moe
 
-BACKENDS = ("blocked", "grouped", "padded", "loop")
+BACKENDS = DISPATCH_BACKENDS[1:]  # every concrete backend, "auto" excluded
 # (T, d_model, E, M, K): micro/cpu-tiny style layers up to the paper-small layer.
 GRID = [
     (512, 64, 8, 64, 2),

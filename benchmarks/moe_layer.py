@@ -42,9 +42,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _hf_olmoe
 import _hf_olmoe  # noqa: E402
 
-LIBMOE_BACKENDS = ("blocked", "grouped", "padded", "loop")
-
-
 # --------------------------------------------------------------------------- the dense baseline
 
 
@@ -115,7 +112,7 @@ def make_cases(args) -> list[Case]:
                 )
             )
 
-    from libmoe.moe import ALGORITHMS, build_moe, set_training_progress
+    from libmoe.moe import ALGORITHMS, DISPATCH_BACKENDS, build_moe, set_training_progress
 
     def build_libmoe(algorithm, activation, dispatch):
         layer = build_moe(algorithm, d, e, m, k, dispatch=dispatch, activation=activation)
@@ -125,7 +122,7 @@ def make_cases(args) -> list[Case]:
     def libmoe_case(name, activation, algorithm, dispatch):
         return Case(name, activation, lambda: build_libmoe(algorithm, activation, dispatch))
 
-    for backend in LIBMOE_BACKENDS:
+    for backend in DISPATCH_BACKENDS[1:]:  # every concrete backend, "auto" excluded
         cases.append(libmoe_case(f"libmoe smoe dispatch={backend}", "relu", "smoe", backend))
     for algorithm in ALGORITHMS:
         cases.append(libmoe_case(f"libmoe {algorithm} dispatch=auto", "relu", algorithm, "auto"))

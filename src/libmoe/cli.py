@@ -23,9 +23,11 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     print("libmoe bench (placeholder until the full benchmark lands): "
           f"{args.steps} training steps of one MoE layer per algorithm on a toy regression task")
     print(f"{'algorithm':<18}{'loss start':>12}{'loss end':>12}{'ms/step':>10}")
+    start = time.perf_counter()
     for row in smoke_train(algorithms, steps=args.steps, seed=args.seed):
         print(f"{row['algorithm']:<18}{row['loss_start']:>12.4f}{row['loss_end']:>12.4f}"
               f"{row['ms_per_step']:>10.1f}")
+    print(f"done in {time.perf_counter() - start:.1f} s")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,10 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        start = time.perf_counter()
         args.func(args)
-        if args.command == "bench":
-            print(f"done in {time.perf_counter() - start:.1f} s")
     except (ValueError, FileNotFoundError) as err:
         print(f"libmoe: error: {err}", file=sys.stderr)
         return 2

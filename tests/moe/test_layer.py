@@ -194,7 +194,7 @@ def test_hyper_router_k_schedule_and_frozen_hypernet():
     for p in (0.0, 0.5, 1.0):
         set_training_progress(layer, p)
         ks.append(layer(x).routing.topk_idx.shape[1])
-    assert ks == [1, 2, 4] or ks == [1, 3, 4]
+    assert ks == [1, round(1 + 3 * 0.5), 4]
     assert not any(p.requires_grad for p in layer.router.hypernet.parameters())
     out = layer(x)
     (out.output.sum() + out.aux_loss).backward()
@@ -279,8 +279,8 @@ def test_sizes_and_names_are_checked():
     with pytest.raises(ValueError, match="smoe") as err:
         build_moe("smeo", D, E, M, K)
     assert "sigma_moe" in str(err.value)  # the list of valid names
+    layer = build_moe("smoe", D, E, M, K)
     with pytest.raises(ValueError, match="d_model"):
-        layer = build_moe("smoe", D, E, M, K)
         layer(torch.randn(3, D + 1))
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from ..moe import ALGORITHMS
-from ..moe.options import check_number
+from ..moe.layer import check_algorithm
+from ..moe.options import check_number, did_you_mean
 
 
 @dataclass
@@ -45,12 +44,7 @@ class ModelConfig:
         check_number("rope_fraction", self.rope_fraction, 0.0)
         if self.rope_fraction > 1:
             raise ValueError(f"rope_fraction={self.rope_fraction} must be between 0 and 1.")
-        if self.algorithm not in ALGORITHMS:
-            near = difflib.get_close_matches(self.algorithm, ALGORITHMS, n=3)
-            hint = f" Did you mean {', '.join(near)}?" if near else ""
-            raise ValueError(
-                f"unknown algorithm {self.algorithm!r}.{hint} Valid: {', '.join(ALGORITHMS)}."
-            )
+        check_algorithm(self.algorithm)
         if self.uses_shared and self.n_shared >= self.top_k:
             raise ValueError(
                 f"n_shared={self.n_shared} must be below top_k={self.top_k} for {self.algorithm}: "
@@ -100,13 +94,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 def model_config(preset: str = "micro", algorithm: str = "smoe", **overrides: Any) -> ModelConfig:
     """The preset's config for `algorithm`, with field overrides (unknown names are an error)."""
     if preset not in PRESETS:
-        near = difflib.get_close_matches(preset, list(PRESETS), n=3)
-        hint = f" Did you mean {', '.join(near)}?" if near else ""
-        raise ValueError(f"unknown preset {preset!r}.{hint} Valid: {', '.join(PRESETS)}.")
+        raise ValueError(
+            f"unknown preset {preset!r}.{did_you_mean(preset, PRESETS)} Valid: {', '.join(PRESETS)}."
+        )
     valid = [f.name for f in fields(ModelConfig)]
     for key in overrides:
         if key not in valid:
-            near = difflib.get_close_matches(key, valid, n=3)
-            hint = f" Did you mean {', '.join(near)}?" if near else ""
-            raise ValueError(f"unknown model option {key!r}.{hint}")
+            raise ValueError(f"unknown model option {key!r}.{did_you_mean(key, valid)}")
     return replace(ModelConfig(**PRESETS[preset], algorithm=algorithm), **overrides)

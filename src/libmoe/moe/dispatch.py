@@ -19,28 +19,33 @@ Every backend computes, for x [T, D], expert ids [T, K] and combine weights [T, 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .experts import Activation
+if TYPE_CHECKING:
+    from .experts import Activation
 
-DISPATCH_BACKENDS = ("auto", "blocked", "grouped", "padded", "loop")
+
+class ExpertOrder(NamedTuple):
+    """The (token, choice) assignments that reach an FFN expert, sorted by expert (stable, so each
+    expert's tokens stay in token order): tok [N] token index, pos [N] flat index into ids/weights
+    [T*K], counts [E] assignments per expert."""
+
+    tok: Tensor
+    pos: Tensor
+    counts: Tensor
 
 
-def sort_by_expert(ids: Tensor, weights: Tensor, n_experts: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Flatten (token, choice) pairs, keep those with a valid expert, sort them by expert.
-
-    Returns token index [N], combine weight [N] (both in expert order) and counts per expert [E].
-    """
+def sort_by_expert(ids: Tensor, n_experts: int) -> ExpertOrder:
+    """Flatten ids [T, K], keep the entries in [0, n_experts), sort them by expert."""
     K = ids.shape[-1]
     flat = ids.reshape(-1)
     pos = torch.nonzero((flat >= 0) & (flat < n_experts)).squeeze(-1)
     experts = flat[pos]
-    order = torch.argsort(experts, stable=True)
-    pos = pos[order]
-    counts = torch.bincount(experts, minlength=n_experts)
-    return pos // K, pos, counts
+    pos = pos[torch.argsort(experts, stable=True)]
+    return ExpertOrder(pos // K, pos, torch.bincount(experts, minlength=n_experts))
 
 
 def _ffn(act: Activation, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor | None) -> Tensor:
@@ -50,26 +55,24 @@ def _ffn(act: Activation, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor | None) 
     return a @ w2
 
 
-def loop_dispatch(x, ids, weights, w1, w2, w3, act):
+def loop_dispatch(x, order, weights, w1, w2, w3, act):
     """The readable reference: one FFN per expert over its tokens, weights applied to the output."""
-    T, D = x.shape
-    tok, pos, counts = sort_by_expert(ids, weights, w1.shape[0])
-    w = weights.reshape(-1)[pos]
+    tok, pos, counts = order
     pieces = x[tok].split(counts.tolist())
     w3s = w3.unbind(0) if w3 is not None else [None] * w1.shape[0]
     outs = [
         _ffn(act, xe, w1e, w2e, w3e)
         for xe, w1e, w2e, w3e in zip(pieces, w1.unbind(0), w2.unbind(0), w3s)
     ]
-    out = torch.cat(outs) * w.unsqueeze(-1) if outs else x.new_zeros(0, D)
-    return x.new_zeros(T, D).index_add(0, tok, out.to(x.dtype))
+    out = torch.cat(outs) * weights.reshape(-1)[pos].unsqueeze(-1)
+    return torch.zeros_like(x).index_add(0, tok, out)
 
 
-def padded_dispatch(x, ids, weights, w1, w2, w3, act):
+def padded_dispatch(x, order, weights, w1, w2, w3, act):
     """Per-expert buffers [E, C, D] padded to the largest load C, then torch.bmm."""
     T, D = x.shape
     E = w1.shape[0]
-    tok, pos, counts = sort_by_expert(ids, weights, E)
+    tok, pos, counts = order
     C = int(counts.max())
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(tok.numel(), device=x.device) - starts.repeat_interleave(counts)
@@ -103,12 +106,11 @@ def grouped_mm_supported(x: Tensor, w1: Tensor | None = None) -> bool:
     return ok and all(d * x.element_size() % 16 == 0 for d in dims)
 
 
-def grouped_dispatch(x, ids, weights, w1, w2, w3, act):
+def grouped_dispatch(x, order, weights, w1, w2, w3, act):
     """Tokens sorted by expert, one grouped matmul per projection (weight on the hidden activation)."""
     if not grouped_mm_supported(x, w1):
-        return loop_dispatch(x, ids, weights, w1, w2, w3, act)
-    T, D = x.shape
-    tok, pos, counts = sort_by_expert(ids, weights, w1.shape[0])
+        return loop_dispatch(x, order, weights, w1, w2, w3, act)
+    tok, pos, counts = order
     offs = torch.cumsum(counts, 0).to(torch.int32)
     xs = x[tok]
     a = act.fn(torch._grouped_mm(xs, w1, offs=offs))
@@ -116,7 +118,7 @@ def grouped_dispatch(x, ids, weights, w1, w2, w3, act):
         a = a * torch._grouped_mm(xs, w3, offs=offs)
     a = a * weights.reshape(-1)[pos].unsqueeze(-1)
     out = torch._grouped_mm(a, w2, offs=offs)
-    return x.new_zeros(T, D).index_add(0, tok, out)
+    return torch.zeros_like(x).index_add(0, tok, out)
 
 
 class _BlockedExperts(torch.autograd.Function):
@@ -140,16 +142,11 @@ class _BlockedExperts(torch.autograd.Function):
             t = tok[rows]
             xe = x.index_select(0, t)
             h = torch.mm(xe, w1[e], out=h_all[rows])
-            if relu:  # keep relu(h) in place of h: backward needs only the output's sign
-                a = h.relu_().mul(w[rows].unsqueeze(-1))
-                y.index_add_(0, t, torch.mm(a, w2[e]))
-                start += c
-                continue
-            a = act.fn(h)
-            if w3 is not None:
+            # ReLU overwrites h with relu(h): backward needs only the output's sign.
+            a = h.relu_() if relu else act.fn(h)
+            if w3 is not None:  # gated activations are never relu, so `a` is a fresh tensor
                 a.mul_(torch.mm(xe, w3[e], out=g_all[rows]))
-            a.mul_(w[rows].unsqueeze(-1))
-            y.index_add_(0, t, torch.mm(a, w2[e]))
+            y.index_add_(0, t, torch.mm(a * w[rows].unsqueeze(-1), w2[e]))
             start += c
         ctx.save_for_backward(x, weights, w1, w2, w3, tok, pos, h_all, g_all)
         ctx.counts, ctx.act = counts, act
@@ -185,16 +182,13 @@ class _BlockedExperts(torch.autograd.Function):
             gw[rows] = (ga * a).sum(-1)
             ga.mul_(we)
             if w3 is not None:
-                gg = ga * act.fn(h)
+                gg = ga * act.fn(h)  # gradient of the gate projection x @ w3
                 torch.mm(xe.t(), gg, out=gw3[e])
-                gh = ga.mul_(g_all[rows]).mul_(act.grad(h))
-                gxe = torch.mm(gh, w1[e].t()).addmm_(gg, w3[e].t())
-            else:
-                if relu:
-                    gh = torch.ops.aten.threshold_backward(ga, h, 0.0)
-                else:
-                    gh = ga.mul_(act.grad(h))
-                gxe = torch.mm(gh, w1[e].t())
+                ga.mul_(g_all[rows])
+            gh = torch.ops.aten.threshold_backward(ga, h, 0.0) if relu else ga.mul_(act.grad(h))
+            gxe = torch.mm(gh, w1[e].t())
+            if w3 is not None:
+                gxe.addmm_(gg, w3[e].t())
             torch.mm(xe.t(), gh, out=gw1[e])
             gx.index_add_(0, t, gxe)
             start += c
@@ -202,17 +196,18 @@ class _BlockedExperts(torch.autograd.Function):
         return gx, gweights, gw1, gw2, gw3, None, None, None, None
 
 
-def blocked_dispatch(x, ids, weights, w1, w2, w3, act):
-    tok, pos, counts = sort_by_expert(ids, weights, w1.shape[0])
+def blocked_dispatch(x, order, weights, w1, w2, w3, act):
+    tok, pos, counts = order
     return _BlockedExperts.apply(x, weights, w1, w2, w3, tok, pos, counts.tolist(), act)
 
 
 _BACKENDS: dict[str, Callable[..., Tensor]] = {
-    "loop": loop_dispatch,
-    "padded": padded_dispatch,
-    "grouped": grouped_dispatch,
     "blocked": blocked_dispatch,
+    "grouped": grouped_dispatch,
+    "padded": padded_dispatch,
+    "loop": loop_dispatch,
 }
+DISPATCH_BACKENDS = ("auto", *_BACKENDS)
 
 
 # Average rows per expert (T*K/E) above which `blocked` beats the batched backends on CPU
@@ -248,14 +243,15 @@ def run_experts(
     Under autocast every backend computes in the autocast dtype (inputs and expert weights cast
     once here, autocast off inside), so that all backends, custom ones included, agree.
     """
-    if not bool(((ids >= 0) & (ids < w1.shape[0])).any()):
-        # Nothing routed to an FFN expert (e.g. an empty batch): a zero output still in the graph.
-        return x * 0.0 + weights.sum() * 0.0
     device = x.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
             cast = [t.to(dtype) if t is not None else None for t in (x, weights, w1, w2, w3)]
             return run_experts(backend, cast[0], ids, cast[1], cast[2], cast[3], cast[4], act)
+    order = sort_by_expert(ids, w1.shape[0])
+    if order.tok.numel() == 0:
+        # Nothing routed to an FFN expert (e.g. an empty batch): a zero output still in the graph.
+        return x * 0.0 + weights.sum() * 0.0
     backend = resolve_backend(backend, x, ids.numel(), w1.shape[0], w1)
-    return _BACKENDS[backend](x, ids, weights.to(x.dtype), w1, w2, w3, act)
+    return _BACKENDS[backend](x, order, weights.to(x.dtype), w1, w2, w3, act)

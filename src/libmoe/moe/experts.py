@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dispatch import run_experts
+
 
 @dataclass(frozen=True)
 class Activation:
@@ -83,8 +85,6 @@ class Experts(nn.Module):
             nn.init.uniform_(self.w3, -bound_in, bound_in)
 
     def forward(self, x: Tensor, ids: Tensor, weights: Tensor, dispatch: str = "auto") -> Tensor:
-        from .dispatch import run_experts
-
         return run_experts(dispatch, x, ids, weights, self.w1, self.w2, self.w3, self.activation)
 
     def dense_forward(self, x: Tensor) -> Tensor:

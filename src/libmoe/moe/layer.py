@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .experts import Experts
-from .options import MoEOptions, check_number, unknown_option_error
+from .options import MoEOptions, check_number, did_you_mean, unknown_option_error
 from .routers import REGISTRY, ExpertChoiceRouter, Router, Routing
 
 
@@ -79,11 +78,6 @@ class MoELayer(nn.Module):
             if opts.n_shared > 0
             else None
         )
-        self.aux_coefficients = router.aux_coefficients()
-
-    @property
-    def dispatch(self) -> str:
-        return self.opts.dispatch
 
     def forward(self, x: Tensor, prev_logits: Tensor | None = None) -> MoEOutput:
         if x.shape[-1] != self.d_model:
@@ -118,13 +112,13 @@ class MoELayer(nn.Module):
             stats["dropped_fraction"] = float(((ids >= 0) & (kept < 0)).sum() / routed)
             ids = kept
 
-        y = self.experts(x2, ids, weights, self.dispatch)
+        y = self.experts(x2, ids, weights, self.opts.dispatch)
         extra = self.router.extra_output(x2, routing, scale)
         if extra is not None:
             y = y + extra
         if self.shared_experts is not None:
             y = y + self.opts.shared_scaling * self.shared_experts.dense_forward(x2)
-        return MoEOutput(y.view(shape), _weighted_sum(aux, self.aux_coefficients, x), aux,
+        return MoEOutput(y.view(shape), _weighted_sum(aux, self.router.aux_coefficients(), x), aux,
                          routing, stats)
 
     @torch.no_grad()
@@ -168,12 +162,12 @@ class DenseFFN(nn.Module):
         pass
 
 
-def _check_name(name: str) -> None:
+def check_algorithm(name: str) -> None:
+    """Raise ValueError naming the valid algorithms (and the closest ones) for an unknown name."""
     if name not in REGISTRY:
-        near = difflib.get_close_matches(str(name), list(REGISTRY), n=3)
-        hint = f" Did you mean {', '.join(near)}?" if near else ""
         raise ValueError(
-            f"unknown MoE algorithm {name!r}.{hint} Valid names: {', '.join(REGISTRY)}."
+            f"unknown MoE algorithm {name!r}.{did_you_mean(name, REGISTRY)} "
+            f"Valid names: {', '.join(REGISTRY)}."
         )
 
 
@@ -185,7 +179,7 @@ def build_moe(
     For shared-expert algorithms `n_experts` counts the routed experts. `dense` builds the
     compute-matched dense FFN of width top_k * expert_dim.
     """
-    _check_name(name)
+    check_algorithm(name)
     spec = REGISTRY[name]
     for arg, value in (("d_model", d_model), ("n_experts", n_experts),
                        ("expert_dim", expert_dim), ("top_k", top_k)):

@@ -6,9 +6,8 @@ import difflib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .dispatch import DISPATCH_BACKENDS
 from .experts import ACTIVATIONS
-
-DISPATCH_CHOICES = ("auto", "blocked", "grouped", "padded", "loop")
 
 
 def check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -30,11 +29,15 @@ def check_number(name: str, value: Any, low: float | None = None, strict: bool =
         raise ValueError(f"{name}={value!r} is not valid; it must be {what}.")
 
 
+def did_you_mean(name: Any, valid) -> str:
+    """' Did you mean a, b?' for the valid names closest to `name`, or '' when none is close."""
+    near = difflib.get_close_matches(str(name), list(valid), n=3)
+    return f" Did you mean {', '.join(near)}?" if near else ""
+
+
 def unknown_option_error(name: str, valid: list[str], algorithm: str) -> ValueError:
-    near = difflib.get_close_matches(name, valid, n=3)
-    hint = f" Did you mean {', '.join(near)}?" if near else ""
     return ValueError(
-        f"unknown option {name!r} for algorithm {algorithm!r}.{hint} "
+        f"unknown option {name!r} for algorithm {algorithm!r}.{did_you_mean(name, valid)} "
         f"Valid options: {', '.join(sorted(valid))}."
     )
 
@@ -78,7 +81,7 @@ class MoEOptions:
             check_number("capacity_factor", self.capacity_factor, 0.0, strict=True)
         check_number("routed_scaling", self.routed_scaling)
         check_number("shared_scaling", self.shared_scaling)
-        check_choice("dispatch", self.dispatch, DISPATCH_CHOICES)
+        check_choice("dispatch", self.dispatch, DISPATCH_BACKENDS)
         check_number("n_group", self.n_group, 0, integer=True)
         check_number("topk_group", self.topk_group, 0, integer=True)
         if not isinstance(self.bias, bool):

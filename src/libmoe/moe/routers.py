@@ -43,7 +43,6 @@ class Router(nn.Module):
     """
 
     OPTIONS: ClassVar[dict[str, Any]] = {}
-    aux_names: ClassVar[tuple[str, ...]] = ("balance", "z")
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, opts: MoEOptions):
         super().__init__()
@@ -96,7 +95,7 @@ class TopKRouter(Router):
     """Linear router logits z = W_r x (+ b), scores, top-K selection and combine weights.
 
     The default is SMoE (softmax, renormalised top-K). Subclasses override one of `logits`,
-    `scores`, `balance_probs`, `combine` or `aux_terms`. Every top-K router supports the
+    `scores`, `balance_inputs`, `combine` or `aux_terms`. Every top-K router supports the
     auxiliary-loss-free balancing bias of DeepSeek-V3 (`bias_balancing` = update rate gamma) and
     group-limited routing (`n_group`, `topk_group`).
     """
@@ -123,9 +122,10 @@ class TopKRouter(Router):
     def scores(self, z: Tensor) -> Tensor:
         return torch.softmax(z / self.temperature, dim=-1)
 
-    def balance_probs(self, s: Tensor) -> Tensor:
-        """Scores normalised to sum 1 over slots (softmax as is, sigmoid divided by its sum)."""
-        return s
+    def balance_inputs(self, s: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """What the balance loss sees: probabilities normalised over the N balanced columns
+        [T, N], the selections as column ids (others < 0) and per-column weights eta (or None)."""
+        return s, idx, None
 
     def combine(self, z: Tensor, s: Tensor, idx: Tensor, vals: Tensor) -> Tensor:
         return fn.renorm(vals)
@@ -136,8 +136,9 @@ class TopKRouter(Router):
     def aux_terms(self, z: Tensor, s: Tensor, idx: Tensor, seq_len: int) -> dict[str, Tensor]:
         o = self.opts
         with _grad_if(o.balance_coef):
+            p_hat, columns, eta = self.balance_inputs(s, idx)
             balance = fn.balance_loss(
-                self.balance_probs(s), idx, seq_len, o.balance_scope, o.balance_count
+                p_hat, columns, seq_len, o.balance_scope, o.balance_count, eta
             )
         with _grad_if(o.z_coef):
             z_term = fn.z_loss(z)
@@ -178,13 +179,8 @@ class SigmoidTopKRouter(TopKRouter):
     def scores(self, z: Tensor) -> Tensor:
         return torch.sigmoid(z / self.temperature)
 
-    def balance_probs(self, s: Tensor) -> Tensor:
-        return s / s.sum(-1, keepdim=True)
-
-
-class SharedEV3Router(SigmoidTopKRouter):
-    """DeepSeek-V3 gate: selection on s + b, weights from the unbiased s, times routed_scaling
-    (applied by the layer to the whole routed output)."""
+    def balance_inputs(self, s, idx):
+        return s / s.sum(-1, keepdim=True), idx, None
 
 
 class XMoERouter(TopKRouter):
@@ -371,13 +367,8 @@ class MoEPlusPlusRouter(TopKRouter):
             z = z + self.gate_residual(prev_logits)
         return z
 
-    def aux_terms(self, z, s, idx, seq_len):
-        o = self.opts
-        with _grad_if(o.balance_coef):
-            balance = fn.balance_loss(s, idx, seq_len, o.balance_scope, o.balance_count, self.eta)
-        with _grad_if(o.z_coef):
-            z_term = fn.z_loss(z)
-        return {"balance": balance, "z": z_term}
+    def balance_inputs(self, s, idx):
+        return s, idx, self.eta
 
     def expert_plan(self, routing):
         idx = routing.topk_idx
@@ -404,7 +395,6 @@ class TCMoERouter(TopKRouter):
     """
 
     OPTIONS = {"n_null": None, "tc_beta": 1e-5}
-    aux_names = ("balance", "z", "null_reward")
 
     @classmethod
     def check_options(cls, opts, n_experts, top_k):
@@ -438,21 +428,19 @@ class TCMoERouter(TopKRouter):
         denom = (vals * non_null).sum(-1, keepdim=True) + s[:, E2:].sum(-1, keepdim=True)
         return vals / denom
 
+    def balance_inputs(self, s, idx):
+        """Balance over base experts: P_e = p_hat_e + p_hat_{E+e} (p_hat over the 2E non-null
+        slots), selections mapped to their base expert, null selections not counted."""
+        E = self.n_experts
+        p_hat = s[:, : 2 * E] / s[:, : 2 * E].sum(-1, keepdim=True)
+        return p_hat[:, :E] + p_hat[:, E:], torch.where(idx < 2 * E, idx % E, -1), None
+
     def aux_terms(self, z, s, idx, seq_len):
-        o, E = self.opts, self.n_experts
-        with _grad_if(o.balance_coef):
-            p_hat = s[:, : 2 * E] / s[:, : 2 * E].sum(-1, keepdim=True)
-            p_base = p_hat[:, :E] + p_hat[:, E:]
-            base_idx = torch.where(idx < 2 * E, idx % E, -1)
-            balance = fn.balance_loss(p_base, base_idx, seq_len, o.balance_scope, o.balance_count)
-        with _grad_if(o.z_coef):
-            z_term = fn.z_loss(z)
-        with _grad_if(o.extra["tc_beta"]):
-            if s.shape[0] == 0:
-                null_reward = s.sum() * 0.0
-            else:
-                null_reward = -s[:, 2 * E :].sum(-1).mean()
-        return {"balance": balance, "z": z_term, "null_reward": null_reward}
+        terms = super().aux_terms(z, s, idx, seq_len)
+        with _grad_if(self.opts.extra["tc_beta"]):
+            null_p = s[:, 2 * self.n_experts :].sum(-1)
+            terms["null_reward"] = -null_p.mean() if s.shape[0] else s.sum() * 0.0
+        return terms
 
     def expert_plan(self, routing):
         idx, w, E = routing.topk_idx, routing.topk_weight, self.n_experts
@@ -471,8 +459,6 @@ class ExpertChoiceRouter(TopKRouter):
     later tokens: use it for analysis and encoder-style studies, not for autoregressive decoding.
     """
 
-    aux_names = ("z",)
-
     @classmethod
     def check_options(cls, opts, n_experts, top_k):
         if opts.bias_balancing > 0:
@@ -480,9 +466,6 @@ class ExpertChoiceRouter(TopKRouter):
                 "bias_balancing is not valid for expert_choice, which is balanced by construction; "
                 "set bias_balancing=0."
             )
-
-    def aux_coefficients(self):
-        return {"z": self.opts.z_coef}
 
     def forward(self, x, seq_len, prev_logits=None):
         z = self.logits(x, prev_logits)
@@ -531,7 +514,7 @@ register_algorithm(
     "sharede_v2", TopKRouter, "softmax router + always-on shared experts (DeepSeek-V2)", n_shared=2
 )
 register_algorithm(
-    "sharede_v3", SharedEV3Router, "sigmoid router with selection bias + shared experts (DeepSeek-V3)",
+    "sharede_v3", SigmoidTopKRouter, "sigmoid router with selection bias + shared experts (DeepSeek-V3)",
     n_shared=2,
 )
 register_algorithm("moe_plus_plus", MoEPlusPlusRouter, "zero/copy/constant experts + gating residual")
