@@ -30,6 +30,54 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     print(f"done in {time.perf_counter() - start:.1f} s")
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    """Resolve the run config (preset < saved run when resuming < CONFIG.yaml < flags < overrides)
+    and train."""
+    from pathlib import Path
+
+    from .train import resolve_config, train
+    from .train.config import load_yaml
+    from .train.trainer import check_run_dir
+
+    config_file, overrides = None, []
+    for item in args.items:
+        if "=" in item:
+            overrides.append(item)
+        elif config_file is None and item.endswith((".yaml", ".yml")):
+            config_file = item
+        else:
+            raise ValueError(f"unexpected argument {item!r}: give one CONFIG.yaml and "
+                             "section.key=value overrides.")
+    user = load_yaml(config_file) if config_file else {}
+    out = Path(args.out or user.get("out") or
+               f"runs/{args.preset or user.get('preset') or 'micro'}-{args.algorithm or 'smoe'}")
+    user.pop("out", None)
+    check_run_dir(out, args.resume, args.overwrite)
+    layers = []
+    if args.resume and (out / "config.yaml").is_file():
+        layers.append(load_yaml(out / "config.yaml"))
+    layers.append(user)
+    flags: dict = {"model": {}, "data": {}, "train": {}}
+    if args.algorithm:
+        flags["model"]["algorithm"] = args.algorithm
+    if args.data:
+        flags["data"]["source"] = args.data
+    for flag, key in (("max_steps", "max_steps"), ("checkpoint_every", "checkpoint_every"),
+                      ("seed", "seed")):
+        if getattr(args, flag) is not None:
+            flags["train"][key] = getattr(args, flag)
+    layers.append(flags)
+    preset = args.preset
+    if preset is None and not args.resume:
+        preset = user.get("preset")
+    cfg = resolve_config(layers, overrides, preset=preset)
+    summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite,
+                    stop_after=args.stop_after)
+    if summary.get("val_ppl") is not None and summary.get("rank", 0) == 0:
+        print(f"done: step {summary['step']}, val_loss {summary['val_loss']:.4f}, "
+              f"val_ppl {summary['val_ppl']:.2f}, {summary['train_time_s']:.1f} s -> {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="libmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,11 +88,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser(
+        "train", help="pretrain a language model (one algorithm, one seed)",
+        description="Pretrain an MoE (or dense) language model. Settings come from the preset, "
+        "then CONFIG.yaml, then flags, then dotted overrides such as optim.lr=1e-3; the resolved "
+        "config is written to OUT/config.yaml. Works under torchrun for data parallelism.",
+    )
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [section.key=value ...]")
+    p.add_argument("--preset", default=None, help="micro, cpu-tiny, paper-158m or paper-679m "
+                   "(default: micro, or the CONFIG's preset)")
+    p.add_argument("--algorithm", default=None, help="routing algorithm (libmoe algorithms)")
+    p.add_argument("--data", default=None, help="embedded (default), a directory, a .txt or "
+                   ".jsonl file, hf:NAME or slimpajama")
+    p.add_argument("--out", default=None, help="run directory (default runs/PRESET-ALGORITHM)")
+    p.add_argument("--max-steps", type=int, default=None, help="schedule length in steps")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this step with a checkpoint, as if interrupted")
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out (with its saved config)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.set_defaults(func=_cmd_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides (key=value) may follow options: collect what argparse leaves over.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "train" or any(x.startswith("-") for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.items = list(args.items) + extra
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as err:

@@ -1,4 +1,4 @@
-"""Text corpora with a domain label per document: the embedded default and local files.
+"""Text corpora with a domain label per document: the embedded default, local files, the Hub.
 
 Sources (`load_corpus(source)`):
 - ``"embedded"``: text that ships with Python itself, so nothing is downloaded and no third-party
@@ -10,6 +10,9 @@ Sources (`load_corpus(source)`):
 - a ``.jsonl`` file: one document per line from its ``text`` field, the domain from a ``domain``
   field when present, else the file's stem.
 - any other file: one plain-text document whose domain is the file's stem.
+- ``"hf:NAME"``: a Hugging Face `datasets` dataset (a Hub id or a local dataset path), streamed by
+  `libmoe.data.hub.load_hub_corpus`; a bare alias of `hub.HUB_ALIASES` such as ``"slimpajama"``
+  does the same when no file or directory of that name exists.
 
 Files that are not valid UTF-8 are skipped and counted in `Corpus.skipped`, never half-read.
 """
@@ -91,15 +94,33 @@ def _load_jsonl(path: Path) -> Corpus:
     return corpus
 
 
-def load_corpus(source: str | Path = "embedded") -> Corpus:
-    """Load documents with domain labels from `source` (see the module docstring)."""
-    if str(source) == "embedded":
-        return embedded_corpus()
+def load_corpus(source: str | Path = "embedded", *, hub_options: dict | None = None) -> Corpus:
+    """Load documents with domain labels from `source` (see the module docstring). `hub_options`
+    are keyword arguments for `load_hub_corpus` (``split``, ``max_documents``, ...) and apply only
+    to ``"hf:NAME"`` and alias sources."""
+    from .hub import HUB_ALIASES, load_hub_corpus
+
+    name = str(source)
     path = Path(source)
+    hub_name = None
+    if name.startswith("hf:"):
+        hub_name = name[3:]
+        if not hub_name:
+            raise ValueError("data source 'hf:' names no dataset; write 'hf:NAME' (a Hub id or path).")
+    elif name in HUB_ALIASES and not path.exists():
+        hub_name = name
+    if hub_name is not None:
+        return load_hub_corpus(hub_name, **(hub_options or {}))
+    if hub_options:
+        raise ValueError(
+            f"hub_options apply only to 'hf:NAME' or {sorted(HUB_ALIASES)} sources, not {name!r}."
+        )
+    if name == "embedded":
+        return embedded_corpus()
     if not path.exists():
         raise FileNotFoundError(
-            f"data source {str(source)!r} does not exist; give a directory of .txt files, a text "
-            "or .jsonl file, or 'embedded'."
+            f"data source {name!r} does not exist; give a directory of .txt files, a text "
+            f"or .jsonl file, 'embedded', 'hf:NAME' or one of {sorted(HUB_ALIASES)}."
         )
     if path.is_dir():
         corpus = Corpus([])

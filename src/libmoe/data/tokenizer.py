@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
@@ -39,6 +40,9 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=min(4, os.cpu_count() or 1))
+
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(list(ids))
 
@@ -63,6 +67,9 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids))

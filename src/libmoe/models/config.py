@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from ..moe.layer import check_algorithm
@@ -76,27 +77,36 @@ class ModelConfig:
         return asdict(self)
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # Seconds on a CPU: for tests.
-    "micro": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=2, head_dim=32,
-                  max_seq_len=64, n_experts=8, expert_dim=32, top_k=2, n_shared=1),
-    # Minutes on 2 CPU cores; the shape measured in PERFORMANCE_NOTES (MoE beats dense there).
-    "cpu-tiny": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, head_dim=32,
-                     max_seq_len=128, n_experts=16, expert_dim=128, top_k=4, n_shared=2),
-    # The paper's Table 5 language-modelling settings.
-    "paper-158m": dict(vocab_size=8000, d_model=512, n_layers=16, n_heads=4, head_dim=82,
-                       max_seq_len=1024, n_experts=66, expert_dim=128, top_k=8, n_shared=2),
-    "paper-679m": dict(vocab_size=8000, d_model=1024, n_layers=18, n_heads=4, head_dim=128,
-                       max_seq_len=1024, n_experts=66, expert_dim=256, top_k=8, n_shared=2),
-}
+def preset_file(name: str) -> Path:
+    """The YAML file of preset `name` (model, data, optim and train sections)."""
+    return CONFIG_DIR / f"{name}.yaml"
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The sections of preset `name` as plain dicts."""
+    import yaml
+
+    path = preset_file(name)
+    if not path.is_file():
+        raise ValueError(
+            f"unknown preset {name!r}.{did_you_mean(name, PRESETS)} Valid: {', '.join(PRESETS)}."
+        )
+    return yaml.safe_load(path.read_text()) or {}
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Preset name -> its model section. The YAML files in libmoe/configs/ are the single source.
+PRESETS: dict[str, dict[str, Any]] = {}
+for _path in sorted(CONFIG_DIR.glob("*.yaml")):
+    PRESETS[_path.stem] = {}
+for _name in PRESETS:
+    PRESETS[_name] = load_preset(_name).get("model", {})
 
 
 def model_config(preset: str = "micro", algorithm: str = "smoe", **overrides: Any) -> ModelConfig:
     """The preset's config for `algorithm`, with field overrides (unknown names are an error)."""
     if preset not in PRESETS:
-        raise ValueError(
-            f"unknown preset {preset!r}.{did_you_mean(preset, PRESETS)} Valid: {', '.join(PRESETS)}."
-        )
+        load_preset(preset)  # raises the helpful error
     valid = [f.name for f in fields(ModelConfig)]
     for key in overrides:
         if key not in valid:

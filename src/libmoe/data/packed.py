@@ -1,0 +1,332 @@
+"""Tokenised corpora packed into memory-mapped shards, cached, and sampled reproducibly.
+
+`prepare_data` turns a corpus into a directory under the cache::
+
+    <cache>/<key>/meta.json            sizes, dtype, domains, tokenizer fingerprint, sources
+    <cache>/<key>/tokenizer/           the tokenizer (trained on the training split, or loaded)
+    <cache>/<key>/train_<i>.bin        training tokens, documents joined by EOS, raw uint16/uint32
+    <cache>/<key>/val.bin, val_domain.bin   validation tokens and each token's domain id
+
+The key hashes the corpus content, the tokenizer spec and every setting that changes the tokens, so
+a changed file or setting gives a new directory and an unchanged one is reused. The directory is
+written under a temporary name and renamed, so an interrupted preparation leaves no half cache.
+
+Validation is split by document within each domain (val_fraction of its characters, at least one
+document when the domain has two or more), and grown proportionally until it holds about
+min_val_tokens. `SequenceSampler` draws training windows in a seeded random order; its state is
+two integers, so a run can resume at exactly the next window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .corpus import Corpus, Document, load_corpus, split_documents
+from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+FORMAT_VERSION = 1
+CHARS_PER_TOKEN = 3.0  # conservative estimate used only to size the validation split
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "libmoe" / "data"
+
+
+def split_validation(
+    docs: list[Document], fraction: float, min_chars: int, seed: int = 0
+) -> tuple[list[Document], list[Document]]:
+    """(train, val) by document, stratified by domain; see the module docstring."""
+    total = sum(len(d.text) for d in docs)
+    share = max(fraction, min_chars / total) if total else fraction
+    by_domain: dict[str, list[int]] = {}
+    for i, doc in enumerate(docs):
+        by_domain.setdefault(doc.domain, []).append(i)
+    rng = random.Random(seed)
+    val: set[int] = set()
+    for indices in by_domain.values():
+        if len(indices) < 2:
+            continue
+        order = indices[:]
+        rng.shuffle(order)
+        target = share * sum(len(docs[i].text) for i in indices)
+        got = 0
+        for i in order[:-1]:  # always leave one document of the domain for training
+            if got >= target:
+                break
+            val.add(i)
+            got += len(docs[i].text)
+    train = [d for i, d in enumerate(docs) if i not in val]
+    return train, [d for i, d in enumerate(docs) if i in val]
+
+
+def _fingerprint_corpus(corpus: Corpus) -> str:
+    h = hashlib.sha256()
+    for doc in corpus.documents:
+        h.update(doc.domain.encode())
+        h.update(b"\0")
+        h.update(doc.text.encode("utf-8", "surrogatepass"))
+        h.update(b"\1")
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(directory: str | Path) -> str:
+    """sha256 over a saved tokenizer directory's files (names and bytes)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(directory).rglob("*")):
+        if path.is_file():
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class PackedData:
+    """A prepared dataset: memory-mapped token arrays plus the tokenizer and metadata."""
+
+    directory: Path
+    meta: dict
+    tokenizer: Tokenizer
+    train: list[np.ndarray]
+    val: np.ndarray
+    val_domain: np.ndarray
+
+    @property
+    def domains(self) -> list[str]:
+        return self.meta["domains"]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.directory / "tokenizer"
+
+    @property
+    def tokenizer_hash(self) -> str:
+        return self.meta["tokenizer_hash"]
+
+    @classmethod
+    def open(cls, directory: str | Path) -> PackedData:
+        directory = Path(directory)
+        meta = json.loads((directory / "meta.json").read_text())
+        dtype = np.dtype(meta["dtype"])
+
+        def mm(name: str, dt=dtype) -> np.ndarray:
+            path = directory / name
+            if path.stat().st_size == 0:
+                return np.zeros(0, dtype=dt)
+            return np.memmap(path, dtype=dt, mode="r")
+
+        train = [mm(f"train_{i}.bin") for i in range(meta["n_train_shards"])]
+        return cls(directory, meta, load_tokenizer(directory / "tokenizer"), train,
+                   mm("val.bin"), mm("val_domain.bin", np.uint16))
+
+
+def _encode_all(tokenizer: Tokenizer, docs: list[Document]) -> list[list[int]]:
+    batch = getattr(tokenizer, "encode_batch", None)
+    texts = [d.text for d in docs]
+    return batch(texts) if batch else [tokenizer.encode(t) for t in texts]
+
+
+def prepare_data(
+    source: str = "embedded",
+    *,
+    tokenizer: str = "train",
+    vocab_size: int = 8000,
+    seq_len: int = 128,
+    val_fraction: float = 0.005,
+    min_val_tokens: int = 16_384,
+    max_doc_chars: int = 50_000,
+    split_seed: int = 0,
+    shard_tokens: int = 1 << 27,
+    hub: dict | None = None,
+    cache_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> PackedData:
+    """Load, split, tokenise and pack `source` (cached); see the module docstring."""
+    corpus = load_corpus(source, hub_options=hub)
+    if corpus.skipped:
+        log(f"data: skipped {len(corpus.skipped)} files that are not UTF-8 "
+            f"(first: {corpus.skipped[0]})")
+    corpus = split_documents(corpus, max_doc_chars)
+    settings = dict(format=FORMAT_VERSION, tokenizer=tokenizer,
+                    vocab_size=vocab_size if tokenizer == "train" else None,
+                    val_fraction=val_fraction, min_val_tokens=min_val_tokens,
+                    max_doc_chars=max_doc_chars, split_seed=split_seed, shard_tokens=shard_tokens)
+    key_src = json.dumps(settings, sort_keys=True) + _fingerprint_corpus(corpus)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = cache / key
+    if not (target / "meta.json").is_file():
+        _build(corpus, source, settings, target, log)
+    else:
+        log(f"data: using cached tokens in {target}")
+    data = PackedData.open(target)
+    n_train = data.meta["n_train_tokens"]
+    if n_train < seq_len + 1 or len(data.val) < seq_len + 1:
+        raise ValueError(
+            f"data source {source!r} is too short: {n_train} training and {len(data.val)} "
+            f"validation tokens, but one sequence needs {seq_len + 1}; use more text or a shorter "
+            "train.seq_len."
+        )
+    return data
+
+
+def _build(corpus: Corpus, source: str, settings: dict, target: Path, log) -> None:
+    min_val_chars = int(settings["min_val_tokens"] * CHARS_PER_TOKEN)
+    train_docs, val_docs = split_validation(
+        corpus.documents, settings["val_fraction"], min_val_chars, settings["split_seed"]
+    )
+    if not train_docs or not val_docs:
+        raise ValueError(
+            f"data source {source!r} has {len(corpus.documents)} document(s): too few for a "
+            "validation split by document; add text or give longer text (it is cut into "
+            f"documents of data.max_doc_chars={settings['max_doc_chars']} characters)."
+        )
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if settings["tokenizer"] == "train":
+            log(f"data: training a {settings['vocab_size']}-piece BPE tokenizer on "
+                f"{len(train_docs)} training documents")
+            tok = train_tokenizer((d.text for d in train_docs), settings["vocab_size"],
+                                  seed=settings["split_seed"])
+        else:
+            tok = load_tokenizer(settings["tokenizer"])
+        tok.save(tmp / "tokenizer")
+        dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
+        log(f"data: tokenising {len(train_docs)} training and {len(val_docs)} validation documents")
+        domains = list(dict.fromkeys(d.domain for d in corpus.documents))
+        eos = [tok.eos_id] if tok.eos_id >= 0 else []
+
+        # Training tokens: shards of at most shard_tokens, filled document by document.
+        shard, n_shards, n_train, buffer = 0, 0, 0, []
+        shard_file = None
+        for start in range(0, len(train_docs), 512):
+            for ids in _encode_all(tok, train_docs[start : start + 512]):
+                arr = np.asarray(ids + eos, dtype=dtype)
+                while len(arr):
+                    if shard_file is None or shard >= settings["shard_tokens"]:
+                        if shard_file is not None:
+                            shard_file.close()
+                        shard_file = (tmp / f"train_{n_shards}.bin").open("wb")
+                        n_shards, shard = n_shards + 1, 0
+                    take = min(len(arr), settings["shard_tokens"] - shard)
+                    arr[:take].tofile(shard_file)
+                    arr, shard, n_train = arr[take:], shard + take, n_train + take
+        if shard_file is not None:
+            shard_file.close()
+        del buffer
+
+        val_ids, val_dom = [], []
+        for doc, ids in zip(val_docs, _encode_all(tok, val_docs)):
+            val_ids.append(np.asarray(ids + eos, dtype=dtype))
+            val_dom.append(np.full(len(ids) + len(eos), domains.index(doc.domain), np.uint16))
+        val = np.concatenate(val_ids) if val_ids else np.zeros(0, dtype)
+        val.tofile(tmp / "val.bin")
+        (np.concatenate(val_dom) if val_dom else np.zeros(0, np.uint16)).tofile(tmp / "val_domain.bin")
+        meta = dict(
+            settings,
+            source=str(source),
+            dtype=np.dtype(dtype).name,
+            domains=domains,
+            n_train_shards=n_shards,
+            n_train_tokens=n_train,
+            n_val_tokens=int(len(val)),
+            n_train_documents=len(train_docs),
+            n_val_documents=len(val_docs),
+            skipped_files=len(corpus.skipped),
+            vocab_size=tok.vocab_size,
+            eos_id=tok.eos_id,
+            tokenizer_hash=tokenizer_fingerprint(tmp / "tokenizer"),
+        )
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"data: {n_train:,} training and {len(val):,} validation tokens in {target}")
+
+
+class SequenceSampler:
+    """Training windows of seq_len + 1 tokens (stride seq_len, within shards), in a random order
+    drawn from `seed` for each epoch. State: (epoch, index into that epoch's order)."""
+
+    def __init__(self, shards: list[np.ndarray], seq_len: int, seed: int = 0):
+        self.shards, self.seq_len, self.seed = shards, seq_len, seed
+        self.counts = [max(0, (len(s) - 1) // seq_len) for s in shards]
+        self.offsets = np.cumsum([0] + self.counts)
+        self.n_windows = int(self.offsets[-1])
+        if self.n_windows == 0:
+            raise ValueError(f"the training data holds no window of {seq_len + 1} tokens.")
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n_windows, generator=g)
+
+    def window(self, w: int) -> np.ndarray:
+        shard = int(np.searchsorted(self.offsets, w, side="right")) - 1
+        start = (w - int(self.offsets[shard])) * self.seq_len
+        return self.shards[shard][start : start + self.seq_len + 1]
+
+    def next_batch(self, n: int) -> torch.Tensor:
+        """The next n windows as an int64 tensor [n, seq_len + 1]."""
+        rows = []
+        for _ in range(n):
+            if self.index == self.n_windows:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            rows.append(self.window(int(self._order[self.index])))
+            self.index += 1
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.epoch, self.index = state["seed"], state["epoch"], state["index"]
+        self._order = self._permutation(self.epoch)
+
+
+def validation_windows(val: np.ndarray, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows [n, seq_len + 1] (stride seq_len) of the validation tokens, the
+    first ceil(max_tokens / seq_len) of them when max_tokens is given."""
+    n = (len(val) - 1) // seq_len
+    if max_tokens is not None:
+        n = min(n, math.ceil(max_tokens / seq_len))
+    idx = torch.arange(n)[:, None] * seq_len + torch.arange(seq_len + 1)
+    return torch.from_numpy(np.asarray(val[: n * seq_len + 1]).astype(np.int64))[idx]
+
+
+def probe_set(
+    val: np.ndarray, val_domain: np.ndarray, n_tokens: int, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed set of about n_tokens validation tokens spread evenly over the domains present:
+    (tokens [n, L], domain ids [n, L]) with L = min(seq_len, tokens per domain)."""
+    domains = [int(d) for d in np.unique(np.asarray(val_domain))]
+    per_domain = max(1, n_tokens // max(1, len(domains)))
+    length = min(seq_len, per_domain)
+    tok_rows, dom_rows = [], []
+    for d in domains:
+        positions = np.flatnonzero(np.asarray(val_domain) == d)[:per_domain]
+        n = len(positions) // length
+        if n == 0:
+            continue
+        picked = positions[: n * length]
+        tok_rows.append(np.asarray(val)[picked].astype(np.int64).reshape(n, length))
+        dom_rows.append(np.full((n, length), d, np.int64))
+    return torch.from_numpy(np.concatenate(tok_rows)), torch.from_numpy(np.concatenate(dom_rows))

@@ -1,0 +1,29 @@
+"""Pretraining: run config, the training loop, checkpoints with routing traces, torchrun.
+
+    from libmoe.train import resolve_config, train
+    cfg = resolve_config(preset="micro", overrides=["model.algorithm=smoe", "train.max_steps=20"])
+    summary = train(cfg, "runs/micro-smoe")
+"""
+
+from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from .config import DataConfig, OptimConfig, RunConfig, TrainConfig, config_from_dict, resolve_config
+from .trace import TRACE_META, TRACE_TENSORS, record_routing, save_trace
+from .trainer import load_run_config, train
+
+__all__ = [
+    "TRACE_META",
+    "TRACE_TENSORS",
+    "DataConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_run_config",
+    "record_routing",
+    "resolve_config",
+    "save_trace",
+    "train",
+]

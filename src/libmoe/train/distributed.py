@@ -1,0 +1,90 @@
+"""Process-group setup for `torchrun` and the data-parallel wrappers (DDP, FSDP2).
+
+Under torchrun (WORLD_SIZE > 1) every process trains on its slice of the same global batch;
+gradients are averaged (DDP) or reduce-scattered (FSDP2 ``fully_shard``), so the optimizer sees the
+same mean gradient as one process would. Only rank 0 logs and writes files.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but no CUDA GPU is available; use cpu or auto.")
+    return torch.device(name)
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join torchrun's process group when launched by it (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = pick_device(device)
+    if world <= 1:
+        return DistInfo(device=dev)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local, dev)
+
+
+def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Module:
+    """DDP or FSDP2 around `model` (already on info.device); unchanged for one process."""
+    if not info.enabled:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        # Blocks return routing records that hold views (top-k ids and weights); nothing modifies
+        # them in place, which is the case this warning is about.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        for block in getattr(model, "blocks", []):
+            fully_shard(block)
+        return fully_shard(model)
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

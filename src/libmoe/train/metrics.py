@@ -1,0 +1,140 @@
+"""Metric sinks: ``metrics.jsonl`` (one JSON object per line), TensorBoard, and the console.
+
+Training rows carry ``step``, ``loss`` (language-model cross-entropy), ``aux_loss`` and each named
+aux term as ``aux_<name>``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``step_time_s``,
+``flops_per_token`` and ``load``: per MoE layer ``{"layer", "min_frac", "max_frac", "entropy",
+"dead"}`` over the steps since the previous row. Validation rows carry ``step``, ``val_loss`` and
+``val_ppl``. On an interactive terminal a progress bar shows the step and ETA; otherwise one plain
+line per logged row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def load_summary(counts: torch.Tensor) -> dict[str, float]:
+    """min/max selection fraction, allocation entropy (normalised by log n) and dead experts of
+    one layer's selection counts [n_slots]."""
+    counts = counts.double()
+    total = counts.sum()
+    n = counts.numel()
+    if total <= 0:
+        return {"min_frac": 0.0, "max_frac": 0.0, "entropy": 0.0, "dead": n}
+    q = counts / total
+    nz = q[q > 0]
+    entropy = float(-(nz * nz.log()).sum() / math.log(n)) if n > 1 else 1.0
+    return {"min_frac": float(q.min()), "max_frac": float(q.max()), "entropy": entropy,
+            "dead": int((counts == 0).sum())}
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows after `step` (a resumed run rewrites the steps it repeats)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLogger:
+    """Writes rows to metrics.jsonl and TensorBoard and shows progress (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, max_steps: int, start_step: int, enabled: bool = True,
+                 tensorboard: bool = True, progress: bool | None = None):
+        self.enabled, self.max_steps, self.start_step = enabled, max_steps, start_step
+        self.path = run_dir / "metrics.jsonl"
+        self.t0 = time.perf_counter()
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        truncate_metrics(self.path, start_step)
+        self.file = self.path.open("a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+            except ImportError:
+                print("libmoe: tensorboard is not installed; logging to metrics.jsonl only "
+                      "(pip install tensorboard)", file=sys.stderr)
+        if progress is None:
+            progress = sys.stderr.isatty()
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def eta(self, step: int) -> float:
+        done = step - self.start_step
+        if done <= 0:
+            return float("nan")
+        return (time.perf_counter() - self.t0) / done * (self.max_steps - step)
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        step = row["step"]
+        if self.writer is not None:
+            for key, value in row.items():
+                if key == "load":
+                    for layer in value:
+                        for name, v in layer.items():
+                            if name != "layer":
+                                self.writer.add_scalar(f"load/layer{layer['layer']}/{name}", v, step)
+                elif key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("aux_", "val_"))
+                                           else key, value, step)
+        self._show(row)
+
+    def _show(self, row: dict[str, Any]) -> None:
+        step = row["step"]
+        if "val_loss" in row:
+            text = f"step {step}: val_loss {row['val_loss']:.4f} | val_ppl {row['val_ppl']:.2f}"
+        else:
+            text = (f"step {step}/{self.max_steps} | loss {row['loss']:.4f} | aux {row['aux_loss']:.4f}"
+                    f" | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s"
+                    f" | ETA {_fmt_time(self.eta(step)) if step > self.start_step else '?'}")
+        if self.bar is not None:
+            self.bar.n = step
+            if "loss" in row:
+                self.bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+            self.bar.refresh()
+            if "val_loss" in row:
+                self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()

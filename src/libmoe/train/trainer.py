@@ -1,0 +1,425 @@
+"""The pretraining loop: one function, `train(cfg, out)`, readable top to bottom.
+
+Per optimizer step: draw the global batch (same windows on every process), take this process's
+slice, run it in micro-batches (gradient accumulation, DDP gradient sync only on the last), add
+every MoE layer's auxiliary loss to the cross-entropy, clip, step AdamW and the schedule. Metrics,
+validation, checkpoints (with routing traces of a fixed probe set) at configured intervals.
+Resuming restores model, optimizer, schedule, data position and RNG, so a resumed CPU run
+reproduces the uninterrupted one's losses exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from ..data.packed import PackedData, SequenceSampler, prepare_data, probe_set, validation_windows
+from ..models import MoETransformer, count_parameters
+from ..moe import attach_bias_balancing, set_training_progress
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import RunConfig, config_from_dict
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown, wrap_model
+from .metrics import MetricsLogger, load_summary
+from .trace import record_routing, save_trace
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard", "tokenizer",
+             "train_summary.json")
+
+
+def model_hash(cfg: RunConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.model.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flops_per_token(cfg: RunConfig, active_params: int) -> int:
+    """Training FLOPs per token: 6 x active non-embedding parameters plus attention's
+    12 x layers x heads x head_dim x sequence length (the PaLM appendix B estimate)."""
+    m = cfg.model
+    return int(6 * (active_params - m.vocab_size * m.d_model)
+               + 12 * m.n_layers * m.n_heads * m.head_dim * cfg.seq_len)
+
+
+def lr_lambda(cfg: RunConfig):
+    """Linear warmup to 1, then cosine decay to min_lr_ratio at max_steps (multiplier of lr)."""
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
+    """AdamW with two groups: weight decay except for names containing a no_decay pattern."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if any(s in name for s in cfg.optim.no_decay) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr,
+                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32."""
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to write into a directory that holds another run unless told what to do."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a directory.")
+    if (out / "config.yaml").is_file() and not (resume or overwrite):
+        raise ValueError(
+            f"{str(out)!r} already holds a run (config.yaml); pass --resume to continue it or "
+            "--overwrite to replace it."
+        )
+
+
+def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _config_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
+    return out
+
+
+def _state_dicts(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state, keyed by parameter name, on every rank."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, opt, options=options))
+
+
+def _load_optimizer(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, windows: torch.Tensor, batch_size: int, info: DistInfo,
+             autocast) -> float:
+    """Mean next-token cross-entropy over `windows` [n, L+1], split over processes (padded so
+    every process runs the same number of forwards, as FSDP requires)."""
+    was_training = model.training
+    model.eval()
+    n = len(windows)
+    per_rank = math.ceil(n / info.world_size)
+    mine = torch.arange(info.rank * per_rank, (info.rank + 1) * per_rank)
+    total = torch.zeros(2, dtype=torch.float64)
+    for start in range(0, per_rank, batch_size):
+        idx = mine[start : start + batch_size]
+        valid = idx < n
+        batch = windows[idx.clamp(max=n - 1)].to(info.device)
+        with autocast():
+            logits = model(batch[:, :-1]).logits
+        ce = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")
+        total[0] += float((ce.sum(1).cpu() * valid).sum())
+        total[1] += float(valid.sum()) * ce.shape[1]
+    all_reduce_sum(total, info)
+    model.train(was_training)
+    return float(total[0] / total[1])
+
+
+def train(
+    cfg: RunConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after: int | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Train `cfg` into run directory `out`; returns the final summary (also train_summary.json).
+
+    resume: continue from the newest checkpoint in `out`; overwrite: replace a run found there;
+    stop_after: stop after that step with a checkpoint, as if interrupted (for tests and to split
+    long runs); progress: force the progress bar on or off (default: on for a terminal)."""
+    out = Path(out)
+    info = init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, out, info, resume, overwrite, stop_after, progress)
+    finally:
+        shutdown(info)
+
+
+def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: bool,
+           stop_after: int | None, progress: bool | None) -> dict[str, Any]:
+    say = print if info.is_main else (lambda *_: None)
+    check_run_dir(out, resume, overwrite)
+    tc = cfg.train
+    world = info.world_size
+    if tc.batch_size % world:
+        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the "
+                         f"{world} processes.")
+    local = tc.batch_size // world
+    micro = tc.micro_batch_size or local
+    if local % micro:
+        raise ValueError(f"train.micro_batch_size={micro} must divide the per-process batch {local}.")
+    accum = local // micro
+    seq_len = cfg.seq_len
+    if seq_len > cfg.model.max_seq_len:
+        raise ValueError(f"train.seq_len={seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}.")
+
+    if info.is_main and overwrite and resume is False:
+        for name in RUN_FILES:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+    # Data: rank 0 builds the cache, the others then read it.
+    def load_data() -> PackedData:
+        d = cfg.data
+        return prepare_data(
+            d.source, tokenizer=d.tokenizer, vocab_size=cfg.model.vocab_size, seq_len=seq_len,
+            val_fraction=d.val_fraction, min_val_tokens=d.min_val_tokens,
+            max_doc_chars=d.max_doc_chars, split_seed=d.split_seed, shard_tokens=d.shard_tokens,
+            hub=d.hub or None, cache_dir=d.cache_dir, log=say,
+        )
+
+    data = load_data() if info.is_main else None
+    barrier(info)
+    if data is None:
+        data = load_data()
+    vocab = data.meta["vocab_size"]
+    if cfg.data.tokenizer != "train" and vocab != cfg.model.vocab_size:
+        say(f"model: vocab_size set to the tokenizer's {vocab}")
+        cfg = replace(cfg, model=replace(cfg.model, vocab_size=vocab))
+    if vocab > cfg.model.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab} pieces but model.vocab_size="
+                         f"{cfg.model.vocab_size}; raise model.vocab_size.")
+
+    ckpt_path = latest_checkpoint(out) if resume else None
+    ckpt = None
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path)
+        saved_cfg = ckpt["info"].get("model_config", {})
+        if ckpt["info"].get("model_hash") != model_hash(cfg):
+            diff = "; ".join(_config_diff(saved_cfg, cfg.model.to_dict())) or "unknown"
+            raise ValueError(f"cannot resume {str(ckpt_path)!r} with a different model config "
+                             f"({diff}); use the saved config or a new --out.")
+        if ckpt["info"].get("tokenizer_hash") != data.tokenizer_hash:
+            raise ValueError(f"cannot resume {str(ckpt_path)!r}: its tokenizer differs from the "
+                             "one prepared for this config (data source or tokenizer changed).")
+    elif resume:
+        say(f"resume: no checkpoint in {out}, starting from step 0")
+
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+        shutil.copytree(data.tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
+    barrier(info)
+
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    raw = MoETransformer(cfg.model)
+    total_params, active_params = count_parameters(raw)
+    if ckpt is not None:
+        raw.load_state_dict(ckpt["model"])
+    raw.to(info.device)
+    model = wrap_model(raw, info, tc.parallel)
+    opt = build_optimizer(model, cfg)
+    attach_bias_balancing(raw, opt)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    sampler = SequenceSampler(data.train, seq_len, seed=tc.seed)
+    step = 0
+    if ckpt is not None:
+        _load_optimizer(model, opt, ckpt["optimizer"])
+        state = ckpt["state"]
+        sched.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["data"])
+        _set_rng_state(state["rng"])
+        step = state["step"]
+        say(f"resume: continuing from {ckpt_path} (step {step})")
+        del ckpt
+
+    amp_dtype = resolve_precision(tc.precision, info.device)
+
+    def autocast():
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(info.device.type, dtype=amp_dtype)
+
+    scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
+    val_windows = validation_windows(data.val, seq_len, tc.eval_tokens)
+    probe_tokens, probe_domain = probe_set(data.val, data.val_domain, cfg.data.probe_tokens, seq_len)
+    fpt = flops_per_token(cfg, active_params)
+    say(f"model: {cfg.model.algorithm}, {total_params / 1e6:.2f}M parameters "
+        f"({active_params / 1e6:.2f}M active), {fpt / 1e6:.1f} MFLOPs/token; "
+        f"{world} process(es) on {info.device}, batch {tc.batch_size} x {seq_len} tokens "
+        f"({accum} micro-batch(es) of {micro} per process), "
+        f"{'fp32' if amp_dtype is None else amp_dtype}")
+    logger = MetricsLogger(out, tc.max_steps, step, enabled=info.is_main,
+                           tensorboard=tc.tensorboard, progress=progress)
+    info_json = {"model_hash": model_hash(cfg), "tokenizer_hash": data.tokenizer_hash,
+                 "model_config": cfg.model.to_dict(), "algorithm": cfg.model.algorithm}
+    config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+    def checkpoint(step: int) -> None:
+        model_state, opt_state = _state_dicts(model, opt)
+        trainer_state = {"step": step, "scheduler": sched.state_dict(),
+                         "data": sampler.state_dict(), "rng": _rng_state()}
+        # Every process runs the probe forward (FSDP/DDP collectives); rank 0 writes.
+        if info.is_main:
+            path = save_checkpoint(
+                out, step, model_state, opt_state, trainer_state, info_json,
+                extra_files={"config.yaml": config_text}, keep=tc.keep_checkpoints,
+                before_rename=lambda tmp: save_trace(tmp, raw, probe_tokens, probe_domain,
+                                                     data.domains, step, run=model),
+            )
+            logger.message(f"step {step}: checkpoint {path}")
+        else:
+            record_routing(model, probe_tokens)
+        barrier(info)
+
+    def validate(step: int) -> float:
+        val_loss = evaluate(model, val_windows, micro, info, autocast)
+        logger.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+        return val_loss
+
+    counts: list[torch.Tensor] | None = None  # per MoE layer selection counts since the last row
+    window = {"loss": 0.0, "aux_loss": 0.0, "aux": {}, "steps": 0, "t": time.perf_counter()}
+    start_time = time.perf_counter()
+    val_loss = float("nan")
+    model.train()
+    stopped_early = False
+    while step < tc.max_steps:
+        set_training_progress(raw, step / tc.max_steps)
+        rows = sampler.next_batch(tc.batch_size)[info.rank * local : (info.rank + 1) * local]
+        lm_sum = torch.zeros((), dtype=torch.float64)
+        aux_sum = torch.zeros((), dtype=torch.float64)
+        aux_terms: dict[str, float] = {}
+        for i in range(accum):
+            batch = rows[i * micro : (i + 1) * micro].to(info.device)
+            sync = contextlib.nullcontext()
+            if info.enabled and tc.parallel == "ddp" and i < accum - 1:
+                sync = model.no_sync()
+            with sync:
+                with autocast():
+                    output = model(batch[:, :-1], batch[:, 1:])
+                loss = (output.loss + output.aux_loss) / accum
+                scaler.scale(loss).backward()
+            lm_sum += output.loss.detach().double().cpu() / accum
+            aux_sum += output.aux_loss.detach().double().cpu() / accum
+            for name, value in output.aux.items():
+                aux_terms[name] = aux_terms.get(name, 0.0) + float(value) / accum
+            with torch.no_grad():
+                if counts is None:
+                    counts = [torch.zeros(r.probs.shape[-1], dtype=torch.float64)
+                              for r in output.routing]
+                for c, r in zip(counts, output.routing):
+                    ids = r.topk_idx.reshape(-1)
+                    c += torch.bincount(ids[ids >= 0], minlength=c.numel()).double().cpu()
+        scaler.unscale_(opt)
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        lr = sched.get_last_lr()[0]
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        window["loss"] += float(lm_sum)
+        window["aux_loss"] += float(aux_sum)
+        for name, value in aux_terms.items():
+            window["aux"][name] = window["aux"].get(name, 0.0) + value
+        window["steps"] += 1
+
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            n = window["steps"]
+            stats = torch.tensor([window["loss"], window["aux_loss"]] + list(window["aux"].values()),
+                                 dtype=torch.float64)
+            all_reduce_sum(stats, info)
+            stats /= world * n
+            load = []
+            for l, c in enumerate(counts or []):
+                all_reduce_sum(c, info)
+                load.append({"layer": l, **load_summary(c)})
+                c.zero_()
+            elapsed = time.perf_counter() - window["t"]
+            row = {"step": step, "loss": float(stats[0]), "aux_loss": float(stats[1])}
+            row.update({f"aux_{name}": float(v) for name, v in zip(window["aux"], stats[2:])})
+            row.update({
+                "lr": lr, "grad_norm": float(grad_norm),
+                "tokens_per_s": n * tc.batch_size * seq_len / elapsed,
+                "step_time_s": elapsed / n, "flops_per_token": fpt, "load": load,
+            })
+            logger.log(row)
+            window = {"loss": 0.0, "aux_loss": 0.0, "aux": {}, "steps": 0, "t": time.perf_counter()}
+        if step % tc.eval_every == 0 or step == tc.max_steps:
+            val_loss = validate(step)
+        stop = stop_after is not None and step >= stop_after and step < tc.max_steps
+        if step % tc.checkpoint_every == 0 or step == tc.max_steps or stop:
+            checkpoint(step)
+            window["t"] = time.perf_counter()
+        if stop:
+            logger.message(f"stopped after step {step} (--stop-after); continue with --resume")
+            stopped_early = True
+            break
+    logger.close()
+    summary = {
+        "step": step, "max_steps": tc.max_steps, "stopped_early": stopped_early,
+        "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)) if val_loss == val_loss else None,
+        "train_time_s": time.perf_counter() - start_time,
+        "params_total": total_params, "params_active": active_params,
+        "algorithm": cfg.model.algorithm, "rank": info.rank,
+    }
+    if info.is_main:
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config saved in a run directory."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} holds no run (no config.yaml).")
+    return config_from_dict(yaml.safe_load(path.read_text()))
