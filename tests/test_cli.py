@@ -2,6 +2,10 @@
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+import yaml
 
 from libmoe.cli import main
 from libmoe.moe import ALGORITHMS
@@ -38,3 +42,53 @@ def test_every_algorithm_learns_through_its_router():
     assert [r["algorithm"] for r in rows] == list(ALGORITHMS)
     for r in rows:
         assert r["loss_end"] < 0.9 * r["loss_start"], r
+
+
+SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+needs_data = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="shared data not present")
+
+
+def train_args(tmp_path, *extra):
+    return ("train", "--preset", "micro", "--out", str(tmp_path / "run"),
+            f"data.cache_dir={tmp_path / 'cache'}", "train.tensorboard=false", *extra)
+
+
+@pytest.mark.parametrize("source,message", [
+    ("missing", "does not exist"),
+    ("empty", "holds no text"),
+    ("short.txt", "too small"),
+    ("binary.txt", "skipped as not UTF-8, e.g."),
+])
+def test_train_bad_data_is_one_line_and_writes_nothing(tmp_path, source, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "short.txt").write_text("Too short to train on.")
+    (tmp_path / "binary.txt").write_bytes(b"caf\xe9 \xff\xfe")
+    result = run(*train_args(tmp_path, "--data", str(tmp_path / source)))
+    assert result.returncode == 2
+    assert result.stderr.startswith("libmoe: error:") and message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_unknown_key_names_the_closest(tmp_path):
+    result = run(*train_args(tmp_path, "optim.lrr=1e-3"))
+    assert result.returncode == 2 and "optim.lrr" in result.stderr and "optim.lr" in result.stderr
+
+
+@needs_data
+def test_train_cli_resolves_config_layers_and_refuses_to_overwrite(tmp_path):
+    (tmp_path / "exp.yaml").write_text("model:\n  algorithm: xmoe\noptim:\n  lr: 1.0e-3\n")
+    args = train_args(tmp_path, str(tmp_path / "exp.yaml"), "--data", str(SHAKESPEARE),
+                      "--max-steps", "2", "optim.warmup_steps=1", "train.eval_every=2")
+    result = run(*args)
+    assert result.returncode == 0, result.stderr
+    assert "done: step 2" in result.stdout
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["preset"] == "micro" and saved["model"]["algorithm"] == "xmoe"
+    assert saved["optim"]["lr"] == 1e-3 and saved["optim"]["warmup_steps"] == 1
+    assert saved["model"]["d_model"] == 64 and saved["train"]["max_steps"] == 2
+    again = run(*args)
+    assert again.returncode == 2 and "--resume" in again.stderr and "--overwrite" in again.stderr
+    # --resume with nothing else picks up the saved config and, the run being complete, stops.
+    resumed = run("train", "--out", str(tmp_path / "run"), "--resume")
+    assert resumed.returncode == 0 and "done: step 2" in resumed.stdout

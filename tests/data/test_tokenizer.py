@@ -52,3 +52,16 @@ def test_bad_arguments(tmp_path):
         train_tokenizer(["some text"], vocab_size=100)
     with pytest.raises((FileNotFoundError, ValueError), match="tokenizer"):
         load_tokenizer(tmp_path / "nothing-here")
+
+
+def test_hugging_face_tokenizer_by_path_round_trips_and_saves(tmp_path, hf_tokenizer_dir):
+    text = "First Citizen:\nBefore we proceed any further, hear me speak. 1234\n"
+    path = hf_tokenizer_dir(tmp_path, [text * 20])
+    tok = load_tokenizer(path)
+    assert type(tok).__name__ == "HFTokenizer"
+    assert tok.vocab_size == len(tok.tok) and tok.eos_id == tok.tok.convert_tokens_to_ids("</s>")
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.encode_batch([text, "speak"]) == [ids, tok.encode("speak")]
+    tok.save(tmp_path / "copy")
+    assert load_tokenizer(tmp_path / "copy").encode(text) == ids

@@ -133,7 +133,9 @@ def load_corpus(source: str | Path = "embedded", *, hub_options: dict | None = N
         corpus = Corpus([])
         _add_text_file(corpus, path, path.stem)
     if not corpus.documents:
-        why = f" ({len(corpus.skipped)} files skipped as not UTF-8)" if corpus.skipped else ""
+        n = len(corpus.skipped)
+        why = (f" ({n} file{'s' * (n > 1)} skipped as not UTF-8, e.g. {corpus.skipped[0]})"
+               if n else "")
         raise ValueError(f"data source {str(source)!r} holds no text{why}.")
     return corpus
 

@@ -167,7 +167,7 @@ def prepare_data(
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     target = cache / key
     if not (target / "meta.json").is_file():
-        _build(corpus, source, settings, target, log)
+        _build(corpus, source, settings, target, seq_len, log)
     else:
         log(f"data: using cached tokens in {target}")
     data = PackedData.open(target)
@@ -181,16 +181,18 @@ def prepare_data(
     return data
 
 
-def _build(corpus: Corpus, source: str, settings: dict, target: Path, log) -> None:
+def _build(corpus: Corpus, source: str, settings: dict, target: Path, seq_len: int, log) -> None:
     min_val_chars = int(settings["min_val_tokens"] * CHARS_PER_TOKEN)
     train_docs, val_docs = split_validation(
         corpus.documents, settings["val_fraction"], min_val_chars, settings["split_seed"]
     )
     if not train_docs or not val_docs:
+        chars = sum(len(d.text) for d in corpus.documents)
         raise ValueError(
-            f"data source {source!r} has {len(corpus.documents)} document(s): too few for a "
-            "validation split by document; add text or give longer text (it is cut into "
-            f"documents of data.max_doc_chars={settings['max_doc_chars']} characters)."
+            f"data source {source!r} is too small: {len(corpus.documents)} document(s) of "
+            f"{chars:,} characters in all, but training needs a validation split by document and "
+            f"at least one sequence of {seq_len + 1} tokens in each split; add text (long files "
+            f"are cut into documents of data.max_doc_chars={settings['max_doc_chars']} characters)."
         )
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..moe import MoEOutput, Routing, build_moe
+from ..moe import REGISTRY, MoEOutput, Routing, build_moe
 from .config import ModelConfig
 
 
@@ -52,13 +52,16 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, first_moe: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         if cfg.is_moe_layer(layer):
             n_experts, top_k, options = cfg.moe_args()
+            router = REGISTRY[cfg.algorithm].router
+            if first_moe and "gating_residual" in getattr(router, "OPTIONS", {}):
+                options.setdefault("gating_residual", False)  # no previous layer's logits
             self.ffn = build_moe(cfg.algorithm, cfg.d_model, n_experts, cfg.expert_dim, top_k,
                                  **options)
         else:
@@ -92,7 +95,8 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        first = next((i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)), None)
+        self.blocks = nn.ModuleList(Block(cfg, i, i == first) for i in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # N(0, init_std) for embeddings, attention and head; MoE layers keep their own init

@@ -326,9 +326,11 @@ class MoEPlusPlusRouter(TopKRouter):
 
     Slots: [0, E) FFN, then n_zero zero experts (output 0), n_copy copy experts (output x), n_const
     constant experts (a0 x + a1 v_c with [a0, a1] = softmax(W_c x)).
+    gating_residual=False builds no W_g: for the first MoE layer of a model, which has no previous
+    logits (an unused parameter would also break DDP's gradient reduction).
     """
 
-    OPTIONS = {"n_zero": 1, "n_copy": 1, "n_const": 6, "tau_pp": 0.75}
+    OPTIONS = {"n_zero": 1, "n_copy": 1, "n_const": 6, "tau_pp": 0.75, "gating_residual": True}
 
     @classmethod
     def check_options(cls, opts, n_experts, top_k):
@@ -345,8 +347,10 @@ class MoEPlusPlusRouter(TopKRouter):
     def init_router(self, d_model):
         super().init_router(d_model)
         x, R = self.opts.extra, self.n_slots
-        self.gate_residual = nn.Linear(R, R, bias=False)
-        nn.init.zeros_(self.gate_residual.weight)
+        self.gate_residual = None
+        if x["gating_residual"]:
+            self.gate_residual = nn.Linear(R, R, bias=False)
+            nn.init.zeros_(self.gate_residual.weight)
         self.const_proj = nn.Parameter(torch.empty(x["n_const"], 2, d_model))
         nn.init.normal_(self.const_proj, std=self.opts.router_init_std)
         self.const_values = nn.Parameter(torch.empty(x["n_const"], d_model))
@@ -357,7 +361,7 @@ class MoEPlusPlusRouter(TopKRouter):
 
     def logits(self, x, prev_logits):
         z = F.linear(x, self.weight, self.bias)
-        if prev_logits is not None:
+        if prev_logits is not None and self.gate_residual is not None:
             if prev_logits.shape != z.shape:
                 raise ValueError(
                     f"prev_logits has shape {tuple(prev_logits.shape)} but this MoE++ layer's "

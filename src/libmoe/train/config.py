@@ -159,7 +159,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 return value
             raise TypeError
         if hint is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            if isinstance(value, bool) or not float(value).is_integer():
                 raise TypeError
             return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
         if hint is float:
@@ -167,7 +167,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 raise TypeError
             return float(value)
         if hint is str:
-            if isinstance(value, (dict, list)):
+            if value is None or isinstance(value, (dict, list)):
                 raise TypeError
             return str(value)
     except (TypeError, ValueError):

@@ -205,14 +205,6 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
     if seq_len > cfg.model.max_seq_len:
         raise ValueError(f"train.seq_len={seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}.")
 
-    if info.is_main and overwrite and resume is False:
-        for name in RUN_FILES:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-
     # Data: rank 0 builds the cache, the others then read it.
     def load_data() -> PackedData:
         d = cfg.data
@@ -251,6 +243,13 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
         say(f"resume: no checkpoint in {out}, starting from step 0")
 
     if info.is_main:
+        if overwrite and not resume:  # only now that data and config are known to be good
+            for name in RUN_FILES:
+                path = out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
         shutil.copytree(data.tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
@@ -278,6 +277,10 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
         step = state["step"]
         say(f"resume: continuing from {ckpt_path} (step {step})")
         del ckpt
+
+    if step >= tc.max_steps and (out / "train_summary.json").is_file():
+        say(f"resume: {out} already finished its {tc.max_steps} steps")
+        return dict(json.loads((out / "train_summary.json").read_text()), rank=info.rank)
 
     amp_dtype = resolve_precision(tc.precision, info.device)
 
