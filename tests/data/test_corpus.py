@@ -60,7 +60,7 @@ def test_bad_sources_raise_one_clear_error(tmp_path):
     only_binary = tmp_path / "bin"
     only_binary.mkdir()
     (only_binary / "x.txt").write_bytes(b"\xff\xfe\x00bad")
-    with pytest.raises(ValueError, match="1 files skipped as not UTF-8"):
+    with pytest.raises(ValueError, match="1 file skipped as not UTF-8, e.g. .*x.txt"):
         load_corpus(only_binary)
 
 

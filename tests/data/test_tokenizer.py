@@ -65,3 +65,8 @@ def test_hugging_face_tokenizer_by_path_round_trips_and_saves(tmp_path, hf_token
     assert tok.encode_batch([text, "speak"]) == [ids, tok.encode("speak")]
     tok.save(tmp_path / "copy")
     assert load_tokenizer(tmp_path / "copy").encode(text) == ids
+
+
+def test_too_little_text_for_the_vocabulary_says_so():
+    with pytest.raises(ValueError, match=r"too small for a 400-piece tokenizer \(at most \d+ here\)"):
+        train_tokenizer(["hello world foo bar"] * 3, vocab_size=400)

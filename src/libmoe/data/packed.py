@@ -318,13 +318,19 @@ def probe_set(
     val: np.ndarray, val_domain: np.ndarray, n_tokens: int, seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed set of about n_tokens validation tokens spread evenly over the domains present:
-    (tokens [n, L], domain ids [n, L]) with L = min(seq_len, tokens per domain)."""
-    domains = [int(d) for d in np.unique(np.asarray(val_domain))]
-    per_domain = max(1, n_tokens // max(1, len(domains)))
-    length = min(seq_len, per_domain)
+    (tokens [n, L], domain ids [n, L]) with L = min(seq_len, n_tokens / domains, the largest
+    domain's validation tokens)."""
+    domain_ids = np.asarray(val_domain)
+    domains = [int(d) for d in np.unique(domain_ids)]
+    if not domains:
+        raise ValueError("the validation split is empty; no probe set can be drawn from it.")
+    per_domain = max(1, n_tokens // len(domains))
+    largest = max(int((domain_ids == d).sum()) for d in domains)
+    # Rows of one length for all; domains with fewer tokens than a row are left out.
+    length = min(seq_len, per_domain, largest)
     tok_rows, dom_rows = [], []
     for d in domains:
-        positions = np.flatnonzero(np.asarray(val_domain) == d)[:per_domain]
+        positions = np.flatnonzero(domain_ids == d)[:per_domain]
         n = len(positions) // length
         if n == 0:
             continue

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
@@ -116,6 +117,12 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as err:
+        limit = re.search(r"Vocabulary size too high.*<= (\d+)", str(err))
+        if limit:
+            raise ValueError(
+                f"the training text is too small for a {vocab_size}-piece tokenizer (at most "
+                f"{limit.group(1)} here); add text or lower the vocabulary size (model.vocab_size)."
+            ) from None
         raise ValueError(f"tokenizer training failed: {err}") from err
     return SentencePieceTokenizer(model.getvalue())
 
