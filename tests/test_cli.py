@@ -92,3 +92,15 @@ def test_train_cli_resolves_config_layers_and_refuses_to_overwrite(tmp_path):
     # --resume with nothing else picks up the saved config and, the run being complete, stops.
     resumed = run("train", "--out", str(tmp_path / "run"), "--resume")
     assert resumed.returncode == 0 and "done: step 2" in resumed.stdout
+
+
+@needs_data
+def test_prepare_builds_the_cache_train_then_reuses(tmp_path):
+    args = ("--preset", "micro", "--data", str(SHAKESPEARE), f"data.cache_dir={tmp_path / 'cache'}")
+    result = run("prepare", *args)
+    assert result.returncode == 0, result.stderr
+    assert "training a 512-piece BPE tokenizer" in result.stdout
+    assert "validation tokens, 512 pieces, domains: tinyshakespeare" in result.stdout
+    trained = run("train", *args, "--out", str(tmp_path / "run"), "--max-steps", "1",
+                  "train.tensorboard=false")
+    assert trained.returncode == 0 and "using cached tokens" in trained.stdout

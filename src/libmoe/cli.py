@@ -30,14 +30,13 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     print(f"done in {time.perf_counter() - start:.1f} s")
 
 
-def _cmd_train(args: argparse.Namespace) -> None:
-    """Resolve the run config (preset < saved run when resuming < CONFIG.yaml < flags < overrides)
-    and train."""
+def _run_config(args: argparse.Namespace, resume: bool = False):
+    """(RunConfig, out dir) from preset < saved run when resuming < CONFIG.yaml < flags <
+    section.key=value overrides."""
     from pathlib import Path
 
-    from .train import resolve_config, train
+    from .train import resolve_config
     from .train.config import load_yaml
-    from .train.trainer import check_run_dir
 
     config_file, overrides = None, []
     for item in args.items:
@@ -49,12 +48,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
             raise ValueError(f"unexpected argument {item!r}: give one CONFIG.yaml and "
                              "section.key=value overrides.")
     user = load_yaml(config_file) if config_file else {}
-    out = Path(args.out or user.get("out") or
+    out = Path(getattr(args, "out", None) or user.get("out") or
                f"runs/{args.preset or user.get('preset') or 'micro'}-{args.algorithm or 'smoe'}")
     user.pop("out", None)
-    check_run_dir(out, args.resume, args.overwrite)
     layers = []
-    if args.resume and (out / "config.yaml").is_file():
+    if resume and (out / "config.yaml").is_file():
         layers.append(load_yaml(out / "config.yaml"))
     layers.append(user)
     flags: dict = {"model": {}, "data": {}, "train": {}}
@@ -62,20 +60,38 @@ def _cmd_train(args: argparse.Namespace) -> None:
         flags["model"]["algorithm"] = args.algorithm
     if args.data:
         flags["data"]["source"] = args.data
-    for flag, key in (("max_steps", "max_steps"), ("checkpoint_every", "checkpoint_every"),
-                      ("seed", "seed")):
-        if getattr(args, flag) is not None:
-            flags["train"][key] = getattr(args, flag)
+    for key in ("max_steps", "checkpoint_every", "seed"):
+        if getattr(args, key, None) is not None:
+            flags["train"][key] = getattr(args, key)
     layers.append(flags)
     preset = args.preset
-    if preset is None and not args.resume:
+    if preset is None and not resume:
         preset = user.get("preset")
-    cfg = resolve_config(layers, overrides, preset=preset)
+    return resolve_config(layers, overrides, preset=preset), out
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .train import train
+    from .train.trainer import check_run_dir
+
+    cfg, out = _run_config(args, resume=args.resume)
+    check_run_dir(out, args.resume, args.overwrite)
     summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite,
                     stop_after=args.stop_after)
     if summary.get("val_ppl") is not None and summary.get("rank", 0) == 0:
         print(f"done: step {summary['step']}, val_loss {summary['val_loss']:.4f}, "
               f"val_ppl {summary['val_ppl']:.2f}, {summary['train_time_s']:.1f} s -> {out}")
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from .train.trainer import prepare_run_data
+
+    cfg, _ = _run_config(args)
+    data = prepare_run_data(cfg)
+    m = data.meta
+    print(f"{data.directory}: {m['n_train_tokens']:,} training tokens in {m['n_train_shards']} "
+          f"shard(s), {m['n_val_tokens']:,} validation tokens, {m['vocab_size']} pieces, "
+          f"domains: {', '.join(m['domains'])}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the newest checkpoint in --out (with its saved config)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "prepare", help="tokenise and cache a run's data without training",
+        description="Build the packed, cached data (and tokenizer) that `libmoe train` with the "
+        "same arguments would use; run it before a multi-process job on a large stream.",
+    )
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [section.key=value ...]")
+    p.add_argument("--preset", default=None)
+    p.add_argument("--algorithm", default=None)
+    p.add_argument("--data", default=None)
+    p.set_defaults(func=_cmd_prepare)
     return parser
 
 
@@ -118,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides (key=value) may follow options: collect what argparse leaves over.
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command != "train" or any(x.startswith("-") for x in extra)):
+    if extra and (args.command not in ("train", "prepare") or any(x.startswith("-") for x in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.items = list(args.items) + extra

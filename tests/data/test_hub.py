@@ -151,3 +151,46 @@ def test_user_errors_are_one_clear_sentence(slimpajama_dir, tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(ValueError, match=r"pip install 'libmoe\[hub\]'"):
         load_hub_corpus(name)
+
+
+def test_streamed_hub_source_is_packed_with_a_token_cap(tmp_path, offline):
+    """prepare_data on an hf: source streams it once: tokenizer from the first training documents,
+    validation filled first, training tokens capped, then the cache is reused without reading."""
+    from pathlib import Path
+
+    from libmoe.data.packed import prepare_data
+
+    text = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare.txt")
+    if not text.is_file():
+        pytest.skip("shared data not present")
+    paragraphs = [p for p in text.read_text()[:120_000].split("\n\n") if p.strip()]
+    sets = ["RedPajamaBook", "RedPajamaWikipedia", "RedPajamaC4"]
+    root = tmp_path / "stream"
+    (root / "train").mkdir(parents=True)
+    with (root / "train" / "part_0.jsonl").open("w") as f:
+        for i, p in enumerate(paragraphs):
+            f.write(json.dumps({"text": p, "meta": {"redpajama_set_name": sets[i % 3]}}) + "\n")
+    messages = []
+    kwargs = dict(vocab_size=400, seq_len=32, min_val_tokens=400, val_fraction=0.01,
+                  max_train_tokens=5000, tokenizer_chars=20_000,
+                  hub={"domain_field": "meta.redpajama_set_name"}, cache_dir=tmp_path / "cache",
+                  log=messages.append)
+    data = prepare_data(f"hf:{root}", **kwargs)
+    assert data.meta["n_train_tokens"] == 5000 and len(data.train[0]) == 5000
+    assert data.meta["n_val_tokens"] >= 400 and data.domains == sets
+    tok, eos = data.tokenizer, data.meta["eos_id"]
+    val_ids = data.val.tolist()
+    first_val = tok.decode(val_ids[: val_ids.index(eos)])
+    assert first_val == paragraphs[0]  # validation is filled from the start of the stream
+    assert val_ids.count(eos) >= 2
+    train_ids = data.train[0].tolist()
+    first_train = tok.decode(train_ids[: train_ids.index(eos)])
+    assert first_train in paragraphs and first_train != paragraphs[0]
+    assert set(data.val_domain.tolist()) <= {0, 1, 2}
+    assert any("training a 400-piece BPE tokenizer" in m for m in messages)
+    messages.clear()
+    again = prepare_data(f"hf:{root}", **kwargs)
+    assert again.directory == data.directory
+    assert messages == [f"data: using cached tokens in {data.directory}"]
+    bigger = prepare_data(f"hf:{root}", **dict(kwargs, max_train_tokens=6000, log=lambda _: None))
+    assert bigger.directory != data.directory and bigger.meta["n_train_tokens"] == 6000

@@ -98,19 +98,13 @@ def load_corpus(source: str | Path = "embedded", *, hub_options: dict | None = N
     """Load documents with domain labels from `source` (see the module docstring). `hub_options`
     are keyword arguments for `load_hub_corpus` (``split``, ``max_documents``, ...) and apply only
     to ``"hf:NAME"`` and alias sources."""
-    from .hub import HUB_ALIASES, load_hub_corpus
+    from .hub import HUB_ALIASES, hub_name, load_hub_corpus
 
     name = str(source)
     path = Path(source)
-    hub_name = None
-    if name.startswith("hf:"):
-        hub_name = name[3:]
-        if not hub_name:
-            raise ValueError("data source 'hf:' names no dataset; write 'hf:NAME' (a Hub id or path).")
-    elif name in HUB_ALIASES and not path.exists():
-        hub_name = name
-    if hub_name is not None:
-        return load_hub_corpus(hub_name, **(hub_options or {}))
+    dataset = hub_name(name)
+    if dataset is not None:
+        return load_hub_corpus(dataset, **(hub_options or {}))
     if hub_options:
         raise ValueError(
             f"hub_options apply only to 'hf:NAME' or {sorted(HUB_ALIASES)} sources, not {name!r}."

@@ -14,8 +14,8 @@ the dataset name's last path component. `HUB_ALIASES` names ready-made settings
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import PurePath
+from collections.abc import Iterator, Mapping
+from pathlib import Path, PurePath
 from typing import Any
 
 from .corpus import Corpus, Document
@@ -44,7 +44,7 @@ def _unreachable(name: str, err: BaseException) -> FileNotFoundError:
     )
 
 
-def load_hub_corpus(
+def iter_hub_documents(
     name: str,
     *,
     config: str | None = None,
@@ -53,11 +53,12 @@ def load_hub_corpus(
     domain_field: str | None = None,
     max_documents: int | None = 10_000,
     streaming: bool = True,
-) -> Corpus:
+) -> Iterator[Document]:
     """Documents from the first `max_documents` records (None: all) of `name`'s `split` whose
-    `text_field` is non-blank text; see the module docstring. An alias in `HUB_ALIASES` supplies
-    the name and defaults for the other settings, which arguments other than the default override.
-    Each document's source is ``"{name}:{split}:{record index}"``."""
+    `text_field` is non-blank text, read lazily; see the module docstring. An alias in
+    `HUB_ALIASES` supplies the name and defaults for the other settings, which arguments other
+    than the default override. Each document's source is ``"{name}:{split}:{record index}"``.
+    The dataset is opened (and errors about it raised) on the first ``next()``."""
     settings = dict(config=config, split=split, text_field=text_field, domain_field=domain_field)
     if name in HUB_ALIASES:
         alias = dict(HUB_ALIASES[name])
@@ -89,7 +90,7 @@ def load_hub_corpus(
         ) from err
 
     default_domain = PurePath(name.rstrip("/\\")).name or name
-    documents: list[Document] = []
+    n = 0
     try:
         for index, record in enumerate(dataset):
             if index == 0 and text_field not in record:
@@ -101,12 +102,29 @@ def load_hub_corpus(
             if not isinstance(text, str) or not text.strip():
                 continue
             domain = _field(record, domain_field) if domain_field else None
-            documents.append(Document(text, default_domain if domain is None else str(domain),
-                                      f"{name}:{split}:{index}"))
-            if max_documents is not None and len(documents) >= max_documents:
+            yield Document(text, default_domain if domain is None else str(domain),
+                           f"{name}:{split}:{index}")
+            n += 1
+            if max_documents is not None and n >= max_documents:
                 break
     except OSError as err:
         raise _unreachable(name, err) from err
-    if not documents:
+    if n == 0:
         raise ValueError(f"dataset {name!r} split {split!r} holds no non-blank {text_field!r} text.")
-    return Corpus(documents)
+
+
+def load_hub_corpus(name: str, **options: Any) -> Corpus:
+    """All documents of `iter_hub_documents(name, **options)` in memory (mind `max_documents`)."""
+    return Corpus(list(iter_hub_documents(name, **options)))
+
+
+def hub_name(source: str) -> str | None:
+    """The dataset name when `source` is a Hub source (``hf:NAME`` or an alias that is not an
+    existing path), else None."""
+    if source.startswith("hf:"):
+        if not source[3:]:
+            raise ValueError("data source 'hf:' names no dataset; write 'hf:NAME' (a Hub id or path).")
+        return source[3:]
+    if source in HUB_ALIASES and not Path(source).exists():
+        return source
+    return None

@@ -20,6 +20,7 @@ two integers, so a run can resume at exactly the next window.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -148,28 +149,63 @@ def prepare_data(
     max_doc_chars: int = 50_000,
     split_seed: int = 0,
     shard_tokens: int = 1 << 27,
+    max_train_tokens: int | None = None,
+    tokenizer_chars: int = 50_000_000,
     hub: dict | None = None,
     cache_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> PackedData:
-    """Load, split, tokenise and pack `source` (cached); see the module docstring."""
-    corpus = load_corpus(source, hub_options=hub)
-    if corpus.skipped:
-        log(f"data: skipped {len(corpus.skipped)} files that are not UTF-8 "
-            f"(first: {corpus.skipped[0]})")
-    corpus = split_documents(corpus, max_doc_chars)
+    """Load, split, tokenise and pack `source` (cached); see the module docstring.
+
+    Local sources are read whole and split by document within each domain. Hub sources
+    (``hf:NAME``, ``slimpajama``) are streamed: the tokenizer is trained on the first
+    `tokenizer_chars` characters of training documents, validation takes the first documents until
+    it holds min_val_tokens and then each document with probability val_fraction, and reading stops
+    at `max_train_tokens` training tokens (or the end of the stream, or hub max_documents)."""
+    from .hub import hub_name
+
     settings = dict(format=FORMAT_VERSION, tokenizer=tokenizer,
                     vocab_size=vocab_size if tokenizer == "train" else None,
                     val_fraction=val_fraction, min_val_tokens=min_val_tokens,
-                    max_doc_chars=max_doc_chars, split_seed=split_seed, shard_tokens=shard_tokens)
-    key_src = json.dumps(settings, sort_keys=True) + _fingerprint_corpus(corpus)
+                    max_doc_chars=max_doc_chars, split_seed=split_seed, shard_tokens=shard_tokens,
+                    max_train_tokens=max_train_tokens)
+    dataset = hub_name(str(source))
+    if dataset is not None:
+        # A stream is identified by its name and options; reading it to hash it would cost a pass.
+        settings.update(tokenizer_chars=tokenizer_chars, hub=hub or {}, dataset=dataset)
+        key_src = json.dumps(settings, sort_keys=True)
+    else:
+        corpus = load_corpus(source, hub_options=hub)
+        if corpus.skipped:
+            log(f"data: skipped {len(corpus.skipped)} files that are not UTF-8 "
+                f"(first: {corpus.skipped[0]})")
+        corpus = split_documents(corpus, max_doc_chars)
+        key_src = json.dumps(settings, sort_keys=True) + _fingerprint_corpus(corpus)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     target = cache / key
-    if not (target / "meta.json").is_file():
-        _build(corpus, source, settings, target, seq_len, log)
-    else:
+    if (target / "meta.json").is_file():
         log(f"data: using cached tokens in {target}")
+    else:
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            if dataset is not None:
+                meta = _build_stream(dataset, hub or {}, settings, tmp, log)
+            else:
+                meta = _build_corpus(corpus, source, settings, tmp, seq_len, log)
+            meta = dict(settings, **meta, source=str(source),
+                        tokenizer_hash=tokenizer_fingerprint(tmp / "tokenizer"))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log(f"data: {meta['n_train_tokens']:,} training and {meta['n_val_tokens']:,} validation "
+            f"tokens in {target}")
     data = PackedData.open(target)
     n_train = data.meta["n_train_tokens"]
     if n_train < seq_len + 1 or len(data.val) < seq_len + 1:
@@ -181,7 +217,81 @@ def prepare_data(
     return data
 
 
-def _build(corpus: Corpus, source: str, settings: dict, target: Path, seq_len: int, log) -> None:
+class _TokenWriter:
+    """Appends tokenised documents to training shards (up to max_train_tokens) and to the
+    validation arrays with each token's domain id."""
+
+    def __init__(self, directory: Path, tok: Tokenizer, settings: dict):
+        self.directory, self.tok = directory, tok
+        self.dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
+        self.eos = [tok.eos_id] if tok.eos_id >= 0 else []
+        self.shard_tokens = settings["shard_tokens"]
+        self.max_train = settings["max_train_tokens"]
+        self.domains: list[str] = []
+        self.n_shards, self.in_shard, self.n_train = 0, 0, 0
+        self.n_train_docs, self.n_val_docs = 0, 0
+        self.file = None
+        self.val = (directory / "val.bin").open("wb")
+        self.val_domain = (directory / "val_domain.bin").open("wb")
+        self.n_val = 0
+
+    @property
+    def full(self) -> bool:
+        return self.max_train is not None and self.n_train >= self.max_train
+
+    def domain_id(self, domain: str) -> int:
+        if domain not in self.domains:
+            self.domains.append(domain)
+        return self.domains.index(domain)
+
+    def add(self, docs: list[Document], val: bool) -> None:
+        for doc, ids in zip(docs, _encode_all(self.tok, docs)):
+            arr = np.asarray(ids + self.eos, dtype=self.dtype)
+            if val:
+                arr.tofile(self.val)
+                np.full(len(arr), self.domain_id(doc.domain), np.uint16).tofile(self.val_domain)
+                self.n_val += len(arr)
+                self.n_val_docs += 1
+                continue
+            self.domain_id(doc.domain)
+            if self.full:
+                continue
+            if self.max_train is not None:
+                arr = arr[: self.max_train - self.n_train]
+            self.n_train_docs += 1
+            while len(arr):
+                if self.file is None or self.in_shard >= self.shard_tokens:
+                    if self.file is not None:
+                        self.file.close()
+                    self.file = (self.directory / f"train_{self.n_shards}.bin").open("wb")
+                    self.n_shards, self.in_shard = self.n_shards + 1, 0
+                take = min(len(arr), self.shard_tokens - self.in_shard)
+                arr[:take].tofile(self.file)
+                arr, self.in_shard, self.n_train = arr[take:], self.in_shard + take, self.n_train + take
+
+    def close(self) -> dict:
+        for f in (self.file, self.val, self.val_domain):
+            if f is not None:
+                f.close()
+        return dict(dtype=np.dtype(self.dtype).name, domains=self.domains,
+                    n_train_shards=self.n_shards, n_train_tokens=self.n_train,
+                    n_val_tokens=self.n_val, n_train_documents=self.n_train_docs,
+                    n_val_documents=self.n_val_docs, vocab_size=self.tok.vocab_size,
+                    eos_id=self.tok.eos_id)
+
+
+def _tokenizer_for(settings: dict, texts, n_docs: int, directory: Path, log) -> Tokenizer:
+    if settings["tokenizer"] == "train":
+        log(f"data: training a {settings['vocab_size']}-piece BPE tokenizer on {n_docs} training "
+            "documents")
+        tok = train_tokenizer(texts, settings["vocab_size"], seed=settings["split_seed"])
+    else:
+        tok = load_tokenizer(settings["tokenizer"])
+    tok.save(directory / "tokenizer")
+    return tok
+
+
+def _build_corpus(corpus: Corpus, source: str, settings: dict, tmp: Path, seq_len: int, log) -> dict:
     min_val_chars = int(settings["min_val_tokens"] * CHARS_PER_TOKEN)
     train_docs, val_docs = split_validation(
         corpus.documents, settings["val_fraction"], min_val_chars, settings["split_seed"]
@@ -194,72 +304,70 @@ def _build(corpus: Corpus, source: str, settings: dict, target: Path, seq_len: i
             f"at least one sequence of {seq_len + 1} tokens in each split; add text (long files "
             f"are cut into documents of data.max_doc_chars={settings['max_doc_chars']} characters)."
         )
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        if settings["tokenizer"] == "train":
-            log(f"data: training a {settings['vocab_size']}-piece BPE tokenizer on "
-                f"{len(train_docs)} training documents")
-            tok = train_tokenizer((d.text for d in train_docs), settings["vocab_size"],
-                                  seed=settings["split_seed"])
-        else:
-            tok = load_tokenizer(settings["tokenizer"])
-        tok.save(tmp / "tokenizer")
-        dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
-        log(f"data: tokenising {len(train_docs)} training and {len(val_docs)} validation documents")
-        domains = list(dict.fromkeys(d.domain for d in corpus.documents))
-        eos = [tok.eos_id] if tok.eos_id >= 0 else []
+    tok = _tokenizer_for(settings, (d.text for d in train_docs), len(train_docs), tmp, log)
+    log(f"data: tokenising {len(train_docs)} training and {len(val_docs)} validation documents")
+    writer = _TokenWriter(tmp, tok, settings)
+    for doc in corpus.documents:  # domain ids in first-seen order of the whole corpus
+        writer.domain_id(doc.domain)
+    for start in range(0, len(train_docs), 512):
+        writer.add(train_docs[start : start + 512], val=False)
+        if writer.full:
+            break
+    writer.add(val_docs, val=True)
+    return dict(writer.close(), skipped_files=len(corpus.skipped))
 
-        # Training tokens: shards of at most shard_tokens, filled document by document.
-        shard, n_shards, n_train, buffer = 0, 0, 0, []
-        shard_file = None
-        for start in range(0, len(train_docs), 512):
-            for ids in _encode_all(tok, train_docs[start : start + 512]):
-                arr = np.asarray(ids + eos, dtype=dtype)
-                while len(arr):
-                    if shard_file is None or shard >= settings["shard_tokens"]:
-                        if shard_file is not None:
-                            shard_file.close()
-                        shard_file = (tmp / f"train_{n_shards}.bin").open("wb")
-                        n_shards, shard = n_shards + 1, 0
-                    take = min(len(arr), settings["shard_tokens"] - shard)
-                    arr[:take].tofile(shard_file)
-                    arr, shard, n_train = arr[take:], shard + take, n_train + take
-        if shard_file is not None:
-            shard_file.close()
-        del buffer
 
-        val_ids, val_dom = [], []
-        for doc, ids in zip(val_docs, _encode_all(tok, val_docs)):
-            val_ids.append(np.asarray(ids + eos, dtype=dtype))
-            val_dom.append(np.full(len(ids) + len(eos), domains.index(doc.domain), np.uint16))
-        val = np.concatenate(val_ids) if val_ids else np.zeros(0, dtype)
-        val.tofile(tmp / "val.bin")
-        (np.concatenate(val_dom) if val_dom else np.zeros(0, np.uint16)).tofile(tmp / "val_domain.bin")
-        meta = dict(
-            settings,
-            source=str(source),
-            dtype=np.dtype(dtype).name,
-            domains=domains,
-            n_train_shards=n_shards,
-            n_train_tokens=n_train,
-            n_val_tokens=int(len(val)),
-            n_train_documents=len(train_docs),
-            n_val_documents=len(val_docs),
-            skipped_files=len(corpus.skipped),
-            vocab_size=tok.vocab_size,
-            eos_id=tok.eos_id,
-            tokenizer_hash=tokenizer_fingerprint(tmp / "tokenizer"),
-        )
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log(f"data: {n_train:,} training and {len(val):,} validation tokens in {target}")
+def _build_stream(dataset: str, hub: dict, settings: dict, tmp: Path, log) -> dict:
+    """One pass over a Hub stream; see prepare_data."""
+    from .hub import iter_hub_documents
+
+    docs = (piece for doc in iter_hub_documents(dataset, **hub)
+            for piece in split_documents(Corpus([doc]), settings["max_doc_chars"]).documents)
+    rng = random.Random(settings["split_seed"])
+    min_val_chars = settings["min_val_tokens"] * CHARS_PER_TOKEN
+    val_chars = 0
+
+    def is_val(doc: Document) -> bool:
+        nonlocal val_chars
+        if val_chars < min_val_chars or rng.random() < settings["val_fraction"]:
+            val_chars += len(doc.text)
+            return True
+        return False
+
+    # The first training documents (up to tokenizer_chars) train the tokenizer, then are written.
+    head: list[tuple[Document, bool]] = []
+    chars = 0
+    for doc in docs:
+        flag = is_val(doc)
+        head.append((doc, flag))
+        chars += 0 if flag else len(doc.text)
+        if chars >= settings["tokenizer_chars"]:
+            break
+    train_head = [d for d, v in head if not v]
+    if not train_head or len(train_head) == len(head):
+        raise ValueError(f"dataset {dataset!r} is too small for a validation split by document "
+                         f"({len(head)} documents read).")
+    tok = _tokenizer_for(settings, (d.text for d in train_head), len(train_head), tmp, log)
+    writer = _TokenWriter(tmp, tok, settings)
+    limit = settings["max_train_tokens"]
+    log(f"data: tokenising the stream of {dataset!r}"
+        + (f" up to {limit:,} training tokens" if limit else ""))
+    pending: list[tuple[Document, bool]] = head
+    report = 1 << 24
+    while True:
+        for d, _ in pending:  # domain ids in stream order
+            writer.domain_id(d.domain)
+        writer.add([d for d, v in pending if not v], val=False)
+        writer.add([d for d, v in pending if v], val=True)
+        if writer.n_train >= report:
+            log(f"data: {writer.n_train:,} training tokens so far")
+            report *= 2
+        if writer.full:
+            break
+        pending = [(d, is_val(d)) for d in itertools.islice(docs, 512)]
+        if not pending:
+            break
+    return dict(writer.close(), skipped_files=0)
 
 
 class SequenceSampler:

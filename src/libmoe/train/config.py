@@ -33,6 +33,8 @@ class DataConfig:
     min_val_tokens: int = 16_384  # the validation split grows to at least this many tokens (estimated)
     split_seed: int = 0  # the validation split and tokenizer do not depend on the training seed
     probe_tokens: int = 4096  # validation tokens (spread over domains) traced at every checkpoint
+    max_train_tokens: int | None = None  # stop packing training tokens here (Hub streams: stop reading)
+    tokenizer_chars: int = 50_000_000  # Hub streams: characters of training text for the tokenizer
     cache_dir: str | None = None  # tokenised shards; default ~/.cache/libmoe/data
     shard_tokens: int = 1 << 27
 
@@ -40,8 +42,11 @@ class DataConfig:
         check_number("data.val_fraction", self.val_fraction, 0.0)
         if self.val_fraction >= 0.5:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be below 0.5.")
-        for name in ("max_doc_chars", "min_val_tokens", "probe_tokens", "shard_tokens"):
+        for name in ("max_doc_chars", "min_val_tokens", "probe_tokens", "shard_tokens",
+                     "tokenizer_chars"):
             check_number(f"data.{name}", getattr(self, name), 1, integer=True)
+        if self.max_train_tokens is not None:
+            check_number("data.max_train_tokens", self.max_train_tokens, 1, integer=True)
 
 
 @dataclass

@@ -85,6 +85,19 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def prepare_run_data(cfg: RunConfig, log=print) -> PackedData:
+    """The packed, cached data of a run config (built on first use; `libmoe prepare` runs just
+    this, e.g. before a multi-process job on a large stream)."""
+    d = cfg.data
+    return prepare_data(
+        d.source, tokenizer=d.tokenizer, vocab_size=cfg.model.vocab_size, seq_len=cfg.seq_len,
+        val_fraction=d.val_fraction, min_val_tokens=d.min_val_tokens,
+        max_doc_chars=d.max_doc_chars, split_seed=d.split_seed, shard_tokens=d.shard_tokens,
+        max_train_tokens=d.max_train_tokens, tokenizer_chars=d.tokenizer_chars,
+        hub=d.hub or None, cache_dir=d.cache_dir, log=log,
+    )
+
+
 def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to write into a directory that holds another run unless told what to do."""
     if out.exists() and not out.is_dir():
@@ -206,19 +219,10 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
         raise ValueError(f"train.seq_len={seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}.")
 
     # Data: rank 0 builds the cache, the others then read it.
-    def load_data() -> PackedData:
-        d = cfg.data
-        return prepare_data(
-            d.source, tokenizer=d.tokenizer, vocab_size=cfg.model.vocab_size, seq_len=seq_len,
-            val_fraction=d.val_fraction, min_val_tokens=d.min_val_tokens,
-            max_doc_chars=d.max_doc_chars, split_seed=d.split_seed, shard_tokens=d.shard_tokens,
-            hub=d.hub or None, cache_dir=d.cache_dir, log=say,
-        )
-
-    data = load_data() if info.is_main else None
+    data = prepare_run_data(cfg, say) if info.is_main else None
     barrier(info)
     if data is None:
-        data = load_data()
+        data = prepare_run_data(cfg, say)
     vocab = data.meta["vocab_size"]
     if cfg.data.tokenizer != "train" and vocab != cfg.model.vocab_size:
         say(f"model: vocab_size set to the tokenizer's {vocab}")
