@@ -28,6 +28,7 @@ def test_run_writes_metrics_checkpoints_and_summary(micro_config, tmp_path):
     run = tmp_path / "run"
     assert summary["step"] == 12 and not summary["stopped_early"]
     assert math.isclose(summary["val_ppl"], math.exp(summary["val_loss"]))
+    assert summary["peak_mem_mb"] > 10 and summary["params_active"] < summary["params_total"]
     train_rows = [r for r in rows(run) if "loss" in r]
     val_rows = [r for r in rows(run) if "val_loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, 13))

@@ -178,6 +178,56 @@ def evaluate(model: nn.Module, windows: torch.Tensor, batch_size: int, info: Dis
     return float(total[0] / total[1])
 
 
+class _Window:
+    """Sums since the last metrics row, kept on the device (no host sync per step): LM loss, aux
+    loss and terms, per-layer selection counts; `row` reduces them over processes."""
+
+    def __init__(self, info: DistInfo):
+        self.info = info
+        self.steps = 0
+        self.loss: torch.Tensor | float = 0.0
+        self.aux_loss: torch.Tensor | float = 0.0
+        self.aux: dict[str, torch.Tensor] = {}
+        self.counts: list[torch.Tensor] = []
+        self.elapsed = 0.0  # seconds in training steps (evaluation and checkpoints excluded)
+
+    def add(self, output, weight: float) -> None:
+        with torch.no_grad():
+            self.loss = self.loss + output.loss.detach().double() * weight
+            self.aux_loss = self.aux_loss + output.aux_loss.detach().double() * weight
+            for name, value in output.aux.items():
+                self.aux[name] = self.aux.get(name, 0.0) + value.detach().double() * weight
+            if not self.counts:
+                self.counts = [torch.zeros(r.probs.shape[-1], dtype=torch.float64,
+                                           device=r.probs.device) for r in output.routing]
+            for c, r in zip(self.counts, output.routing):
+                ids = r.topk_idx.reshape(-1)
+                c += torch.bincount(ids[ids >= 0], minlength=c.numel())
+
+    def row(self, step: int, tokens_per_step: int) -> dict[str, Any]:
+        elapsed = self.elapsed
+        device = self.info.device
+        stats = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                             for v in [self.loss, self.aux_loss, *self.aux.values()]])
+        stats = all_reduce_sum(stats, self.info).cpu() / (self.info.world_size * self.steps)
+        row = {"step": step, "loss": float(stats[0]), "aux_loss": float(stats[1])}
+        row.update({f"aux_{name}": float(v) for name, v in zip(self.aux, stats[2:])})
+        row["tokens_per_s"] = self.steps * tokens_per_step / elapsed
+        row["step_time_s"] = elapsed / self.steps
+        row["load"] = [{"layer": l, **load_summary(all_reduce_sum(c, self.info).cpu())}
+                       for l, c in enumerate(self.counts)]
+        return row
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, the resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def train(
     cfg: RunConfig,
     out: str | Path,
@@ -330,43 +380,30 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
         logger.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
         return val_loss
 
-    counts: list[torch.Tensor] | None = None  # per MoE layer selection counts since the last row
-    window = {"loss": 0.0, "aux_loss": 0.0, "aux": {}, "steps": 0, "t": time.perf_counter()}
+    window = _Window(info)
     start_time = time.perf_counter()
     val_loss = float("nan")
     model.train()
     stopped_early = False
     while step < tc.max_steps:
+        t_step = time.perf_counter()
         set_training_progress(raw, step / tc.max_steps)
         rows = sampler.next_batch(tc.batch_size)[info.rank * local : (info.rank + 1) * local]
-        lm_sum = torch.zeros((), dtype=torch.float64)
-        aux_sum = torch.zeros((), dtype=torch.float64)
-        aux_terms: dict[str, float] = {}
         for i in range(accum):
-            batch = rows[i * micro : (i + 1) * micro].to(info.device)
+            batch = rows[i * micro : (i + 1) * micro].to(info.device, non_blocking=True)
             sync = contextlib.nullcontext()
             if info.enabled and tc.parallel == "ddp" and i < accum - 1:
-                sync = model.no_sync()
+                sync = model.no_sync()  # gradients are all-reduced on the last micro-batch only
             with sync:
                 with autocast():
                     output = model(batch[:, :-1], batch[:, 1:])
                 loss = (output.loss + output.aux_loss) / accum
                 scaler.scale(loss).backward()
-            lm_sum += output.loss.detach().double().cpu() / accum
-            aux_sum += output.aux_loss.detach().double().cpu() / accum
-            for name, value in output.aux.items():
-                aux_terms[name] = aux_terms.get(name, 0.0) + float(value) / accum
-            with torch.no_grad():
-                if counts is None:
-                    counts = [torch.zeros(r.probs.shape[-1], dtype=torch.float64)
-                              for r in output.routing]
-                for c, r in zip(counts, output.routing):
-                    ids = r.topk_idx.reshape(-1)
-                    c += torch.bincount(ids[ids >= 0], minlength=c.numel()).double().cpu()
+            window.add(output, 1 / accum)
         scaler.unscale_(opt)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip)
-        if hasattr(grad_norm, "full_tensor"):
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
             grad_norm = grad_norm.full_tensor()
         lr = sched.get_last_lr()[0]
         scaler.step(opt)
@@ -374,39 +411,19 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        window["loss"] += float(lm_sum)
-        window["aux_loss"] += float(aux_sum)
-        for name, value in aux_terms.items():
-            window["aux"][name] = window["aux"].get(name, 0.0) + value
-        window["steps"] += 1
+        window.steps += 1
+        window.elapsed += time.perf_counter() - t_step
 
         if step % tc.log_every == 0 or step == tc.max_steps:
-            n = window["steps"]
-            stats = torch.tensor([window["loss"], window["aux_loss"]] + list(window["aux"].values()),
-                                 dtype=torch.float64)
-            all_reduce_sum(stats, info)
-            stats /= world * n
-            load = []
-            for l, c in enumerate(counts or []):
-                all_reduce_sum(c, info)
-                load.append({"layer": l, **load_summary(c)})
-                c.zero_()
-            elapsed = time.perf_counter() - window["t"]
-            row = {"step": step, "loss": float(stats[0]), "aux_loss": float(stats[1])}
-            row.update({f"aux_{name}": float(v) for name, v in zip(window["aux"], stats[2:])})
-            row.update({
-                "lr": lr, "grad_norm": float(grad_norm),
-                "tokens_per_s": n * tc.batch_size * seq_len / elapsed,
-                "step_time_s": elapsed / n, "flops_per_token": fpt, "load": load,
-            })
+            row = window.row(step, tc.batch_size * seq_len)
+            row.update({"lr": lr, "grad_norm": float(grad_norm), "flops_per_token": fpt})
             logger.log(row)
-            window = {"loss": 0.0, "aux_loss": 0.0, "aux": {}, "steps": 0, "t": time.perf_counter()}
+            window = _Window(info)
         if step % tc.eval_every == 0 or step == tc.max_steps:
             val_loss = validate(step)
         stop = stop_after is not None and step >= stop_after and step < tc.max_steps
         if step % tc.checkpoint_every == 0 or step == tc.max_steps or stop:
             checkpoint(step)
-            window["t"] = time.perf_counter()
         if stop:
             logger.message(f"stopped after step {step} (--stop-after); continue with --resume")
             stopped_early = True
@@ -416,6 +433,7 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
         "step": step, "max_steps": tc.max_steps, "stopped_early": stopped_early,
         "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)) if val_loss == val_loss else None,
         "train_time_s": time.perf_counter() - start_time,
+        "peak_mem_mb": peak_memory_mb(info.device),
         "params_total": total_params, "params_active": active_params,
         "algorithm": cfg.model.algorithm, "rank": info.rank,
     }
