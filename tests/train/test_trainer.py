@@ -190,3 +190,26 @@ def test_hugging_face_tokenizer_sets_the_vocabulary(micro_config, tmp_path, hf_t
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "vocab_size: 400" in saved
     assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_tensorboard_and_progress_bar(micro_config, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = micro_config("train.tensorboard=true", steps=3)
+    train(cfg, tmp_path / "run", progress=True)
+    err = capsys.readouterr().err
+    assert "3/3" in err and "step" in err  # tqdm's bar on stderr
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"loss", "lr", "grad_norm", "val/loss", "aux/balance", "load/layer0/entropy"} <= set(tags)
+    logged = [e.value for e in events.Scalars("loss")]
+    expected = [r["loss"] for r in rows(tmp_path / "run") if "loss" in r]
+    assert logged == pytest.approx(expected)
+
+
+def test_bf16_autocast_on_cpu_trains(micro_config, tmp_path):
+    summary = train(micro_config("train.precision=bf16", steps=2), tmp_path / "run", progress=False)
+    assert math.isfinite(summary["val_loss"])
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "step_2" / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for k, v in saved.items() if v.is_floating_point())

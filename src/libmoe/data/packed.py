@@ -7,13 +7,14 @@
     <cache>/<key>/train_<i>.bin        training tokens, documents joined by EOS, raw uint16/uint32
     <cache>/<key>/val.bin, val_domain.bin   validation tokens and each token's domain id
 
-The key hashes the corpus content, the tokenizer spec and every setting that changes the tokens, so
-a changed file or setting gives a new directory and an unchanged one is reused. The directory is
-written under a temporary name and renamed, so an interrupted preparation leaves no half cache.
+The key hashes the corpus content (for Hub streams: the dataset name and options), the tokenizer
+spec and every setting that changes the tokens, so a changed file or setting gives a new directory
+and an unchanged one is reused. The directory is written under a temporary name and renamed, so an
+interrupted preparation leaves no half cache.
 
-Validation is split by document within each domain (val_fraction of its characters, at least one
-document when the domain has two or more), and grown proportionally until it holds about
-min_val_tokens. `SequenceSampler` draws training windows in a seeded random order; its state is
+Local corpora: validation is split by document within each domain (val_fraction of its
+characters, at least one document when the domain has two or more), grown proportionally until it
+holds about min_val_tokens. Hub streams are read once; see `prepare_data`. `SequenceSampler` draws training windows in a seeded random order; its state is
 two integers, so a run can resume at exactly the next window.
 """
 
