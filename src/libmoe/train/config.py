@@ -199,7 +199,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str, all_keys: list[str]) 
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """`base` updated by `update`, recursing into mappings (except the free-form option dicts)."""
+    """`base` updated by `update`, recursing into mappings; `data.hub` (options of one particular
+    dataset) is replaced whole, so switching datasets does not inherit the old one's options."""
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("hub",):
