@@ -14,8 +14,10 @@ interrupted preparation leaves no half cache.
 
 Local corpora: validation is split by document within each domain (val_fraction of its
 characters, at least one document when the domain has two or more), grown proportionally until it
-holds about min_val_tokens. Hub streams are read once; see `prepare_data`. `SequenceSampler` draws training windows in a seeded random order; its state is
-two integers, so a run can resume at exactly the next window.
+holds about min_val_tokens. Hub streams are read once; see `prepare_data`.
+
+`SequenceSampler` draws training windows in a seeded random order; its state is two integers, so a
+run can resume at exactly the next window.
 """
 
 from __future__ import annotations
