@@ -57,7 +57,8 @@ def test_cpu_tiny_values_come_from_its_yaml():
     assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == pytest.approx(2e-3)
     assert cfg.optim.warmup_steps == 30
     assert cfg.data.min_val_tokens == 65536
-    assert cfg.train.max_steps == 300 and cfg.train.eval_tokens == 65536
+    assert cfg.train.max_steps == 900 and cfg.train.eval_tokens == 65536
+    assert cfg.train.keep_checkpoints == 6
     assert cfg.seq_len == 128
 
 
