@@ -8,7 +8,7 @@
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from .config import DataConfig, OptimConfig, RunConfig, TrainConfig, config_from_dict, resolve_config
 from .trace import TRACE_META, TRACE_TENSORS, record_routing, save_trace
-from .trainer import load_run_config, train
+from .trainer import load_run_config, prepare_run_data, train
 
 __all__ = [
     "TRACE_META",
@@ -22,6 +22,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "load_run_config",
+    "prepare_run_data",
     "record_routing",
     "resolve_config",
     "save_trace",
