@@ -42,7 +42,7 @@ class SentencePieceTokenizer:
         return self.sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts, num_threads=min(4, os.cpu_count() or 1))
+        return self.sp.encode(texts, num_threads=os.cpu_count() or 1)
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(list(ids))
