@@ -13,6 +13,7 @@ from torch import nn
 
 from ..moe import DenseFFN, MoELayer, moe_layers
 from .config import PRESETS, ModelConfig, model_config
+from .loading import LoadedModel, load_model, resolve_checkpoint
 from .transformer import LMOutput, MoETransformer
 
 
@@ -39,9 +40,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 __all__ = [
     "PRESETS",
     "LMOutput",
+    "LoadedModel",
     "ModelConfig",
     "MoETransformer",
     "build_model",
     "count_parameters",
+    "load_model",
     "model_config",
+    "resolve_checkpoint",
 ]

@@ -1,0 +1,83 @@
+"""Load a trained libmoe model (and its tokenizer) from a run or checkpoint directory.
+
+    from libmoe.models import load_model
+    loaded = load_model("runs/tiny-smoe")            # newest checkpoint of the run
+    loaded = load_model("runs/tiny-smoe/checkpoints/step_300")
+    loaded.model, loaded.tokenizer, loaded.step
+
+A run directory holds ``config.yaml``, ``tokenizer/`` and ``checkpoints/step_<N>/``; a checkpoint
+directory holds ``model.safetensors`` and ``config.yaml`` (see docs/training.md). Weights are read
+with safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from .config import ModelConfig
+from .transformer import MoETransformer
+
+
+@dataclass
+class LoadedModel:
+    model: MoETransformer
+    tokenizer: Any
+    checkpoint: Path
+    step: int | None
+    config: dict[str, Any]  # the run's resolved config as saved
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory `path` names: itself, or a run directory's newest checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {str(path)!r}: give a run or checkpoint directory.")
+    if (path / "model.safetensors").is_file():
+        return path
+    if (path / "config.yaml").is_file():
+        from ..train.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(f"run {str(path)!r} has no checkpoint yet (checkpoints/step_N).")
+        return ckpt
+    raise ValueError(f"{str(path)!r} is not a libmoe model: expected a run directory (config.yaml, "
+                     "checkpoints/) or a checkpoint directory (model.safetensors, config.yaml).")
+
+
+def _find_tokenizer(ckpt: Path) -> Path:
+    for candidate in (ckpt / "tokenizer", ckpt.parent.parent / "tokenizer"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"no tokenizer for {str(ckpt)!r}: expected {ckpt}/tokenizer or the run's "
+                            "tokenizer/ two levels up.")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """The model of a run (newest checkpoint) or checkpoint directory, in eval mode, with its
+    tokenizer; see the module docstring."""
+    from ..data.tokenizer import load_tokenizer
+
+    ckpt = resolve_checkpoint(path)
+    config_path = ckpt / "config.yaml"
+    if not config_path.is_file():
+        config_path = ckpt.parent.parent / "config.yaml"
+    if not config_path.is_file():
+        raise ValueError(f"{str(ckpt)!r} is not a libmoe checkpoint: no config.yaml beside it.")
+    config = yaml.safe_load(config_path.read_text()) or {}
+    if "model" not in config:
+        raise ValueError(f"{str(config_path)!r} has no model section; it is not a libmoe run config.")
+    model = MoETransformer(ModelConfig(**config["model"]))
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    model.to(device).eval()
+    step = None
+    if (ckpt / "checkpoint.json").is_file():
+        step = json.loads((ckpt / "checkpoint.json").read_text()).get("step")
+    return LoadedModel(model, load_tokenizer(_find_tokenizer(ckpt)), ckpt, step, config)
