@@ -1,0 +1,98 @@
+"""Log-likelihood scoring of a causal LM, with lm-evaluation-harness's request semantics.
+
+`LMScorer.loglikelihood([(context, continuation), ...])` returns, per request, the summed
+log-probability of the continuation's tokens given the context and whether greedy decoding would
+have produced exactly those tokens. Tokenisation follows the harness's Hugging Face model
+(`HFLM._encode_pair`): trailing whitespace of the context moves to the continuation, the pair is
+encoded whole and the continuation's tokens are those after the context's own encoding; an empty
+context becomes the EOS token. Inputs longer than the model's window keep their last
+max_length + 1 tokens. Requests are scored in batches sorted by length (longest first), so a batch
+pads little, and results come back in request order.
+
+`loglikelihood_rolling(texts)` is the summed log-probability of every token of each text after an
+EOS token, in disjoint windows of max_length predictions, each window's input filled with the
+preceding tokens (the harness's `get_rolling_token_windows` with context_len 1): the basis of
+word and byte perplexity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LMScorer:
+    """Scores requests with `model` (a libmoe MoETransformer or any module whose output has
+    `.logits`) and `tokenizer` (encode/decode/eos_id)."""
+
+    def __init__(self, model: nn.Module, tokenizer, batch_size: int = 16,
+                 max_length: int | None = None, device: str | torch.device | None = None):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        config = getattr(model, "config", None)
+        self.max_length = max_length or getattr(config, "max_seq_len", 1024)
+        self.device = torch.device(device) if device else next(model.parameters()).device
+        if tokenizer.eos_id < 0:
+            raise ValueError("the tokenizer has no EOS token, which scoring needs as the empty context.")
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids) as the harness computes them."""
+        if not context:
+            return [self.tokenizer.eos_id], self.tokenizer.encode(continuation)
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        whole = self.tokenizer.encode(context + continuation)
+        n_context = len(self.tokenizer.encode(context))
+        return whole[:n_context], whole[n_context:]
+
+    @torch.no_grad()
+    def score_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(sum log p(continuation | context), greedy) for pre-tokenised (context, continuation)."""
+        results: list[tuple[float, bool] | None] = [None] * len(pairs)
+        rows = []
+        for i, (ctx, cont) in enumerate(pairs):
+            if not cont:
+                raise ValueError(f"request {i} has an empty continuation; nothing to score.")
+            tokens = (ctx + cont)[-(self.max_length + 1):]
+            rows.append((i, tokens[:-1], len(cont)))
+        rows.sort(key=lambda r: -len(r[1]))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(rows), self.batch_size):
+                batch = rows[start : start + self.batch_size]
+                width = len(batch[0][1])
+                inp = torch.zeros(len(batch), width, dtype=torch.long)
+                for b, (_, tokens, _) in enumerate(batch):
+                    inp[b, : len(tokens)] = torch.tensor(tokens)
+                logprobs = F.log_softmax(self.model(inp.to(self.device)).logits.float(), dim=-1).cpu()
+                for b, (i, tokens, n_cont) in enumerate(batch):
+                    end = len(tokens)
+                    target = torch.tensor(pairs[i][1][-n_cont:])
+                    lp = logprobs[b, end - n_cont : end]
+                    results[i] = (float(lp.gather(1, target[:, None]).sum()),
+                                  bool((lp.argmax(-1) == target).all()))
+        finally:
+            self.model.train(was_training)
+        return results  # type: ignore[return-value]
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        return self.score_tokens([self.encode_pair(c, x) for c, x in requests])
+
+    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
+        pairs, owner = [], []
+        for i, text in enumerate(texts):
+            ids = self.tokenizer.encode(text)
+            prefixed = [self.tokenizer.eos_id] + ids
+            for start in range(0, len(ids), self.max_length):
+                # All preceding tokens as context; score_tokens keeps the last max_length inputs,
+                # so a full window sees one token of context and the last, shorter one more.
+                pairs.append((prefixed[: start + 1], ids[start : start + self.max_length]))
+                owner.append(i)
+        totals = [0.0] * len(texts)
+        for i, (lp, _) in zip(owner, self.score_tokens(pairs)):
+            totals[i] += lp
+        return totals
