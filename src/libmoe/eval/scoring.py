@@ -51,11 +51,27 @@ class LMScorer:
     @torch.no_grad()
     def score_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(sum log p(continuation | context), greedy) for pre-tokenised (context, continuation)."""
-        results: list[tuple[float, bool] | None] = [None] * len(pairs)
-        rows = []
+        # A continuation longer than the window is scored in chunks of max_length tokens, each
+        # conditioned on everything before it (the harness refuses such requests).
+        chunks: list[tuple[list[int], list[int]]] = []
+        owner: list[int] = []
         for i, (ctx, cont) in enumerate(pairs):
             if not cont:
                 raise ValueError(f"request {i} has an empty continuation; nothing to score.")
+            for start in range(0, len(cont), self.max_length):
+                chunks.append((ctx + cont[:start], cont[start : start + self.max_length]))
+                owner.append(i)
+        totals = [0.0] * len(pairs)
+        greedy = [True] * len(pairs)
+        for i, (lp, g) in zip(owner, self._score_chunks(chunks)):
+            totals[i] += lp
+            greedy[i] = greedy[i] and g
+        return list(zip(totals, greedy))
+
+    def _score_chunks(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        results: list[tuple[float, bool] | None] = [None] * len(pairs)
+        rows = []
+        for i, (ctx, cont) in enumerate(pairs):
             tokens = (ctx + cont)[-(self.max_length + 1):]
             rows.append((i, tokens[:-1], len(cont)))
         rows.sort(key=lambda r: -len(r[1]))

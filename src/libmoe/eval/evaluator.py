@@ -1,0 +1,46 @@
+"""Run tasks against a model and collect metrics in the harness's definitions.
+
+Multiple choice: each choice is scored as the continuation `delimiter + choice` of the context;
+``acc`` takes the highest summed log-likelihood, ``acc_norm`` the highest log-likelihood per
+character of the choice (the harness's length normalisation). LAMBADA-style tasks: ``acc`` is the
+fraction of last words produced exactly by greedy decoding, ``perplexity`` exp(-mean log-likelihood
+of the last word).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .scoring import LMScorer
+from .tasks import Doc, Task, get_task, load_records
+
+
+def score_task(scorer: LMScorer, task: Task, docs: list[Doc]) -> dict[str, Any]:
+    if task.kind == "greedy_word":
+        results = scorer.loglikelihood([(d.context, task.delimiter + d.choices[0]) for d in docs])
+        mean_ll = sum(lp for lp, _ in results) / len(results)
+        return {"acc": sum(g for _, g in results) / len(results),
+                "perplexity": math.exp(-mean_ll), "n": len(docs)}
+    requests = [(d.context, task.delimiter + c) for d in docs for c in d.choices]
+    scores = iter(scorer.loglikelihood(requests))
+    acc = acc_norm = 0
+    for d in docs:
+        lls = [next(scores)[0] for _ in d.choices]
+        acc += max(range(len(lls)), key=lls.__getitem__) == d.gold
+        normed = [ll / max(1, len(c)) for ll, c in zip(lls, d.choices)]
+        acc_norm += max(range(len(normed)), key=normed.__getitem__) == d.gold
+    return {"acc": acc / len(docs), "acc_norm": acc_norm / len(docs), "n": len(docs)}
+
+
+def evaluate_tasks(scorer: LMScorer, names: list[str], data_dir=None,
+                   limit: int | None = None) -> dict[str, dict[str, Any]]:
+    """{task: metrics} for each task name (records: the first `limit`, as the harness does)."""
+    tasks = [get_task(n) for n in names]  # unknown names fail before any work
+    out = {}
+    for task in tasks:
+        docs = [task.to_doc(r) for r in load_records(task, data_dir, limit)]
+        if not docs:
+            raise ValueError(f"task {task.name!r} has no records.")
+        out[task.name] = score_task(scorer, task, docs)
+    return out

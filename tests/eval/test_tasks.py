@@ -1,0 +1,86 @@
+"""Task formats (the harness's prompts) on real records, and the metrics' definitions."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from libmoe.eval import TASKS, Doc, evaluate_tasks, get_task, load_records, score_task
+
+EVAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "eval"
+needs_eval = pytest.mark.skipif(not EVAL.is_dir(), reason="shared eval data not present")
+
+
+@needs_eval
+def test_piqa_and_arc_prompts_on_real_records():
+    piqa = load_records(get_task("piqa"), EVAL, limit=3)
+    assert len(piqa) == 3
+    doc = get_task("piqa").to_doc(piqa[0])
+    assert doc.context == f"Question: {piqa[0]['goal']}\nAnswer:"
+    assert doc.choices == [piqa[0]["sol1"], piqa[0]["sol2"]] and doc.gold == piqa[0]["label"]
+    arc = load_records(get_task("arc_easy"), EVAL, limit=50)
+    for record in arc:
+        doc = get_task("arc_easy").to_doc(record)
+        assert doc.choices[doc.gold] == record["choices"]["text"][
+            record["choices"]["label"].index(record["answerKey"])]
+        assert doc.context.startswith("Question: ") and doc.context.endswith("\nAnswer:")
+
+
+def test_hellaswag_preprocessing_like_the_harness():
+    record = {"activity_label": "Making a cake", "ctx_a": "A woman mixes flour [header] in a bowl.",
+              "ctx_b": "then she", "endings": [" adds  eggs [step] slowly.", "sings."], "label": 0}
+    doc = get_task("hellaswag").to_doc(record)
+    assert doc.context == "Making a cake: A woman mixes flour in a bowl. Then she"
+    assert doc.choices == ["adds eggs slowly.", "sings."] and doc.gold == 0
+    titled = dict(record, ctx_a="Cakes [title] Mix the flour.", ctx_b="")
+    assert get_task("hellaswag").to_doc(titled).context.startswith("Making a cake: Cakes. Mix")
+
+
+def test_lambada_target_is_the_last_word():
+    doc = get_task("lambada_openai").to_doc({"text": "He opened the door and saw his brother"})
+    assert doc.context == "He opened the door and saw his" and doc.choices == ["brother"]
+
+
+class FixedScorer:
+    """Returns preset log-likelihoods per continuation, to check the metric arithmetic."""
+
+    def __init__(self, table):
+        self.table, self.requests = table, []
+
+    def loglikelihood(self, requests):
+        self.requests += requests
+        return [self.table[cont] for _, cont in requests]
+
+
+def test_acc_and_acc_norm_definitions():
+    # Choice "a" has the higher total, "bbbbbbbbbb" the higher per-character score.
+    scorer = FixedScorer({" a": (-2.0, False), " bbbbbbbbbb": (-5.0, False)})
+    docs = [Doc("q1", ["a", "bbbbbbbbbb"], 0), Doc("q2", ["a", "bbbbbbbbbb"], 1)]
+    result = score_task(scorer, get_task("piqa"), docs)
+    assert result == {"acc": 0.5, "acc_norm": 0.5, "n": 2}
+    assert scorer.requests[:2] == [("q1", " a"), ("q1", " bbbbbbbbbb")]  # delimiter " "
+    only_gold_1 = score_task(scorer, get_task("piqa"), [docs[1]])
+    assert only_gold_1["acc"] == 0.0 and only_gold_1["acc_norm"] == 1.0
+
+
+def test_lambada_metrics():
+    scorer = FixedScorer({" dog": (-1.0, True), " cat": (-3.0, False)})
+    docs = [Doc("the", ["dog"]), Doc("a", ["cat"])]
+    result = score_task(scorer, get_task("lambada_openai"), docs)
+    assert result["acc"] == 0.5 and result["perplexity"] == pytest.approx(2.718281828**2)
+
+
+def test_unknown_task_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown task 'piqq'.*piqa.*Known tasks"):
+        evaluate_tasks(None, ["piqq"])
+    missing = r"arc_easy.test.jsonl.*allenai/ai2_arc \(config ARC-Easy\), split test"
+    with pytest.raises(FileNotFoundError, match=missing):
+        load_records(get_task("arc_easy"), tmp_path)
+
+
+def test_local_file_limit(tmp_path):
+    with (tmp_path / "piqa.validation.jsonl").open("w") as f:
+        for i in range(5):
+            f.write(json.dumps({"goal": f"g{i}", "sol1": "x", "sol2": "y", "label": i % 2}) + "\n")
+    assert [r["goal"] for r in load_records(TASKS["piqa"], tmp_path, limit=3)] == ["g0", "g1", "g2"]
+    assert len(load_records(TASKS["piqa"], tmp_path)) == 5
