@@ -84,3 +84,46 @@ def test_local_file_limit(tmp_path):
             f.write(json.dumps({"goal": f"g{i}", "sol1": "x", "sol2": "y", "label": i % 2}) + "\n")
     assert [r["goal"] for r in load_records(TASKS["piqa"], tmp_path, limit=3)] == ["g0", "g1", "g2"]
     assert len(load_records(TASKS["piqa"], tmp_path)) == 5
+
+
+@needs_eval
+def test_social_i_qa_and_commonsense_qa_prompts():
+    siqa = load_records(get_task("social_i_qa"), EVAL, limit=1)[0]
+    doc = get_task("social_i_qa").to_doc(siqa)
+    assert doc.context == f"Q: {siqa['context']} {siqa['question']}\nA:"
+    assert doc.choices == [siqa["answerA"], siqa["answerB"], siqa["answerC"]]
+    assert doc.gold == int(siqa["label"]) - 1
+    csqa = load_records(get_task("commonsense_qa"), EVAL, limit=1)[0]
+    doc = get_task("commonsense_qa").to_doc(csqa)
+    lines = doc.context.split("\n")
+    assert lines[0] == f"Question: {csqa['question'].strip()}" and lines[-1] == "Answer:"
+    assert lines[1:6] == [f"{l}. {t}" for l, t in zip("ABCDE", csqa["choices"]["text"])]
+    assert doc.choices == ["A", "B", "C", "D", "E"] and "ABCDE"[doc.gold] == csqa["answerKey"]
+
+
+class LengthScorer:
+    """Shorter continuations are more likely: a scorer whose choices are easy to predict."""
+
+    def __init__(self):
+        self.requests = []
+
+    def loglikelihood(self, requests):
+        self.requests += requests
+        return [(-float(len(cont)), False) for _, cont in requests]
+
+
+@needs_eval
+def test_blimp_group_is_the_mean_of_its_67_paradigms():
+    scorer = LengthScorer()
+    results = evaluate_tasks(scorer, ["blimp"], EVAL, limit=4)
+    paradigms = [t for t in TASKS if t.startswith("blimp_")]
+    assert len(paradigms) == 67 and results["blimp"]["subtasks"] == 67
+    expected = {}
+    for name in paradigms:
+        records = load_records(TASKS[name], EVAL, limit=4)
+        expected[name] = sum(len(r["sentence_good"]) <= len(r["sentence_bad"]) for r in records) / 4
+        assert results[name]["acc"] == expected[name]
+    assert results["blimp"]["acc"] == pytest.approx(sum(expected.values()) / 67)
+    assert results["blimp"]["n"] == 67 * 4
+    assert all(context == "" for context, _ in scorer.requests)  # no context, no delimiter
+    assert scorer.requests[0][1] == load_records(TASKS[paradigms[0]], EVAL, limit=1)[0]["sentence_good"]

@@ -39,6 +39,12 @@ def evaluate_tasks(scorer: LMScorer, names: list[str], data_dir=None,
     tasks = [get_task(n) for n in names]  # unknown names fail before any work
     out = {}
     for task in tasks:
+        if task.group:
+            parts = evaluate_tasks(scorer, task.group, data_dir, limit)
+            out.update(parts)
+            out[task.name] = {"acc": sum(p["acc"] for p in parts.values()) / len(parts),
+                              "n": sum(p["n"] for p in parts.values()), "subtasks": len(parts)}
+            continue
         docs = [task.to_doc(r) for r in load_records(task, data_dir, limit)]
         if not docs:
             raise ValueError(f"task {task.name!r} has no records.")
