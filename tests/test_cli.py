@@ -1,5 +1,6 @@
 """The command line as a user runs it: `python -m libmoe ...`."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,24 @@ def test_prepare_builds_the_cache_train_then_reuses(tmp_path):
     trained = run("train", *args, "--out", str(tmp_path / "run"), "--max-steps", "1",
                   "train.tensorboard=false")
     assert trained.returncode == 0 and "using cached tokens" in trained.stdout
+
+
+EVAL_DIR = SHAKESPEARE.parent / "eval"
+
+
+@needs_data
+def test_eval_cli_writes_results_and_a_table(tmp_path):
+    trained = run(*train_args(tmp_path, "--data", str(SHAKESPEARE), "--max-steps", "2"))
+    assert trained.returncode == 0, trained.stderr
+    result = run("eval", str(tmp_path / "run"), "--tasks", "piqa,val_ppl", "--data-dir",
+                 str(EVAL_DIR), "--limit", "4")
+    assert result.returncode == 0, result.stderr
+    assert "| task | acc | acc_norm | ppl | n |" in result.stdout and "| piqa |" in result.stdout
+    saved = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    assert saved["results"]["piqa"]["n"] == 4 and saved["config"]["step"] == 2
+    assert saved["results"]["val_ppl"]["ppl"] > 1
+    unknown = run("eval", str(tmp_path / "run"), "--tasks", "piqq")
+    assert unknown.returncode == 2 and "Did you mean piqa?" in unknown.stderr
+    assert "blimp_<paradigm> (67 of them)" in unknown.stderr
+    not_model = run("eval", str(tmp_path), "--tasks", "piqa")
+    assert not_model.returncode == 2 and "is not a libmoe model" in not_model.stderr

@@ -94,6 +94,41 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
           f"domains: {', '.join(m['domains'])}")
 
 
+def _cmd_eval(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from . import __version__
+    from .eval import LMScorer, evaluate_tasks, get_task
+    from .eval.evaluator import results_table, validation_perplexity
+    from .models import load_model
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for name in names:
+        if name != "val_ppl":
+            get_task(name)  # unknown names fail before the model loads
+    loaded = load_model(args.model)
+    print(f"model: {loaded.checkpoint} (step {loaded.step}), tasks: {', '.join(names)}",
+          file=sys.stderr)
+    scorer = LMScorer(loaded.model, loaded.tokenizer, batch_size=args.batch_size)
+    results = {}
+    for name in names:
+        start = time.perf_counter()
+        if name == "val_ppl":
+            results[name] = validation_perplexity(loaded, batch_size=args.batch_size)
+        else:
+            results.update(evaluate_tasks(scorer, [name], args.data_dir, args.limit))
+        print(f"{name}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    out = Path(args.out) if args.out else Path(args.model) / "eval" / "results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = {"model": str(args.model), "checkpoint": str(loaded.checkpoint), "step": loaded.step,
+              "tasks": names, "limit": args.limit, "data_dir": args.data_dir,
+              "batch_size": args.batch_size, "libmoe_version": __version__}
+    out.write_text(json.dumps({"results": results, "config": config}, indent=2) + "\n")
+    print(results_table(results))
+    print(f"wrote {out}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="libmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algorithm", default=None)
     p.add_argument("--data", default=None)
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser(
+        "eval", help="zero-shot tasks and validation perplexity of a trained model",
+        description="Evaluate a run or checkpoint directory on zero-shot tasks (lm-evaluation-harness "
+        "formats) and/or val_ppl (the run's own held-out split). Writes JSON and prints a table.",
+    )
+    p.add_argument("model", help="a run directory (newest checkpoint) or a checkpoint directory")
+    p.add_argument("--tasks", required=True, help="comma-separated task names, e.g. "
+                   "piqa,hellaswag,arc_easy,lambada_openai,blimp,val_ppl")
+    p.add_argument("--data-dir", default=None, help="local JSONL files DIR/<task>.<split>.jsonl "
+                   "(default: the Hugging Face Hub)")
+    p.add_argument("--limit", type=int, default=None, help="first N documents of each task")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default=None, help="results JSON (default MODEL/eval/results.json)")
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 

@@ -50,3 +50,38 @@ def evaluate_tasks(scorer: LMScorer, names: list[str], data_dir=None,
             raise ValueError(f"task {task.name!r} has no records.")
         out[task.name] = score_task(scorer, task, docs)
     return out
+
+
+def validation_perplexity(loaded, max_tokens: int | None = None, batch_size: int = 16) -> dict:
+    """The run's own held-out split (its data config, cached): {"loss", "ppl", "tokens"}."""
+    from ..data.packed import validation_windows
+    from ..train.config import config_from_dict
+    from ..train.distributed import DistInfo
+    from ..train.trainer import evaluate, prepare_run_data
+
+    cfg = config_from_dict(loaded.config)
+    data = prepare_run_data(cfg, log=lambda _: None)
+    windows = validation_windows(data.val, cfg.seq_len, max_tokens)
+    device = next(loaded.model.parameters()).device
+    loss = evaluate(loaded.model, windows, batch_size, DistInfo(device=device), _no_autocast)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(windows.shape[0]) * cfg.seq_len}
+
+
+def _no_autocast():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def results_table(results: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table of {task: metrics}."""
+    columns = ["acc", "acc_norm", "perplexity", "ppl", "n"]
+    used = [c for c in columns if any(c in m for m in results.values())]
+    lines = ["| task | " + " | ".join(used) + " |", "|---|" + "---|" * len(used)]
+    for task, metrics in results.items():
+        cells = []
+        for c in used:
+            v = metrics.get(c)
+            cells.append("" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v))
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

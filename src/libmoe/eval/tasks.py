@@ -132,8 +132,10 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         from ..moe.options import did_you_mean
 
+        known = sorted(t for t in TASKS if not t.startswith("blimp_"))
         raise ValueError(f"unknown task {name!r}.{did_you_mean(name, TASKS)} Known tasks: "
-                         f"{', '.join(sorted(TASKS))}.")
+                         f"{', '.join(known)}, blimp_<paradigm> ({len(BLIMP_PARADIGMS)} of them), "
+                         "and val_ppl for `libmoe eval`.")
     return TASKS[name]
 
 
