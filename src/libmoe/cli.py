@@ -98,35 +98,48 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from . import __version__
-    from .eval import LMScorer, evaluate_tasks, get_task
-    from .eval.evaluator import results_table, validation_perplexity
-    from .models import load_model
+    from .eval import evaluate_model
+    from .eval.table import results_table
 
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    for name in names:
-        if name != "val_ppl":
-            get_task(name)  # unknown names fail before the model loads
-    loaded = load_model(args.model)
-    print(f"model: {loaded.checkpoint} (step {loaded.step}), tasks: {', '.join(names)}",
-          file=sys.stderr)
-    scorer = LMScorer(loaded.model, loaded.tokenizer, batch_size=args.batch_size)
-    results = {}
-    for name in names:
-        start = time.perf_counter()
-        if name == "val_ppl":
-            results[name] = validation_perplexity(loaded, batch_size=args.batch_size)
-        else:
-            results.update(evaluate_tasks(scorer, [name], args.data_dir, args.limit))
-        print(f"{name}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError("--tasks is empty; name at least one task (e.g. piqa,val_ppl).")
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    payload = evaluate_model(args.model, tasks, args.data_dir, args.limit, args.batch_size,
+                             args.device, log=log)
     out = Path(args.out) if args.out else Path(args.model) / "eval" / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    config = {"model": str(args.model), "checkpoint": str(loaded.checkpoint), "step": loaded.step,
-              "tasks": names, "limit": args.limit, "data_dir": args.data_dir,
-              "batch_size": args.batch_size, "libmoe_version": __version__}
-    out.write_text(json.dumps({"results": results, "config": config}, indent=2) + "\n")
-    print(results_table(results))
-    print(f"wrote {out}", file=sys.stderr)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(results_table(payload["results"]))
+    log(f"wrote {out}")
+
+
+def _cmd_eval_table(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .eval.table import comparison_csv, comparison_markdown, comparison_rows, read_results
+
+    models: dict = {}
+    names = args.names.split(",") if args.names else None
+    if names and len(names) != len(args.results):
+        raise ValueError(f"--names gives {len(names)} names for {len(args.results)} result files.")
+    for i, path in enumerate(args.results):
+        name, results = read_results(path)
+        name = names[i] if names else name
+        base, k = name, 2
+        while name in models:  # two runs with the same directory name
+            name, k = f"{base}-{k}", k + 1
+        models[name] = results
+    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
+    columns, rows = comparison_rows(models, metric=args.metric, tasks=tasks)
+    markdown, table_csv = comparison_markdown(columns, rows), comparison_csv(columns, rows)
+    print(table_csv if args.format == "csv" else markdown, end="\n" if args.format == "md" else "")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(markdown + "\n")
+        out.with_suffix(".csv").write_text(table_csv)
+        print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.csv')}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,18 +189,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval", help="zero-shot tasks and validation perplexity of a trained model",
-        description="Evaluate a run or checkpoint directory on zero-shot tasks (lm-evaluation-harness "
-        "formats) and/or val_ppl (the run's own held-out split). Writes JSON and prints a table.",
+        description="Evaluate a run, checkpoint or transformers model directory on zero-shot tasks "
+        "(lm-evaluation-harness formats), task YAML files and/or val_ppl (a run's own held-out "
+        "split). Writes JSON and prints a Markdown table.",
     )
-    p.add_argument("model", help="a run directory (newest checkpoint) or a checkpoint directory")
-    p.add_argument("--tasks", required=True, help="comma-separated task names, e.g. "
-                   "piqa,hellaswag,arc_easy,lambada_openai,blimp,val_ppl")
+    p.add_argument("model", help="a run directory (newest checkpoint), a checkpoint directory or a "
+                   "transformers model directory")
+    p.add_argument("--tasks", required=True, help="comma-separated task names or task YAML paths, "
+                   "e.g. piqa,hellaswag,arc_easy,lambada_openai,blimp,val_ppl")
     p.add_argument("--data-dir", default=None, help="local JSONL files DIR/<task>.<split>.jsonl "
-                   "(default: the Hugging Face Hub)")
+                   "(BLiMP: DIR/blimp/<paradigm>.jsonl); default: the Hugging Face Hub")
     p.add_argument("--limit", type=int, default=None, help="first N documents of each task")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--out", default=None, help="results JSON (default MODEL/eval/results.json)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "eval-table", help="the paper's comparison table (scores, AVG, AVG rank) of several models",
+        description="Build the paper-style comparison table (Table 2: PPL, per-task scores in %%, "
+        "AVG, AVG rank) from `libmoe eval` or lm_eval results files. Prints Markdown (or CSV).",
+    )
+    p.add_argument("results", nargs="+", help="results JSON files, one per model")
+    p.add_argument("--names", default=None, help="comma-separated model names (default: each "
+                   "model's directory name)")
+    p.add_argument("--tasks", default=None, help="columns, comma-separated (default: every task "
+                   "present, in the paper's order)")
+    p.add_argument("--metric", default="acc", choices=["acc", "acc_norm", "acc_bytes"],
+                   help="score per task where the task has it (else acc); default acc, as the paper")
+    p.add_argument("--format", default="md", choices=["md", "csv"], help="what to print")
+    p.add_argument("--out", default=None, help="also write OUT.md and OUT.csv")
+    p.set_defaults(func=_cmd_eval_table)
     return parser
 
 

@@ -47,7 +47,7 @@ class FixedScorer:
     def __init__(self, table):
         self.table, self.requests = table, []
 
-    def loglikelihood(self, requests):
+    def loglikelihood(self, requests, desc=None):
         self.requests += requests
         return [self.table[cont] for _, cont in requests]
 
@@ -57,7 +57,8 @@ def test_acc_and_acc_norm_definitions():
     scorer = FixedScorer({" a": (-2.0, False), " bbbbbbbbbb": (-5.0, False)})
     docs = [Doc("q1", ["a", "bbbbbbbbbb"], 0), Doc("q2", ["a", "bbbbbbbbbb"], 1)]
     result = score_task(scorer, get_task("piqa"), docs)
-    assert result == {"acc": 0.5, "acc_norm": 0.5, "n": 2}
+    assert (result["acc"], result["acc_norm"], result["acc_bytes"], result["n"]) == (0.5, 0.5, 0.5, 2)
+    assert result["acc_stderr"] == pytest.approx(0.5)  # sqrt(var_ddof1 / n) = sqrt(0.5 / 2)
     assert scorer.requests[:2] == [("q1", " a"), ("q1", " bbbbbbbbbb")]  # delimiter " "
     only_gold_1 = score_task(scorer, get_task("piqa"), [docs[1]])
     assert only_gold_1["acc"] == 0.0 and only_gold_1["acc_norm"] == 1.0
@@ -107,7 +108,7 @@ class LengthScorer:
     def __init__(self):
         self.requests = []
 
-    def loglikelihood(self, requests):
+    def loglikelihood(self, requests, desc=None):
         self.requests += requests
         return [(-float(len(cont)), False) for _, cont in requests]
 
@@ -125,5 +126,5 @@ def test_blimp_group_is_the_mean_of_its_67_paradigms():
         assert results[name]["acc"] == expected[name]
     assert results["blimp"]["acc"] == pytest.approx(sum(expected.values()) / 67)
     assert results["blimp"]["n"] == 67 * 4
-    assert all(context == "" for context, _ in scorer.requests)  # no context, no delimiter
-    assert scorer.requests[0][1] == load_records(TASKS[paradigms[0]], EVAL, limit=1)[0]["sentence_good"]
+    assert all(context == "" for context, _ in scorer.requests)  # empty context, then " " + sentence
+    assert scorer.requests[0][1] == " " + load_records(TASKS[paradigms[0]], EVAL, limit=1)[0]["sentence_good"]

@@ -1,21 +1,28 @@
-"""Evaluation (in progress): log-likelihood scoring with lm-evaluation-harness request
-semantics, the first zero-shot tasks (piqa, hellaswag, arc_easy, arc_challenge, lambada_openai,
-social_i_qa, commonsense_qa, blimp) and their metrics. The remaining tasks, user-defined YAML
-tasks, the `libmoe eval` CLI, the comparison table and the harness adapter are still to come
-(see the evaluation issue)."""
+"""Evaluation: perplexity and zero-shot tasks, comparable with lm-evaluation-harness.
 
-from .evaluator import evaluate_tasks, score_task
+Log-likelihood scoring with the harness's request semantics (`LMScorer`), a registry of the
+paper's tasks and more in the harness's formats (`TASKS`, `get_task`), user-defined YAML tasks
+(`load_task_file`), metrics (`evaluate_tasks`, `evaluate_model`), the paper's comparison table
+(`libmoe.eval.table`) and the harness model ``libmoe`` (`libmoe.eval.harness`). See
+docs/evaluation.md.
+"""
+
+from .evaluator import evaluate_model, evaluate_tasks, score_task, validation_perplexity
 from .scoring import LMScorer
 from .tasks import TASKS, Doc, Task, get_task, load_records, register_task
+from .yaml_tasks import load_task_file
 
 __all__ = [
     "TASKS",
     "Doc",
     "LMScorer",
     "Task",
+    "evaluate_model",
     "evaluate_tasks",
     "get_task",
     "load_records",
+    "load_task_file",
     "register_task",
     "score_task",
+    "validation_perplexity",
 ]

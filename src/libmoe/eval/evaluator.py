@@ -1,66 +1,148 @@
 """Run tasks against a model and collect metrics in the harness's definitions.
 
-Multiple choice: each choice is scored as the continuation `delimiter + choice` of the context;
-``acc`` takes the highest summed log-likelihood, ``acc_norm`` the highest log-likelihood per
-character of the choice (the harness's length normalisation). LAMBADA-style tasks: ``acc`` is the
-fraction of last words produced exactly by greedy decoding, ``perplexity`` exp(-mean log-likelihood
-of the last word).
+Multiple choice: each choice is scored as the continuation `delimiter + choice` of the context
+(or, for multiple-input tasks, the shared continuation after each candidate context); ``acc`` takes
+the highest summed log-likelihood, ``acc_norm`` the highest log-likelihood per character of the
+choice and ``acc_bytes`` per UTF-8 byte (the harness's two length normalisations; its ``acc_norm``
+counts characters, which equals bytes on ASCII text). LAMBADA-style tasks: ``acc`` is the fraction
+of targets produced exactly by greedy decoding, ``perplexity`` exp(-mean log-likelihood of the
+target). Rolling (perplexity) tasks: ``word_perplexity``, ``byte_perplexity``, ``bits_per_byte``.
+``*_stderr`` is the standard error of the mean over documents, as the harness reports it. A group
+(``blimp``, ``cbt``) is the unweighted mean of its tasks, as the harness aggregates BLiMP.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .scoring import LMScorer
 from .tasks import Doc, Task, get_task, load_records
 
 
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def _stderr(hits: list[float]) -> float | None:
+    n = len(hits)
+    if n < 2:
+        return None
+    mean = sum(hits) / n
+    return math.sqrt(sum((h - mean) ** 2 for h in hits) / (n - 1) / n)
+
+
+def _mean_metrics(hits: dict[str, list[float]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for metric, values in hits.items():
+        out[metric] = sum(values) / len(values)
+        if metric in ("acc", "acc_norm"):
+            out[f"{metric}_stderr"] = _stderr(values)
+    return out
+
+
 def score_task(scorer: LMScorer, task: Task, docs: list[Doc]) -> dict[str, Any]:
+    """The task's metrics over `docs` (see the module docstring)."""
+    if task.kind == "rolling":
+        texts = [d.choices[0] for d in docs]
+        lls = scorer.loglikelihood_rolling(texts, desc=task.name)
+        words = sum(len(re.split(r"\s+", t)) for t in texts)
+        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        total = sum(lls)
+        return {"word_perplexity": math.exp(-total / words), "byte_perplexity": math.exp(-total / n_bytes),
+                "bits_per_byte": -total / n_bytes / math.log(2), "n": len(docs)}
+    requests = [r for d in docs for r in task.requests(d)]
+    results = iter(scorer.loglikelihood(requests, desc=task.name))
     if task.kind == "greedy_word":
-        results = scorer.loglikelihood([(d.context, task.delimiter + d.choices[0]) for d in docs])
-        mean_ll = sum(lp for lp, _ in results) / len(results)
-        return {"acc": sum(g for _, g in results) / len(results),
-                "perplexity": math.exp(-mean_ll), "n": len(docs)}
-    requests = [(d.context, task.delimiter + c) for d in docs for c in d.choices]
-    scores = iter(scorer.loglikelihood(requests))
-    acc = acc_norm = 0
+        scored = [next(results) for _ in docs]
+        out = _mean_metrics({"acc": [float(g) for _, g in scored]})
+        out["perplexity"] = math.exp(-sum(lp for lp, _ in scored) / len(scored))
+        return {**out, "n": len(docs)}
+    hits: dict[str, list[float]] = {"acc": [], "acc_norm": [], "acc_bytes": []}
     for d in docs:
-        lls = [next(scores)[0] for _ in d.choices]
-        acc += max(range(len(lls)), key=lls.__getitem__) == d.gold
-        normed = [ll / max(1, len(c)) for ll, c in zip(lls, d.choices)]
-        acc_norm += max(range(len(normed)), key=normed.__getitem__) == d.gold
-    return {"acc": acc / len(docs), "acc_norm": acc_norm / len(docs), "n": len(docs)}
+        lls = [next(results)[0] for _ in d.choices]
+        hits["acc"].append(float(_argmax(lls) == d.gold))
+        chars = [ll / max(1, len(c)) for ll, c in zip(lls, d.choices)]
+        hits["acc_norm"].append(float(_argmax(chars) == d.gold))
+        n_bytes = [ll / max(1, len(c.encode("utf-8"))) for ll, c in zip(lls, d.choices)]
+        hits["acc_bytes"].append(float(_argmax(n_bytes) == d.gold))
+    return {**_mean_metrics(hits), "n": len(docs)}
 
 
-def evaluate_tasks(scorer: LMScorer, names: list[str], data_dir=None,
-                   limit: int | None = None) -> dict[str, dict[str, Any]]:
-    """{task: metrics} for each task name (records: the first `limit`, as the harness does)."""
+def evaluate_tasks(scorer: LMScorer, names: list[str], data_dir=None, limit: int | None = None,
+                   log: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+    """{task: metrics} for each task name or task YAML path (records: the first `limit` of each
+    task, as the harness's --limit). A group adds its tasks' entries and its own mean."""
     tasks = [get_task(n) for n in names]  # unknown names fail before any work
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for task in tasks:
         if task.group:
-            parts = evaluate_tasks(scorer, task.group, data_dir, limit)
+            parts = evaluate_tasks(scorer, task.group, data_dir, limit, log)
             out.update(parts)
-            out[task.name] = {"acc": sum(p["acc"] for p in parts.values()) / len(parts),
-                              "n": sum(p["n"] for p in parts.values()), "subtasks": len(parts)}
+            shared = [m for m in ("acc", "acc_norm", "acc_bytes") if all(m in p for p in parts.values())]
+            out[task.name] = {m: sum(p[m] for p in parts.values()) / len(parts) for m in shared}
+            out[task.name].update(n=sum(p["n"] for p in parts.values()), subtasks=len(parts))
             continue
+        start = time.perf_counter()
         docs = [task.to_doc(r) for r in load_records(task, data_dir, limit)]
         if not docs:
             raise ValueError(f"task {task.name!r} has no records.")
         out[task.name] = score_task(scorer, task, docs)
+        if log:
+            log(f"{task.name}: {len(docs)} documents in {time.perf_counter() - start:.1f} s")
     return out
 
 
+def evaluate_model(model: str | Path, tasks: list[str], data_dir: str | Path | None = None,
+                   limit: int | None = None, batch_size: int = 16, device: str = "cpu",
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """`libmoe eval`: {"results": {task: metrics}, "config": {...}} for a run, checkpoint or
+    transformers model directory. Task names may be task YAML paths; ``val_ppl`` is the run's own
+    validation split. Every task name is checked before the model loads."""
+    from .. import __version__
+    from ..models import load_model
+
+    names = [t for t in tasks if t != "val_ppl"]
+    for name in names:
+        get_task(name)
+    loaded = load_model(model, device=device)
+    if log:
+        log(f"model: {loaded.checkpoint}" + (f" (step {loaded.step})" if loaded.step is not None else ""))
+    scorer = LMScorer(loaded.model, loaded.tokenizer, batch_size=batch_size)
+    results: dict[str, dict[str, Any]] = {}
+    for name in tasks:
+        if name == "val_ppl":
+            start = time.perf_counter()
+            results["val_ppl"] = validation_perplexity(loaded, batch_size=batch_size)
+            if log:
+                log(f"val_ppl: {results['val_ppl']['tokens']:,} tokens in "
+                    f"{time.perf_counter() - start:.1f} s")
+        else:
+            results.update(evaluate_tasks(scorer, [name], data_dir, limit, log))
+    config = {"model": str(model), "checkpoint": str(loaded.checkpoint), "step": loaded.step,
+              "tasks": list(tasks), "limit": limit, "data_dir": None if data_dir is None else str(data_dir),
+              "batch_size": batch_size, "libmoe_version": __version__}
+    return {"results": results, "config": config}
+
+
 def validation_perplexity(loaded, max_tokens: int | None = None, batch_size: int = 16) -> dict:
-    """The run's own held-out split (its data config, cached): {"loss", "ppl", "tokens"}."""
+    """The run's own held-out split (its data config; cached after training): {"loss", "ppl",
+    "tokens"}, exp of the mean next-token cross-entropy as during training."""
     from ..data.packed import validation_windows
     from ..train.config import config_from_dict
     from ..train.distributed import DistInfo
     from ..train.trainer import evaluate, prepare_run_data
 
+    if not loaded.config:
+        raise ValueError(f"val_ppl needs a libmoe run's data config, which {loaded.checkpoint} has "
+                         "not; evaluate perplexity on a task instead.")
     cfg = config_from_dict(loaded.config)
-    data = prepare_run_data(cfg, log=lambda _: None)
+    data = prepare_run_data(cfg, log=lambda msg: print(msg, file=sys.stderr))
     windows = validation_windows(data.val, cfg.seq_len, max_tokens)
     device = next(loaded.model.parameters()).device
     loss = evaluate(loaded.model, windows, batch_size, DistInfo(device=device), _no_autocast)
@@ -71,17 +153,3 @@ def _no_autocast():
     import contextlib
 
     return contextlib.nullcontext()
-
-
-def results_table(results: dict[str, dict[str, Any]]) -> str:
-    """A Markdown table of {task: metrics}."""
-    columns = ["acc", "acc_norm", "perplexity", "ppl", "n"]
-    used = [c for c in columns if any(c in m for m in results.values())]
-    lines = ["| task | " + " | ".join(used) + " |", "|---|" + "---|" * len(used)]
-    for task, metrics in results.items():
-        cells = []
-        for c in used:
-            v = metrics.get(c)
-            cells.append("" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v))
-        lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)

@@ -13,11 +13,19 @@ pads little, and results come back in request order.
 EOS token, in disjoint windows of max_length predictions, each window's input filled with the
 preceding tokens (the harness's `get_rolling_token_windows` with context_len 1): the basis of
 word and byte perplexity.
+
+`generate_until([(context, {"until": [...], "max_gen_toks": N}), ...])` decodes greedily, one
+request at a time (the models have no KV cache; generation tasks are not part of the paper's
+evaluation), and cuts the text at the first stop string, as the harness does.
+
+A progress bar (tqdm, on stderr) shows the requests scored when stderr is a terminal.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +37,16 @@ class LMScorer:
     `.logits`) and `tokenizer` (encode/decode/eos_id)."""
 
     def __init__(self, model: nn.Module, tokenizer, batch_size: int = 16,
-                 max_length: int | None = None, device: str | torch.device | None = None):
+                 max_length: int | None = None, device: str | torch.device | None = None,
+                 progress: bool | None = None):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        config = getattr(model, "config", None)
-        self.max_length = max_length or getattr(config, "max_seq_len", 1024)
+        self.max_length = max_length or model_window(model)
         self.device = torch.device(device) if device else next(model.parameters()).device
-        if tokenizer.eos_id < 0:
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        if tokenizer.eos_id is None or tokenizer.eos_id < 0:
             raise ValueError("the tokenizer has no EOS token, which scoring needs as the empty context.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size} must be at least 1.")
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """(context ids, continuation ids) as the harness computes them."""
@@ -49,7 +60,8 @@ class LMScorer:
         return whole[:n_context], whole[n_context:]
 
     @torch.no_grad()
-    def score_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    def score_tokens(self, pairs: Sequence[tuple[list[int], list[int]]],
+                     desc: str | None = None) -> list[tuple[float, bool]]:
         """(sum log p(continuation | context), greedy) for pre-tokenised (context, continuation)."""
         # A continuation longer than the window is scored in chunks of max_length tokens, each
         # conditioned on everything before it (the harness refuses such requests).
@@ -63,12 +75,15 @@ class LMScorer:
                 owner.append(i)
         totals = [0.0] * len(pairs)
         greedy = [True] * len(pairs)
-        for i, (lp, g) in zip(owner, self._score_chunks(chunks)):
+        for i, (lp, g) in zip(owner, self._score_chunks(chunks, desc)):
             totals[i] += lp
             greedy[i] = greedy[i] and g
         return list(zip(totals, greedy))
 
-    def _score_chunks(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    def _score_chunks(self, pairs: Sequence[tuple[list[int], list[int]]],
+                      desc: str | None) -> list[tuple[float, bool]]:
+        from tqdm import tqdm
+
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         rows = []
         for i, (ctx, cont) in enumerate(pairs):
@@ -77,6 +92,8 @@ class LMScorer:
         rows.sort(key=lambda r: -len(r[1]))
         was_training = self.model.training
         self.model.eval()
+        bar = tqdm(total=len(rows), desc=desc, unit="req", disable=not self.progress, leave=False,
+                   dynamic_ncols=True)
         try:
             for start in range(0, len(rows), self.batch_size):
                 batch = rows[start : start + self.batch_size]
@@ -91,14 +108,17 @@ class LMScorer:
                     lp = logprobs[b, end - n_cont : end]
                     results[i] = (float(lp.gather(1, target[:, None]).sum()),
                                   bool((lp.argmax(-1) == target).all()))
+                bar.update(len(batch))
         finally:
+            bar.close()
             self.model.train(was_training)
         return results  # type: ignore[return-value]
 
-    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
-        return self.score_tokens([self.encode_pair(c, x) for c, x in requests])
+    def loglikelihood(self, requests: Sequence[tuple[str, str]],
+                      desc: str | None = None) -> list[tuple[float, bool]]:
+        return self.score_tokens([self.encode_pair(c, x) for c, x in requests], desc)
 
-    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
+    def loglikelihood_rolling(self, texts: Sequence[str], desc: str | None = None) -> list[float]:
         pairs, owner = [], []
         for i, text in enumerate(texts):
             ids = self.tokenizer.encode(text)
@@ -109,6 +129,56 @@ class LMScorer:
                 pairs.append((prefixed[: start + 1], ids[start : start + self.max_length]))
                 owner.append(i)
         totals = [0.0] * len(texts)
-        for i, (lp, _) in zip(owner, self.score_tokens(pairs)):
+        for i, (lp, _) in zip(owner, self.score_tokens(pairs, desc)):
             totals[i] += lp
         return totals
+
+    @torch.no_grad()
+    def generate_until(self, requests: Sequence[tuple[str, dict[str, Any]]],
+                       desc: str | None = None) -> list[str]:
+        """Greedy continuations of each context, cut at the first of `until` (see the module
+        docstring); `max_gen_toks` (default 256) bounds the new tokens."""
+        from tqdm import tqdm
+
+        outputs = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for context, kwargs in tqdm(requests, desc=desc, unit="req", disable=not self.progress,
+                                        leave=False, dynamic_ncols=True):
+                kwargs = dict(kwargs or {})
+                until = kwargs.get("until") or []
+                until = [until] if isinstance(until, str) else [u for u in until if u]
+                max_new = int(kwargs.get("max_gen_toks", 256))
+                if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0.0:
+                    raise ValueError("libmoe generates greedily only; the request asked for sampling "
+                                     f"({kwargs}).")
+                ids = self.tokenizer.encode(context) if context else [self.tokenizer.eos_id]
+                new: list[int] = []
+                for _ in range(max_new):
+                    window = (ids + new)[-self.max_length:]
+                    logits = self.model(torch.tensor([window], device=self.device)).logits
+                    token = int(logits[0, -1].argmax())
+                    if token == self.tokenizer.eos_id:
+                        break
+                    new.append(token)
+                    if until and any(u in self.tokenizer.decode(new) for u in until):
+                        break
+                text = self.tokenizer.decode(new)
+                for u in until:
+                    text = text.split(u)[0]
+                outputs.append(text)
+        finally:
+            self.model.train(was_training)
+        return outputs
+
+
+def model_window(model: nn.Module, default: int = 2048) -> int:
+    """The longest input `model` takes: libmoe's max_seq_len, or a transformers config's
+    n_positions / max_position_embeddings / n_ctx (the harness's order), else `default`."""
+    config = getattr(model, "config", None)
+    for attr in ("max_seq_len", "n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default

@@ -1,14 +1,18 @@
 """Zero-shot tasks in lm-evaluation-harness's formats, registered by name.
 
-A task turns each record of its dataset (Hub schema) into a `Doc`: a context, the candidate
-continuations and the gold index (multiple choice), or a context and one target (LAMBADA-style
-greedy word prediction). Prompts, target delimiter (" ") and preprocessing follow the harness's
-task of the same name. Records come from local JSON Lines, ``DIR/<task>.<split>.jsonl`` (the layout of
-``../shared/data/eval``), or from the Hub through `datasets` when no directory is given.
+A task turns each record of its dataset (Hub schema) into a `Doc`: a context and the candidate
+continuations with the gold index (multiple choice), several candidate contexts sharing one
+continuation (the harness's "multiple input" tasks: WinoGrande), or a context and one target
+(LAMBADA-style greedy word prediction). Prompts, target delimiter (" ") and preprocessing follow
+the harness's task of the same name (tested against lm-eval's own request construction). Records
+come from local JSON Lines, ``DIR/<task>.<split>.jsonl`` (the layout of ``../shared/data/eval``),
+or from the Hub through `datasets` when no directory is given. The split is the one the harness
+evaluates (its test split where it has one, else validation).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from collections.abc import Callable
@@ -20,8 +24,11 @@ from typing import Any
 @dataclass
 class Doc:
     context: str
-    choices: list[str]  # continuations without the leading delimiter
+    choices: list[str]  # continuations without the leading delimiter (or contexts, see below)
     gold: int = 0
+    # Set for multiple-input tasks: `choices` are then alternative contexts, each followed by
+    # this one continuation (the harness's doc_to_text returning an index, e.g. WinoGrande).
+    continuation: str | None = None
 
 
 @dataclass
@@ -29,11 +36,18 @@ class Task:
     name: str
     hub: tuple[str, str | None]  # (dataset, config)
     split: str
-    kind: str  # "multiple_choice" or "greedy_word"
-    to_doc: Callable[[dict[str, Any]], Doc]
+    kind: str  # "multiple_choice", "greedy_word", "rolling" or "group"
+    to_doc: Callable[[dict[str, Any]], Doc] | None  # None for groups
     delimiter: str = " "
     group: list[str] | None = None  # a group task: the mean of these tasks' metrics
     local_path: str | None = None  # under --data-dir; default "<name>.<split>.jsonl"
+    data_file: Path | None = None  # a fixed file (user-defined YAML tasks), whatever --data-dir
+
+    def requests(self, doc: Doc) -> list[tuple[str, str]]:
+        """The (context, continuation) log-likelihood requests of one document, one per choice."""
+        if doc.continuation is not None:
+            return [(c, self.delimiter + doc.continuation) for c in doc.choices]
+        return [(doc.context, self.delimiter + c) for c in doc.choices]
 
 
 TASKS: dict[str, Task] = {}
@@ -91,7 +105,7 @@ register_task(Task("social_i_qa", ("lighteval/siqa", None), "validation", "multi
 register_task(Task("commonsense_qa", ("tau/commonsense_qa", None), "validation", "multiple_choice",
                    _commonsense_qa))
 
-# BLiMP: each paradigm is a task (good vs bad sentence, empty context, no delimiter), and "blimp"
+# BLiMP: each paradigm is a task (good vs bad sentence after an empty context), and "blimp"
 # is their mean. Local files: DIR/blimp/<paradigm>.jsonl.
 BLIMP_PARADIGMS = """
     adjunct_island anaphor_gender_agreement anaphor_number_agreement animate_subject_passive
@@ -122,28 +136,91 @@ BLIMP_PARADIGMS = """
 """.split()
 for _paradigm in BLIMP_PARADIGMS:
     register_task(Task(f"blimp_{_paradigm}", ("nyu-mll/blimp", _paradigm), "train", "multiple_choice",
-                       lambda r: Doc("", [r["sentence_good"], r["sentence_bad"]], 0), delimiter="",
+                       lambda r: Doc("", [r["sentence_good"], r["sentence_bad"]], 0),
                        local_path=f"blimp/{_paradigm}.jsonl"))
-register_task(Task("blimp", ("nyu-mll/blimp", None), "train", "group", lambda r: Doc("", []),
+register_task(Task("blimp", ("nyu-mll/blimp", None), "train", "group", None,
                    group=[f"blimp_{p}" for p in BLIMP_PARADIGMS]))
 
 
+# Children's Book Test (not in the harness): the story's 20 sentences as context, and the query
+# sentence with each of the 10 candidates in the blank (XXXXX) as the continuations, so the
+# choice is the candidate that makes the query most likely (the paper's ALGORITHMS.md 4, as in
+# GPT-2's evaluation). "cbt" is the mean of the named-entity and common-noun sets, as the paper
+# reports it.
+def _cbt(r: dict[str, Any]) -> Doc:
+    return Doc(" ".join(s.strip() for s in r["sentences"]),
+               [r["question"].replace("XXXXX", option) for option in r["options"]],
+               list(r["options"]).index(r["answer"]))
+
+
+for _cbt_set in ("CN", "NE"):
+    register_task(Task(f"cbt_{_cbt_set.lower()}", ("cam-cst/cbt", _cbt_set), "test", "multiple_choice",
+                       _cbt))
+register_task(Task("cbt", ("cam-cst/cbt", None), "test", "group", None, group=["cbt_cn", "cbt_ne"]))
+
+
+def _race(r: dict[str, Any]) -> Doc:
+    # The harness's preprocess_race: the article, every earlier question of the passage with its
+    # answer (cloze questions filled in), then the last question; its four options are the choices.
+    problems = r["problems"] if isinstance(r["problems"], list) else ast.literal_eval(r["problems"])
+    text = "Article: " + r["article"] + "\n\n"
+    for problem in problems[:-1]:
+        answer = problem["options"]["ABCD".index(problem["answer"])]
+        if problem["question"][-6:] == "  _  .":
+            text += problem["question"][:-5] + answer + "\n"
+        else:
+            text += "Question: " + problem["question"] + "\n" + "Answer: " + answer + "\n"
+    last = problems[-1]
+    return Doc(text + last["question"], [last["options"][i] for i in range(4)],
+               "ABCD".index(last["answer"]))
+
+
+def _winogrande(r: dict[str, Any]) -> Doc:
+    # Partial scoring: the sentence up to the blank with each option is a context, the rest of the
+    # sentence the shared continuation.
+    blank = r["sentence"].index("_")
+    return Doc("", [r["sentence"][:blank] + r["option1"], r["sentence"][:blank] + r["option2"]],
+               {"1": 0, "2": 1}[str(r["answer"])], continuation=r["sentence"][blank + 1 :].strip())
+
+
+def _openbookqa(r: dict[str, Any]) -> Doc:
+    return Doc(r["question_stem"], list(r["choices"]["text"]),
+               list(r["choices"]["label"]).index(r["answerKey"].lstrip()))
+
+
+register_task(Task("race", ("EleutherAI/race", "high"), "test", "multiple_choice", _race))
+register_task(Task("winogrande", ("allenai/winogrande", "winogrande_xl"), "validation",
+                   "multiple_choice", _winogrande))
+register_task(Task("boolq", ("aps/super_glue", "boolq"), "validation", "multiple_choice",
+                   lambda r: Doc(f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ["no", "yes"],
+                                 int(r["label"]))))
+register_task(Task("openbookqa", ("allenai/openbookqa", "main"), "test", "multiple_choice", _openbookqa))
+
+
 def get_task(name: str) -> Task:
+    """A registered task by name, or a user-defined task from a YAML file's path."""
+    if name.endswith((".yaml", ".yml")) and name not in TASKS:
+        from .yaml_tasks import load_task_file
+
+        return load_task_file(name)
     if name not in TASKS:
         from ..moe.options import did_you_mean
 
         known = sorted(t for t in TASKS if not t.startswith("blimp_"))
         raise ValueError(f"unknown task {name!r}.{did_you_mean(name, TASKS)} Known tasks: "
                          f"{', '.join(known)}, blimp_<paradigm> ({len(BLIMP_PARADIGMS)} of them), "
-                         "and val_ppl for `libmoe eval`.")
+                         "val_ppl for `libmoe eval`, or the path of a task YAML file.")
     return TASKS[name]
 
 
 def load_records(task: Task, data_dir: str | Path | None = None,
                  limit: int | None = None) -> list[dict[str, Any]]:
     """The first `limit` records of the task's split, from DIR/<task>.<split>.jsonl or the Hub."""
-    if data_dir is not None:
-        path = Path(data_dir) / (task.local_path or f"{task.name}.{task.split}.jsonl")
+    if task.data_file is not None or data_dir is not None:
+        path = task.data_file or Path(data_dir) / (task.local_path or f"{task.name}.{task.split}.jsonl")
+        if task.data_file is not None and not path.is_file():
+            raise FileNotFoundError(f"task {task.name!r}: its data file {path} (named in its YAML "
+                                    "file) does not exist.")
         if not path.is_file():
             raise FileNotFoundError(
                 f"task {task.name!r} needs {path} (JSON Lines in the schema of the Hub dataset "

@@ -6,8 +6,9 @@
     loaded.model, loaded.tokenizer, loaded.step
 
 A run directory holds ``config.yaml``, ``tokenizer/`` and ``checkpoints/step_<N>/``; a checkpoint
-directory holds ``model.safetensors`` and ``config.yaml`` (see docs/training.md). Weights are read
-with safetensors only.
+directory holds ``model.safetensors`` and ``config.yaml`` (see docs/training.md). A directory in
+transformers' format (``config.json`` + weights + tokenizer files: an exported model, or any Hugging
+Face causal LM) loads through ``AutoModelForCausalLM``. Weights are read with safetensors only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 import yaml
 from safetensors.torch import load_file
+from torch import nn
 
 from .config import ModelConfig
 from .transformer import MoETransformer
@@ -27,11 +29,11 @@ from .transformer import MoETransformer
 
 @dataclass
 class LoadedModel:
-    model: MoETransformer
+    model: nn.Module  # a MoETransformer, or a transformers model for a transformers directory
     tokenizer: Any
     checkpoint: Path
     step: int | None
-    config: dict[str, Any]  # the run's resolved config as saved
+    config: dict[str, Any]  # the run's resolved config as saved ({} for a transformers directory)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -39,7 +41,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no model at {str(path)!r}: give a run or checkpoint directory.")
-    if (path / "model.safetensors").is_file():
+    if (path / "model.safetensors").is_file() or _is_transformers_dir(path):
         return path
     if (path / "config.yaml").is_file():
         from ..train.checkpoint import latest_checkpoint
@@ -49,7 +51,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
             raise FileNotFoundError(f"run {str(path)!r} has no checkpoint yet (checkpoints/step_N).")
         return ckpt
     raise ValueError(f"{str(path)!r} is not a libmoe model: expected a run directory (config.yaml, "
-                     "checkpoints/) or a checkpoint directory (model.safetensors, config.yaml).")
+                     "checkpoints/), a checkpoint directory (model.safetensors, config.yaml) or a "
+                     "transformers model directory (config.json).")
+
+
+def _is_transformers_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "config.yaml").is_file()
+
+
+def _load_transformers(path: Path, device: str | torch.device) -> LoadedModel:
+    from ..data.tokenizer import load_tokenizer
+
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as err:
+        raise ValueError(f"{str(path)!r} is a transformers model directory; loading it needs "
+                         "transformers: pip install 'libmoe[hub]'.") from err
+    model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
+    return LoadedModel(model.to(device).eval(), load_tokenizer(path), path, None, {})
 
 
 def _find_tokenizer(ckpt: Path) -> Path:
@@ -66,6 +85,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     from ..data.tokenizer import load_tokenizer
 
     ckpt = resolve_checkpoint(path)
+    if _is_transformers_dir(ckpt):
+        return _load_transformers(ckpt, device)
     config_path = ckpt / "config.yaml"
     if not config_path.is_file():
         config_path = ckpt.parent.parent / "config.yaml"
