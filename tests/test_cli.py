@@ -111,18 +111,42 @@ EVAL_DIR = SHAKESPEARE.parent / "eval"
 
 
 @needs_data
-def test_eval_cli_writes_results_and_a_table(tmp_path):
+def test_eval_cli_writes_results_a_table_and_the_comparison(tmp_path):
     trained = run(*train_args(tmp_path, "--data", str(SHAKESPEARE), "--max-steps", "2"))
     assert trained.returncode == 0, trained.stderr
-    result = run("eval", str(tmp_path / "run"), "--tasks", "piqa,val_ppl", "--data-dir",
+    result = run("eval", str(tmp_path / "run"), "--tasks", "piqa,blimp_passive_1,val_ppl", "--data-dir",
                  str(EVAL_DIR), "--limit", "4")
     assert result.returncode == 0, result.stderr
     assert "| task | acc | acc_norm | ppl | n |" in result.stdout and "| piqa |" in result.stdout
+    assert "piqa: 4 documents in" in result.stderr and "val_ppl:" in result.stderr
     saved = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
     assert saved["results"]["piqa"]["n"] == 4 and saved["config"]["step"] == 2
-    assert saved["results"]["val_ppl"]["ppl"] > 1
+    assert saved["results"]["val_ppl"]["ppl"] > 1 and saved["config"]["limit"] == 4
+    second = run("eval", str(tmp_path / "run" / "checkpoints" / "step_2"), "--tasks", "piqa",
+                 "--data-dir", str(EVAL_DIR), "--limit", "2", "--out", str(tmp_path / "b.json"))
+    assert second.returncode == 0, second.stderr
+    table = run("eval-table", str(tmp_path / "run" / "eval" / "results.json"), str(tmp_path / "b.json"),
+                "--out", str(tmp_path / "cmp"))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0] == "| Model | PPL ↓ | PIQA | blimp_passive_1 | AVG ↑ | AVG Rank ↓ |"
+    assert lines[2].startswith("| run | ") and lines[3].startswith("| step_2 |  | ")
+    assert lines[3].endswith("|  |  |  |")  # no blimp score: no AVG, no rank
+    assert (tmp_path / "cmp.md").read_text().splitlines() == lines
+    assert (tmp_path / "cmp.csv").read_text().splitlines()[0] == "model,ppl,piqa,blimp_passive_1,avg,avg_rank"
+
+
+@needs_data
+def test_eval_bad_input_is_one_line(tmp_path):
+    trained = run(*train_args(tmp_path, "--data", str(SHAKESPEARE), "--max-steps", "1"))
+    assert trained.returncode == 0, trained.stderr
     unknown = run("eval", str(tmp_path / "run"), "--tasks", "piqq")
     assert unknown.returncode == 2 and "Did you mean piqa?" in unknown.stderr
-    assert "blimp_<paradigm> (67 of them)" in unknown.stderr
+    assert "blimp_<paradigm> (67 of them)" in unknown.stderr and "task YAML file" in unknown.stderr
+    missing = run("eval", str(tmp_path / "run"), "--tasks", "race", "--data-dir", str(tmp_path))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert f"needs {tmp_path / 'race.test.jsonl'}" in missing.stderr and "EleutherAI/race" in missing.stderr
     not_model = run("eval", str(tmp_path), "--tasks", "piqa")
     assert not_model.returncode == 2 and "is not a libmoe model" in not_model.stderr
+    names = run("eval-table", str(tmp_path / "x.json"), "--names", "a,b")
+    assert names.returncode == 2 and "2 names for 1 result files" in names.stderr

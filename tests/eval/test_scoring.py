@@ -108,3 +108,35 @@ def test_rolling_loglikelihood_uses_disjoint_windows(model, tokenizer):
 def test_empty_continuation_is_an_error(model, tokenizer):
     with pytest.raises(ValueError, match="empty continuation"):
         LMScorer(model, tokenizer).score_tokens([([1, 2], [])])
+
+
+def reference_greedy(model, tokenizer, context, n):
+    tokens = tokenizer.encode(context)
+    new = []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(torch.tensor([(tokens + new)[-64:]])).logits[0, -1].argmax())
+            if token == tokenizer.eos_id:
+                break
+            new.append(token)
+    return tokenizer.decode(new)
+
+
+def test_generate_until_is_greedy_and_stops_at_the_first_stop_string(model, tokenizer):
+    scorer = LMScorer(model, tokenizer)
+    context = "def main():\n    return"
+    full = reference_greedy(model, tokenizer, context, 12)
+    assert scorer.generate_until([(context, {"max_gen_toks": 12})]) == [full]
+    assert len(full) > 2
+    stop = full[len(full) // 2 : len(full) // 2 + 1]  # a character the greedy text contains
+    (cut,) = scorer.generate_until([(context, {"until": [stop], "max_gen_toks": 12})])
+    assert cut == full.split(stop)[0] and len(cut) < len(full)
+    with pytest.raises(ValueError, match="greedily only"):
+        scorer.generate_until([(context, {"do_sample": True, "temperature": 0.7})])
+
+
+def test_progress_bar_on_request(model, tokenizer, capsys):
+    LMScorer(model, tokenizer, progress=True).loglikelihood(REQUESTS, desc="piqa")
+    assert "piqa" in capsys.readouterr().err
+    LMScorer(model, tokenizer, progress=False).loglikelihood(REQUESTS, desc="piqa")
+    assert capsys.readouterr().err == ""

@@ -128,3 +128,42 @@ def test_blimp_group_is_the_mean_of_its_67_paradigms():
     assert results["blimp"]["n"] == 67 * 4
     assert all(context == "" for context, _ in scorer.requests)  # empty context, then " " + sentence
     assert scorer.requests[0][1] == " " + load_records(TASKS[paradigms[0]], EVAL, limit=1)[0]["sentence_good"]
+
+
+CBT = {"sentences": [f"Sentence {i} about the king ." for i in range(19)] + ["The queen smiled ."],
+       "question": "Then XXXXX went to the castle .", "answer": "queen",
+       "options": ["king", "queen", "castle", "dog", "cat", "bird", "tree", "road", "sea", "sun"]}
+
+
+def test_cbt_scores_the_query_sentence_with_each_candidate(tmp_path):
+    doc = get_task("cbt_ne").to_doc(CBT)
+    assert doc.context.startswith("Sentence 0 about the king . Sentence 1") and doc.context.endswith(
+        "The queen smiled .")
+    assert doc.choices[1] == "Then queen went to the castle ." and len(doc.choices) == 10 and doc.gold == 1
+    for name in ("cbt_cn", "cbt_ne"):
+        (tmp_path / f"{name}.test.jsonl").write_text(json.dumps(CBT) + "\n")
+    # Shorter continuations win: "Then dog/cat/sun went ..." beat "queen"; the group is the mean.
+    results = evaluate_tasks(LengthScorer(), ["cbt"], tmp_path)
+    assert results["cbt_cn"]["acc"] == results["cbt_ne"]["acc"] == results["cbt"]["acc"] == 0.0
+    assert results["cbt"]["subtasks"] == 2 and results["cbt"]["n"] == 2
+
+
+def test_acc_bytes_differs_from_acc_norm_on_non_ascii_choices():
+    # Both choices have 3 characters; "été" has 5 bytes. Per character "abc" wins (-3 > -3.3),
+    # per byte "été" wins (-3.3 / 5 > -3 / 3).
+    scorer = FixedScorer({" abc": (-3.0, False), " été": (-3.3, False)})
+    result = score_task(scorer, get_task("piqa"), [Doc("q", ["abc", "été"], 1)])
+    assert (result["acc"], result["acc_norm"], result["acc_bytes"]) == (0.0, 0.0, 1.0)
+    assert result["acc_stderr"] is None  # one document: no spread
+
+
+def test_multiple_input_scores_contexts_with_one_continuation():
+    doc = get_task("winogrande").to_doc({"sentence": "Ann helped Bo because _ was kind.",
+                                         "option1": "Ann", "option2": "Bo", "answer": "1"})
+    assert get_task("winogrande").requests(doc) == [("Ann helped Bo because Ann", " was kind."),
+                                                     ("Ann helped Bo because Bo", " was kind.")]
+    # acc_norm normalises by the contexts' lengths, as the harness does for multiple inputs.
+    scorer = FixedScorer({})
+    scorer.loglikelihood = lambda reqs, desc=None: [(-2.0, False), (-1.95, False)]
+    result = score_task(scorer, get_task("winogrande"), [doc])
+    assert result["acc"] == 0.0 and result["acc_norm"] == 1.0  # -2/25 > -1.95/24

@@ -10,11 +10,14 @@ module also registers it, for harness versions that the hook does not reach.
 The three request types map onto `LMScorer`, so ``libmoe eval`` and the harness score a request
 identically: loglikelihood (batched, length-sorted), loglikelihood_rolling and generate_until
 (greedy). Model arguments: ``pretrained`` (required), ``batch_size`` (default 16; "auto" takes
-the default), ``device`` (default cpu), ``max_length`` (default: the model's window).
+the default), ``device`` and ``max_length`` (default: the model's window). Devices follow the
+harness's own ``hf`` model: its CLI asks for ``cuda:0`` by default, and a CUDA device on a machine
+without one means the CPU.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (fills the registry first: it is filled lazily only when empty)
@@ -23,6 +26,16 @@ from lm_eval.api.registry import MODEL_REGISTRY, register_model
 
 from ..models import load_model
 from .scoring import LMScorer
+
+
+def _device(requested: str | None) -> str:
+    import torch
+
+    if requested and not (requested.startswith("cuda") and not torch.cuda.is_available()):
+        return requested
+    if requested:
+        print(f"libmoe: device {requested!r} is not available; using the CPU.", file=sys.stderr)
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _batch_size(value: Any) -> int:
@@ -41,7 +54,7 @@ class LibMoELM(LM):
         if unused:
             raise ValueError(f"model_args {', '.join(sorted(unused))} are not understood by the libmoe "
                              "model; it takes pretrained, batch_size, device, max_length.")
-        self.loaded = load_model(pretrained, device=device or "cpu")
+        self.loaded = load_model(pretrained, device=_device(device))
         self.scorer = LMScorer(self.loaded.model, self.loaded.tokenizer, batch_size=_batch_size(batch_size),
                                max_length=int(max_length) if max_length else None)
 
