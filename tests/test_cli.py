@@ -148,5 +148,13 @@ def test_eval_bad_input_is_one_line(tmp_path):
     assert f"needs {tmp_path / 'race.test.jsonl'}" in missing.stderr and "EleutherAI/race" in missing.stderr
     not_model = run("eval", str(tmp_path), "--tasks", "piqa")
     assert not_model.returncode == 2 and "is not a libmoe model" in not_model.stderr
+    saved = tmp_path / "run" / "checkpoints" / "step_1" / "config.yaml"
+    config = yaml.safe_load(saved.read_text())
+    config["data"]["source"] = "../elsewhere/corpus"  # as trained from another directory
+    saved.write_text(yaml.safe_dump(config))
+    moved = run("eval", str(tmp_path / "run"), "--tasks", "piqa,val_ppl", "--data-dir", str(EVAL_DIR),
+                "--limit", "2")
+    assert moved.returncode == 2 and "relative to the directory the run was trained from" in moved.stderr
+    assert "piqa:" not in moved.stderr  # val_ppl is checked first, before any task runs
     names = run("eval-table", str(tmp_path / "x.json"), "--names", "a,b")
     assert names.returncode == 2 and "2 names for 1 result files" in names.stderr

@@ -115,15 +115,12 @@ def evaluate_model(model: str | Path, tasks: list[str], data_dir: str | Path | N
         log(f"model: {loaded.checkpoint}" + (f" (step {loaded.step})" if loaded.step is not None else ""))
     scorer = LMScorer(loaded.model, loaded.tokenizer, batch_size=batch_size)
     results: dict[str, dict[str, Any]] = {}
-    for name in tasks:
-        if name == "val_ppl":
-            start = time.perf_counter()
-            results["val_ppl"] = validation_perplexity(loaded, batch_size=batch_size)
-            if log:
-                log(f"val_ppl: {results['val_ppl']['tokens']:,} tokens in "
-                    f"{time.perf_counter() - start:.1f} s")
-        else:
-            results.update(evaluate_tasks(scorer, [name], data_dir, limit, log))
+    if "val_ppl" in tasks:  # first: it needs the run's data, which may be missing here
+        start = time.perf_counter()
+        results["val_ppl"] = validation_perplexity(loaded, batch_size=batch_size)
+        if log:
+            log(f"val_ppl: {results['val_ppl']['tokens']:,} tokens in {time.perf_counter() - start:.1f} s")
+    results.update(evaluate_tasks(scorer, names, data_dir, limit, log))
     config = {"model": str(model), "checkpoint": str(loaded.checkpoint), "step": loaded.step,
               "tasks": list(tasks), "limit": limit, "data_dir": None if data_dir is None else str(data_dir),
               "batch_size": batch_size, "libmoe_version": __version__}
@@ -142,6 +139,11 @@ def validation_perplexity(loaded, max_tokens: int | None = None, batch_size: int
         raise ValueError(f"val_ppl needs a libmoe run's data config, which {loaded.checkpoint} has "
                          "not; evaluate perplexity on a task instead.")
     cfg = config_from_dict(loaded.config)
+    source = cfg.data.source
+    is_path = source not in ("embedded", "slimpajama") and not source.startswith("hf:")
+    if is_path and not Path(source).is_absolute() and not Path(source).exists():
+        raise FileNotFoundError(f"val_ppl needs the run's data, data.source {source!r}, a path relative to "
+                                "the directory the run was trained from; run `libmoe eval` from there.")
     data = prepare_run_data(cfg, log=lambda msg: print(msg, file=sys.stderr))
     windows = validation_windows(data.val, cfg.seq_len, max_tokens)
     device = next(loaded.model.parameters()).device

@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -85,10 +84,9 @@ class LMScorer:
         from tqdm import tqdm
 
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
-        rows = []
+        rows = []  # (request, inputs + the last target, continuation length)
         for i, (ctx, cont) in enumerate(pairs):
-            tokens = (ctx + cont)[-(self.max_length + 1):]
-            rows.append((i, tokens[:-1], len(cont)))
+            rows.append((i, (ctx + cont)[-(self.max_length + 1):], len(cont)))
         rows.sort(key=lambda r: -len(r[1]))
         was_training = self.model.training
         self.model.eval()
@@ -97,17 +95,21 @@ class LMScorer:
         try:
             for start in range(0, len(rows), self.batch_size):
                 batch = rows[start : start + self.batch_size]
-                width = len(batch[0][1])
-                inp = torch.zeros(len(batch), width, dtype=torch.long)
-                for b, (_, tokens, _) in enumerate(batch):
-                    inp[b, : len(tokens)] = torch.tensor(tokens)
-                logprobs = F.log_softmax(self.model(inp.to(self.device)).logits.float(), dim=-1).cpu()
-                for b, (i, tokens, n_cont) in enumerate(batch):
-                    end = len(tokens)
-                    target = torch.tensor(pairs[i][1][-n_cont:])
-                    lp = logprobs[b, end - n_cont : end]
-                    results[i] = (float(lp.gather(1, target[:, None]).sum()),
-                                  bool((lp.argmax(-1) == target).all()))
+                width = len(batch[0][1]) - 1
+                tokens = torch.zeros(len(batch), width + 1, dtype=torch.long)
+                scored = torch.zeros(len(batch), width, dtype=torch.bool)  # continuation positions
+                for b, (_, row, n_cont) in enumerate(batch):
+                    tokens[b, : len(row)] = torch.tensor(row)
+                    scored[b, len(row) - 1 - n_cont : len(row) - 1] = True
+                tokens, scored = tokens.to(self.device), scored.to(self.device)
+                logits = self.model(tokens[:, :-1]).logits.float()
+                targets = tokens[:, 1:]
+                # log p(target) = logit(target) - logsumexp(logits), without a [B, S, V] log_softmax.
+                lp = logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+                sums = torch.where(scored, lp, 0.0).sum(1).tolist()
+                greedy = ((logits.argmax(-1) == targets) | ~scored).all(1).tolist()
+                for b, (i, _, _) in enumerate(batch):
+                    results[i] = (sums[b], greedy[b])
                 bar.update(len(batch))
         finally:
             bar.close()

@@ -70,7 +70,7 @@ class _Templates:
 
     def text(self, record: dict[str, Any]) -> str | int:
         value = self.spec.get("doc_to_text", "")
-        if isinstance(value, int) or not isinstance(value, str):
+        if not isinstance(value, str):  # an int: a fixed index
             return value
         if value in record:
             return record[value]
@@ -101,7 +101,7 @@ class _Templates:
         value = self.spec.get("doc_to_target")
         if value is None:
             raise ValueError(f"{self.where}: doc_to_target is required.")
-        if isinstance(value, (int, list)) or not isinstance(value, str):
+        if not isinstance(value, str):  # an int or a list, as given
             return value
         if value in record:
             return record[value]
