@@ -105,8 +105,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if not tasks:
         raise ValueError("--tasks is empty; name at least one task (e.g. piqa,val_ppl).")
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    val_tokens = int(args.val_tokens) if args.val_tokens.isdigit() else args.val_tokens
     payload = evaluate_model(args.model, tasks, args.data_dir, args.limit, args.batch_size,
-                             args.device, log=log)
+                             args.device, val_tokens, log=log)
     out = Path(args.out) if args.out else Path(args.model) / "eval" / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
@@ -202,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N documents of each task")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--val-tokens", default="run", help="val_ppl over 'run' (the tokens training "
+                   "evaluates: its logged val_ppl), 'all' (the whole split) or the first N tokens")
     p.add_argument("--out", default=None, help="results JSON (default MODEL/eval/results.json)")
     p.set_defaults(func=_cmd_eval)
 

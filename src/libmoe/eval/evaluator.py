@@ -100,7 +100,8 @@ def evaluate_tasks(scorer: LMScorer, names: list[str], data_dir=None, limit: int
 
 def evaluate_model(model: str | Path, tasks: list[str], data_dir: str | Path | None = None,
                    limit: int | None = None, batch_size: int = 16, device: str = "cpu",
-                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   val_tokens: int | str = "run", log: Callable[[str], None] | None = None
+                   ) -> dict[str, Any]:
     """`libmoe eval`: {"results": {task: metrics}, "config": {...}} for a run, checkpoint or
     transformers model directory. Task names may be task YAML paths; ``val_ppl`` is the run's own
     validation split. Every task name is checked before the model loads."""
@@ -117,19 +118,21 @@ def evaluate_model(model: str | Path, tasks: list[str], data_dir: str | Path | N
     results: dict[str, dict[str, Any]] = {}
     if "val_ppl" in tasks:  # first: it needs the run's data, which may be missing here
         start = time.perf_counter()
-        results["val_ppl"] = validation_perplexity(loaded, batch_size=batch_size)
+        results["val_ppl"] = validation_perplexity(loaded, val_tokens, batch_size=batch_size)
         if log:
             log(f"val_ppl: {results['val_ppl']['tokens']:,} tokens in {time.perf_counter() - start:.1f} s")
     results.update(evaluate_tasks(scorer, names, data_dir, limit, log))
     config = {"model": str(model), "checkpoint": str(loaded.checkpoint), "step": loaded.step,
               "tasks": list(tasks), "limit": limit, "data_dir": None if data_dir is None else str(data_dir),
-              "batch_size": batch_size, "libmoe_version": __version__}
+              "batch_size": batch_size, "val_tokens": val_tokens, "libmoe_version": __version__}
     return {"results": results, "config": config}
 
 
-def validation_perplexity(loaded, max_tokens: int | None = None, batch_size: int = 16) -> dict:
-    """The run's own held-out split (its data config; cached after training): {"loss", "ppl",
-    "tokens"}, exp of the mean next-token cross-entropy as during training."""
+def validation_perplexity(loaded, tokens: int | str = "run", batch_size: int = 16) -> dict:
+    """Perplexity on the run's own held-out split (its data config; cached after training):
+    {"loss", "ppl", "tokens"}, exp of the mean next-token cross-entropy. `tokens`: "run" (the
+    first train.eval_tokens, the windows training evaluates, so the number equals the run's
+    logged val_ppl), "all" (the whole split) or a count."""
     from ..data.packed import validation_windows
     from ..train.config import config_from_dict
     from ..train.distributed import DistInfo
@@ -139,6 +142,14 @@ def validation_perplexity(loaded, max_tokens: int | None = None, batch_size: int
         raise ValueError(f"val_ppl needs a libmoe run's data config, which {loaded.checkpoint} has "
                          "not; evaluate perplexity on a task instead.")
     cfg = config_from_dict(loaded.config)
+    if tokens == "run":
+        max_tokens = cfg.train.eval_tokens
+    elif tokens == "all":
+        max_tokens = None
+    elif isinstance(tokens, int) and tokens > 0:
+        max_tokens = tokens
+    else:
+        raise ValueError(f"validation tokens {tokens!r}: give 'run', 'all' or a positive count.")
     source = cfg.data.source
     is_path = source not in ("embedded", "slimpajama") and not source.startswith("hf:")
     if is_path and not Path(source).is_absolute() and not Path(source).exists():
