@@ -149,6 +149,7 @@ def test_eval_bad_input_is_one_line(tmp_path):
     missing = run("eval", str(tmp_path / "run"), "--tasks", "race", "--data-dir", str(tmp_path))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert f"needs {tmp_path / 'race.test.jsonl'}" in missing.stderr and "EleutherAI/race" in missing.stderr
+    assert "model:" not in missing.stderr  # checked before the model loads
     not_model = run("eval", str(tmp_path), "--tasks", "piqa")
     assert not_model.returncode == 2 and "is not a libmoe model" in not_model.stderr
     saved = tmp_path / "run" / "checkpoints" / "step_1" / "config.yaml"

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from libmoe.data import load_corpus, train_tokenizer
-from libmoe.eval import LMScorer
+from libmoe.eval.scoring import LMScorer
 from libmoe.models import build_model
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from libmoe.eval import TASKS, Doc, evaluate_tasks, get_task, load_records, score_task
+from libmoe.eval.evaluator import evaluate_tasks, score_task
+from libmoe.eval.tasks import TASKS, Doc, get_task, load_records
 
 EVAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "eval"
 needs_eval = pytest.mark.skipif(not EVAL.is_dir(), reason="shared eval data not present")

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from libmoe.eval import evaluate_tasks, get_task, load_records, load_task_file
+from libmoe.eval import evaluate_tasks, get_task, load_records
+from libmoe.eval.yaml_tasks import load_task_file
 
 RECORDS = [
     {"country": "France", "options": ["Paris", "Lyon", "Nice"], "answer": "Paris", "label": 0},

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .scoring import LMScorer
-from .tasks import Doc, Task, get_task, load_records
+from .tasks import Doc, Task, get_task, load_records, local_file
 
 
 def _argmax(values: list[float]) -> int:
@@ -104,13 +104,18 @@ def evaluate_model(model: str | Path, tasks: list[str], data_dir: str | Path | N
                    ) -> dict[str, Any]:
     """`libmoe eval`: {"results": {task: metrics}, "config": {...}} for a run, checkpoint or
     transformers model directory. Task names may be task YAML paths; ``val_ppl`` is the run's own
-    validation split. Every task name is checked before the model loads."""
+    validation split. Task names and local data files are checked before the model loads."""
     from .. import __version__
     from ..models import load_model
 
     names = [t for t in tasks if t != "val_ppl"]
-    for name in names:
-        get_task(name)
+    pending = [get_task(name) for name in names]
+    while pending:  # names and local files are checked before the model loads
+        task = pending.pop()
+        if task.group:
+            pending += [get_task(member) for member in task.group]
+        else:
+            local_file(task, data_dir)
     loaded = load_model(model, device=device)
     if log:
         log(f"model: {loaded.checkpoint}" + (f" (step {loaded.step})" if loaded.step is not None else ""))

@@ -213,20 +213,29 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
+def local_file(task: Task, data_dir: str | Path | None) -> Path | None:
+    """The JSONL file a task reads (its YAML's file, or DIR/<task>.<split>.jsonl), checked to
+    exist; None when it reads the Hub."""
+    if task.data_file is None and data_dir is None:
+        return None
+    path = task.data_file or Path(data_dir) / (task.local_path or f"{task.name}.{task.split}.jsonl")
+    if task.data_file is not None and not path.is_file():
+        raise FileNotFoundError(f"task {task.name!r}: its data file {path} (named in its YAML "
+                                "file) does not exist.")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"task {task.name!r} needs {path} (JSON Lines in the schema of the Hub dataset "
+            f"{task.hub[0]}{f' (config {task.hub[1]})' if task.hub[1] else ''}, split "
+            f"{task.split})."
+        )
+    return path
+
+
 def load_records(task: Task, data_dir: str | Path | None = None,
                  limit: int | None = None) -> list[dict[str, Any]]:
     """The first `limit` records of the task's split, from DIR/<task>.<split>.jsonl or the Hub."""
-    if task.data_file is not None or data_dir is not None:
-        path = task.data_file or Path(data_dir) / (task.local_path or f"{task.name}.{task.split}.jsonl")
-        if task.data_file is not None and not path.is_file():
-            raise FileNotFoundError(f"task {task.name!r}: its data file {path} (named in its YAML "
-                                    "file) does not exist.")
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"task {task.name!r} needs {path} (JSON Lines in the schema of the Hub dataset "
-                f"{task.hub[0]}{f' (config {task.hub[1]})' if task.hub[1] else ''}, split "
-                f"{task.split})."
-            )
+    path = local_file(task, data_dir)
+    if path is not None:
         records = []
         with path.open(encoding="utf-8") as f:
             for line in f:
