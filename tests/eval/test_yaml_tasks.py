@@ -115,6 +115,8 @@ def test_the_harness_form_of_the_data_source(tmp_path):
     ("data: capitals.jsonl\noutput_type: generate_until\n", "output_type 'generate_until' is not supported"),
     ("data: capitals.jsonl\nnum_fewshot: 5\ndoc_to_choice: '{{options}}'\ndoc_to_target: answer\n",
      "num_fewshot 5 is not supported"),
+    ("data: [capitals.jsonl\n", "is not valid YAML"),
+    ("- just\n- a list\n", "expected a mapping of task keys"),
 ])
 def test_bad_task_files_say_what_is_wrong(tmp_path, body, match):
     with pytest.raises(ValueError, match=match):
