@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from libmoe.moe import ALGORITHMS, REGISTRY, build_moe, set_training_progress
+from libmoe.moe.routers import Router
 
 D, E, M, K = 12, 6, 8, 2
 PAPER_SEVEN = ("smoe", "sigma_moe", "xmoe", "sharede_v2", "sharede_v3", "moe_plus_plus", "tc_moe")
@@ -13,6 +14,13 @@ def test_registry_holds_every_required_algorithm():
     required = PAPER_SEVEN + ("cosine", "perturbed_cosine", "hyper", "expert_choice", "dense")
     assert set(required) <= set(ALGORITHMS)
     assert tuple(REGISTRY) == ALGORITHMS
+    # One registered Router subclass per algorithm (dense alone has none), built as registered.
+    for name, spec in REGISTRY.items():
+        if name == "dense":
+            assert spec.router is None
+            continue
+        assert issubclass(spec.router, Router)
+        assert type(build_moe(name, D, E, M, K).router) is spec.router
 
 
 @pytest.mark.parametrize("name", [a for a in ALGORITHMS if a != "dense"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -123,7 +122,7 @@ def evaluate_model(model: str | Path, tasks: list[str], data_dir: str | Path | N
     results: dict[str, dict[str, Any]] = {}
     if "val_ppl" in tasks:  # first: it needs the run's data, which may be missing here
         start = time.perf_counter()
-        results["val_ppl"] = validation_perplexity(loaded, val_tokens, batch_size=batch_size)
+        results["val_ppl"] = validation_perplexity(loaded, val_tokens, batch_size=batch_size, log=log)
         if log:
             log(f"val_ppl: {results['val_ppl']['tokens']:,} tokens in {time.perf_counter() - start:.1f} s")
     results.update(evaluate_tasks(scorer, names, data_dir, limit, log))
@@ -133,7 +132,8 @@ def evaluate_model(model: str | Path, tasks: list[str], data_dir: str | Path | N
     return {"results": results, "config": config}
 
 
-def validation_perplexity(loaded, tokens: int | str = "run", batch_size: int = 16) -> dict:
+def validation_perplexity(loaded, tokens: int | str = "run", batch_size: int = 16,
+                          log: Callable[[str], None] | None = None) -> dict:
     """Perplexity on the run's own held-out split (its data config; cached after training):
     {"loss", "ppl", "tokens"}, exp of the mean next-token cross-entropy. `tokens`: "run" (the
     first train.eval_tokens, the windows training evaluates, so the number equals the run's
@@ -160,7 +160,7 @@ def validation_perplexity(loaded, tokens: int | str = "run", batch_size: int = 1
     if is_path and not Path(source).is_absolute() and not Path(source).exists():
         raise FileNotFoundError(f"val_ppl needs the run's data, data.source {source!r}, a path relative to "
                                 "the directory the run was trained from; run `libmoe eval` from there.")
-    data = prepare_run_data(cfg, log=lambda msg: print(msg, file=sys.stderr))
+    data = prepare_run_data(cfg, log=log or (lambda _: None))
     windows = validation_windows(data.val, cfg.seq_len, max_tokens)
     device = next(loaded.model.parameters()).device
     loss = evaluate(loaded.model, windows, batch_size, DistInfo(device=device), _no_autocast)

@@ -51,6 +51,7 @@ class LibMoELM(LM):
     def __init__(self, pretrained: str, batch_size: Any = 16, device: str | None = None,
                  max_length: int | None = None, max_batch_size: Any = None, **unused: Any):
         super().__init__()
+        # max_batch_size: the harness always passes it (for its "auto" batch search); unused here.
         if unused:
             raise ValueError(f"model_args {', '.join(sorted(unused))} are not understood by the libmoe "
                              "model; it takes pretrained, batch_size, device, max_length.")

@@ -34,11 +34,12 @@ from .tasks import TASKS, Doc, Task
 
 KINDS = {"multiple_choice": "multiple_choice", "loglikelihood": "greedy_word",
          "loglikelihood_rolling": "rolling"}
+USED = {"task", "data", "doc_to_text", "doc_to_choice", "doc_to_target", "target_delimiter",
+        "output_type", "num_fewshot", "dataset_path", "dataset_kwargs", "validation_split", "test_split"}
 # Harness keys that do not change zero-shot scoring (documentation, decontamination, metrics).
 IGNORED = {"tag", "metadata", "metric_list", "should_decontaminate", "doc_to_decontamination_query",
-           "training_split", "fewshot_split", "dataset_name", "num_fewshot", "output_type",
-           "validation_split", "test_split", "dataset_path", "dataset_kwargs"}
-KNOWN = {"task", "data", "doc_to_text", "doc_to_choice", "doc_to_target", "target_delimiter"} | IGNORED
+           "training_split", "fewshot_split", "dataset_name"}
+KNOWN = USED | IGNORED
 
 
 def _environment():
