@@ -143,6 +143,60 @@ def _cmd_eval_table(args: argparse.Namespace) -> None:
         print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.csv')}", file=sys.stderr)
 
 
+def _cmd_analyze(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from .analysis.analyze import analyze_run, load_analysis, unique_names, write_figures_and_report
+
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    init_std = None
+    if args.init_std:
+        path = Path(args.init_std)
+        path = path / "init_std.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"--init-std {args.init_std}: no init_std.json there; run "
+                                    "`libmoe analyze init-std --out DIR` first.")
+        init_std = json.loads(path.read_text())
+    val_tokens = int(args.val_tokens) if args.val_tokens.isdigit() else args.val_tokens
+    for run in [args.run, *args.compare]:
+        if not Path(run).exists():
+            raise FileNotFoundError(f"{run} does not exist; give a run directory (libmoe train --out).")
+
+    def analyse(run, out, figures):
+        return analyze_run(run, out, tasks, args.data_dir, args.limit, args.batch_size, args.device,
+                           not args.no_interventions, val_tokens, init_std, figures=figures, log=log)
+
+    out = Path(args.out) if args.out else Path(args.run) / "analysis"
+    primary = analyse(args.run, out, figures=not args.compare)
+    if not args.compare:
+        print(f"wrote {out / 'metrics.json'} and {out / 'report.html'}")
+        return
+    results = [primary]
+    for run in args.compare:
+        cached = None if args.recompute else load_analysis(run)
+        if cached is not None:
+            log(f"{run}: using {Path(run) / 'analysis' / 'metrics.json'} (--recompute redoes it)")
+            results.append(cached)
+        else:
+            log(f"analysing {run}")
+            results.append(analyse(run, None, figures=True))
+    report = write_figures_and_report(out, unique_names(results), init_std,
+                                      title="libmoe routing analysis: " + ", ".join(
+                                          str(r.get("algorithm")) for r in results))
+    print(f"wrote {out / 'metrics.json'} and the comparison {report}")
+
+
+def _cmd_analyze_init_std(args: argparse.Namespace) -> None:
+    from .analysis.init_std import init_std_study
+
+    stds = tuple(float(s) for s in args.stds.split(",") if s.strip())
+    init_std_study(args.out, stds, args.steps, args.preset, args.algorithm, args.data,
+                   args.early_steps, list(args.items), log=lambda m: print(m, file=sys.stderr))
+    print(f"wrote {args.out}/init_std.json and {args.out}/report.html")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="libmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -223,14 +277,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="md", choices=["md", "csv"], help="what to print")
     p.add_argument("--out", default=None, help="also write OUT.md and OUT.csv")
     p.set_defaults(func=_cmd_eval_table)
+
+    p = sub.add_parser(
+        "analyze", help="routing analysis of a run: metrics.json, figures, report.html",
+        description="Routing diagnostics of a trained run (paper Section 5): expert change rate and "
+        "router saturation over its checkpoints' traces, allocation and weight entropies (by domain, "
+        "and by task with --tasks), router margin, co-activation, expert similarity, load, layer "
+        "overlap, and the DropTop and temperature interventions. `libmoe analyze init-std` runs the "
+        "router-initialisation study instead.",
+    )
+    p.add_argument("run", help="a run directory (its checkpoints' traces) or a checkpoint directory")
+    p.add_argument("--compare", nargs="+", default=[], metavar="RUN",
+                   help="more runs to overlay in the figures (their own RUN/analysis is reused when "
+                   "current)")
+    p.add_argument("--tasks", default=None, help="comma-separated evaluation tasks: routing by task "
+                   "(eae_by_task, ewa_by_task) and the interventions' task metrics")
+    p.add_argument("--data-dir", default=None, help="local task files (as libmoe eval)")
+    p.add_argument("--limit", type=int, default=None, help="first N documents of each task")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--val-tokens", default="run", help="validation tokens of the interventions' "
+                   "val_ppl: 'run' (as training evaluates), 'all' or a count")
+    p.add_argument("--no-interventions", action="store_true", help="skip DropTop and temperature")
+    p.add_argument("--init-std", default=None, metavar="DIR",
+                   help="include an init-std study's results (DIR/init_std.json) in the report")
+    p.add_argument("--recompute", action="store_true", help="re-analyse --compare runs")
+    p.add_argument("--out", default=None, help="output directory (default RUN/analysis)")
+    p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser(
+        "analyze-init-std", help="router initialisation study (as `libmoe analyze init-std`)",
+        description="Train one algorithm (default smoe) with each router init std for N steps and "
+        "compare their balance-loss curves (paper Fig. 11). Writes OUT/init_std.json, OUT/figures "
+        "and OUT/report.html; runs already finished in OUT are reused.",
+    )
+    p.add_argument("items", nargs="*", metavar="[section.key=value ...]")
+    p.add_argument("--stds", default="0.02,0.04,0.06", help="comma-separated router init stds")
+    p.add_argument("--steps", type=int, default=200, help="training steps per std")
+    p.add_argument("--early-steps", type=int, default=None,
+                   help="window of the early balance-loss summary (default steps / 4)")
+    p.add_argument("--preset", default="micro")
+    p.add_argument("--algorithm", default="smoe")
+    p.add_argument("--data", default=None, help="training data (as libmoe train --data)")
+    p.add_argument("--out", required=True, help="study directory")
+    p.set_defaults(func=_cmd_analyze_init_std)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["analyze", "init-std"]:  # a study, not a run named init-std
+        argv = ["analyze-init-std", *argv[2:]]
     # Overrides (key=value) may follow options: collect what argparse leaves over.
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command not in ("train", "prepare") or any(x.startswith("-") for x in extra)):
+    takes_overrides = ("train", "prepare", "analyze-init-std")
+    if extra and (args.command not in takes_overrides or any(x.startswith("-") for x in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.items = list(args.items) + extra

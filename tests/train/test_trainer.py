@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from libmoe.analysis.trace import list_traces
 from libmoe.models import MoETransformer
 from libmoe.moe import ALGORITHMS
 from libmoe.train import latest_checkpoint, list_checkpoints, load_checkpoint, train
@@ -48,6 +49,9 @@ def test_run_writes_metrics_checkpoints_and_summary(micro_config, tmp_path):
     # keep-last-2, each complete, no temporary directories left behind
     assert [p.name for p in list_checkpoints(run)] == ["step_8", "step_12"]
     assert not list((run / "checkpoints").glob(".tmp*"))
+    # the pruned checkpoint's routing trace is kept for the analysis of routing over training
+    assert sorted(p.name for p in (run / "traces").iterdir()) == ["step_4"]
+    assert [step for step, _ in list_traces(run)] == [4, 8, 12]
     assert (run / "config.yaml").is_file() and (run / "tokenizer" / "tokenizer.model").is_file()
     assert json.loads((run / "train_summary.json").read_text())["step"] == 12
 

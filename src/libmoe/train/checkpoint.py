@@ -61,7 +61,8 @@ def save_checkpoint(
     keep: int = 3,
     before_rename=None,
 ) -> Path:
-    """Write step `step`'s checkpoint atomically, then delete all but the newest `keep`.
+    """Write step `step`'s checkpoint atomically, then delete all but the newest `keep` (their
+    routing traces move to RUN/traces/step_N).
 
     `before_rename(tmp_dir)` may add files (e.g. the routing trace) before the rename.
     """
@@ -84,8 +85,20 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep]:
+        _keep_trace(old, Path(run_dir) / "traces" / old.name)
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _keep_trace(checkpoint: Path, dest: Path) -> None:
+    """Move a pruned checkpoint's routing trace (small) to RUN/traces/step_N: the analysis of
+    routing over training needs every checkpoint's trace, not only the kept weights'."""
+    files = [checkpoint / name for name in ("routing_trace.safetensors", "routing_trace.json")]
+    if not all(f.is_file() for f in files):
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        os.replace(f, dest / f.name)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

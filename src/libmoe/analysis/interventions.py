@@ -1,0 +1,119 @@
+"""Inference-time routing interventions: DropTop-n and router temperature (ALGORITHMS.md 3),
+each re-running validation perplexity and chosen evaluation tasks against the unperturbed model."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+DROPTOP = ((1, "DropTop1"), (2, "DropTop1&2"))
+TEMPERATURES = (0.1, 1.0, 10.0)
+
+
+def _routers(model: nn.Module) -> list[nn.Module]:
+    from ..moe import MoELayer
+
+    return [m.router for m in model.modules() if isinstance(m, MoELayer)]
+
+
+@contextlib.contextmanager
+def routing_intervention(model: nn.Module, drop_top: int = 0, temperature: float = 1.0) -> Iterator[None]:
+    """Within the block every router of `model` skips its `drop_top` best slots (DropTop-n: ranks
+    n+1..n+k, renormalised) and divides its logits by `temperature` (times its trained
+    temperature, so 1 is the model as trained). Restored on exit."""
+    from ..moe.routers import ExpertChoiceRouter
+
+    routers = _routers(model)
+    if not routers:
+        raise ValueError("the model has no MoE router to intervene on (a dense model).")
+    if temperature <= 0:
+        raise ValueError(f"temperature {temperature} must be positive.")
+    for r in routers:
+        if drop_top and isinstance(r, ExpertChoiceRouter):
+            raise ValueError("DropTop is not defined for expert_choice routing (experts choose tokens).")
+        if drop_top + r.top_k > r.n_slots:
+            raise ValueError(f"DropTop{drop_top} needs top_k + {drop_top} <= router slots; a router has "
+                             f"top_k={r.top_k} and {r.n_slots} slots.")
+    saved = [(r.drop_top, r.temperature) for r in routers]
+    try:
+        for r in routers:
+            r.drop_top, r.temperature = drop_top, r.temperature * temperature
+        yield
+    finally:
+        for r, (d, t) in zip(routers, saved):
+            r.drop_top, r.temperature = d, t
+
+
+def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """{"val_ppl": ..., "TASK/METRIC": ...} of `evaluate_tasks`-style results (scores only)."""
+    out: dict[str, float] = {}
+    for task, metrics in results.items():
+        if task == "val_ppl":
+            out["val_ppl"] = float(metrics["ppl"])
+            continue
+        for key in ("acc", "acc_norm", "ppl", "word_perplexity"):
+            if isinstance(metrics.get(key), (int, float)):
+                out[f"{task}/{key}"] = float(metrics[key])
+    return out
+
+
+def intervention_study(
+    loaded,
+    tasks: list[str] = (),
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    val_tokens: int | str = "run",
+    droptop: tuple[int, ...] = (1, 2),
+    temperatures: tuple[float, ...] = TEMPERATURES,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """{"droptop": ..., "temperature": ...} as in metrics.json: the baseline metrics (val_ppl
+    when the run's data is available, plus `tasks`), and for each perturbation its metrics and
+    their delta (perturbed minus baseline)."""
+    from ..eval.evaluator import evaluate_tasks, validation_perplexity
+    from ..eval.scoring import LMScorer
+
+    say = log or (lambda _: None)
+    scorer = LMScorer(loaded.model, loaded.tokenizer, batch_size=batch_size)
+    use_val = bool(loaded.config)
+
+    def measure(name: str) -> dict[str, float]:
+        start = time.perf_counter()
+        results = {}
+        if use_val:
+            results["val_ppl"] = validation_perplexity(loaded, val_tokens, batch_size)
+        results.update(evaluate_tasks(scorer, list(tasks), data_dir, limit))
+        flat = flat_metrics(results)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in flat.items())
+        say(f"  {name}: {shown} ({time.perf_counter() - start:.1f} s)")
+        return flat
+
+    def delta(metrics: dict[str, float]) -> dict[str, float]:
+        return {k: metrics[k] - baseline[k] for k in metrics if k in baseline}
+
+    baseline = measure("unperturbed")
+    out: dict[str, Any] = {"droptop": {"baseline": baseline, "runs": []},
+                           "temperature": {"baseline": baseline, "runs": []}}
+    names = dict(DROPTOP)
+    for n in droptop:
+        name = names.get(n, f"DropTop{n}")
+        with routing_intervention(loaded.model, drop_top=n):
+            metrics = measure(name)
+        out["droptop"]["runs"].append({"name": name, "drop_top": n, "metrics": metrics,
+                                       "delta": delta(metrics)})
+    for tau in temperatures:
+        name = f"tau={tau:g}"
+        if tau == 1.0:
+            metrics = baseline
+        else:
+            with routing_intervention(loaded.model, temperature=tau):
+                metrics = measure(name)
+        out["temperature"]["runs"].append({"name": name, "tau": tau, "metrics": metrics,
+                                           "delta": delta(metrics)})
+    return out
