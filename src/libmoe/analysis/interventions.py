@@ -78,8 +78,10 @@ def intervention_study(
     their delta (perturbed minus baseline)."""
     from ..eval.evaluator import evaluate_tasks, validation_perplexity
     from ..eval.scoring import LMScorer
+    from ..eval.tasks import get_task
 
     say = log or (lambda _: None)
+    shown_tasks = ["val_ppl"] + [get_task(t).name for t in tasks]  # a group's mean, not its members
     scorer = LMScorer(loaded.model, loaded.tokenizer, batch_size=batch_size)
     use_val = bool(loaded.config)
 
@@ -89,7 +91,7 @@ def intervention_study(
         if use_val:
             results["val_ppl"] = validation_perplexity(loaded, val_tokens, batch_size)
         results.update(evaluate_tasks(scorer, list(tasks), data_dir, limit))
-        flat = flat_metrics(results)
+        flat = flat_metrics({k: results[k] for k in shown_tasks if k in results})
         shown = ", ".join(f"{k} {v:.4g}" for k, v in flat.items())
         say(f"  {name}: {shown} ({time.perf_counter() - start:.1f} s)")
         return flat

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 Runs = dict[str, dict]
 MAX_PANELS = 8  # runs shown in the one-panel-per-run figures (co-activation, load)
+MAX_METRICS = 9  # panels of the intervention figures (val_ppl and task metrics, in order)
 DPI = 130
 MAX_WIDTH = 10.0  # inches; wider figures shrink too much in the HTML report
 
@@ -227,9 +228,14 @@ def _grouped_bars(ax: Axes, groups: list[str], bars: dict[str, dict[str, float]]
         xs = [g + (i - (n - 1) / 2) * width for g, group in enumerate(groups) if group in values]
         ys = [values[group] for group in groups if group in values]
         ax.bar(xs, ys, width=width, color=colors_[series], label=series, **bar_kw)
-    rotate = len(groups) > 6
-    ax.set_xticks(range(len(groups)), groups, rotation=45 if rotate else 0,
-                  ha="right" if rotate else "center", fontsize=8)
+    if len(groups) > 24:  # e.g. BLiMP's 67 paradigms: vertical, smaller labels
+        ax.set_xticks(range(len(groups)), groups, rotation=90, ha="center",
+                      fontsize=max(4.5, 8 - len(groups) / 25))
+    else:
+        rotate = len(groups) > 6
+        ax.set_xticks(range(len(groups)), groups, rotation=45 if rotate else 0,
+                      ha="right" if rotate else "center", fontsize=8)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.grid(axis="y", alpha=0.3)
 
 
@@ -381,7 +387,7 @@ def _plot_intervention(runs: Runs, path: str | Path, key: str, title: str) -> bo
                     deltas.setdefault(str(r.get("name")), {}).setdefault(metric, {})[name] = _num(v)
     if not deltas:
         return False
-    metrics = _union([list(d) for d in deltas.values()])
+    metrics = _union([list(d) for d in deltas.values()])[:MAX_METRICS]
     names = [n for n in runs if any(n in d.get(mt, {}) for d in deltas.values() for mt in metrics)]
     panel_w = min(max(3.2, 0.25 * len(names) * len(deltas) + 1.0), MAX_WIDTH)
     ncols = max(1, min(len(metrics), int(MAX_WIDTH // panel_w)))
