@@ -77,6 +77,23 @@ def test_a_final_model_without_a_trace_gets_one_recorded_from_its_probe_set(runs
     assert [s["step"] for s in result["router_saturation"]] == [4, 8]
 
 
+def test_without_trace_or_probe_data_the_tasks_routing_is_analysed(runs, tmp_path):
+    run = tmp_path / "moved"
+    shutil.copytree(runs / "smoe", run)
+    ckpt = run / "checkpoints" / "step_8"
+    for f in ckpt.glob("routing_trace.*"):
+        f.unlink()
+    config = ckpt / "config.yaml"
+    config.write_text(config.read_text().replace(str(SHAKESPEARE), str(tmp_path / "gone.txt")))
+    with pytest.raises(FileNotFoundError, match="--tasks"):
+        analyze_run(run, tmp_path / "a", figures=False)
+    result = analyze_run(run, tmp_path / "a", tasks=["piqa"], data_dir=EVAL_DIR, limit=3, figures=False)
+    task_trace = Trace.load(tmp_path / "a" / "task_trace")
+    assert result["eae"] == M.eae(task_trace) and result["n_tokens"] == task_trace.n_tokens
+    assert "val_ppl" in result["skipped"] and "piqa/acc" in result["droptop"]["baseline"]
+    assert "val_ppl" not in result["droptop"]["baseline"]
+
+
 def test_routing_by_task_and_task_metrics_under_interventions(runs, tmp_path):
     result = analyze_run(runs / "smoe", tmp_path / "a", tasks=["piqa"], data_dir=EVAL_DIR, limit=3,
                          figures=False)

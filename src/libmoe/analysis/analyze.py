@@ -126,15 +126,27 @@ def analyze_run(
     if not routed:
         result["skipped"]["routing"] = "dense model: no router, so no routing to analyse"
     else:
+        task_trace = None
+        if tasks:
+            say(f"recording routing on tasks: {', '.join(tasks)}")
+            task_trace = record_task_trace(loaded, list(tasks), data_dir, limit, batch_size)
+            task_trace.save(out / "task_trace")
         if not traces or traces[-1].step != loaded.step:
-            if not loaded.config or not _data_available(loaded.config):
-                raise FileNotFoundError(f"{run} has no routing trace of its final model and its probe "
-                                        "data is not here; run from the directory it was trained in.")
-            say("recording a routing trace of the probe set (the final model has none)")
-            traces.append(record_probe_trace(loaded, say))
+            if loaded.config and _data_available(loaded.config):
+                say("recording a routing trace of the probe set (the final model has none)")
+                traces.append(record_probe_trace(loaded, say))
+            elif task_trace is not None:  # e.g. a model from elsewhere: its routing on the tasks
+                say("no probe data for this model: analysing its routing on the tasks")
+                traces = [task_trace]  # earlier traces cover other tokens
+                result["skipped"]["training_dynamics"] = "no probe-set trace of the final model"
+            else:
+                raise FileNotFoundError(
+                    f"{run} has no routing trace of its final model and no probe data here (run "
+                    "from the directory it was trained in), or give --tasks to analyse its routing "
+                    "on evaluation tasks.")
         final = traces[-1]
         say(f"{len(traces)} trace(s): steps {', '.join(str(t.step) for t in traces)}; "
-            f"{final.n_tokens:,} probe tokens, {final.n_layers} MoE layers")
+            f"{final.n_tokens:,} tokens, {final.n_layers} MoE layers")
         result.update(algorithm=final.meta.get("algorithm") or result["algorithm"],
                       step=final.step, n_experts=final.meta.get("n_experts"),
                       top_k=final.meta.get("top_k"),
@@ -143,10 +155,7 @@ def analyze_run(
         result.update(M.trace_metrics(final))
         result.update(training_dynamics(traces))
         result["expert_similarity"] = M.expert_similarity(loaded.model)
-        if tasks:
-            say(f"recording routing on tasks: {', '.join(tasks)}")
-            task_trace = record_task_trace(loaded, list(tasks), data_dir, limit, batch_size)
-            task_trace.save(out / "task_trace")
+        if task_trace is not None:
             result["eae_by_task"] = M.by_label(task_trace, M.eae)
             result["ewa_by_task"] = M.by_label(task_trace, M.ewa)
         if interventions:
