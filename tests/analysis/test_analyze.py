@@ -56,7 +56,7 @@ def test_metrics_follow_from_the_runs_traces_and_interventions_from_its_validati
     # the unperturbed val_ppl is the run's own logged val_ppl; deltas are perturbed minus baseline
     summary = json.loads((run / "train_summary.json").read_text())
     base = result["droptop"]["baseline"]["val_ppl"]
-    assert base == pytest.approx(summary["val_ppl"], rel=1e-4)
+    assert base == pytest.approx(summary["val_ppl"], rel=1e-4) and result["val_ppl"] == base
     assert [r["name"] for r in result["droptop"]["runs"]] == ["DropTop1", "DropTop1&2"]
     for r in result["droptop"]["runs"] + result["temperature"]["runs"]:
         assert r["delta"]["val_ppl"] == pytest.approx(r["metrics"]["val_ppl"] - base)
@@ -107,6 +107,8 @@ def test_routing_by_task_and_task_metrics_under_interventions(runs, tmp_path):
 def test_dense_runs_are_analysed_without_routing(runs, tmp_path):
     result = analyze_run(runs / "dense", tmp_path / "d", figures=False)
     assert "routing" in result["skipped"] and "eae" not in result
+    summary = json.loads((runs / "dense" / "train_summary.json").read_text())
+    assert result["val_ppl"] == pytest.approx(summary["val_ppl"], rel=1e-4)  # for the comparison table
     assert (tmp_path / "d" / "metrics.json").is_file()
 
 

@@ -125,6 +125,10 @@ def analyze_run(
                               "skipped": {}}
     if not routed:
         result["skipped"]["routing"] = "dense model: no router, so no routing to analyse"
+        if interventions and loaded.config and _data_available(loaded.config):
+            from ..eval.evaluator import validation_perplexity
+
+            result["val_ppl"] = validation_perplexity(loaded, val_tokens, batch_size)["ppl"]
     else:
         task_trace = None
         if tasks:
@@ -166,6 +170,8 @@ def analyze_run(
                 say("interventions (DropTop, router temperature):")
                 result.update(_interventions(loaded, tasks, data_dir, limit, batch_size, val_tokens,
                                              use_val, say))
+                if use_val:
+                    result["val_ppl"] = result["droptop"]["baseline"]["val_ppl"]
             else:
                 result["skipped"]["interventions"] = "no validation data and no --tasks to measure"
         else:

@@ -77,6 +77,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("run", "Run", "s"),
     ("algorithm", "Algorithm", "s"),
     ("step", "Final step", "d"),
+    ("val_ppl", "Val PPL", ".2f"),
     ("eae", "EAE", ".3f"),
     ("ewa", "EWA", ".3f"),
     ("margin", "Router margin", ".3f"),
@@ -91,7 +92,7 @@ COLUMNS: list[tuple[str, str, str]] = [
 ]
 TABLE_NOTE = ("EAE, EWA, router margin and Jain's index are means over MoE layers; dead experts are summed "
               "over layers; saturation is top-k, at the first traced checkpoint; Δppl is the change in "
-              "validation perplexity under the intervention.")
+              "validation perplexity under the intervention (Val PPL: the unperturbed model's).")
 
 
 def summary_rows(runs: dict[str, dict]) -> list[dict]:
@@ -104,6 +105,7 @@ def summary_rows(runs: dict[str, dict]) -> list[dict]:
             "run": name,
             "algorithm": m.get("algorithm"),
             "step": m.get("step"),
+            "val_ppl": _num(m.get("val_ppl")),
             "eae": _layer_mean(m.get("eae")),
             "ewa": _layer_mean(m.get("ewa")),
             "margin": _layer_mean(m.get("router_margin")),
