@@ -447,7 +447,8 @@ def plot_init_std(init_std: dict | None, path: str | Path) -> bool:
             ax.plot(*zip(*pts), color=cmap(i / max(len(stds) - 1, 1) * 0.9), label=label)
     if (steps := _num((init_std or {}).get("early_steps"))) is not None:
         ax.axvspan(0, steps, color="0.85", alpha=0.6, lw=0, label=f"early window (≤ {steps:g} steps)")
-    ax.set(title="Router initialisation: balance loss", xlabel="training step", ylabel="balance loss")
+    ax.set(title="Router initialisation: balance loss", xlabel="training step",
+           ylabel="balance loss (sum over MoE layers, before α)")
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     _legend_outside(ax)
