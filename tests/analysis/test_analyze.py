@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from libmoe.analysis import Trace, analyze_run, list_traces
 from libmoe.analysis import metrics as M
@@ -102,6 +103,29 @@ def test_routing_by_task_and_task_metrics_under_interventions(runs, tmp_path):
     assert task_trace.labels == ["piqa"] and task_trace.meta["label_kind"] == "task"
     assert result["eae_by_task"]["0"]["piqa"] == M.eae(task_trace)["0"]
     assert {"val_ppl", "piqa/acc", "piqa/acc_norm"} <= set(result["droptop"]["baseline"])
+
+
+def test_task_trace_records_each_documents_gold_request(runs, tmp_path):
+    from libmoe.analysis.analyze import record_task_trace
+    from libmoe.eval.scoring import LMScorer
+    from libmoe.models import load_model
+
+    rows = [{"sentence": "Ann helped Bo because _ was kind.", "option1": "Ann", "option2": "Bo",
+             "answer": "2"},
+            {"sentence": "The cup fell off the table because _ was round.", "option1": "cup",
+             "option2": "table", "answer": "1"}]
+    (tmp_path / "winogrande.validation.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    loaded = load_model(runs / "smoe")
+    trace = record_task_trace(loaded, ["winogrande"], tmp_path)
+    scorer = LMScorer(loaded.model, loaded.tokenizer)
+    gold = [("Ann helped Bo because Bo", " was kind."),
+            ("The cup fell off the table because cup", " was round.")]
+    expected = [scorer.encode_pair(c, x) for c, x in gold]
+    ids = [ctx + cont for ctx, cont in expected]
+    ids.sort(key=len, reverse=True)  # recorded longest first, padding left out
+    assert torch.equal(trace.tokens, torch.tensor([t for row in ids for t in row]))
+    assert torch.equal(trace.position, torch.tensor([p for row in ids for p in range(len(row))]))
+    assert trace.labels == ["winogrande"] and trace.n_layers == 2
 
 
 def test_dense_runs_are_analysed_without_routing(runs, tmp_path):

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..eval.evaluator import run_data_available
 from . import metrics as M
 from .trace import TRACE_TENSORS, RoutingRecorder, Trace, list_traces
 
@@ -24,12 +25,6 @@ def run_traces(run: str | Path) -> list[Trace]:
     if (run / TRACE_TENSORS).is_file():
         return [Trace.load(run)]
     return [Trace.load(path) for _, path in list_traces(run)]
-
-
-def _data_available(config: dict) -> bool:
-    source = (config.get("data") or {}).get("source", "embedded")
-    is_path = source not in ("embedded", "slimpajama") and not str(source).startswith("hf:")
-    return not is_path or Path(source).exists()
 
 
 def record_probe_trace(loaded, log: Callable[[str], None]) -> Trace:
@@ -47,8 +42,9 @@ def record_probe_trace(loaded, log: Callable[[str], None]) -> Trace:
 
 
 def record_task_trace(loaded, tasks: list[str], data_dir=None, limit: int | None = None,
-                      batch_size: int = 16) -> Trace:
-    """A trace labelled by task: each document's context and gold continuation, as scored."""
+                      batch_size: int = 16, log: Callable[[str], None] | None = None) -> Trace:
+    """A trace labelled by task: each document's gold request (context and continuation; for
+    multiple-input tasks the gold context), tokenised as scored."""
     from ..eval.scoring import LMScorer
     from ..eval.tasks import get_task, load_records
 
@@ -63,7 +59,7 @@ def record_task_trace(loaded, tasks: list[str], data_dir=None, limit: int | None
             rows = []
             for record in load_records(task, data_dir, limit):
                 doc = task.to_doc(record)
-                context, continuation = task.requests(doc)[doc.gold if doc.continuation is None else 0]
+                context, continuation = task.requests(doc)[doc.gold]
                 ctx, cont = scorer.encode_pair(context, continuation)
                 rows.append((ctx + cont)[-scorer.max_length:])
             rows.sort(key=len, reverse=True)
@@ -74,6 +70,8 @@ def record_task_trace(loaded, tasks: list[str], data_dir=None, limit: int | None
                 for b, row in enumerate(batch):
                     tokens[b, : len(row)], mask[b, : len(row)] = torch.tensor(row), True
                 rec.record(tokens, labels=i, mask=mask, batch_size=len(batch))
+            if log and len(names) <= 20:  # a group's dozens of members would flood the log
+                log(f"  {task.name}: {len(rows)} documents, {sum(map(len, rows)):,} tokens")
     return rec.trace(step=loaded.step, label_kind="task")
 
 
@@ -125,7 +123,7 @@ def analyze_run(
                               "skipped": {}}
     if not routed:
         result["skipped"]["routing"] = "dense model: no router, so no routing to analyse"
-        if interventions and loaded.config and _data_available(loaded.config):
+        if interventions and loaded.config and run_data_available(loaded.config):
             from ..eval.evaluator import validation_perplexity
 
             result["val_ppl"] = validation_perplexity(loaded, val_tokens, batch_size)["ppl"]
@@ -133,10 +131,10 @@ def analyze_run(
         task_trace = None
         if tasks:
             say(f"recording routing on tasks: {', '.join(tasks)}")
-            task_trace = record_task_trace(loaded, list(tasks), data_dir, limit, batch_size)
+            task_trace = record_task_trace(loaded, list(tasks), data_dir, limit, batch_size, say)
             task_trace.save(out / "task_trace")
         if not traces or traces[-1].step != loaded.step:
-            if loaded.config and _data_available(loaded.config):
+            if loaded.config and run_data_available(loaded.config):
                 say("recording a routing trace of the probe set (the final model has none)")
                 traces.append(record_probe_trace(loaded, say))
             elif task_trace is not None:  # e.g. a model from elsewhere: its routing on the tasks
@@ -163,7 +161,7 @@ def analyze_run(
             result["eae_by_task"] = M.by_label(task_trace, M.eae)
             result["ewa_by_task"] = M.by_label(task_trace, M.ewa)
         if interventions:
-            use_val = bool(loaded.config) and _data_available(loaded.config)
+            use_val = bool(loaded.config) and run_data_available(loaded.config)
             if not use_val:
                 result["skipped"]["val_ppl"] = "the run's validation data is not here"
             if use_val or tasks:

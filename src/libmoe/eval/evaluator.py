@@ -156,8 +156,7 @@ def validation_perplexity(loaded, tokens: int | str = "run", batch_size: int = 1
     else:
         raise ValueError(f"validation tokens {tokens!r}: give 'run', 'all' or a positive count.")
     source = cfg.data.source
-    is_path = source not in ("embedded", "slimpajama") and not source.startswith("hf:")
-    if is_path and not Path(source).is_absolute() and not Path(source).exists():
+    if not run_data_available(loaded.config) and not Path(source).is_absolute():
         raise FileNotFoundError(f"val_ppl needs the run's data, data.source {source!r}, a path relative to "
                                 "the directory the run was trained from; run `libmoe eval` from there.")
     data = prepare_run_data(cfg, log=log or (lambda _: None))
@@ -165,6 +164,14 @@ def validation_perplexity(loaded, tokens: int | str = "run", batch_size: int = 1
     device = next(loaded.model.parameters()).device
     loss = evaluate(loaded.model, windows, batch_size, DistInfo(device=device), _no_autocast)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(windows.shape[0]) * cfg.seq_len}
+
+
+def run_data_available(config: dict) -> bool:
+    """Whether a run config's data source can be read from here (a path source must exist;
+    embedded, slimpajama and hf: sources always can, perhaps by downloading)."""
+    source = str((config.get("data") or {}).get("source", "embedded"))
+    is_path = source not in ("embedded", "slimpajama") and not source.startswith("hf:")
+    return not is_path or Path(source).exists()
 
 
 def _no_autocast():
