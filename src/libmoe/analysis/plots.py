@@ -382,6 +382,8 @@ def _plot_intervention(runs: Runs, path: str | Path, key: str, title: str) -> bo
     deltas: dict[str, dict[str, dict[str, float]]] = {}  # intervention -> metric -> run -> delta
     for name, m in runs.items():
         for r in (m.get(key) or {}).get("runs") or []:
+            if _num(r.get("tau")) == 1.0:  # the unperturbed model: every delta is 0
+                continue
             for metric, v in (r.get("delta") or {}).items():
                 if _num(v) is not None:
                     deltas.setdefault(str(r.get("name")), {}).setdefault(metric, {})[name] = _num(v)
