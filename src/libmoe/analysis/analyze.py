@@ -13,6 +13,7 @@ import torch
 
 from ..eval.evaluator import run_data_available
 from . import metrics as M
+from .interventions import intervention_study
 from .trace import TRACE_TENSORS, RoutingRecorder, Trace, list_traces
 
 METRICS_FILE = "metrics.json"
@@ -166,8 +167,8 @@ def analyze_run(
                 result["skipped"]["val_ppl"] = "the run's validation data is not here"
             if use_val or tasks:
                 say("interventions (DropTop, router temperature):")
-                result.update(_interventions(loaded, tasks, data_dir, limit, batch_size, val_tokens,
-                                             use_val, say))
+                result.update(intervention_study(loaded, list(tasks), data_dir, limit, batch_size,
+                                                 val_tokens, val_ppl=use_val, log=say))
                 if use_val:
                     result["val_ppl"] = result["droptop"]["baseline"]["val_ppl"]
             else:
@@ -182,14 +183,6 @@ def analyze_run(
         write_figures_and_report(out, {display_name(result): result}, init_std)
     say(f"analysis of {run} in {time.perf_counter() - start:.1f} s -> {out}")
     return result
-
-
-def _interventions(loaded, tasks, data_dir, limit, batch_size, val_tokens, use_val, say):
-    from .interventions import intervention_study
-
-    if not use_val:
-        loaded = type(loaded)(loaded.model, loaded.tokenizer, loaded.checkpoint, loaded.step, {})
-    return intervention_study(loaded, list(tasks), data_dir, limit, batch_size, val_tokens, log=say)
 
 
 def display_name(result: dict[str, Any]) -> str:

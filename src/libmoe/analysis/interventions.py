@@ -71,11 +71,12 @@ def intervention_study(
     val_tokens: int | str = "run",
     droptop: tuple[int, ...] = (1, 2),
     temperatures: tuple[float, ...] = TEMPERATURES,
+    val_ppl: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """{"droptop": ..., "temperature": ...} as in metrics.json: the baseline metrics (val_ppl
-    when the run's data is available, plus `tasks`), and for each perturbation its metrics and
-    their delta (perturbed minus baseline)."""
+    """{"droptop": ..., "temperature": ...} as in metrics.json: the baseline metrics (`val_ppl`
+    on the run's own validation split when asked, plus `tasks`), and for each perturbation its
+    metrics and their delta (perturbed minus baseline)."""
     from ..eval.evaluator import evaluate_tasks, validation_perplexity
     from ..eval.scoring import LMScorer
     from ..eval.tasks import get_task
@@ -83,7 +84,7 @@ def intervention_study(
     say = log or (lambda _: None)
     shown_tasks = ["val_ppl"] + [get_task(t).name for t in tasks]  # a group's mean, not its members
     scorer = LMScorer(loaded.model, loaded.tokenizer, batch_size=batch_size)
-    use_val = bool(loaded.config)
+    use_val = val_ppl and bool(loaded.config)
 
     def measure(name: str) -> dict[str, float]:
         start = time.perf_counter()
