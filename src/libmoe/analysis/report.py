@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from libmoe.analysis.plots import FigureInfo
+from .plots import FigureInfo, _mean, _num
 
 MISSING = "–"
 
@@ -35,17 +35,6 @@ figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #444; font-size: .9rem; margin-top: .4rem; }
 ul.notes li { margin-bottom: .2rem; }
 """
-
-
-def _num(x: Any) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-        return None
-    return float(x)
-
-
-def _mean(values: Any) -> float | None:
-    vals = [v for v in map(_num, values) if v is not None]
-    return sum(vals) / len(vals) if vals else None
 
 
 def _layer_mean(d: dict | None) -> float | None:
@@ -171,12 +160,11 @@ def write_report(path: str | Path, runs: dict[str, dict], figures: list[FigureIn
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        f"<p class=\"intro\">{html.escape(intro)}</p>",
-        "<h2>Summary</h2>",
-        _table(summary_rows(runs)),
-        f"<p class=\"table-note\">{html.escape(TABLE_NOTE)}</p>",
-        *(_figure_html(info, Path(figure_dir)) for info in figures),
     ]
+    if runs:  # a study's report (init-std) has figures only
+        parts += [f"<p class=\"intro\">{html.escape(intro)}</p>", "<h2>Summary</h2>",
+                  _table(summary_rows(runs)), f"<p class=\"table-note\">{html.escape(TABLE_NOTE)}</p>"]
+    parts += [_figure_html(info, Path(figure_dir)) for info in figures]
     if all_notes := _notes(runs, notes):
         items = "".join(f"<li>{html.escape(n)}</li>" for n in all_notes)
         parts.append(f"<h2>Notes</h2>\n<ul class=\"notes\">{items}</ul>")
