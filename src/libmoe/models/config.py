@@ -36,6 +36,10 @@ class ModelConfig:
     moe_options: dict[str, Any] = field(default_factory=dict)
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # Set by upcycling: the dense FFN width (default top_k * expert_dim) and the blocks whose FFN
+    # is an MoE layer (default every moe_every-th). Left out of to_dict() while unset.
+    ffn_dim: int | None = None
+    moe_layers: list[int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "max_seq_len",
@@ -46,6 +50,13 @@ class ModelConfig:
         if self.rope_fraction > 1:
             raise ValueError(f"rope_fraction={self.rope_fraction} must be between 0 and 1.")
         check_algorithm(self.algorithm)
+        if self.ffn_dim is not None:
+            check_number("ffn_dim", self.ffn_dim, 1, integer=True)
+        if self.moe_layers is not None:
+            bad = [i for i in self.moe_layers if not isinstance(i, int) or not 0 <= i < self.n_layers]
+            if bad:
+                raise ValueError(f"moe_layers {bad} are not block indices of a {self.n_layers}-layer "
+                                 f"model; give indices in 0..{self.n_layers - 1}.")
         if self.uses_shared and self.n_shared >= self.top_k:
             raise ValueError(
                 f"n_shared={self.n_shared} must be below top_k={self.top_k} for {self.algorithm}: "
@@ -70,11 +81,25 @@ class ModelConfig:
         return self.n_experts, self.top_k, options
 
     def is_moe_layer(self, layer: int) -> bool:
-        """MoE FFN in every `moe_every`-th layer (the last of each group), dense FFN elsewhere."""
-        return self.algorithm != "dense" and (layer + 1) % self.moe_every == 0
+        """MoE FFN in the `moe_layers` blocks, else in every `moe_every`-th layer (the last of each
+        group); dense FFN elsewhere."""
+        if self.algorithm == "dense":
+            return False
+        if self.moe_layers is not None:
+            return layer in self.moe_layers
+        return (layer + 1) % self.moe_every == 0
+
+    @property
+    def dense_width(self) -> int:
+        """Width of the dense FFN sublayers: ffn_dim, or the compute-matched top_k * expert_dim."""
+        return self.ffn_dim if self.ffn_dim is not None else self.top_k * self.expert_dim
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for key in ("ffn_dim", "moe_layers"):  # unset: keep the configs (and hashes) of older runs
+            if d[key] is None:
+                del d[key]
+        return d
 
 
 def preset_file(name: str) -> Path:

@@ -66,7 +66,7 @@ class Block(nn.Module):
                                  **options)
         else:
             activation = cfg.moe_options.get("activation", "relu")
-            self.ffn = build_moe("dense", cfg.d_model, cfg.n_experts, cfg.expert_dim, cfg.top_k,
+            self.ffn = build_moe("dense", cfg.d_model, cfg.n_experts, cfg.dense_width, 1,
                                  activation=activation)
 
     def forward(self, x, cos, sin, prev_logits):
