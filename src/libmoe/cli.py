@@ -39,6 +39,7 @@ def _run_config(args: argparse.Namespace, resume: bool = False):
     from .train.config import load_yaml
 
     config_file, overrides = None, []
+    init = getattr(args, "init", None)
     for item in args.items:
         if "=" in item:
             overrides.append(item)
@@ -52,6 +53,14 @@ def _run_config(args: argparse.Namespace, resume: bool = False):
                f"runs/{args.preset or user.get('preset') or 'micro'}-{args.algorithm or 'smoe'}")
     user.pop("out", None)
     layers = []
+    if init:  # the init model's own config (model, data, tokenizer) is the base
+        from .models import resolve_checkpoint
+
+        init_config = resolve_checkpoint(init) / "config.yaml"
+        if not init_config.is_file():
+            raise FileNotFoundError(f"--init {init}: no config.yaml beside its weights; give a libmoe "
+                                    "model directory (libmoe upcycle --out), run or checkpoint.")
+        layers.append(load_yaml(init_config))
     if resume and (out / "config.yaml").is_file():
         layers.append(load_yaml(out / "config.yaml"))
     layers.append(user)
@@ -66,7 +75,7 @@ def _run_config(args: argparse.Namespace, resume: bool = False):
     layers.append(flags)
     preset = args.preset
     if preset is None and not resume:
-        preset = user.get("preset")
+        preset = user.get("preset") or (layers[0].get("preset") if init else None)
     return resolve_config(layers, overrides, preset=preset), out
 
 
@@ -77,7 +86,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     cfg, out = _run_config(args, resume=args.resume)
     check_run_dir(out, args.resume, args.overwrite)
     summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite,
-                    stop_after=args.stop_after)
+                    stop_after=args.stop_after, init=args.init)
     if summary.get("val_ppl") is not None and summary.get("rank", 0) == 0:
         print(f"done: step {summary['step']}, val_loss {summary['val_loss']:.4f}, "
               f"val_ppl {summary['val_ppl']:.2f}, {summary['train_time_s']:.1f} s -> {out}")
@@ -197,6 +206,30 @@ def _cmd_analyze_init_std(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/init_std.json and {args.out}/report.html")
 
 
+def _cmd_upcycle(args: argparse.Namespace) -> None:
+    from .upcycle import upcycle_checkpoint
+
+    layers = [int(x) for x in args.layers.split(",") if x.strip()] if args.layers else None
+    import yaml
+
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--option {item!r}: give KEY=VALUE, e.g. balance_coef=0.01.")
+        options[key] = yaml.safe_load(value)
+    info = upcycle_checkpoint(args.src, args.out, args.algorithm, args.n_experts, args.top_k, layers,
+                              args.seed, args.router_init_std, args.noise_std, args.reinit_fraction,
+                              args.shared_only, args.expert_dim, args.n_shared, args.overwrite, **options)
+    exact = "exact" if info["exact_at_init"] else "not exact by construction"
+    print(f"upcycled {info['source']} -> {args.out}: {args.algorithm}, {args.n_experts} experts, "
+          f"top-{args.top_k}; largest logit difference from the source {info['max_abs_logit_diff']:.2e} "
+          f"({exact})")
+    if "why_not_exact" in info:
+        print(f"  {args.algorithm}: {info['why_not_exact']}")
+    print(f"continue training with: libmoe train --init {args.out} --out RUN")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="libmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --out (with its saved config)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--init", default=None, metavar="MODEL_DIR",
+                   help="start from this model's weights and config (an upcycled model from "
+                   "`libmoe upcycle`, a run or a checkpoint): the upcycling regime")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -277,6 +313,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="md", choices=["md", "csv"], help="what to print")
     p.add_argument("--out", default=None, help="also write OUT.md and OUT.csv")
     p.set_defaults(func=_cmd_eval_table)
+
+    p = sub.add_parser(
+        "upcycle", help="turn a dense model into an MoE (sparse upcycling)",
+        description="Sparse upcycling: every FFN (or those of --layers) of a dense libmoe run or "
+        "checkpoint becomes an MoE layer of --algorithm whose experts are exact copies of it, with "
+        "fresh routers N(0, --router-init-std) from --seed. Writes a model directory that "
+        "`libmoe train --init`, `libmoe eval` and `libmoe analyze` accept.",
+    )
+    p.add_argument("src", help="a dense libmoe run or checkpoint directory")
+    p.add_argument("--algorithm", required=True, help="routing algorithm (libmoe algorithms)")
+    p.add_argument("--n-experts", type=int, required=True, help="experts per MoE layer (shared-expert "
+                   "algorithms: E-1 routed copies + the dense FFN as 1 shared expert)")
+    p.add_argument("--top-k", type=int, required=True, help="experts per token (shared included)")
+    p.add_argument("--layers", default=None, help="comma-separated block indices (default: all)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the routers' init (default 42)")
+    p.add_argument("--router-init-std", type=float, default=0.02)
+    p.add_argument("--noise-std", type=float, default=0.0,
+                   help="relative std of noise added to each expert copy (default 0: exact copies)")
+    p.add_argument("--reinit-fraction", type=float, default=0.0,
+                   help="share of each expert's hidden units re-drawn (Drop-Upcycling; default 0)")
+    p.add_argument("--shared-only", action="store_true", help="SharedE-Upcyc: only the shared "
+                   "experts of a sharede_v2/v3 model start from the dense FFN, the rest is random")
+    p.add_argument("--expert-dim", type=int, default=None, help="expert width for --shared-only")
+    p.add_argument("--n-shared", type=int, default=None, help="shared experts for --shared-only")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an MoE option of the new layers, e.g. balance_coef=0.01 (repeatable)")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_upcycle)
 
     p = sub.add_parser(
         "analyze", help="routing analysis of a run: metrics.json, figures, report.html",

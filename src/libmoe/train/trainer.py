@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors.torch import load_file
 from torch import nn
 
 from ..data.packed import PackedData, SequenceSampler, prepare_data, probe_set, validation_windows
@@ -236,22 +237,44 @@ def train(
     overwrite: bool = False,
     stop_after: int | None = None,
     progress: bool | None = None,
+    init: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train `cfg` into run directory `out`; returns the final summary (also train_summary.json).
 
     resume: continue from the newest checkpoint in `out`; overwrite: replace a run found there;
     stop_after: stop after that step with a checkpoint, as if interrupted (for tests and to split
-    long runs); progress: force the progress bar on or off (default: on for a terminal)."""
+    long runs); progress: force the progress bar on or off (default: on for a terminal);
+    init: start from the weights of this model directory, run or checkpoint (e.g. an upcycled
+    model) instead of a random init; its model config and tokenizer must be the run's."""
     out = Path(out)
     info = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, out, info, resume, overwrite, stop_after, progress)
+        return _train(cfg, out, info, resume, overwrite, stop_after, progress, init)
     finally:
         shutdown(info)
 
 
+def _init_weights(init: str | Path, cfg: RunConfig, tokenizer_hash: str) -> dict[str, torch.Tensor]:
+    """The state dict of model directory `init`, checked against the run's model and tokenizer."""
+    from ..data.packed import tokenizer_fingerprint
+    from ..models.loading import _find_tokenizer, resolve_checkpoint
+
+    path = resolve_checkpoint(init)
+    saved = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
+    if saved.get("model") is None:
+        raise ValueError(f"--init {str(init)!r} has no libmoe config.yaml beside its weights.")
+    if model_hash(replace(cfg, model=type(cfg.model)(**saved["model"]))) != model_hash(cfg):
+        diff = "; ".join(_config_diff(saved["model"], cfg.model.to_dict()))
+        raise ValueError(f"--init {str(init)!r} holds a different model than this config ({diff}); "
+                         "leave the model section to the init directory's config.")
+    if tokenizer_fingerprint(_find_tokenizer(path)) != tokenizer_hash:
+        raise ValueError(f"--init {str(init)!r} was trained with another tokenizer than this run's data "
+                         "(data.source or data.tokenizer differ); use the init directory's data config.")
+    return load_file(str(path / "model.safetensors"))
+
+
 def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: bool,
-           stop_after: int | None, progress: bool | None) -> dict[str, Any]:
+           stop_after: int | None, progress: bool | None, init: str | Path | None) -> dict[str, Any]:
     say = print if info.is_main else (lambda *_: None)
     check_run_dir(out, resume, overwrite)
     tc = cfg.train
@@ -281,6 +304,8 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
         raise ValueError(f"the tokenizer has {vocab} pieces but model.vocab_size="
                          f"{cfg.model.vocab_size}; raise model.vocab_size.")
 
+    # Checked before anything is written to `out`; a resumed run continues from its own checkpoint.
+    init_state = _init_weights(init, cfg, data.tokenizer_hash) if init is not None else None
     ckpt_path = latest_checkpoint(out) if resume else None
     ckpt = None
     if ckpt_path is not None:
@@ -315,6 +340,9 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
     total_params, active_params = count_parameters(raw)
     if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
+    elif init_state is not None:
+        raw.load_state_dict(init_state)
+        say(f"init: weights from {init}")
     raw.to(info.device)
     model = wrap_model(raw, info, tc.parallel)
     opt = build_optimizer(model, cfg)
