@@ -1,6 +1,9 @@
 """libmoe: a research library for sparse Mixture-of-Experts language models."""
 
+from . import _auto
 from .moe import ALGORITHMS, build_moe
+
+_auto.install()  # AutoModelForCausalLM loads libmoe directories once transformers is imported
 
 __version__ = "0.1.0"
 __all__ = ["ALGORITHMS", "build_moe", "__version__"]

@@ -230,6 +230,22 @@ def _cmd_upcycle(args: argparse.Namespace) -> None:
     print(f"continue training with: libmoe train --init {args.out} --out RUN")
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .models import load_model
+    from .models.loading import _find_tokenizer, save_model_dir
+
+    loaded = load_model(args.model)
+    if not loaded.config:
+        raise ValueError(f"{args.model} is already a transformers model directory.")
+    from pathlib import Path
+
+    if (Path(args.out) / "config.yaml").is_file() and not args.overwrite:
+        raise ValueError(f"{args.out!r} already holds a model; pass --overwrite or a new --out.")
+    save_model_dir(args.out, loaded.model, loaded.config, _find_tokenizer(loaded.checkpoint))
+    print(f"exported {loaded.checkpoint} -> {args.out} (AutoModelForCausalLM.from_pretrained loads it "
+          "after `import libmoe`; libmoe eval/analyze/train --init read it too)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="libmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -342,6 +358,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_upcycle)
+
+    p = sub.add_parser(
+        "export", help="write a run's model as a directory transformers' AutoModelForCausalLM loads",
+        description="Export a libmoe run or checkpoint as a model directory (model.safetensors, "
+        "config.yaml, tokenizer/ and transformers' config.json): after `import libmoe`, "
+        "AutoModelForCausalLM.from_pretrained(DIR) loads it as LibMoEForCausalLM. Export to "
+        "transformers' own OLMoE / Qwen2-MoE architectures is not implemented yet.",
+    )
+    p.add_argument("model", help="a libmoe run or checkpoint directory")
+    p.add_argument("--to", default="libmoe", choices=["libmoe"],
+                   help="target architecture (libmoe: LibMoEForCausalLM)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
         "analyze", help="routing analysis of a run: metrics.json, figures, report.html",

@@ -159,6 +159,7 @@ def test_upcycle_a_dense_run_then_train_evaluate_and_analyse_it(micro_config, tm
     up, src = load_model(tmp_path / "up"), load_model(tmp_path / "dense")
     assert (logits(up.model) - logits(src.model)).abs().max() <= 1e-5
     assert up.config["data"] == src.config["data"]
+    assert (tmp_path / "up" / "config.json").is_file()  # AutoModelForCausalLM loads it too (test_hf)
     again = cli("upcycle", str(tmp_path / "dense"), "--algorithm", "smoe", "--n-experts", "4",
                 "--top-k", "2", "--out", str(tmp_path / "up"))
     assert again.returncode == 2 and "--overwrite" in again.stderr

@@ -68,6 +68,8 @@ def _load_transformers(path: Path, device: str | torch.device) -> LoadedModel:
         raise ValueError(f"{str(path)!r} is a transformers model directory; loading it needs "
                          "transformers: pip install 'libmoe[hub]'.") from err
     model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
+    if type(model).__name__ == "LibMoEForCausalLM":  # libmoe's own model saved by transformers
+        model = model.model
     return LoadedModel(model.to(device).eval(), load_tokenizer(path), path, None, {})
 
 
@@ -77,6 +79,30 @@ def _find_tokenizer(ckpt: Path) -> Path:
             return candidate
     raise FileNotFoundError(f"no tokenizer for {str(ckpt)!r}: expected {ckpt}/tokenizer or the run's "
                             "tokenizer/ two levels up.")
+
+
+def save_model_dir(out: str | Path, model: MoETransformer, run_config: dict[str, Any],
+                   tokenizer_dir: str | Path) -> Path:
+    """Write a model directory: model.safetensors, config.yaml (`run_config` with the model's
+    section), tokenizer/, and transformers' config.json when transformers is installed, so both
+    `load_model` and AutoModelForCausalLM (after `import libmoe`) load it."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = dict(run_config, model=model.config.to_dict())
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    shutil.copytree(tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
+    try:
+        from .hf import write_hf_config
+    except ImportError:  # transformers is optional; libmoe reads the directory without it
+        return out
+    write_hf_config(out, model.config)
+    return out
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:

@@ -11,7 +11,6 @@ whose entries say why.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -210,11 +209,8 @@ def upcycle_checkpoint(source: str | Path, out: str | Path, algorithm: str, n_ex
     config.yaml, tokenizer/, upcycle.json), which `libmoe train --init`, `libmoe eval` and
     `libmoe analyze` accept. `shared_only` runs SharedE-Upcyc instead (expert_dim required).
     Returns upcycle.json's content, including the largest logit difference from the source."""
-    import yaml
-    from safetensors.torch import save_file
-
     from ..models import load_model
-    from ..models.loading import _find_tokenizer
+    from ..models.loading import _find_tokenizer, save_model_dir
 
     out = Path(out)
     if (out / "config.yaml").is_file() and not overwrite:
@@ -233,12 +229,7 @@ def upcycle_checkpoint(source: str | Path, out: str | Path, algorithm: str, n_ex
                               noise_std, reinit_fraction, **options)
     cfg = model.config
     diff = max_logit_difference(loaded.model, model, cfg.vocab_size, min(cfg.max_seq_len, 64))
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = dict(loaded.config, model=cfg.to_dict())
-    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    shutil.copytree(_find_tokenizer(loaded.checkpoint), out / "tokenizer", dirs_exist_ok=True)
+    save_model_dir(out, model, loaded.config, _find_tokenizer(loaded.checkpoint))
     info = {
         "source": str(loaded.checkpoint), "source_step": loaded.step,
         "method": "sharede_upcyc" if shared_only else "upcycle", "algorithm": algorithm,
