@@ -1,0 +1,80 @@
+"""Upcycling transformers decoder models in memory (libmoe.upcycle.hf), on tiny random configs."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from libmoe.analysis import RoutingRecorder  # noqa: E402
+from libmoe.upcycle import EXACT_AT_INIT  # noqa: E402
+from libmoe.upcycle.hf import UpcycledMLP, find_mlps, moe_aux_loss, upcycle_hf_model  # noqa: E402
+
+SMALL = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+ARCHS = {
+    "llama": lambda: transformers.LlamaConfig(**SMALL),
+    "mistral": lambda: transformers.MistralConfig(**SMALL),
+    "qwen2": lambda: transformers.Qwen2Config(**SMALL),
+    "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=8),
+    "phi3": lambda: transformers.Phi3Config(**SMALL, pad_token_id=0),
+    "llama_gelu_tied": lambda: transformers.LlamaConfig(**SMALL, hidden_act="gelu",
+                                                        tie_word_embeddings=True),
+}
+
+
+def tiny(arch):
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(ARCHS[arch]()).eval()
+
+
+TOKENS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_upcycled_architectures_reproduce_their_logits(arch):
+    model = tiny(arch)
+    before = logits(model)
+    upcycle_hf_model(model, "smoe", n_experts=4, top_k=2)
+    assert len([m for m in model.modules() if isinstance(m, UpcycledMLP)]) == 2
+    assert (logits(model) - before).abs().max() <= 1e-5
+    assert moe_aux_loss(model).item() > 0  # the balance terms of the last forward
+
+
+@pytest.mark.parametrize("algorithm", [a for a in EXACT_AT_INIT if a != "smoe"])
+def test_every_exact_algorithm_upcycles_a_llama_exactly(algorithm):
+    model = tiny("llama")
+    before = logits(model)
+    upcycle_hf_model(model, algorithm, n_experts=4, top_k=2)
+    assert (logits(model) - before).abs().max() <= 1e-5
+
+
+def test_only_chosen_layers_routers_differ_and_routing_is_recordable():
+    model = tiny("qwen2")
+    upcycle_hf_model(model, "smoe", 4, 2, layers=[1], seed=3)
+    assert [type(m).__name__ for _, m in find_mlps(model)] == ["Qwen2MLP"]  # the one left dense
+    again = upcycle_hf_model(tiny("qwen2"), "smoe", 4, 2, seed=3)
+    w = [m.moe.router.weight for m in again.modules() if isinstance(m, UpcycledMLP)]
+    assert not torch.equal(w[0], w[1])
+    same_seed = upcycle_hf_model(tiny("qwen2"), "smoe", 4, 2, seed=3)
+    w2 = [m.moe.router.weight for m in same_seed.modules() if isinstance(m, UpcycledMLP)]
+    assert all(torch.equal(a, b) for a, b in zip(w, w2))  # runs reproduce
+    with RoutingRecorder(again) as rec:
+        rec.record(TOKENS)
+    trace = rec.trace()
+    assert trace.n_layers == 2 and trace.n_tokens == TOKENS.numel()
+
+
+def test_mlps_with_biases_and_unknown_activations_are_refused():
+    gpt2 = transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(
+        n_layer=1, n_embd=32, n_head=4, vocab_size=100))
+    with pytest.raises(ValueError, match="hidden_act|gated MLP"):
+        upcycle_hf_model(gpt2, "smoe", 4, 2)
+    model = tiny("llama")
+    model.config.hidden_act = "gelu_pytorch_tanh"
+    with pytest.raises(ValueError, match="hidden_act"):
+        upcycle_hf_model(model, "smoe", 4, 2)
