@@ -5,7 +5,8 @@ this module) imports it at interpreter start. It costs one tiny import: a finder
 ``sys.meta_path`` waits for ``lm_eval.models`` and, once that module has run, adds the name
 ``libmoe`` to the harness's registry as the lazy target ``libmoe.eval.harness:LibMoELM``, so
 neither libmoe nor torch is imported until the harness builds the model. Any failure here leaves
-the harness as it was.
+the harness as it was. `after_import(name, callback)` is the generic one-shot hook (libmoe also
+uses it to register its transformers classes lazily).
 """
 
 import importlib.abc
@@ -27,35 +28,51 @@ def _register() -> None:
 
 
 class _Loader(importlib.abc.Loader):
-    def __init__(self, inner):
-        self.inner = inner
+    def __init__(self, inner, callback):
+        self.inner, self.callback = inner, callback
 
     def create_module(self, spec):
         return self.inner.create_module(spec)
 
     def exec_module(self, module):
         self.inner.exec_module(module)
-        try:
-            _register()
-        except Exception as err:  # never break the harness over its optional plugin
-            print(f"libmoe: could not register the 'libmoe' model with lm_eval: {err}",
-                  file=sys.stderr)
+        self.callback()
 
 
 class _Finder(importlib.abc.MetaPathFinder):
+    """Runs `callback` once, right after module `name` has been imported (one shot)."""
+
+    def __init__(self, name, callback):
+        self.name, self.callback = name, callback
+
     def find_spec(self, name, path=None, target=None):
-        if name != "lm_eval.models":
+        if name != self.name:
             return None
         sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding us
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.loader is not None:
-            spec.loader = _Loader(spec.loader)
+            spec.loader = _Loader(spec.loader, self.callback)
         return spec
 
 
+def after_import(name: str, callback) -> None:
+    """Call `callback()` as soon as module `name` is imported (now, if it already is). Also used
+    by libmoe to register its transformers classes without importing transformers itself."""
+    if name in sys.modules:
+        callback()
+    elif not any(isinstance(f, _Finder) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder(name, callback))
+
+
+def _register_safely() -> None:
+    try:
+        _register()
+    except Exception as err:  # never break the harness over its optional plugin
+        print(f"libmoe: could not register the 'libmoe' model with lm_eval: {err}", file=sys.stderr)
+
+
 def install() -> None:
-    if not any(isinstance(f, _Finder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _Finder())
+    after_import("lm_eval.models", _register_safely)
 
 
 install()
