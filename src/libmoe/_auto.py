@@ -15,12 +15,11 @@ WATCHED = "transformers.models.auto.modeling_auto"
 
 
 def _register() -> None:
-    if "libmoe.models.hf" in sys.modules:  # being imported: it registers itself when done
-        return
-    try:
-        from .models.hf import register_auto
-
-        register_auto()
+    try:  # each module registers its classes when imported
+        if "libmoe.models.hf" not in sys.modules:
+            from .models import hf  # noqa: F401
+        if "libmoe.upcycle.hf_saving" not in sys.modules:
+            from .upcycle import hf_saving  # noqa: F401
     except Exception as err:  # never break transformers over libmoe's classes
         print(f"libmoe: could not register its model with transformers' Auto classes: {err}",
               file=sys.stderr)

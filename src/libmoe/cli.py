@@ -227,7 +227,11 @@ def _cmd_upcycle(args: argparse.Namespace) -> None:
           f"({exact})")
     if "why_not_exact" in info:
         print(f"  {args.algorithm}: {info['why_not_exact']}")
-    print(f"continue training with: libmoe train --init {args.out} --out RUN")
+    if "source_architecture" in info:  # a transformers source
+        print(f"load it with AutoModelForCausalLM.from_pretrained({args.out!r}) after `import libmoe`; "
+              "libmoe eval and libmoe analyze --tasks accept it")
+    else:
+        print(f"continue training with: libmoe train --init {args.out} --out RUN")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -337,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
         "fresh routers N(0, --router-init-std) from --seed. Writes a model directory that "
         "`libmoe train --init`, `libmoe eval` and `libmoe analyze` accept.",
     )
-    p.add_argument("src", help="a dense libmoe run or checkpoint directory")
+    p.add_argument("src", help="a dense libmoe run or checkpoint directory, or a transformers causal "
+                   "LM (local directory or Hub name: Llama, Mistral, Qwen2, Qwen3, Phi-3)")
     p.add_argument("--algorithm", required=True, help="routing algorithm (libmoe algorithms)")
     p.add_argument("--n-experts", type=int, required=True, help="experts per MoE layer (shared-expert "
                    "algorithms: E-1 routed copies + the dense FFN as 1 shared expert)")

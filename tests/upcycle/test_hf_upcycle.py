@@ -78,3 +78,44 @@ def test_mlps_with_biases_and_unknown_activations_are_refused():
     model.config.hidden_act = "gelu_pytorch_tanh"
     with pytest.raises(ValueError, match="hidden_act"):
         upcycle_hf_model(model, "smoe", 4, 2)
+
+
+def test_cli_upcycles_a_local_llama_which_automodel_eval_and_analyze_load(tmp_path, hf_tokenizer_dir):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    eval_dir = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "eval"
+    if not (eval_dir / "piqa.validation.jsonl").is_file():
+        pytest.skip("../shared/data/eval not present")
+    tok = hf_tokenizer_dir(tmp_path, ["the cat sat on the mat", "a dog ran in the park"] * 50)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**dict(SMALL, vocab_size=400))
+    src = transformers.AutoModelForCausalLM.from_config(config)
+    src.save_pretrained(str(tmp_path / "llama"))
+    transformers.AutoTokenizer.from_pretrained(str(tok)).save_pretrained(str(tmp_path / "llama"))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "libmoe", *args], capture_output=True, text=True)
+
+    done = cli("upcycle", str(tmp_path / "llama"), "--algorithm", "sharede_v2", "--n-experts", "4",
+               "--top-k", "2", "--out", str(tmp_path / "up"))
+    assert done.returncode == 0, done.stderr
+    info = json.loads((tmp_path / "up" / "upcycle.json").read_text())
+    assert info["exact_at_init"] and info["max_abs_logit_diff"] <= 1e-5
+    assert info["source_architecture"] == "LlamaForCausalLM"
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "up"))
+    assert type(back).__name__ == "LibMoEUpcycledForCausalLM"
+    tokens = torch.randint(0, 400, (1, 10))
+    with torch.no_grad():
+        assert (back(tokens).logits - src.eval()(tokens).logits).abs().max() <= 1e-5
+    evaluated = cli("eval", str(tmp_path / "up"), "--tasks", "piqa", "--data-dir", str(eval_dir),
+                    "--limit", "3", "--out", str(tmp_path / "eval.json"))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((tmp_path / "eval.json").read_text())["results"]["piqa"]["n"] == 3
+    analysed = cli("analyze", str(tmp_path / "up"), "--tasks", "piqa", "--data-dir", str(eval_dir),
+                   "--limit", "3", "--out", str(tmp_path / "an"))
+    assert analysed.returncode == 0, analysed.stderr
+    metrics = json.loads((tmp_path / "an" / "metrics.json").read_text())
+    assert set(metrics["eae"]) == {"0", "1"} and "piqa/acc" in metrics["droptop"]["baseline"]

@@ -208,6 +208,8 @@ def upcycle_checkpoint(source: str | Path, out: str | Path, algorithm: str, n_ex
     """Upcycle a libmoe dense run or checkpoint into the model directory `out` (model.safetensors,
     config.yaml, tokenizer/, upcycle.json), which `libmoe train --init`, `libmoe eval` and
     `libmoe analyze` accept. `shared_only` runs SharedE-Upcyc instead (expert_dim required).
+    A transformers source (a local directory or a Hub name) is upcycled by
+    `hf_saving.upcycle_transformers` into a directory AutoModelForCausalLM loads.
     Returns upcycle.json's content, including the largest logit difference from the source."""
     from ..models import load_model
     from ..models.loading import _find_tokenizer, save_model_dir
@@ -216,10 +218,15 @@ def upcycle_checkpoint(source: str | Path, out: str | Path, algorithm: str, n_ex
     if (out / "config.yaml").is_file() and not overwrite:
         raise ValueError(f"{str(out)!r} already holds a model (config.yaml); pass --overwrite or a "
                          "new --out.")
+    if not (Path(source) / "config.yaml").is_file() and not (Path(source) / "checkpoints").is_dir():
+        if shared_only:
+            raise ValueError("--shared-only (SharedE-Upcyc) needs a libmoe dense run as the source.")
+        from .hf_saving import upcycle_transformers  # a transformers directory or a Hub name
+
+        return upcycle_transformers(str(source), out, algorithm, n_experts, top_k, layers=layers,
+                                    seed=seed, router_init_std=router_init_std, noise_std=noise_std,
+                                    reinit_fraction=reinit_fraction, **options)
     loaded = load_model(source)
-    if not loaded.config:
-        raise ValueError(f"{str(source)!r} is a transformers model; upcycling reads libmoe runs and "
-                         "checkpoints for now (transformers sources are not supported yet).")
     if shared_only:
         if expert_dim is None:
             raise ValueError("SharedE-Upcyc needs --expert-dim (the shared experts' width).")
