@@ -235,14 +235,14 @@ def _cmd_upcycle(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from .models import load_model
     from .models.loading import _find_tokenizer, save_model_dir
 
     loaded = load_model(args.model)
     if not loaded.config:
         raise ValueError(f"{args.model} is already a transformers model directory.")
-    from pathlib import Path
-
     if (Path(args.out) / "config.yaml").is_file() and not args.overwrite:
         raise ValueError(f"{args.out!r} already holds a model; pass --overwrite or a new --out.")
     save_model_dir(args.out, loaded.model, loaded.config, _find_tokenizer(loaded.checkpoint))

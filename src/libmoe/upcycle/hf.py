@@ -127,9 +127,3 @@ def moe_aux_loss(model: nn.Module) -> Tensor:
     losses = [m.aux_loss for m in model.modules() if isinstance(m, UpcycledMLP) and m.aux_loss is not None]
     return torch.stack(losses).sum() if losses else torch.zeros(())
 
-
-def upcycle_spec(algorithm: str, n_experts: int, top_k: int, layers: list[int] | None = None,
-                 seed: int = 42, router_init_std: float = 0.02, **options: Any) -> dict[str, Any]:
-    """The arguments of `upcycle_hf_model` that fix the upcycled model's structure, as saved."""
-    return {"algorithm": algorithm, "n_experts": n_experts, "top_k": top_k, "layers": layers,
-            "seed": seed, "router_init_std": router_init_std, "options": dict(options)}

@@ -19,7 +19,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 
-from .hf import moe_aux_loss, upcycle_hf_model, upcycle_spec
+from .hf import moe_aux_loss, upcycle_hf_model
+
+
+def upcycle_spec(algorithm: str, n_experts: int, top_k: int, layers: list[int] | None = None,
+                 seed: int = 42, router_init_std: float = 0.02, **options: Any) -> dict[str, Any]:
+    """The arguments of `upcycle_hf_model` that fix the upcycled model's structure, as saved."""
+    return {"algorithm": algorithm, "n_experts": n_experts, "top_k": top_k, "layers": layers,
+            "seed": seed, "router_init_std": router_init_std, "options": dict(options)}
 
 
 class LibMoEUpcycledConfig(PretrainedConfig):
@@ -76,7 +83,11 @@ class LibMoEUpcycledForCausalLM(PreTrainedModel, GenerationMixin):
             raise FileNotFoundError(f"{path}: expected a local directory with model.safetensors, as "
                                     "libmoe upcycle writes it.")
         model = cls(cls.config_class.from_pretrained(str(path)))
-        missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")),
+                                                        strict=False)
+        except RuntimeError as err:  # shapes differ: the weights are not this spec's
+            raise ValueError(f"{path}: weights do not match the upcycled model ({err}).") from err
         tied = {"model.lm_head.weight"} if model.config.tie_word_embeddings else set()
         if set(missing) - tied or unexpected:
             raise ValueError(f"{path}: weights do not match the upcycled model (missing "
