@@ -323,7 +323,7 @@ def test_save_then_load_round_trips(tmp_path, preset):
     assert loaded.seq_len == 32
     # the file is plain YAML holding every section and field
     raw = yaml.safe_load(path.read_text())
-    assert list(raw) == ["preset", "model", "data", "optim", "train"]
+    assert list(raw) == ["preset", "model", "data", "optim", "train", "init"]
     assert set(raw["train"]) == {f.name for f in dataclasses.fields(TrainConfig)}
 
 

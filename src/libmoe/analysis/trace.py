@@ -230,8 +230,9 @@ class RoutingRecorder:
         model = self.model.module if hasattr(self.model, "module") else self.model
         cfg = getattr(model, "config", None)
         blocks = getattr(model, "blocks", None)
-        layer_blocks = ([i for i, b in enumerate(blocks) if b.ffn in self.layers]
-                        if blocks is not None else list(range(len(self.layers))))
+        ids = {id(m) for m in self.layers}  # the blocks holding the recorded MoE layers
+        layer_blocks = ([i for i, b in enumerate(blocks) if any(id(m) in ids for m in b.modules())]
+                        if blocks else list(range(len(self.layers))))
         info = {"step": step, "algorithm": getattr(cfg, "algorithm", first.algorithm),
                 "n_experts": first.n_experts, "top_k": first.top_k, "layers": layer_blocks, **meta}
         return Trace(

@@ -56,7 +56,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _is_transformers_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and not (path / "config.yaml").is_file()
+    """A transformers model directory: config.json, and either no libmoe config.yaml (an exported
+    or Hub model) or a model other than libmoe's MoETransformer (a checkpoint of a run that trains
+    a transformers model, e.g. an upcycled Llama)."""
+    if not (path / "config.json").is_file():
+        return False
+    if not (path / "config.yaml").is_file():
+        return True
+    return json.loads((path / "config.json").read_text()).get("model_type") != "libmoe"
 
 
 def _load_transformers(path: Path, device: str | torch.device) -> LoadedModel:
@@ -67,10 +74,20 @@ def _load_transformers(path: Path, device: str | torch.device) -> LoadedModel:
     except ImportError as err:
         raise ValueError(f"{str(path)!r} is a transformers model directory; loading it needs "
                          "transformers: pip install 'libmoe[hub]'.") from err
+    import libmoe.upcycle.hf_saving  # noqa: F401  registers libmoe_upcycled with the Auto classes
+
     model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
     if type(model).__name__ == "LibMoEForCausalLM":  # libmoe's own model saved by transformers
         model = model.model
-    return LoadedModel(model.to(device).eval(), load_tokenizer(path), path, None, {})
+    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                       "tokenizer.model"))
+    tokenizer = load_tokenizer(path if has_tokenizer else _find_tokenizer(path))
+    config, step = {}, None
+    if (path / "config.yaml").is_file():  # a checkpoint of a libmoe run
+        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    if (path / "checkpoint.json").is_file():
+        step = json.loads((path / "checkpoint.json").read_text()).get("step")
+    return LoadedModel(model.to(device).eval(), tokenizer, path, step, config)
 
 
 def _find_tokenizer(ckpt: Path) -> Path:

@@ -110,6 +110,10 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # The weights the run started from (`libmoe train --init`): a libmoe model directory, run or
+    # checkpoint, or a transformers causal LM (directory or Hub name), which is then the model
+    # trained and `model` only records its shape (libmoe.train.hf_model).
+    init: str | None = None
 
     @property
     def seq_len(self) -> int:

@@ -33,6 +33,7 @@ from ..moe import attach_bias_balancing, set_training_progress
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, config_from_dict
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown, wrap_model
+from .hf_model import TransformersLM, load_transformers, transformers_run_config, transformers_source
 from .metrics import MetricsLogger, load_summary
 from .trace import record_routing, save_trace
 
@@ -245,8 +246,19 @@ def train(
     stop_after: stop after that step with a checkpoint, as if interrupted (for tests and to split
     long runs); progress: force the progress bar on or off (default: on for a terminal);
     init: start from the weights of this model directory, run or checkpoint (e.g. an upcycled
-    model) instead of a random init; its model config and tokenizer must be the run's."""
+    model) instead of a random init; its model config and tokenizer must be the run's. A
+    transformers causal LM (directory or Hub name, e.g. `libmoe upcycle`'s output for a Hub
+    model) is trained as it is, with its own tokenizer; see libmoe.train.hf_model."""
     out = Path(out)
+    init = init if init is not None else cfg.init
+    if init is None and resume and (out / "config.yaml").is_file():  # the run keeps its init
+        init = (yaml.safe_load((out / "config.yaml").read_text()) or {}).get("init")
+    if init is not None:
+        init = transformers_source(init) or str(init)
+        if transformers_source(init):
+            cfg = transformers_run_config(cfg, init)
+        else:
+            cfg = replace(cfg, init=init)
     info = init_distributed(cfg.train.device)
     try:
         return _train(cfg, out, info, resume, overwrite, stop_after, progress, init)
@@ -297,7 +309,8 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
     if data is None:
         data = prepare_run_data(cfg, say)
     vocab = data.meta["vocab_size"]
-    if cfg.data.tokenizer != "train" and vocab != cfg.model.vocab_size:
+    hf = init is not None and transformers_source(init) is not None
+    if cfg.data.tokenizer != "train" and vocab != cfg.model.vocab_size and not hf:
         say(f"model: vocab_size set to the tokenizer's {vocab}")
         cfg = replace(cfg, model=replace(cfg.model, vocab_size=vocab))
     if vocab > cfg.model.vocab_size:
@@ -305,8 +318,10 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
                          f"{cfg.model.vocab_size}; raise model.vocab_size.")
 
     # Checked before anything is written to `out`; a resumed run continues from its own checkpoint.
-    init_state = _init_weights(init, cfg, data.tokenizer_hash) if init is not None else None
     ckpt_path = latest_checkpoint(out) if resume else None
+    init_state = None
+    if init is not None and ckpt_path is None and not hf:
+        init_state = _init_weights(init, cfg, data.tokenizer_hash)
     ckpt = None
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path)
@@ -336,9 +351,14 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
 
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
-    raw = MoETransformer(cfg.model)
+    if hf:  # a transformers model: from the newest checkpoint (a transformers directory) or init
+        raw = TransformersLM(load_transformers(ckpt_path if ckpt is not None else init))
+        if ckpt is None:
+            say(f"init: transformers model {init}")
+    else:
+        raw = MoETransformer(cfg.model)
     total_params, active_params = count_parameters(raw)
-    if ckpt is not None:
+    if ckpt is not None and not hf:
         raw.load_state_dict(ckpt["model"])
     elif init_state is not None:
         raw.load_state_dict(init_state)
@@ -385,16 +405,21 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
     info_json = {"model_hash": model_hash(cfg), "tokenizer_hash": data.tokenizer_hash,
                  "model_config": cfg.model.to_dict(), "algorithm": cfg.model.algorithm}
     config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    extra_files = {"config.yaml": config_text}
+    if hf:  # each checkpoint is also a transformers directory
+        extra_files["config.json"] = raw.config_json()
 
     def checkpoint(step: int) -> None:
         model_state, opt_state = _state_dicts(model, opt)
+        if hf:
+            model_state = raw.export_state(model_state)
         trainer_state = {"step": step, "scheduler": sched.state_dict(),
                          "data": sampler.state_dict(), "rng": _rng_state()}
         # Every process runs the probe forward (FSDP/DDP collectives); rank 0 writes.
         if info.is_main:
             path = save_checkpoint(
                 out, step, model_state, opt_state, trainer_state, info_json,
-                extra_files={"config.yaml": config_text}, keep=tc.keep_checkpoints,
+                extra_files=extra_files, keep=tc.keep_checkpoints,
                 before_rename=lambda tmp: save_trace(tmp, raw, probe_tokens, probe_domain,
                                                      data.domains, step, run=model),
             )
