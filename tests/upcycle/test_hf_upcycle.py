@@ -69,11 +69,11 @@ def test_only_chosen_layers_routers_differ_and_routing_is_recordable():
     assert trace.n_layers == 2 and trace.n_tokens == TOKENS.numel()
 
 
-def test_mlps_with_biases_and_unknown_activations_are_refused():
-    gpt2 = transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(
-        n_layer=1, n_embd=32, n_head=4, vocab_size=100))
-    with pytest.raises(ValueError, match="hidden_act|gated MLP"):
-        upcycle_hf_model(gpt2, "smoe", 4, 2)
+def test_unknown_mlps_and_activations_are_refused():
+    gptj = transformers.AutoModelForCausalLM.from_config(transformers.GPTJConfig(
+        n_layer=1, n_embd=32, n_head=4, rotary_dim=4, vocab_size=100, n_positions=64))
+    with pytest.raises(ValueError, match="no MLP"):  # fc_in/fc_out is not a structure found here
+        upcycle_hf_model(gptj, "smoe", 4, 2)
     model = tiny("llama")
     model.config.hidden_act = "gelu_pytorch_tanh"
     with pytest.raises(ValueError, match="hidden_act"):

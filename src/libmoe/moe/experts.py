@@ -1,7 +1,9 @@
 """Routed experts as stacked weights, and their activations.
 
 Expert e computes act(x @ w1[e]) @ w2[e]; gated activations compute
-(act(x @ w1[e]) * (x @ w3[e])) @ w2[e]. The experts never see the router: they take
+(act(x @ w1[e]) * (x @ w3[e])) @ w2[e]. With `bias=True` every projection adds its bias
+(b1, b3 [E, M], b2 [E, D]): act(x @ w1[e] + b1[e]) @ w2[e] + b2[e], as in GPT-2's MLP. The
+combine weight multiplies the whole expert output, b2 included. The experts never see the router: they take
 (x [T, D], expert ids [T, K], combine weights [T, K]) and return [T, D] (ids outside [0, E) are
 skipped), through one of the dispatch backends in `dispatch.py`.
 """
@@ -35,6 +37,20 @@ def _gelu_grad(h: Tensor) -> Tensor:
     return cdf + h * pdf
 
 
+_TANH_C = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh(h: Tensor) -> Tensor:
+    return F.gelu(h, approximate="tanh")
+
+
+def _gelu_tanh_grad(h: Tensor) -> Tensor:
+    # d/dh 0.5 h (1 + tanh(u)), u = c (h + 0.044715 h^3)
+    t = torch.tanh(_TANH_C * (h + 0.044715 * h * h * h))
+    du = _TANH_C * (1.0 + 3 * 0.044715 * h * h)
+    return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * du
+
+
 def _silu_grad(h: Tensor) -> Tensor:
     s = torch.sigmoid(h)
     return s * (1.0 + h * (1.0 - s))
@@ -43,6 +59,8 @@ def _silu_grad(h: Tensor) -> Tensor:
 ACTIVATIONS: dict[str, Activation] = {
     "relu": Activation("relu", F.relu, lambda h: (h > 0).to(h.dtype), gated=False),
     "gelu": Activation("gelu", F.gelu, _gelu_grad, gated=False),
+    # GPT-2's gelu_new / gelu_pytorch_tanh: the tanh approximation of GELU.
+    "gelu_tanh": Activation("gelu_tanh", _gelu_tanh, _gelu_tanh_grad, gated=False),
     "silu": Activation("silu", F.silu, _silu_grad, gated=False),
     "swiglu": Activation("swiglu", F.silu, _silu_grad, gated=True),
     "geglu": Activation("geglu", F.gelu, _gelu_grad, gated=True),
@@ -50,10 +68,12 @@ ACTIVATIONS: dict[str, Activation] = {
 
 
 class Experts(nn.Module):
-    """E feed-forward experts of width M stored as w1 [E, D, M], w2 [E, M, D] (and w3 when gated).
+    """E feed-forward experts of width M stored as w1 [E, D, M], w2 [E, M, D] (and w3 when gated),
+    with `bias`, also b1 [E, M], b2 [E, D] (and b3 [E, M] when gated).
 
     Initialisation matches a dense FFN of width `init_width` (default M) built from nn.Linear,
     so that a compute-matched dense baseline and the experts start from the same distribution.
+    Biases start at zero, so a fresh biased layer computes what an unbiased one does.
     """
 
     def __init__(
@@ -63,6 +83,7 @@ class Experts(nn.Module):
         expert_dim: int,
         activation: str = "relu",
         init_width: int | None = None,
+        bias: bool = False,
     ):
         super().__init__()
         self.n_experts, self.d_model, self.expert_dim = n_experts, d_model, expert_dim
@@ -75,7 +96,16 @@ class Experts(nn.Module):
             if self.activation.gated
             else None
         )
+        self.b1 = nn.Parameter(torch.zeros(n_experts, expert_dim)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(n_experts, d_model)) if bias else None
+        self.b3 = (
+            nn.Parameter(torch.zeros(n_experts, expert_dim)) if bias and self.activation.gated else None
+        )
         self.reset_parameters()
+
+    @property
+    def has_bias(self) -> bool:
+        return self.b1 is not None
 
     def reset_parameters(self) -> None:
         bound_in, bound_out = 1.0 / math.sqrt(self.d_model), 1.0 / math.sqrt(self.init_width)
@@ -83,22 +113,31 @@ class Experts(nn.Module):
         nn.init.uniform_(self.w2, -bound_out, bound_out)
         if self.w3 is not None:
             nn.init.uniform_(self.w3, -bound_in, bound_in)
+        for b in (self.b1, self.b2, self.b3):
+            if b is not None:
+                nn.init.zeros_(b)
 
     def forward(self, x: Tensor, ids: Tensor, weights: Tensor, dispatch: str = "auto") -> Tensor:
-        return run_experts(dispatch, x, ids, weights, self.w1, self.w2, self.w3, self.activation)
+        return run_experts(dispatch, x, ids, weights, self.w1, self.w2, self.w3, self.activation,
+                           b1=self.b1, b2=self.b2, b3=self.b3)
 
     def dense_forward(self, x: Tensor) -> Tensor:
         """Every token through every expert with weight 1 (shared experts, dense FFN): [T, D]."""
         E, D, M = self.w1.shape
         # Summing E experts with weight 1 is one FFN of width E*M: concatenate along the hidden dim.
         h = x @ self.w1.permute(1, 0, 2).reshape(D, E * M)
+        if self.b1 is not None:
+            h = h + self.b1.reshape(E * M)
         a = self.activation.fn(h)
         if self.w3 is not None:
-            a = a * (x @ self.w3.permute(1, 0, 2).reshape(D, E * M))
-        return a @ self.w2.reshape(E * M, D)
+            g = x @ self.w3.permute(1, 0, 2).reshape(D, E * M)
+            a = a * (g + self.b3.reshape(E * M) if self.b3 is not None else g)
+        y = a @ self.w2.reshape(E * M, D)
+        return y + self.b2.sum(0) if self.b2 is not None else y
 
     def extra_repr(self) -> str:
         return (
             f"n_experts={self.n_experts}, d_model={self.d_model}, "
             f"expert_dim={self.expert_dim}, activation={self.activation.name}"
+            + (", bias=True" if self.has_bias else "")
         )

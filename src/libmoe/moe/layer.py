@@ -48,8 +48,9 @@ def drop_over_capacity(ids: Tensor, n_experts: int, capacity: int) -> Tensor:
 
 
 class MoELayer(nn.Module):
-    """A sparse MoE FFN: `router` (one class per algorithm), `experts` (w1 [E, D, M], w2 [E, M, D])
-    and, when n_shared > 0, `shared_experts` that every token uses.
+    """A sparse MoE FFN: `router` (one class per algorithm), `experts` (w1 [E, D, M], w2 [E, M, D];
+    b1 [E, M], b2 [E, D] with expert_bias) and, when n_shared > 0, `shared_experts` that every
+    token uses.
 
     forward(x [..., D], prev_logits=None) -> MoEOutput. `prev_logits` is the previous MoE layer's
     `routing.logits` (used by moe_plus_plus's gating residual, ignored by other routers).
@@ -72,9 +73,11 @@ class MoELayer(nn.Module):
         )
         self.router = router
         # Experts start like the compute-matched dense FFN of width top_k * expert_dim.
-        self.experts = Experts(n_experts, d_model, expert_dim, opts.activation, top_k * expert_dim)
+        # `expert_bias` gives routed and shared experts biases (b1, b2, b3), e.g. to upcycle GPT-2.
+        init, bias = top_k * expert_dim, opts.expert_bias
+        self.experts = Experts(n_experts, d_model, expert_dim, opts.activation, init, bias)
         self.shared_experts = (
-            Experts(opts.n_shared, d_model, expert_dim, opts.activation, top_k * expert_dim)
+            Experts(opts.n_shared, d_model, expert_dim, opts.activation, init, bias)
             if opts.n_shared > 0
             else None
         )
@@ -149,7 +152,7 @@ class DenseFFN(nn.Module):
     def __init__(self, d_model: int, width: int, opts: MoEOptions):
         super().__init__()
         self.algorithm, self.opts, self.d_model = "dense", opts, d_model
-        self.experts = Experts(1, d_model, width, opts.activation, width)
+        self.experts = Experts(1, d_model, width, opts.activation, width, opts.expert_bias)
 
     def forward(self, x: Tensor, prev_logits: Tensor | None = None) -> MoEOutput:
         y = self.experts.dense_forward(x.reshape(-1, self.d_model)).view(x.shape)

@@ -65,6 +65,7 @@ class MoEOptions:
     n_group: int = 0
     topk_group: int = 0
     bias: bool = False
+    expert_bias: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -86,6 +87,8 @@ class MoEOptions:
         check_number("topk_group", self.topk_group, 0, integer=True)
         if not isinstance(self.bias, bool):
             raise ValueError(f"bias={self.bias!r} is not valid; it must be True or False.")
+        if not isinstance(self.expert_bias, bool):
+            raise ValueError(f"expert_bias={self.expert_bias!r} is not valid; it must be True or False.")
 
     @classmethod
     def generic_names(cls) -> list[str]:

@@ -34,11 +34,14 @@ UPCYCLE_FILE = "upcycle.json"
 
 def copy_into_experts(experts, w1: Tensor, w2: Tensor, w3: Tensor | None = None,
                       generator: torch.Generator | None = None, noise_std: float = 0.0,
-                      reinit_fraction: float = 0.0) -> None:
+                      reinit_fraction: float = 0.0, *, b1: Tensor | None = None,
+                      b2: Tensor | None = None, b3: Tensor | None = None) -> None:
     """Make every expert of `experts` (w1 [E, D, M], w2 [E, M, D], w3) the dense FFN
-    (w1 [D, M], w2 [M, D], w3 [D, M] when gated). `noise_std` adds N(0, noise_std * std(W)) to
-    each copy; `reinit_fraction` re-draws that share of each expert's hidden units from
-    N(mean(W), std(W)) of the dense weights (Drop-Upcycling). Both draw from `generator`."""
+    (w1 [D, M], w2 [M, D], w3 [D, M] when gated; biases b1, b3 [M] and b2 [D] when it has them).
+    `noise_std` adds N(0, noise_std * std(W)) to each copy; `reinit_fraction` re-draws that share
+    of each expert's hidden units from N(mean(W), std(W)) of the dense weights (Drop-Upcycling).
+    Both draw from `generator` and touch the weights only: biases are copied as they are. Experts
+    with biases take a dense FFN without them as zero biases; the reverse is refused."""
     pairs = [("w1", w1), ("w2", w2), ("w3", w3)]
     for name, w in pairs:
         target = getattr(experts, name)
@@ -49,7 +52,27 @@ def copy_into_experts(experts, w1: Tensor, w2: Tensor, w3: Tensor | None = None,
         if target is not None and tuple(target.shape[1:]) != tuple(w.shape):
             raise ValueError(f"expert {name} has shape {tuple(target.shape[1:])} but the dense FFN's "
                              f"is {tuple(w.shape)}; expert_dim must equal the dense FFN width.")
+    biases = [("b1", b1), ("b2", b2), ("b3", b3)]
+    if getattr(experts, "b1", None) is None:
+        given = [name for name, b in biases if b is not None]
+        if given:
+            raise ValueError(f"the dense FFN has biases ({', '.join(given)}) but the MoE experts do "
+                             "not; build the MoE layer with expert_bias=True.")
+        biases = []
+    else:
+        biases = [(name, b) for name, b in biases if getattr(experts, name) is not None]
+    for name, b in biases:
+        target = getattr(experts, name)
+        if b is not None and tuple(target.shape[1:]) != tuple(b.shape):
+            raise ValueError(f"expert bias {name} has shape {tuple(target.shape[1:])} but the dense "
+                             f"FFN's is {tuple(b.shape)}; expert_dim must equal the dense FFN width.")
     with torch.no_grad():
+        for name, b in biases:
+            target = getattr(experts, name)
+            if b is None:
+                target.zero_()
+            else:
+                target.copy_(b.to(target).expand_as(target))
         for name, w in pairs:
             target = getattr(experts, name)
             if target is None:
@@ -218,12 +241,15 @@ def upcycle_checkpoint(source: str | Path, out: str | Path, algorithm: str, n_ex
     if (out / "config.yaml").is_file() and not overwrite:
         raise ValueError(f"{str(out)!r} already holds a model (config.yaml); pass --overwrite or a "
                          "new --out.")
-    if not (Path(source) / "config.yaml").is_file() and not (Path(source) / "checkpoints").is_dir():
+    from ..train.hf_model import transformers_source
+
+    hf_source = transformers_source(source)  # a transformers directory, Hub name or such a run
+    if hf_source is not None:
         if shared_only:
             raise ValueError("--shared-only (SharedE-Upcyc) needs a libmoe dense run as the source.")
-        from .hf_saving import upcycle_transformers  # a transformers directory or a Hub name
+        from .hf_saving import upcycle_transformers
 
-        return upcycle_transformers(str(source), out, algorithm, n_experts, top_k, layers=layers,
+        return upcycle_transformers(hf_source, out, algorithm, n_experts, top_k, layers=layers,
                                     seed=seed, router_init_std=router_init_std, noise_std=noise_std,
                                     reinit_fraction=reinit_fraction, **options)
     loaded = load_model(source)
