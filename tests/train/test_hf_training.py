@@ -27,7 +27,7 @@ def upcycled(tmp_path, hf_tokenizer_dir):
     tok_dir = hf_tokenizer_dir(tmp_path, [SHAKESPEARE.read_text()[:20000]])
     tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
     torch.manual_seed(0)
-    dense = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(vocab_size=512, **SMALL))  # padded vocabulary
+    dense = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(vocab_size=512, **SMALL))  # padded vocab
     dense.save_pretrained(str(tmp_path / "dense"))
     tok.save_pretrained(str(tmp_path / "dense"))
     upcycle_transformers(str(tmp_path / "dense"), tmp_path / "up", "smoe", 4, 2)
@@ -114,3 +114,19 @@ def test_a_libmoe_config_yaml_is_not_needed_but_a_tokenizer_is(tmp_path):
     dense.save_pretrained(str(tmp_path / "bare"))
     with pytest.raises((OSError, ValueError)):
         train(config(tmp_path), tmp_path / "run", init=tmp_path / "bare", progress=False)
+
+
+def test_a_dense_transformers_run_upcycles_and_trains_on(upcycled, tmp_path):
+    from libmoe.upcycle import upcycle_checkpoint
+
+    dense_run = tmp_path / "dense-run"
+    summary = train(config(tmp_path, "train.max_steps=2"), dense_run, init=upcycled.parent / "dense",
+                    progress=False)
+    assert summary["algorithm"] == "dense" and summary["params_total"] == summary["params_active"]
+    assert not (dense_run / "checkpoints" / "step_2" / "routing_trace.json").exists()
+    info = upcycle_checkpoint(dense_run, tmp_path / "up2", "sharede_v2", 4, 2)
+    assert info["max_abs_logit_diff"] <= 1e-5 and info["exact_at_init"]
+    assert (tmp_path / "up2" / "tokenizer.json").is_file()  # found beside the run
+    more = train(config(tmp_path, "train.max_steps=2"), tmp_path / "up2-run", init=tmp_path / "up2",
+                 progress=False)
+    assert more["algorithm"] == "sharede_v2" and more["params_active"] < more["params_total"]

@@ -50,3 +50,11 @@ def test_weights_that_do_not_match_the_saved_spec_are_refused(tmp_path):
         LibMoEUpcycledForCausalLM.from_pretrained(tmp_path / "up")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         LibMoEUpcycledForCausalLM.from_pretrained(tmp_path / "nowhere")
+
+
+def test_config_reads_gpt2_names_for_the_shape():
+    from libmoe.upcycle.hf_saving import LibMoEUpcycledConfig
+
+    base = transformers.GPT2Config(n_positions=77, n_embd=16, n_layer=3, n_head=2).to_dict()
+    config = LibMoEUpcycledConfig(base=base, upcycle={"algorithm": "smoe"})
+    assert (config.max_position_embeddings, config.hidden_size, config.num_hidden_layers) == (77, 16, 3)

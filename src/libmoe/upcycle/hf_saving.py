@@ -35,9 +35,13 @@ class LibMoEUpcycledConfig(PretrainedConfig):
     def __init__(self, base: dict[str, Any] | None = None, upcycle: dict[str, Any] | None = None,
                  **kwargs: Any):
         self.base, self.upcycle = dict(base or {}), dict(upcycle or {})
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings"):
-            if key in self.base:
-                kwargs.setdefault(key, self.base[key])
+        names = {"vocab_size": (), "hidden_size": ("n_embd",), "num_hidden_layers": ("n_layer",),
+                 "max_position_embeddings": ("n_positions",)}  # GPT-2 spells them its own way
+        for key, aliases in names.items():
+            for name in (key, *aliases):
+                if name in self.base:
+                    kwargs.setdefault(key, self.base[name])
+                    break
         kwargs.setdefault("tie_word_embeddings", self.base.get("tie_word_embeddings", False))
         super().__init__(**kwargs)
 
@@ -126,6 +130,9 @@ def register_auto() -> None:
 register_auto()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
 def upcycle_transformers(source: str, out: str | Path, algorithm: str, n_experts: int, top_k: int,
                          **kwargs: Any) -> dict[str, Any]:
     """Upcycle a transformers causal LM (a local directory or a Hub name) into `out`: the
@@ -148,7 +155,12 @@ def upcycle_transformers(source: str, out: str | Path, algorithm: str, n_experts
     try:
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(source).save_pretrained(str(out))
+        tokenizer_path = source
+        if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+            from ..models.loading import _find_tokenizer  # a checkpoint of a libmoe run
+
+            tokenizer_path = str(_find_tokenizer(Path(source)))
+        AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(str(out))
     except (OSError, ValueError) as err:  # a model without a tokenizer still upcycles
         print(f"libmoe: no tokenizer saved ({err})")
     plain = all(kwargs.get(k, 0) == 0 for k in ("noise_std", "reinit_fraction"))
