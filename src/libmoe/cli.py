@@ -237,6 +237,20 @@ def _cmd_upcycle(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    if args.to != "libmoe":  # transformers' own MoE architectures, for upcycled models
+        from .upcycle.export import export_model
+
+        info = export_model(args.model, args.to, args.out, overwrite=args.overwrite)
+        experts = f"{info['n_experts']} experts"
+        if info["shared_expert_width"]:
+            experts = f"{info['n_experts']} routed experts + a shared expert"
+        print(f"exported {info['source']} -> {args.out} as {info['target_architecture']}: "
+              f"{info['algorithm']}, {experts}, top-{info['top_k']}; largest logit difference from "
+              f"the source {info['max_abs_logit_diff']:.2e} (tolerance {info['tolerance']:g})")
+        print(f"plain transformers.AutoModelForCausalLM.from_pretrained({args.out!r}) loads it, "
+              "without libmoe")
+        return
+
     from .models import load_model
     from .models.loading import _find_tokenizer, save_model_dir
 
@@ -365,15 +379,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_upcycle)
 
     p = sub.add_parser(
-        "export", help="write a run's model as a directory transformers' AutoModelForCausalLM loads",
-        description="Export a libmoe run or checkpoint as a model directory (model.safetensors, "
-        "config.yaml, tokenizer/ and transformers' config.json): after `import libmoe`, "
-        "AutoModelForCausalLM.from_pretrained(DIR) loads it as LibMoEForCausalLM. Export to "
-        "transformers' own OLMoE / Qwen2-MoE architectures is not implemented yet.",
+        "export", help="write a model as a directory transformers' AutoModelForCausalLM loads",
+        description="--to libmoe (default): export a libmoe run or checkpoint as a model directory "
+        "(model.safetensors, config.yaml, tokenizer/ and transformers' config.json) that "
+        "AutoModelForCausalLM loads as LibMoEForCausalLM after `import libmoe`. --to mixtral, "
+        "qwen2_moe, qwen3_moe or olmoe: convert an upcycled transformers model (smoe, sharede_v2) "
+        "to transformers' own architecture where the mathematics match, checked by identical "
+        "logits (<= 1e-4) before writing; anything else is refused with the reason. See "
+        "docs/upcycling.md, Export.",
     )
-    p.add_argument("model", help="a libmoe run or checkpoint directory")
-    p.add_argument("--to", default="libmoe", choices=["libmoe"],
-                   help="target architecture (libmoe: LibMoEForCausalLM)")
+    p.add_argument("model", help="a libmoe run or checkpoint directory, or an upcycled transformers "
+                   "model directory (libmoe upcycle --out) or a run or checkpoint training one")
+    p.add_argument("--to", default="libmoe",
+                   choices=["libmoe", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"],
+                   help="target architecture (libmoe: LibMoEForCausalLM; the others: transformers' "
+                   "MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM)")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_export)
