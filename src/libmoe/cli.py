@@ -55,12 +55,15 @@ def _run_config(args: argparse.Namespace, resume: bool = False):
     layers = []
     if init:  # the init model's own config (model, data, tokenizer) is the base
         from .models import resolve_checkpoint
+        from .train.hf_model import transformers_source
 
-        init_config = resolve_checkpoint(init) / "config.yaml"
-        if not init_config.is_file():
+        source = transformers_source(init)  # a transformers model needs no libmoe config
+        init_config = (Path(source) if source else resolve_checkpoint(init)) / "config.yaml"
+        if init_config.is_file():
+            layers.append(load_yaml(init_config))
+        elif not source:
             raise FileNotFoundError(f"--init {init}: no config.yaml beside its weights; give a libmoe "
                                     "model directory (libmoe upcycle --out), run or checkpoint.")
-        layers.append(load_yaml(init_config))
     if resume and (out / "config.yaml").is_file():
         layers.append(load_yaml(out / "config.yaml"))
     layers.append(user)
@@ -298,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--init", default=None, metavar="MODEL_DIR",
                    help="start from this model's weights and config (an upcycled model from "
-                   "`libmoe upcycle`, a run or a checkpoint): the upcycling regime")
+                   "`libmoe upcycle`, a run or a checkpoint): the upcycling regime. A transformers "
+                   "model (directory or Hub name) is trained as it is, with its own tokenizer")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
