@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 
 def _cmd_algorithms(args: argparse.Namespace) -> None:
@@ -13,21 +12,6 @@ def _cmd_algorithms(args: argparse.Namespace) -> None:
     width = max(map(len, REGISTRY))
     for name, spec in REGISTRY.items():
         print(f"{name:<{width}}  {spec.description}")
-
-
-def _cmd_bench(args: argparse.Namespace) -> None:
-    """Placeholder for the full benchmark: a few training steps of one MoE layer per algorithm."""
-    from .moe.smoke import smoke_train
-
-    algorithms = args.algorithms.split(",") if args.algorithms else None
-    print("libmoe bench (placeholder until the full benchmark lands): "
-          f"{args.steps} training steps of one MoE layer per algorithm on a toy regression task")
-    print(f"{'algorithm':<18}{'loss start':>12}{'loss end':>12}{'ms/step':>10}")
-    start = time.perf_counter()
-    for row in smoke_train(algorithms, steps=args.steps, seed=args.seed):
-        print(f"{row['algorithm']:<18}{row['loss_start']:>12.4f}{row['loss_end']:>12.4f}"
-              f"{row['ms_per_step']:>10.1f}")
-    print(f"done in {time.perf_counter() - start:.1f} s")
 
 
 def _run_config(args: argparse.Namespace, resume: bool = False):
@@ -267,16 +251,69 @@ def _cmd_export(args: argparse.Namespace) -> None:
           "after `import libmoe`; libmoe eval/analyze/train --init read it too)")
 
 
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import run_bench
+    from .train.config import parse_override
+
+    def split(text):
+        return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+    slurm = {}
+    for item in args.slurm_option or []:
+        for key, value in parse_override(item).items():
+            slurm[key] = value
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    results = run_bench(args.out, preset=args.preset, algorithms=split(args.algorithms),
+                        seeds=args.seeds, data=args.data, tasks=split(args.tasks),
+                        data_dir=args.data_dir, jobs=args.jobs, launcher=args.launcher,
+                        nproc=args.nproc, slurm=slurm, overrides=list(args.items),
+                        analysis=not args.no_analysis, log=log)
+    from .bench.tables import markdown, score_table
+
+    print(markdown(score_table(results)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="libmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    from .bench.presets import BENCH_PRESETS, PAPER_ALGORITHMS
+
+    p = sub.add_parser(
+        "bench", help="the paper's fair comparison of MoE algorithms: train, evaluate, analyse, tables",
+        description="Train every algorithm (and seed) with one identical config, data order and token "
+        "budget; evaluate validation perplexity and every zero-shot task whose data is available; "
+        "analyse the routing across runs; write results.json/.md/.csv and report.html into --out. "
+        "Finished runs are skipped and interrupted ones resume, so rerunning the command continues a "
+        "study.",
+    )
+    p.add_argument("items", nargs="*", metavar="[section.key=value ...]",
+                   help="run-config overrides applied to every run (e.g. train.max_steps=600)")
+    p.add_argument("--preset", default="default", help=f"bench preset: {', '.join(BENCH_PRESETS)} "
+                   "(default: default, about 20 minutes on a 2-core CPU)")
+    p.add_argument("--algorithms", default=None,
+                   help=f"comma-separated (default: {','.join(PAPER_ALGORITHMS)})")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per algorithm (0..N-1; default 1)")
+    p.add_argument("--data", default=None, help="training corpus for every run (default: the "
+                   "training preset's, the embedded corpus)")
+    p.add_argument("--tasks", default=None, help="comma-separated zero-shot tasks (default: the "
+                   "preset's, those whose data is in --data-dir)")
+    p.add_argument("--data-dir", default=None, help="local task files (JSONL in the Hub schemas)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes (the CPU "
+                   "threads are split between them)")
+    p.add_argument("--launcher", default="local", choices=["local", "torchrun", "slurm"],
+                   help="local processes, each training under torchrun --nproc, or Slurm jobs "
+                   "through submitit")
+    p.add_argument("--nproc", type=int, default=1, help="processes per training run with "
+                   "--launcher torchrun")
+    p.add_argument("--slurm-option", action="append", metavar="KEY=VALUE",
+                   help="submitit parameter for --launcher slurm (slurm_partition=gpu, "
+                   "timeout_min=600, gpus_per_node=1, ...; cluster=local runs the jobs here)")
+    p.add_argument("--no-analysis", action="store_true", help="skip the routing analysis")
+    p.add_argument("--out", default="bench", help="output directory (default: bench)")
+    p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("algorithms", help="list the registered MoE algorithms")
     p.set_defaults(func=_cmd_algorithms)
-    p = sub.add_parser("bench", help="compare MoE algorithms (placeholder: tiny training steps)")
-    p.add_argument("--algorithms", default=None, help="comma-separated names (default: all)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser(
         "train", help="pretrain a language model (one algorithm, one seed)",
@@ -455,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["analyze-init-std", *argv[2:]]
     # Overrides (key=value) may follow options: collect what argparse leaves over.
     args, extra = parser.parse_known_args(argv)
-    takes_overrides = ("train", "prepare", "analyze-init-std")
+    takes_overrides = ("train", "prepare", "analyze-init-std", "bench")
     if extra and (args.command not in takes_overrides or any(x.startswith("-") for x in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:

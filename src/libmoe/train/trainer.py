@@ -370,6 +370,7 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     sampler = SequenceSampler(data.train, seq_len, seed=tc.seed)
     step = 0
+    earlier_time = 0.0  # seconds of training before a resume, so train_time_s covers the whole run
     if ckpt is not None:
         _load_optimizer(model, opt, ckpt["optimizer"])
         state = ckpt["state"]
@@ -377,6 +378,7 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
         sampler.load_state_dict(state["data"])
         _set_rng_state(state["rng"])
         step = state["step"]
+        earlier_time = state.get("elapsed_s", 0.0)
         say(f"resume: continuing from {ckpt_path} (step {step})")
         del ckpt
 
@@ -414,7 +416,8 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
         if hf:
             model_state = raw.export_state(model_state)
         trainer_state = {"step": step, "scheduler": sched.state_dict(),
-                         "data": sampler.state_dict(), "rng": _rng_state()}
+                         "data": sampler.state_dict(), "rng": _rng_state(),
+                         "elapsed_s": earlier_time + time.perf_counter() - start_time}
         # Every process runs the probe forward (FSDP/DDP collectives); rank 0 writes.
         if info.is_main:
             path = save_checkpoint(
@@ -485,7 +488,7 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
     summary = {
         "step": step, "max_steps": tc.max_steps, "stopped_early": stopped_early,
         "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)) if val_loss == val_loss else None,
-        "train_time_s": time.perf_counter() - start_time,
+        "train_time_s": earlier_time + time.perf_counter() - start_time,
         "peak_mem_mb": peak_memory_mb(info.device),
         "params_total": total_params, "params_active": active_params,
         "algorithm": cfg.model.algorithm, "rank": info.rank,

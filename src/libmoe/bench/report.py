@@ -1,0 +1,68 @@
+"""OUT/report.html of a bench: the score and cost tables, the routing-analysis summary and every
+cross-algorithm figure, self-contained (figures embedded, CSS inline) like the analysis report."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from ..analysis.plots import FigureInfo
+from ..analysis.report import CSS, TABLE_NOTE, _figure_html, _notes, _table, summary_rows
+from .tables import cost_table, score_table
+
+REPORT_FILE = "report.html"
+
+
+def _html_table(table: list[list[str]]) -> str:
+    head, *body = table
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    rows = []
+    for row in body:
+        cells = [f"<td>{html.escape(row[0])}</td>"]
+        cells += [f"<td class=num>{html.escape(c)}</td>" for c in row[1:]]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<div class="table-wrap"><table><tr>{th}</tr>\n' + "\n".join(rows) + "</table></div>"
+
+
+def write_bench_report(out: str | Path, results: dict[str, Any], analysis: dict[str, dict],
+                       figures: list[FigureInfo]) -> Path:
+    out = Path(out)
+    cfg = results["config"]
+    m, t = cfg["model"], cfg["train"]
+    seq_len = t.get("seq_len") or m["max_seq_len"]
+    setup = (f"Preset {results['preset']}: {results['description']}. Every algorithm trains the same "
+             f"{m['n_layers']}-layer, d={m['d_model']} model ({m['n_experts']} experts of width "
+             f"{m['expert_dim']}, top-{m['top_k']}; dense FFN {m['top_k'] * m['expert_dim']}) for "
+             f"{t['max_steps']} steps of {t['batch_size']} x {seq_len} tokens on {cfg['data']['source']}, "
+             f"same data order, {results['seeds']} seed(s). {results['elapsed_s'] / 60:.1f} minutes on "
+             f"{results['machine'].get('gpu') or str(results['machine']['cpus']) + ' CPU cores'}.")
+    parts = [
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
+        f"<title>libmoe bench: {html.escape(results['preset'])}</title><style>{CSS}</style></head><body>",
+        f"<h1>libmoe bench: {html.escape(results['preset'])}</h1>",
+        f"<p class=\"intro\">{html.escape(setup)}</p>",
+        "<h2>Scores (paper Table 2 layout)</h2>", _html_table(score_table(results)),
+        "<p class=\"table-note\">Validation perplexity on the held-out split; task scores in % "
+        "(acc_norm where reported); AVG = mean over tasks, AVG Rank = mean rank over tasks (1 = best)"
+        + ("; mean ± std over seeds" if results["seeds"] > 1 else "") + ".</p>",
+        "<h2>Cost (paper Tables 14/15 style)</h2>", _html_table(cost_table(results)),
+        "<p class=\"table-note\">Training time is the training loop's wall time (periodic validation "
+        "and checkpoints included); peak memory is the process's (CUDA allocations on a GPU, "
+        "resident set on a CPU); latency is the median time of one forward pass of one sequence at "
+        "batch 1.</p>",
+    ]
+    if analysis:
+        parts += ["<h2>Routing summary</h2>", _table(summary_rows(analysis)),
+                  f"<p class=\"table-note\">{html.escape(TABLE_NOTE)}</p>"]
+    parts += [_figure_html(info, out / "analysis" / "figures") for info in figures]
+    notes = [f"{f['name']} failed: {f['error']}" for f in results.get("failed", [])]
+    notes += [f"task {name} not run: {why}" for name, why in (results.get("skipped_tasks") or {}).items()]
+    notes = _notes(analysis, notes)
+    if notes:
+        items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+        parts.append(f"<h2>Notes</h2>\n<ul class=\"notes\">{items}</ul>")
+    parts.append("</body></html>\n")
+    path = out / REPORT_FILE
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path

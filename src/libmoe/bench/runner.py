@@ -1,0 +1,565 @@
+"""`libmoe bench`: the paper's fair comparison of MoE algorithms as one command.
+
+    from libmoe.bench import run_bench
+    results = run_bench("bench/default", preset="default", data_dir="../shared/data/eval")
+
+For each algorithm and seed, one run directory ``OUT/runs/<algorithm>-s<seed>`` is trained from the
+same resolved config (the bench preset's training preset and overrides; only `model.algorithm`
+and `train.seed` differ), so every algorithm sees the same data order, token budget, schedule and
+evaluation windows. Each run is then evaluated (validation perplexity on the held-out split plus
+every zero-shot task whose data is available) and timed for inference, and `bench_run.json` records
+its row. The analysis compares the routing of all runs (seed 0) into ``OUT/analysis``; the tables
+(`results.json`, `results.md`, `results.csv`) and ``OUT/report.html`` come last.
+
+Robustness: a run whose `bench_run.json` says it finished with the same config is skipped; an
+interrupted one resumes from its newest checkpoint (`train(..., resume=True)`); a run that fails
+is recorded with its error and the others go on. Launchers: in this process (`--jobs 1`), in J
+worker processes (`--jobs J`, torch threads split between them), each training under `torchrun`
+with N processes (`--launcher torchrun --nproc N`), or as Slurm jobs through submitit
+(`--launcher slurm`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .presets import PAPER_ALGORITHMS, BenchPreset, load_bench_preset
+
+RUN_FILE = "bench_run.json"
+LAUNCHERS = ("local", "torchrun", "slurm")
+
+
+@dataclass
+class RunSpec:
+    """One training + evaluation of the study (picklable: it travels to worker processes)."""
+
+    name: str
+    algorithm: str
+    seed: int
+    run_dir: str
+    config: dict[str, Any]
+    tasks: list[str] = field(default_factory=list)
+    limits: dict[str, int | None] = field(default_factory=dict)
+    data_dir: str | None = None
+    val_tokens: int | str = "run"
+    launcher: str = "local"
+    nproc: int = 1
+    threads: int | None = None
+    log_file: str | None = None  # worker processes write their output here
+
+    @property
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def available_tasks(tasks: list[str], data_dir: str | Path | None) -> tuple[list[str], dict[str, str]]:
+    """(tasks whose data is here, {task: why not} for the others). Without `data_dir` a task would
+    read the Hub; the bench does not download behind the user's back, so it is skipped."""
+    from ..eval.tasks import get_task, local_file
+
+    ok, skipped = [], {}
+    for name in tasks:
+        task = get_task(name)
+        members = [get_task(m) for m in task.group] if task.group else [task]
+        if data_dir is None and any(m.data_file is None for m in members):
+            skipped[name] = "no --data-dir (local JSONL files in the Hub schema)"
+            continue
+        try:
+            for m in members:
+                local_file(m, data_dir)
+        except FileNotFoundError as err:
+            skipped[name] = str(err)
+            continue
+        ok.append(name)
+    return ok, skipped
+
+
+def plan_runs(out: str | Path, preset: BenchPreset, algorithms: list[str], seeds: int,
+              data: str | None = None, overrides: list[str] = (), tasks: list[str] = (),
+              data_dir: str | Path | None = None, launcher: str = "local", nproc: int = 1,
+              threads: int | None = None) -> list[RunSpec]:
+    """The runs of the study: one identical config per (algorithm, seed), differing only in
+    model.algorithm and train.seed."""
+    from ..moe.layer import check_algorithm
+    from ..train import resolve_config
+
+    for algorithm in algorithms:
+        check_algorithm(algorithm)  # a typo fails here, before hours of training
+    common = preset.override_list() + ([f"data.source={data}"] if data else []) + list(overrides)
+    limits = {t: preset.task_limits.get(t, preset.limit) for t in tasks}
+    specs = []
+    for seed in range(seeds):
+        for algorithm in algorithms:
+            cfg = resolve_config(overrides=[*common, f"model.algorithm={algorithm}", f"train.seed={seed}"],
+                                 preset=preset.train_preset)
+            name = f"{algorithm}-s{seed}"
+            specs.append(RunSpec(name, algorithm, seed, str(Path(out) / "runs" / name), cfg.to_dict(),
+                                 list(tasks), limits, None if data_dir is None else str(data_dir),
+                                 preset.val_tokens, launcher, nproc, threads))
+    return specs
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def finished_row(spec: RunSpec) -> dict[str, Any] | None:
+    """The saved row of a run that finished with this spec's config and evaluation, else None."""
+    path = Path(spec.run_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    row = json.loads(path.read_text())
+    same = row.get("config_hash") == spec.config_hash and row.get("tasks") == spec.tasks
+    return row if row.get("status") == "ok" and same else None
+
+
+def run_one(spec: RunSpec, progress: bool | None = False) -> dict[str, Any]:
+    """Train (or resume), evaluate and time one run; returns its row (also RUN/bench_run.json).
+    Never raises for a failure of the run itself: the row then holds "status": "failed" and the
+    error, so the study goes on."""
+    done = finished_row(spec)
+    if done is not None:
+        return dict(done, skipped=True)
+    run = Path(spec.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    row: dict[str, Any] = {"name": spec.name, "algorithm": spec.algorithm, "seed": spec.seed,
+                           "run": str(run), "config_hash": spec.config_hash, "tasks": spec.tasks}
+    redirect = contextlib.ExitStack()
+    if spec.log_file:
+        stream = redirect.enter_context(open(spec.log_file, "a", buffering=1))  # noqa: SIM115
+        redirect.enter_context(contextlib.redirect_stdout(stream))
+        redirect.enter_context(contextlib.redirect_stderr(stream))
+    with redirect:
+        try:
+            if spec.threads:
+                import torch
+
+                torch.set_num_threads(spec.threads)
+            _check_same_config(spec)
+            summary = _train(spec, progress)
+            if summary.get("stopped_early"):
+                raise RuntimeError(f"training stopped at step {summary['step']} of {summary['max_steps']}")
+            results = _evaluate(spec)
+            train_cfg = spec.config["train"]
+            seq_len = train_cfg.get("seq_len") or spec.config["model"]["max_seq_len"]
+            tokens = summary["step"] * train_cfg["batch_size"] * seq_len
+            row.update(tokens_per_s=tokens / summary["train_time_s"] if summary["train_time_s"] else None)
+            row.update(status="ok", step=summary["step"], train_time_s=summary["train_time_s"],
+                       peak_mem_mb=summary["peak_mem_mb"], params_total=summary["params_total"],
+                       params_active=summary["params_active"], train_val_ppl=summary.get("val_ppl"),
+                       ppl=(results.get("val_ppl") or {}).get("ppl"), results=results,
+                       latency_ms=inference_latency(run, spec.config))
+        except Exception as err:  # noqa: BLE001  one algorithm's failure must not stop the study
+            row.update(status="failed", error=f"{type(err).__name__}: {err}",
+                       traceback=traceback.format_exc(limit=8))
+            print(f"bench: {spec.name} failed: {row['error']}", file=sys.stderr)
+    (run / RUN_FILE).write_text(json.dumps(row, indent=1, default=str) + "\n")
+    return row
+
+
+def _check_same_config(spec: RunSpec) -> None:
+    """Refuse to resume a run directory that holds another study's run."""
+    import yaml
+
+    from ..train.trainer import _config_diff
+
+    saved = Path(spec.run_dir) / "config.yaml"
+    if not saved.is_file():
+        return
+    diff = _config_diff(yaml.safe_load(saved.read_text()) or {}, spec.config)
+    diff = [d for d in diff if not d.startswith("model.vocab_size")]  # set from the tokenizer
+    if diff:
+        raise ValueError(f"{spec.run_dir} holds a run with another config ({'; '.join(diff[:4])}); "
+                         "give a new --out or delete that run.")
+
+
+def _train(spec: RunSpec, progress: bool | None) -> dict[str, Any]:
+    from ..train import train
+    from ..train.config import config_from_dict
+
+    run = Path(spec.run_dir)
+    if spec.launcher == "torchrun" and spec.nproc > 1:
+        import yaml
+
+        config_file = run / "bench_config.yaml"
+        config_file.write_text(yaml.safe_dump(spec.config, sort_keys=False))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={spec.nproc}", "-m", "libmoe", "train", str(config_file),
+               "--out", str(run), "--resume"]
+        print("bench: " + " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, stdout=sys.stdout if spec.log_file is None else None)
+        return json.loads((run / "train_summary.json").read_text())
+    return train(config_from_dict(spec.config), run, resume=True, progress=progress)
+
+
+def _evaluate(spec: RunSpec) -> dict[str, Any]:
+    """Validation perplexity and the zero-shot tasks (RUN/eval/results.json, reused while the
+    run's step and the task list are unchanged)."""
+    from ..eval.evaluator import evaluate_model
+
+    run = Path(spec.run_dir)
+    path = run / "eval" / "results.json"
+    step = json.loads((run / "train_summary.json").read_text())["step"]
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        config = saved.get("config", {})
+        if config.get("step") == step and config.get("bench_tasks") == spec.tasks:
+            return saved["results"]
+    payload = evaluate_model(run, ["val_ppl"], val_tokens=spec.val_tokens)
+    by_limit: dict[int | None, list[str]] = {}
+    for task in spec.tasks:
+        by_limit.setdefault(spec.limits.get(task), []).append(task)
+    for limit, names in by_limit.items():
+        part = evaluate_model(run, names, spec.data_dir, limit)
+        payload["results"].update(part["results"])
+    payload["config"].update(bench_tasks=spec.tasks, limits=spec.limits, step=step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return payload["results"]
+
+
+def inference_latency(run: str | Path, config: dict[str, Any], repeats: int = 10) -> float:
+    """Median milliseconds of one forward pass over one sequence of train.seq_len tokens (batch
+    1, no gradient), after two warm-up passes."""
+    import torch
+
+    from ..models import load_model
+
+    loaded = load_model(run)
+    model = loaded.model
+    seq_len = (config.get("train") or {}).get("seq_len") or config["model"]["max_seq_len"]
+    vocab = config["model"]["vocab_size"]
+    tokens = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 2):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            model(tokens)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def _last_step(run_dir: str | Path) -> int:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    step = 0
+    with path.open() as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                step = max(step, int(json.loads(line).get("step", 0)))
+    return step
+
+
+class Progress:
+    """One line per event and, for worker processes, a periodic line with every active run's
+    step and the study's ETA (from the steps per second of the runs so far)."""
+
+    def __init__(self, specs: list[RunSpec], log: Callable[[str], None]):
+        self.specs, self.log = specs, log
+        self.total_steps = sum(s.config["train"]["max_steps"] for s in specs)
+        self.start = time.perf_counter()
+        self.done: dict[str, dict] = {}
+        self.active: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._base = {s.name: _last_step(s.run_dir) for s in specs}  # steps done before this call
+
+    def steps_now(self) -> int:
+        steps = 0
+        for s in self.specs:
+            limit = s.config["train"]["max_steps"]
+            steps += limit if s.name in self.done else min(limit, _last_step(s.run_dir))
+        return steps
+
+    def eta(self) -> str:
+        steps = self.steps_now()
+        fresh = steps - sum(min(v, s.config["train"]["max_steps"]) for s, v in
+                            zip(self.specs, self._base.values()))
+        elapsed = time.perf_counter() - self.start
+        if fresh <= 0 or elapsed < 1:
+            return "?"
+        left = (self.total_steps - steps) * elapsed / fresh
+        return _duration(left)
+
+    def started(self, spec: RunSpec) -> None:
+        self.active.add(spec.name)
+        i = [s.name for s in self.specs].index(spec.name) + 1
+        self.log(f"bench: [{i}/{len(self.specs)}] {spec.name} started ({len(self.done)} finished; "
+                 f"study ETA {self.eta()})")
+
+    def finished(self, spec: RunSpec, row: dict) -> None:
+        self.active.discard(spec.name)
+        self.done[spec.name] = row
+        what = ("skipped (finished earlier)" if row.get("skipped") else
+                f"ok, val ppl {row['ppl']:.2f}" if row["status"] == "ok" and row.get("ppl") else
+                row["status"] if row["status"] == "ok" else f"FAILED: {row.get('error')}")
+        self.log(f"bench: {spec.name} {what} [{len(self.done)}/{len(self.specs)} done, "
+                 f"{_duration(time.perf_counter() - self.start)} elapsed, ETA {self.eta()}]")
+
+    def watch(self, every: float = 30.0) -> None:
+        def loop():
+            while not self._stop.wait(every):
+                runs = ", ".join(f"{n} step {_last_step(self._spec(n).run_dir)}/"
+                                 f"{self._spec(n).config['train']['max_steps']}" for n in sorted(self.active))
+                if runs:
+                    self.log(f"bench: {runs} | {len(self.done)}/{len(self.specs)} done | ETA {self.eta()}")
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+
+    def _spec(self, name: str) -> RunSpec:
+        return next(s for s in self.specs if s.name == name)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _run_in_worker(spec: RunSpec) -> dict[str, Any]:
+    return run_one(spec, progress=False)
+
+
+def run_all(specs: list[RunSpec], jobs: int = 1, launcher: str = "local",
+            slurm: dict[str, Any] | None = None, slurm_folder: str | Path | None = None,
+            log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run every spec with the chosen launcher; rows in the order of `specs`."""
+    progress = Progress(specs, log)
+    rows: dict[str, dict] = {}
+    todo = []
+    for spec in specs:
+        done = finished_row(spec)
+        if done is not None:
+            rows[spec.name] = dict(done, skipped=True)
+            progress.finished(spec, rows[spec.name])
+        else:
+            todo.append(spec)
+    if launcher == "slurm":
+        rows.update(_run_slurm(todo, progress, slurm or {}, slurm_folder))
+    elif jobs <= 1:
+        for spec in todo:
+            progress.started(spec)
+            rows[spec.name] = run_one(spec, progress=None)
+            progress.finished(spec, rows[spec.name])
+    else:
+        rows.update(_run_pool(todo, jobs, progress))
+    return [rows[s.name] for s in specs]
+
+
+def _run_pool(specs: list[RunSpec], jobs: int, progress: Progress) -> dict[str, dict]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    rows = {}
+    progress.watch()
+    try:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {}
+            for spec in specs:
+                Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
+                child = RunSpec(**{**asdict(spec), "threads": spec.threads or threads,
+                                   "log_file": str(Path(spec.run_dir) / "bench.log")})
+                futures[pool.submit(_run_in_worker, child)] = spec
+            for spec in specs[:jobs]:
+                progress.started(spec)
+            started = jobs
+            for future in as_completed(futures):
+                spec = futures[future]
+                try:
+                    rows[spec.name] = future.result()
+                except Exception as err:  # noqa: BLE001  the worker process itself died
+                    rows[spec.name] = {"name": spec.name, "algorithm": spec.algorithm, "seed": spec.seed,
+                                       "run": spec.run_dir, "status": "failed",
+                                       "error": f"{type(err).__name__}: {err}"}
+                progress.finished(spec, rows[spec.name])
+                if started < len(specs):
+                    progress.started(specs[started])
+                    started += 1
+    finally:
+        progress.stop()
+    return rows
+
+
+def _run_slurm(specs: list[RunSpec], progress: Progress, options: dict[str, Any],
+               folder: str | Path | None) -> dict[str, dict]:
+    """Submit each run as a Slurm job through submitit (options: submitit's update_parameters,
+    e.g. slurm_partition, timeout_min, gpus_per_node, cpus_per_task; "cluster": "local" or
+    "debug" runs them on this machine, as submitit does for testing)."""
+    try:
+        import submitit
+    except ImportError as err:
+        raise ValueError("--launcher slurm needs submitit: pip install 'libmoe[slurm]'.") from err
+    options = dict(options)
+    cluster = options.pop("cluster", None)
+    executor = submitit.AutoExecutor(folder=str(folder or "slurm"), cluster=cluster)
+    executor.update_parameters(**{"timeout_min": 24 * 60, "name": "libmoe-bench", **options})
+    jobs = []
+    for spec in specs:
+        jobs.append((spec, executor.submit(_run_in_worker, spec)))
+        progress.started(spec)
+        progress.log(f"bench: {spec.name} submitted as job {jobs[-1][1].job_id}")
+    rows = {}
+    progress.watch(every=60.0)
+    try:
+        for spec, job in jobs:
+            try:
+                rows[spec.name] = job.result()
+            except Exception as err:  # noqa: BLE001  the job failed outside run_one
+                rows[spec.name] = {"name": spec.name, "algorithm": spec.algorithm, "seed": spec.seed,
+                                   "run": spec.run_dir, "status": "failed",
+                                   "error": f"{type(err).__name__}: {err}"}
+            progress.finished(spec, rows[spec.name])
+    finally:
+        progress.stop()
+    return rows
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def analyse_runs(rows: list[dict[str, Any]], out: Path, interventions: bool, val_tokens: int | str,
+                 log: Callable[[str], None]) -> tuple[dict[str, dict], list]:
+    """Routing analysis of each algorithm's first successful run (RUN/analysis, reused while
+    current), then the cross-algorithm figures in OUT/analysis. Returns ({algorithm: metrics},
+    figures)."""
+    from ..analysis.analyze import analyze_run, load_analysis
+    from ..analysis.plots import plot_all
+
+    results: dict[str, dict] = {}
+    for row in rows:
+        if row.get("status") != "ok" or row["algorithm"] in results:
+            continue
+        cached = load_analysis(row["run"])
+        if cached is not None and (cached.get("droptop") is not None or not interventions
+                                   or row["algorithm"] == "dense"):
+            results[row["algorithm"]] = cached
+            continue
+        log(f"bench: analysing {row['name']}")
+        try:
+            results[row["algorithm"]] = analyze_run(row["run"], interventions=interventions,
+                                                    val_tokens="run" if val_tokens == "all" else val_tokens,
+                                                    figures=False, log=None)
+        except Exception as err:  # noqa: BLE001  the tables still come out
+            log(f"bench: analysis of {row['name']} failed: {type(err).__name__}: {err}")
+    fig_dir = out / "analysis" / "figures"
+    figures = plot_all(results, fig_dir) if results else []
+    (out / "analysis").mkdir(parents=True, exist_ok=True)
+    (out / "analysis" / "metrics.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    return results, figures
+
+
+def run_bench(
+    out: str | Path,
+    preset: str = "default",
+    algorithms: list[str] | None = None,
+    seeds: int = 1,
+    data: str | None = None,
+    tasks: list[str] | None = None,
+    data_dir: str | Path | None = None,
+    jobs: int = 1,
+    launcher: str = "local",
+    nproc: int = 1,
+    slurm: dict[str, Any] | None = None,
+    overrides: list[str] = (),
+    analysis: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The whole study into `out`; returns results.json's content (see the module docstring)."""
+    from .report import write_bench_report
+    from .tables import aggregate, write_tables
+
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"--launcher {launcher!r}: choose one of {', '.join(LAUNCHERS)}.")
+    if seeds < 1 or jobs < 1 or nproc < 1:
+        raise ValueError("--seeds, --jobs and --nproc must be at least 1.")
+    spec = load_bench_preset(preset)
+    algorithms = list(algorithms or PAPER_ALGORITHMS)
+    if len(set(algorithms)) != len(algorithms):
+        raise ValueError(f"--algorithms lists an algorithm twice: {','.join(algorithms)}.")
+    wanted = spec.tasks if tasks is None else tasks
+    task_names, skipped_tasks = available_tasks(wanted, data_dir)
+    if tasks is not None and skipped_tasks:  # asked for by name: say so rather than drop them
+        raise FileNotFoundError("; ".join(f"{t}: {why}" for t, why in skipped_tasks.items()))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = plan_runs(out, spec, algorithms, seeds, data, list(overrides), task_names, data_dir,
+                      launcher, nproc)
+    budget = specs[0].config["train"]
+    log(f"bench: preset {preset} ({spec.description}); {len(algorithms)} algorithm(s) x {seeds} seed(s) = "
+        f"{len(specs)} runs of {budget['max_steps']} steps x {budget['batch_size']} sequences; "
+        f"tasks: {', '.join(task_names) or 'none'}"
+        + (f" (skipped: {', '.join(skipped_tasks)})" if skipped_tasks else "") + f" -> {out}")
+    start = time.perf_counter()
+    rows = run_all(specs, jobs, launcher, slurm, out / "slurm", log)
+    analysis_results, figures = ({}, [])
+    if analysis and any(r.get("status") == "ok" for r in rows):
+        analysis_results, figures = analyse_runs(rows, out, spec.interventions, spec.val_tokens, log)
+    table = aggregate(rows, task_names)
+    results = {
+        "preset": preset, "description": spec.description, "algorithms": algorithms, "seeds": seeds,
+        "tasks": task_names, "skipped_tasks": skipped_tasks, "limits": specs[0].limits,
+        "config": {k: v for k, v in specs[0].config.items()},
+        "rows": table, "runs": [{k: v for k, v in r.items() if k != "traceback"} for r in rows],
+        "failed": [{"name": r["name"], "error": r.get("error")} for r in rows if r.get("status") != "ok"],
+        "elapsed_s": time.perf_counter() - start, "machine": _machine(),
+        "launcher": {"launcher": launcher, "jobs": jobs, "nproc": nproc},
+    }
+    results["config"]["model"] = dict(results["config"]["model"], algorithm="(each)")
+    results["config"]["train"] = dict(results["config"]["train"], seed="(each)")
+    write_tables(out, results)
+    write_bench_report(out, results, analysis_results, figures)
+    ok = sum(r.get("status") == "ok" for r in rows)
+    log(f"bench: {ok}/{len(rows)} runs ok in {_duration(results['elapsed_s'])}; wrote {out / 'results.md'}, "
+        f"{out / 'results.csv'}, {out / 'results.json'} and {out / 'report.html'}")
+    return results
+
+
+def _machine() -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return float("nan"), None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)

@@ -1,0 +1,162 @@
+"""The bench's tables: one row per algorithm in the layout of the paper's Table 2 (validation
+perplexity, one score per task in %, AVG and AVG rank; `libmoe.eval.table.comparison_rows`), and a
+cost table in the spirit of its Tables 14/15 (parameters, training time, peak memory, inference
+latency). With several seeds, each number is the mean over seeds with a `<key>_std` beside it
+(sample standard deviation); AVG rank is ranked within each seed, then averaged. A failed
+algorithm keeps its row, with its error instead of numbers."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ..eval.table import LABELS, comparison_rows
+
+COST = [("params_total", "Params (total)"), ("params_active", "Params (active)"),
+        ("train_time_s", "Train time (s)"), ("tokens_per_s", "Train tokens/s"),
+        ("peak_mem_mb", "Peak memory (MB)"), ("latency_ms", "Latency (ms/seq)")]
+
+
+def _stats(values: list[float | None]) -> tuple[float | None, float | None]:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None
+    return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else None
+
+
+def aggregate(runs: list[dict[str, Any]], tasks: list[str]) -> list[dict[str, Any]]:
+    """Rows of results.json from the runs' rows (bench_run.json), in the algorithms' order."""
+    order: list[str] = []
+    for r in runs:
+        if r["algorithm"] not in order:
+            order.append(r["algorithm"])
+    per_seed: dict[str, list[dict]] = {a: [] for a in order}
+    for seed in sorted({r["seed"] for r in runs}):
+        seed_runs = [r for r in runs if r["seed"] == seed and r.get("status") == "ok"]
+        _, rows = comparison_rows({r["algorithm"]: r["results"] for r in seed_runs}, tasks=tasks)
+        for r, scored in zip(seed_runs, rows):
+            scored = dict(scored, ppl=r.get("ppl"))
+            per_seed[r["algorithm"]].append({**scored, **{k: r.get(k) for k, _ in COST}})
+    out = []
+    for algorithm in order:
+        mine = [r for r in runs if r["algorithm"] == algorithm]
+        ok = per_seed[algorithm]
+        row: dict[str, Any] = {"algorithm": algorithm, "seeds": len(ok)}
+        failed = [r for r in mine if r.get("status") != "ok"]
+        if failed:
+            row["error"] = failed[0].get("error")
+            row["failed_seeds"] = [r["seed"] for r in failed]
+        if not ok:
+            row["status"] = "failed"
+            for key in ["ppl", *tasks, "avg", "avg_rank", *(k for k, _ in COST)]:
+                row[key] = None
+            out.append(row)
+            continue
+        row["status"] = "ok"
+        for key in ["ppl", *tasks, "avg", "avg_rank", *(k for k, _ in COST)]:
+            mean, std = _stats([r.get(key) for r in ok])
+            row[key] = mean
+            if len(ok) > 1:
+                row[f"{key}_std"] = std
+        for key in ("params_total", "params_active"):
+            row[key] = ok[0][key]
+            row.pop(f"{key}_std", None)
+        out.append(row)
+    return out
+
+
+def _cell(row: dict, key: str, digits: int = 2, suffix: str = "") -> str:
+    value = row.get(key)
+    if value is None:
+        return "—"
+    std = row.get(f"{key}_std")
+    text = f"{value:.{digits}f}"
+    if std is not None:
+        text += f" ± {std:.{digits}f}"
+    return text + suffix
+
+
+def _params(n: float | None) -> str:
+    return "—" if n is None else f"{n / 1e6:.2f}M"
+
+
+def score_table(results: dict[str, Any]) -> list[list[str]]:
+    """Table 2 as a header row and rows of cells."""
+    tasks = results["tasks"]
+    head = ["Algorithm", "PPL ↓", *[LABELS.get(t, t) for t in tasks]]
+    if tasks:
+        head += ["AVG ↑", "AVG Rank ↓"]
+    body = []
+    for r in results["rows"]:
+        name = r["algorithm"] + (" (failed)" if r["status"] == "failed" else "")
+        cells = [name, _cell(r, "ppl")] + [_cell(r, t) for t in tasks]
+        if tasks:
+            cells += [_cell(r, "avg"), _cell(r, "avg_rank")]
+        body.append(cells)
+    return [head, *body]
+
+
+def cost_table(results: dict[str, Any]) -> list[list[str]]:
+    head = ["Algorithm", *[label for _, label in COST]]
+    body = []
+    for r in results["rows"]:
+        body.append([r["algorithm"], _params(r["params_total"]), _params(r["params_active"]),
+                     _cell(r, "train_time_s", 1), _cell(r, "tokens_per_s", 0), _cell(r, "peak_mem_mb", 0),
+                     _cell(r, "latency_ms", 2)])
+    return [head, *body]
+
+
+def markdown(table: list[list[str]]) -> str:
+    head, *body = table
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    seeds = results["seeds"]
+    lines = [f"# libmoe bench: preset {results['preset']}", "",
+             f"{results['description']}. {len(results['algorithms'])} algorithms, {seeds} seed(s)"
+             + (" (mean ± std over seeds)" if seeds > 1 else "") + f", {results['elapsed_s'] / 60:.1f} min.",
+             "", "## Scores (paper Table 2 layout)", "",
+             "Validation perplexity on the held-out split; task scores are accuracy in % "
+             "(acc_norm where a task reports it); AVG is the mean over tasks and AVG Rank the mean "
+             "rank over tasks (1 = best); perplexity enters neither.", "",
+             markdown(score_table(results)), "", "## Cost (paper Tables 14/15 style)", "",
+             "Training time is the training loop's wall time (its periodic validation and "
+             "checkpoints included); peak memory is the process's (CUDA allocations on a GPU, "
+             "resident set on a CPU); latency is the median time of one forward pass of one "
+             "sequence (batch 1).", "", markdown(cost_table(results))]
+    if results.get("failed"):
+        lines += ["", "## Failed runs", ""] + [f"- {f['name']}: {f['error']}" for f in results["failed"]]
+    if results.get("skipped_tasks"):
+        lines += ["", "## Tasks not run", ""]
+        lines += [f"- {t}: {why}" for t, why in results["skipped_tasks"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def results_csv(results: dict[str, Any]) -> str:
+    keys = ["algorithm", "status", "seeds", "ppl", *results["tasks"], "avg", "avg_rank",
+            *(k for k, _ in COST)]
+    if results["seeds"] > 1:
+        keys += [f"{k}_std" for k in ["ppl", *results["tasks"], "avg", "avg_rank", "train_time_s",
+                                      "tokens_per_s", "peak_mem_mb", "latency_ms"]]
+    keys.append("error")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(keys)
+    for r in results["rows"]:
+        writer.writerow(["" if r.get(k) is None else round(r[k], 4) if isinstance(r[k], float) else r[k]
+                         for k in keys])
+    return buffer.getvalue()
+
+
+def write_tables(out: str | Path, results: dict[str, Any]) -> None:
+    out = Path(out)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (out / "results.md").write_text(results_markdown(results))
+    (out / "results.csv").write_text(results_csv(results))
