@@ -299,8 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, help="comma-separated zero-shot tasks (default: the "
                    "preset's, those whose data is in --data-dir)")
     p.add_argument("--data-dir", default=None, help="local task files (JSONL in the Hub schemas)")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes (the CPU "
-                   "threads are split between them)")
+    p.add_argument("--jobs", type=int, default=None, help="runs in parallel worker processes (the "
+                   "CPU threads are split between them; default: the preset's, 2 for default)")
     p.add_argument("--launcher", default="local", choices=["local", "torchrun", "slurm"],
                    help="local processes, each training under torchrun --nproc, or Slurm jobs "
                    "through submitit")

@@ -58,3 +58,13 @@ def test_config_reads_gpt2_names_for_the_shape():
     base = transformers.GPT2Config(n_positions=77, n_embd=16, n_layer=3, n_head=2).to_dict()
     config = LibMoEUpcycledConfig(base=base, upcycle={"algorithm": "smoe"})
     assert (config.max_position_embeddings, config.hidden_size, config.num_hidden_layers) == (77, 16, 3)
+
+
+def test_sharded_directories_load(tmp_path):
+    wrapped = wrap_upcycled(source(), "smoe", 4, 2).eval()
+    wrapped.save_pretrained(str(tmp_path / "up"), max_shard_size="20KB")
+    assert (tmp_path / "up" / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "up" / "model.safetensors").exists()
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "up"))
+    with torch.no_grad():
+        assert torch.equal(back(TOKENS).logits, wrapped(TOKENS).logits)

@@ -30,6 +30,7 @@ class BenchPreset:
     task_limits: dict[str, int] = field(default_factory=dict)  # per-task limits (e.g. blimp per paradigm)
     val_tokens: int | str = "run"  # validation tokens: "run" (training's eval windows), "all", a count
     interventions: bool = True  # DropTop and router-temperature studies in the analysis
+    jobs: int = 1  # runs at a time when --jobs is not given (worker processes)
 
     def override_list(self) -> list[str]:
         return [f"{k}={_yaml_value(v)}" for k, v in self.overrides.items()]

@@ -377,6 +377,17 @@ def run_all(specs: list[RunSpec], jobs: int = 1, launcher: str = "local",
     return [rows[s.name] for s in specs]
 
 
+def _die_with_parent() -> None:
+    """Worker initializer: on Linux, ask the kernel to end this worker when the bench process
+    dies (a killed bench must not leave trainings running)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _run_pool(specs: list[RunSpec], jobs: int, progress: Progress) -> dict[str, dict]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -385,7 +396,8 @@ def _run_pool(specs: list[RunSpec], jobs: int, progress: Progress) -> dict[str, 
     rows = {}
     progress.watch()
     try:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_die_with_parent) as pool:
             futures = {}
             for spec in specs:
                 Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
@@ -488,7 +500,7 @@ def run_bench(
     data: str | None = None,
     tasks: list[str] | None = None,
     data_dir: str | Path | None = None,
-    jobs: int = 1,
+    jobs: int | None = None,
     launcher: str = "local",
     nproc: int = 1,
     slurm: dict[str, Any] | None = None,
@@ -502,9 +514,11 @@ def run_bench(
 
     if launcher not in LAUNCHERS:
         raise ValueError(f"--launcher {launcher!r}: choose one of {', '.join(LAUNCHERS)}.")
+    spec = load_bench_preset(preset)
+    if jobs is None:
+        jobs = spec.jobs if launcher == "local" else 1
     if seeds < 1 or jobs < 1 or nproc < 1:
         raise ValueError("--seeds, --jobs and --nproc must be at least 1.")
-    spec = load_bench_preset(preset)
     algorithms = list(algorithms or PAPER_ALGORITHMS)
     if len(set(algorithms)) != len(algorithms):
         raise ValueError(f"--algorithms lists an algorithm twice: {','.join(algorithms)}.")
@@ -522,6 +536,11 @@ def run_bench(
         f"tasks: {', '.join(task_names) or 'none'}"
         + (f" (skipped: {', '.join(skipped_tasks)})" if skipped_tasks else "") + f" -> {out}")
     start = time.perf_counter()
+    if any(finished_row(s) is None for s in specs):  # every run reads the same data: build it once
+        from ..train.config import config_from_dict
+        from ..train.trainer import prepare_run_data
+
+        prepare_run_data(config_from_dict(specs[0].config), log=log)
     rows = run_all(specs, jobs, launcher, slurm, out / "slurm", log)
     analysis_results, figures = ({}, [])
     if analysis and any(r.get("status") == "ok" for r in rows):

@@ -4,9 +4,10 @@ source architecture, upcycles its MLPs and loads the saved weights. Registered w
 classes like `libmoe.models.hf`, so `AutoModelForCausalLM.from_pretrained(DIR)` loads an upcycled
 Llama/Qwen/... directory after `import libmoe`.
 
-Loading reads DIR/model.safetensors itself (a local, unsharded directory) and builds the model on
-the CPU first: transformers' meta-device loading would leave the source's non-persistent buffers
-(rotary tables) and the routers' constants uninitialised.
+Loading reads DIR/model.safetensors (or the shards of model.safetensors.index.json; a Hub name is
+downloaded first) itself and builds the model on the CPU first: transformers' meta-device loading
+would leave the source's non-persistent buffers (rotary tables) and the routers' constants
+uninitialised.
 """
 
 from __future__ import annotations
@@ -83,13 +84,16 @@ class LibMoEUpcycledForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, path, *args: Any, **kwargs: Any) -> LibMoEUpcycledForCausalLM:
         path = Path(path)
-        if not (path / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{path}: expected a local directory with model.safetensors, as "
-                                    "libmoe upcycle writes it.")
+        hub_name = str(path).count("/") == 1 and not str(path).startswith((".", "/", "~"))
+        if not path.exists() and hub_name:
+            from huggingface_hub import snapshot_download  # a Hub repository holding such a model
+
+            path = Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors",
+                                                                     "*.model", "*.txt"]))
+        state = _read_safetensors(path)
         model = cls(cls.config_class.from_pretrained(str(path)))
         try:
-            missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")),
-                                                        strict=False)
+            missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as err:  # shapes differ: the weights are not this spec's
             raise ValueError(f"{path}: weights do not match the upcycled model ({err}).") from err
         tied = {"model.lm_head.weight"} if model.config.tie_word_embeddings else set()
@@ -99,6 +103,23 @@ class LibMoEUpcycledForCausalLM(PreTrainedModel, GenerationMixin):
         model.tie_weights()
         dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
         return (model.to(dtype) if isinstance(dtype, torch.dtype) else model).eval()
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The weights of a directory: model.safetensors, or the shards its index names."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(path / shard)))
+        return state
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path}: expected model.safetensors (or a sharded index), as "
+                                "libmoe upcycle and save_pretrained write them.")
+    return load_file(str(path / "model.safetensors"))
 
 
 def wrap_upcycled(source, algorithm: str, n_experts: int, top_k: int, layers: list[int] | None = None,
