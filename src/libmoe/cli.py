@@ -14,6 +14,22 @@ def _cmd_algorithms(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  {spec.description}")
 
 
+def _upcycle_source_config(model_dir):
+    """The config.yaml of the libmoe run a transformers directory was upcycled from (its
+    upcycle.json names the source), so training continues on that run's data; else None."""
+    import json
+    from pathlib import Path
+
+    info = model_dir / "upcycle.json"
+    if not info.is_file():
+        return None
+    source = Path(str(json.loads(info.read_text()).get("source", "")))
+    for candidate in (source / "config.yaml", source.parent.parent / "config.yaml"):
+        if source.name and candidate.is_file():
+            return candidate
+    return None
+
+
 def _run_config(args: argparse.Namespace, resume: bool = False):
     """(RunConfig, out dir) from preset < saved run when resuming < CONFIG.yaml < flags <
     section.key=value overrides."""
@@ -43,6 +59,8 @@ def _run_config(args: argparse.Namespace, resume: bool = False):
 
         source = transformers_source(init)  # a transformers model needs no libmoe config
         init_config = (Path(source) if source else resolve_checkpoint(init)) / "config.yaml"
+        if source and not init_config.is_file():  # upcycled from a libmoe run: that run's config
+            init_config = _upcycle_source_config(Path(source)) or init_config
         if init_config.is_file():
             layers.append(load_yaml(init_config))
         elif not source:
@@ -217,8 +235,7 @@ def _cmd_upcycle(args: argparse.Namespace) -> None:
     if "source_architecture" in info:  # a transformers source
         print(f"load it with AutoModelForCausalLM.from_pretrained({args.out!r}) after `import libmoe`; "
               "libmoe eval and libmoe analyze --tasks accept it")
-    else:
-        print(f"continue training with: libmoe train --init {args.out} --out RUN")
+    print(f"continue training with: libmoe train --init {args.out} --out RUN")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,3 +131,8 @@ def test_a_dense_transformers_run_upcycles_and_trains_on(upcycled, tmp_path):
     more = train(config(tmp_path, "train.max_steps=2"), tmp_path / "up2-run", init=tmp_path / "up2",
                  progress=False)
     assert more["algorithm"] == "sharede_v2" and more["params_active"] < more["params_total"]
+    # From the command line, the upcycled directory trains on its source run's data by default.
+    main(["train", "--init", str(tmp_path / "up2"), "--max-steps", "1", "--out", str(tmp_path / "cli2"),
+          "train.eval_every=1", "train.checkpoint_every=1"])
+    saved = yaml.safe_load((tmp_path / "cli2" / "config.yaml").read_text())
+    assert saved["data"]["source"] == str(SHAKESPEARE) and saved["train"]["seq_len"] == 32

@@ -52,6 +52,11 @@ def write_bench_report(out: str | Path, results: dict[str, Any], analysis: dict[
         "resident set on a CPU); latency is the median time of one forward pass of one sequence at "
         "batch 1.</p>",
     ]
+    from .plots import plot_scores
+
+    scores = plot_scores(results, out / "analysis" / "figures" / "bench_ppl.png")
+    if scores is not None:
+        parts.append(_figure_html(scores, out / "analysis" / "figures"))
     if analysis:
         parts += ["<h2>Routing summary</h2>", _table(summary_rows(analysis)),
                   f"<p class=\"table-note\">{html.escape(TABLE_NOTE)}</p>"]

@@ -29,11 +29,10 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +59,8 @@ class RunSpec:
     nproc: int = 1
     threads: int | None = None
     log_file: str | None = None  # worker processes write their output here
+    analysis: bool = True  # analyse the run's routing where it ran (RUN/analysis)
+    interventions: bool = True
 
     @property
     def config_hash(self) -> str:
@@ -91,7 +92,7 @@ def available_tasks(tasks: list[str], data_dir: str | Path | None) -> tuple[list
 def plan_runs(out: str | Path, preset: BenchPreset, algorithms: list[str], seeds: int,
               data: str | None = None, overrides: list[str] = (), tasks: list[str] = (),
               data_dir: str | Path | None = None, launcher: str = "local", nproc: int = 1,
-              threads: int | None = None) -> list[RunSpec]:
+              threads: int | None = None, analysis: bool = True) -> list[RunSpec]:
     """The runs of the study: one identical config per (algorithm, seed), differing only in
     model.algorithm and train.seed."""
     from ..moe.layer import check_algorithm
@@ -109,7 +110,8 @@ def plan_runs(out: str | Path, preset: BenchPreset, algorithms: list[str], seeds
             name = f"{algorithm}-s{seed}"
             specs.append(RunSpec(name, algorithm, seed, str(Path(out) / "runs" / name), cfg.to_dict(),
                                  list(tasks), limits, None if data_dir is None else str(data_dir),
-                                 preset.val_tokens, launcher, nproc, threads))
+                                 preset.val_tokens, launcher, nproc, threads,
+                                 analysis=analysis, interventions=preset.interventions))
     return specs
 
 
@@ -162,12 +164,30 @@ def run_one(spec: RunSpec, progress: bool | None = False) -> dict[str, Any]:
                        params_active=summary["params_active"], train_val_ppl=summary.get("val_ppl"),
                        ppl=(results.get("val_ppl") or {}).get("ppl"), results=results,
                        latency_ms=inference_latency(run, spec.config))
+            if spec.analysis:
+                _analyse(spec, row)
         except Exception as err:  # noqa: BLE001  one algorithm's failure must not stop the study
             row.update(status="failed", error=f"{type(err).__name__}: {err}",
                        traceback=traceback.format_exc(limit=8))
             print(f"bench: {spec.name} failed: {row['error']}", file=sys.stderr)
     (run / RUN_FILE).write_text(json.dumps(row, indent=1, default=str) + "\n")
     return row
+
+
+def _analyse(spec: RunSpec, row: dict[str, Any]) -> None:
+    """RUN/analysis/metrics.json (routing metrics and interventions), here where the run trained so
+    that parallel jobs and Slurm jobs analyse in parallel too; a failure is noted, not fatal."""
+    from ..analysis.analyze import analyze_run, load_analysis
+
+    if load_analysis(spec.run_dir) is not None:
+        return
+    val_tokens = "run" if spec.val_tokens == "all" else spec.val_tokens  # 5 evaluations per run
+    try:
+        analyze_run(spec.run_dir, interventions=spec.interventions, val_tokens=val_tokens,
+                    figures=False)
+    except Exception as err:  # noqa: BLE001  the scores stand without the routing analysis
+        row["analysis_error"] = f"{type(err).__name__}: {err}"
+        print(f"bench: analysis of {spec.name} failed: {row['analysis_error']}", file=sys.stderr)
 
 
 def _check_same_config(spec: RunSpec) -> None:
@@ -259,205 +279,6 @@ def inference_latency(run: str | Path, config: dict[str, Any], repeats: int = 10
     return 1000 * statistics.median(times)
 
 
-# ----------------------------------------------------------------------------- progress
-
-
-def _last_step(run_dir: str | Path) -> int:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    step = 0
-    with path.open() as f:
-        for line in f:
-            with contextlib.suppress(json.JSONDecodeError):
-                step = max(step, int(json.loads(line).get("step", 0)))
-    return step
-
-
-class Progress:
-    """One line per event and, for worker processes, a periodic line with every active run's
-    step and the study's ETA (from the steps per second of the runs so far)."""
-
-    def __init__(self, specs: list[RunSpec], log: Callable[[str], None]):
-        self.specs, self.log = specs, log
-        self.total_steps = sum(s.config["train"]["max_steps"] for s in specs)
-        self.start = time.perf_counter()
-        self.done: dict[str, dict] = {}
-        self.active: set[str] = set()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._base = {s.name: _last_step(s.run_dir) for s in specs}  # steps done before this call
-
-    def steps_now(self) -> int:
-        steps = 0
-        for s in self.specs:
-            limit = s.config["train"]["max_steps"]
-            steps += limit if s.name in self.done else min(limit, _last_step(s.run_dir))
-        return steps
-
-    def eta(self) -> str:
-        steps = self.steps_now()
-        fresh = steps - sum(min(v, s.config["train"]["max_steps"]) for s, v in
-                            zip(self.specs, self._base.values()))
-        elapsed = time.perf_counter() - self.start
-        if fresh <= 0 or elapsed < 1:
-            return "?"
-        left = (self.total_steps - steps) * elapsed / fresh
-        return _duration(left)
-
-    def started(self, spec: RunSpec) -> None:
-        self.active.add(spec.name)
-        i = [s.name for s in self.specs].index(spec.name) + 1
-        self.log(f"bench: [{i}/{len(self.specs)}] {spec.name} started ({len(self.done)} finished; "
-                 f"study ETA {self.eta()})")
-
-    def finished(self, spec: RunSpec, row: dict) -> None:
-        self.active.discard(spec.name)
-        self.done[spec.name] = row
-        what = ("skipped (finished earlier)" if row.get("skipped") else
-                f"ok, val ppl {row['ppl']:.2f}" if row["status"] == "ok" and row.get("ppl") else
-                row["status"] if row["status"] == "ok" else f"FAILED: {row.get('error')}")
-        self.log(f"bench: {spec.name} {what} [{len(self.done)}/{len(self.specs)} done, "
-                 f"{_duration(time.perf_counter() - self.start)} elapsed, ETA {self.eta()}]")
-
-    def watch(self, every: float = 30.0) -> None:
-        def loop():
-            while not self._stop.wait(every):
-                runs = ", ".join(f"{n} step {_last_step(self._spec(n).run_dir)}/"
-                                 f"{self._spec(n).config['train']['max_steps']}" for n in sorted(self.active))
-                if runs:
-                    self.log(f"bench: {runs} | {len(self.done)}/{len(self.specs)} done | ETA {self.eta()}")
-
-        self._thread = threading.Thread(target=loop, daemon=True)
-        self._thread.start()
-
-    def _spec(self, name: str) -> RunSpec:
-        return next(s for s in self.specs if s.name == name)
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-# ----------------------------------------------------------------------------- launchers
-
-
-def _run_in_worker(spec: RunSpec) -> dict[str, Any]:
-    return run_one(spec, progress=False)
-
-
-def run_all(specs: list[RunSpec], jobs: int = 1, launcher: str = "local",
-            slurm: dict[str, Any] | None = None, slurm_folder: str | Path | None = None,
-            log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run every spec with the chosen launcher; rows in the order of `specs`."""
-    progress = Progress(specs, log)
-    rows: dict[str, dict] = {}
-    todo = []
-    for spec in specs:
-        done = finished_row(spec)
-        if done is not None:
-            rows[spec.name] = dict(done, skipped=True)
-            progress.finished(spec, rows[spec.name])
-        else:
-            todo.append(spec)
-    if launcher == "slurm":
-        rows.update(_run_slurm(todo, progress, slurm or {}, slurm_folder))
-    elif jobs <= 1:
-        for spec in todo:
-            progress.started(spec)
-            rows[spec.name] = run_one(spec, progress=None)
-            progress.finished(spec, rows[spec.name])
-    else:
-        rows.update(_run_pool(todo, jobs, progress))
-    return [rows[s.name] for s in specs]
-
-
-def _die_with_parent() -> None:
-    """Worker initializer: on Linux, ask the kernel to end this worker when the bench process
-    dies (a killed bench must not leave trainings running)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _run_pool(specs: list[RunSpec], jobs: int, progress: Progress) -> dict[str, dict]:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    rows = {}
-    progress.watch()
-    try:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_die_with_parent) as pool:
-            futures = {}
-            for spec in specs:
-                Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
-                child = RunSpec(**{**asdict(spec), "threads": spec.threads or threads,
-                                   "log_file": str(Path(spec.run_dir) / "bench.log")})
-                futures[pool.submit(_run_in_worker, child)] = spec
-            for spec in specs[:jobs]:
-                progress.started(spec)
-            started = jobs
-            for future in as_completed(futures):
-                spec = futures[future]
-                try:
-                    rows[spec.name] = future.result()
-                except Exception as err:  # noqa: BLE001  the worker process itself died
-                    rows[spec.name] = {"name": spec.name, "algorithm": spec.algorithm, "seed": spec.seed,
-                                       "run": spec.run_dir, "status": "failed",
-                                       "error": f"{type(err).__name__}: {err}"}
-                progress.finished(spec, rows[spec.name])
-                if started < len(specs):
-                    progress.started(specs[started])
-                    started += 1
-    finally:
-        progress.stop()
-    return rows
-
-
-def _run_slurm(specs: list[RunSpec], progress: Progress, options: dict[str, Any],
-               folder: str | Path | None) -> dict[str, dict]:
-    """Submit each run as a Slurm job through submitit (options: submitit's update_parameters,
-    e.g. slurm_partition, timeout_min, gpus_per_node, cpus_per_task; "cluster": "local" or
-    "debug" runs them on this machine, as submitit does for testing)."""
-    try:
-        import submitit
-    except ImportError as err:
-        raise ValueError("--launcher slurm needs submitit: pip install 'libmoe[slurm]'.") from err
-    options = dict(options)
-    cluster = options.pop("cluster", None)
-    executor = submitit.AutoExecutor(folder=str(folder or "slurm"), cluster=cluster)
-    executor.update_parameters(**{"timeout_min": 24 * 60, "name": "libmoe-bench", **options})
-    jobs = []
-    for spec in specs:
-        jobs.append((spec, executor.submit(_run_in_worker, spec)))
-        progress.started(spec)
-        progress.log(f"bench: {spec.name} submitted as job {jobs[-1][1].job_id}")
-    rows = {}
-    progress.watch(every=60.0)
-    try:
-        for spec, job in jobs:
-            try:
-                rows[spec.name] = job.result()
-            except Exception as err:  # noqa: BLE001  the job failed outside run_one
-                rows[spec.name] = {"name": spec.name, "algorithm": spec.algorithm, "seed": spec.seed,
-                                   "run": spec.run_dir, "status": "failed",
-                                   "error": f"{type(err).__name__}: {err}"}
-            progress.finished(spec, rows[spec.name])
-    finally:
-        progress.stop()
-    return rows
-
-
 # ----------------------------------------------------------------------------- the study
 
 
@@ -473,9 +294,8 @@ def analyse_runs(rows: list[dict[str, Any]], out: Path, interventions: bool, val
     for row in rows:
         if row.get("status") != "ok" or row["algorithm"] in results:
             continue
-        cached = load_analysis(row["run"])
-        if cached is not None and (cached.get("droptop") is not None or not interventions
-                                   or row["algorithm"] == "dense"):
+        cached = load_analysis(row["run"])  # normally written by the run itself (_analyse)
+        if cached is not None:
             results[row["algorithm"]] = cached
             continue
         log(f"bench: analysing {row['name']}")
@@ -529,12 +349,14 @@ def run_bench(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     specs = plan_runs(out, spec, algorithms, seeds, data, list(overrides), task_names, data_dir,
-                      launcher, nproc)
+                      launcher, nproc, analysis=analysis)
     budget = specs[0].config["train"]
     log(f"bench: preset {preset} ({spec.description}); {len(algorithms)} algorithm(s) x {seeds} seed(s) = "
         f"{len(specs)} runs of {budget['max_steps']} steps x {budget['batch_size']} sequences; "
         f"tasks: {', '.join(task_names) or 'none'}"
         + (f" (skipped: {', '.join(skipped_tasks)})" if skipped_tasks else "") + f" -> {out}")
+    from .launchers import duration, run_all
+
     start = time.perf_counter()
     if any(finished_row(s) is None for s in specs):  # every run reads the same data: build it once
         from ..train.config import config_from_dict
@@ -560,7 +382,7 @@ def run_bench(
     write_tables(out, results)
     write_bench_report(out, results, analysis_results, figures)
     ok = sum(r.get("status") == "ok" for r in rows)
-    log(f"bench: {ok}/{len(rows)} runs ok in {_duration(results['elapsed_s'])}; wrote {out / 'results.md'}, "
+    log(f"bench: {ok}/{len(rows)} runs ok in {duration(results['elapsed_s'])}; wrote {out / 'results.md'}, "
         f"{out / 'results.csv'}, {out / 'results.json'} and {out / 'report.html'}")
     return results
 

@@ -1,0 +1,211 @@
+"""Where the bench's runs execute: in this process, in worker processes (`--jobs`), or as Slurm
+jobs through submitit; and the progress lines across runs (which run, its step, the study's ETA).
+Training under torchrun is chosen per run inside `runner.run_one`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .runner import RunSpec, finished_row, run_one
+
+
+def _last_step(run_dir: str | Path) -> int:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    step = 0
+    with path.open() as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                step = max(step, int(json.loads(line).get("step", 0)))
+    return step
+
+
+class Progress:
+    """One line per event and, for worker processes, a periodic line with every active run's
+    step and the study's ETA (from the steps per second of the runs so far)."""
+
+    def __init__(self, specs: list[RunSpec], log: Callable[[str], None]):
+        self.specs, self.log = specs, log
+        self.total_steps = sum(s.config["train"]["max_steps"] for s in specs)
+        self.start = time.perf_counter()
+        self.done: dict[str, dict] = {}
+        self.active: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._base = {s.name: _last_step(s.run_dir) for s in specs}  # steps done before this call
+
+    def steps_now(self) -> int:
+        steps = 0
+        for s in self.specs:
+            limit = s.config["train"]["max_steps"]
+            steps += limit if s.name in self.done else min(limit, _last_step(s.run_dir))
+        return steps
+
+    def eta(self) -> str:
+        steps = self.steps_now()
+        fresh = steps - sum(min(v, s.config["train"]["max_steps"]) for s, v in
+                            zip(self.specs, self._base.values()))
+        elapsed = time.perf_counter() - self.start
+        if fresh <= 0 or elapsed < 1:
+            return "?"
+        left = (self.total_steps - steps) * elapsed / fresh
+        return duration(left)
+
+    def started(self, spec: RunSpec) -> None:
+        self.active.add(spec.name)
+        i = [s.name for s in self.specs].index(spec.name) + 1
+        self.log(f"bench: [{i}/{len(self.specs)}] {spec.name} started ({len(self.done)} finished; "
+                 f"study ETA {self.eta()})")
+
+    def finished(self, spec: RunSpec, row: dict) -> None:
+        self.active.discard(spec.name)
+        self.done[spec.name] = row
+        what = ("skipped (finished earlier)" if row.get("skipped") else
+                f"ok, val ppl {row['ppl']:.2f}" if row["status"] == "ok" and row.get("ppl") else
+                row["status"] if row["status"] == "ok" else f"FAILED: {row.get('error')}")
+        self.log(f"bench: {spec.name} {what} [{len(self.done)}/{len(self.specs)} done, "
+                 f"{duration(time.perf_counter() - self.start)} elapsed, ETA {self.eta()}]")
+
+    def watch(self, every: float = 30.0) -> None:
+        def loop():
+            while not self._stop.wait(every):
+                runs = ", ".join(f"{n} step {_last_step(self._spec(n).run_dir)}/"
+                                 f"{self._spec(n).config['train']['max_steps']}" for n in sorted(self.active))
+                if runs:
+                    self.log(f"bench: {runs} | {len(self.done)}/{len(self.specs)} done | ETA {self.eta()}")
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+
+    def _spec(self, name: str) -> RunSpec:
+        return next(s for s in self.specs if s.name == name)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _run_in_worker(spec: RunSpec) -> dict[str, Any]:
+    return run_one(spec, progress=False)
+
+
+def run_all(specs: list[RunSpec], jobs: int = 1, launcher: str = "local",
+            slurm: dict[str, Any] | None = None, slurm_folder: str | Path | None = None,
+            log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run every spec with the chosen launcher; rows in the order of `specs`."""
+    progress = Progress(specs, log)
+    rows: dict[str, dict] = {}
+    todo = []
+    for spec in specs:
+        done = finished_row(spec)
+        if done is not None:
+            rows[spec.name] = dict(done, skipped=True)
+            progress.finished(spec, rows[spec.name])
+        else:
+            todo.append(spec)
+    if launcher == "slurm":
+        rows.update(_run_slurm(todo, progress, slurm or {}, slurm_folder))
+    elif jobs <= 1:
+        for spec in todo:
+            progress.started(spec)
+            rows[spec.name] = run_one(spec, progress=None)
+            progress.finished(spec, rows[spec.name])
+    else:
+        rows.update(_run_pool(todo, jobs, progress))
+    return [rows[s.name] for s in specs]
+
+
+def _die_with_parent() -> None:
+    """Worker initializer: on Linux, ask the kernel to end this worker when the bench process
+    dies (a killed bench must not leave trainings running)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _run_pool(specs: list[RunSpec], jobs: int, progress: Progress) -> dict[str, dict]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    rows = {}
+    progress.watch()
+    try:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_die_with_parent) as pool:
+            futures = {}
+            for spec in specs:
+                Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
+                child = RunSpec(**{**asdict(spec), "threads": spec.threads or threads,
+                                   "log_file": str(Path(spec.run_dir) / "bench.log")})
+                futures[pool.submit(_run_in_worker, child)] = spec
+            for spec in specs[:jobs]:
+                progress.started(spec)
+            started = jobs
+            for future in as_completed(futures):
+                spec = futures[future]
+                try:
+                    rows[spec.name] = future.result()
+                except Exception as err:  # noqa: BLE001  the worker process itself died
+                    rows[spec.name] = {"name": spec.name, "algorithm": spec.algorithm, "seed": spec.seed,
+                                       "run": spec.run_dir, "status": "failed",
+                                       "error": f"{type(err).__name__}: {err}"}
+                progress.finished(spec, rows[spec.name])
+                if started < len(specs):
+                    progress.started(specs[started])
+                    started += 1
+    finally:
+        progress.stop()
+    return rows
+
+
+def _run_slurm(specs: list[RunSpec], progress: Progress, options: dict[str, Any],
+               folder: str | Path | None) -> dict[str, dict]:
+    """Submit each run as a Slurm job through submitit (options: submitit's update_parameters,
+    e.g. slurm_partition, timeout_min, gpus_per_node, cpus_per_task; "cluster": "local" or
+    "debug" runs them on this machine, as submitit does for testing)."""
+    try:
+        import submitit
+    except ImportError as err:
+        raise ValueError("--launcher slurm needs submitit: pip install 'libmoe[slurm]'.") from err
+    options = dict(options)
+    cluster = options.pop("cluster", None)
+    executor = submitit.AutoExecutor(folder=str(folder or "slurm"), cluster=cluster)
+    executor.update_parameters(**{"timeout_min": 24 * 60, "name": "libmoe-bench", **options})
+    jobs = []
+    for spec in specs:
+        jobs.append((spec, executor.submit(_run_in_worker, spec)))
+        progress.started(spec)
+        progress.log(f"bench: {spec.name} submitted as job {jobs[-1][1].job_id}")
+    rows = {}
+    progress.watch(every=60.0)
+    try:
+        for spec, job in jobs:
+            try:
+                rows[spec.name] = job.result()
+            except Exception as err:  # noqa: BLE001  the job failed outside run_one
+                rows[spec.name] = {"name": spec.name, "algorithm": spec.algorithm, "seed": spec.seed,
+                                   "run": spec.run_dir, "status": "failed",
+                                   "error": f"{type(err).__name__}: {err}"}
+            progress.finished(spec, rows[spec.name])
+    finally:
+        progress.stop()
+    return rows
