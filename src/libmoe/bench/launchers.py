@@ -100,6 +100,12 @@ def duration(seconds: float) -> str:
         f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _failed(spec: RunSpec, err: BaseException) -> dict[str, Any]:
+    """The row of a run whose worker or job died before run_one could write one."""
+    return {"name": spec.name, "algorithm": spec.algorithm, "seed": spec.seed, "run": spec.run_dir,
+            "status": "failed", "error": f"{type(err).__name__}: {err}"}
+
+
 def _run_in_worker(spec: RunSpec) -> dict[str, Any]:
     return run_one(spec, progress=False)
 
@@ -165,9 +171,7 @@ def _run_pool(specs: list[RunSpec], jobs: int, progress: Progress) -> dict[str, 
                 try:
                     rows[spec.name] = future.result()
                 except Exception as err:  # noqa: BLE001  the worker process itself died
-                    rows[spec.name] = {"name": spec.name, "algorithm": spec.algorithm, "seed": spec.seed,
-                                       "run": spec.run_dir, "status": "failed",
-                                       "error": f"{type(err).__name__}: {err}"}
+                    rows[spec.name] = _failed(spec, err)
                 progress.finished(spec, rows[spec.name])
                 if started < len(specs):
                     progress.started(specs[started])
@@ -202,9 +206,7 @@ def _run_slurm(specs: list[RunSpec], progress: Progress, options: dict[str, Any]
             try:
                 rows[spec.name] = job.result()
             except Exception as err:  # noqa: BLE001  the job failed outside run_one
-                rows[spec.name] = {"name": spec.name, "algorithm": spec.algorithm, "seed": spec.seed,
-                                   "run": spec.run_dir, "status": "failed",
-                                   "error": f"{type(err).__name__}: {err}"}
+                rows[spec.name] = _failed(spec, err)
             progress.finished(spec, rows[spec.name])
     finally:
         progress.stop()
