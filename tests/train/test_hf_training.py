@@ -101,7 +101,6 @@ def test_cli_upcycle_train_eval_analyze(upcycled, tmp_path, capsys):
     main(["eval", str(out), "--tasks", "val_ppl,piqa", "--limit", "8", "--data-dir", str(EVAL_DATA),
           "--out", str(tmp_path / "eval.json")])
     result = json.loads((tmp_path / "eval.json").read_text())
-    print(result)
     assert 1 < result["results"]["val_ppl"]["ppl"] < 1000
     assert 0 <= result["results"]["piqa"]["acc"] <= 1
     main(["analyze", str(out), "--no-interventions", "--out", str(tmp_path / "analysis")])

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -174,17 +173,24 @@ def run_one(spec: RunSpec, progress: bool | None = False) -> dict[str, Any]:
     return row
 
 
+def _analyse_run(run_dir: str | Path, interventions: bool, val_tokens: int | str) -> dict[str, Any]:
+    """RUN/analysis/metrics.json of one run (routing metrics and interventions; the interventions'
+    five evaluations use training's windows when the table uses the whole split)."""
+    from ..analysis.analyze import analyze_run
+
+    return analyze_run(run_dir, interventions=interventions, figures=False,
+                       val_tokens="run" if val_tokens == "all" else val_tokens)
+
+
 def _analyse(spec: RunSpec, row: dict[str, Any]) -> None:
-    """RUN/analysis/metrics.json (routing metrics and interventions), here where the run trained so
-    that parallel jobs and Slurm jobs analyse in parallel too; a failure is noted, not fatal."""
-    from ..analysis.analyze import analyze_run, load_analysis
+    """Analyse the run here, where it trained, so that parallel jobs and Slurm jobs analyse in
+    parallel too; a failure is noted, not fatal."""
+    from ..analysis.analyze import load_analysis
 
     if load_analysis(spec.run_dir) is not None:
         return
-    val_tokens = "run" if spec.val_tokens == "all" else spec.val_tokens  # 5 evaluations per run
     try:
-        analyze_run(spec.run_dir, interventions=spec.interventions, val_tokens=val_tokens,
-                    figures=False)
+        _analyse_run(spec.run_dir, spec.interventions, spec.val_tokens)
     except Exception as err:  # noqa: BLE001  the scores stand without the routing analysis
         row["analysis_error"] = f"{type(err).__name__}: {err}"
         print(f"bench: analysis of {spec.name} failed: {row['analysis_error']}", file=sys.stderr)
@@ -287,22 +293,21 @@ def analyse_runs(rows: list[dict[str, Any]], out: Path, interventions: bool, val
     """Routing analysis of each algorithm's first successful run (RUN/analysis, reused while
     current), then the cross-algorithm figures in OUT/analysis. Returns ({algorithm: metrics},
     figures)."""
-    from ..analysis.analyze import analyze_run, load_analysis
+    from ..analysis.analyze import load_analysis
     from ..analysis.plots import plot_all
 
     results: dict[str, dict] = {}
     for row in rows:
         if row.get("status") != "ok" or row["algorithm"] in results:
             continue
-        cached = load_analysis(row["run"])  # normally written by the run itself (_analyse)
+        cached = load_analysis(row["run"])  # normally written by the run itself (_analyse); else
+        # e.g. a run finished by an earlier bench without analysis
         if cached is not None:
             results[row["algorithm"]] = cached
             continue
         log(f"bench: analysing {row['name']}")
         try:
-            results[row["algorithm"]] = analyze_run(row["run"], interventions=interventions,
-                                                    val_tokens="run" if val_tokens == "all" else val_tokens,
-                                                    figures=False, log=None)
+            results[row["algorithm"]] = _analyse_run(row["run"], interventions, val_tokens)
         except Exception as err:  # noqa: BLE001  the tables still come out
             log(f"bench: analysis of {row['name']} failed: {type(err).__name__}: {err}")
     fig_dir = out / "analysis" / "figures"
@@ -397,10 +402,3 @@ def _machine() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
-        return float("nan"), None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)

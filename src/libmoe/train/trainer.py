@@ -253,15 +253,15 @@ def train(
     init = init if init is not None else cfg.init
     if init is None and resume and (out / "config.yaml").is_file():  # the run keeps its init
         init = (yaml.safe_load((out / "config.yaml").read_text()) or {}).get("init")
+    hf = False  # whether the model trained is a transformers model (libmoe.train.hf_model)
     if init is not None:
-        init = transformers_source(init) or str(init)
-        if transformers_source(init):
-            cfg = transformers_run_config(cfg, init)
-        else:
-            cfg = replace(cfg, init=init)
+        source = transformers_source(init)
+        hf = source is not None
+        init = source or str(init)
+        cfg = transformers_run_config(cfg, init) if hf else replace(cfg, init=init)
     info = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, out, info, resume, overwrite, stop_after, progress, init)
+        return _train(cfg, out, info, resume, overwrite, stop_after, progress, init, hf)
     finally:
         shutdown(info)
 
@@ -286,7 +286,8 @@ def _init_weights(init: str | Path, cfg: RunConfig, tokenizer_hash: str) -> dict
 
 
 def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: bool,
-           stop_after: int | None, progress: bool | None, init: str | Path | None) -> dict[str, Any]:
+           stop_after: int | None, progress: bool | None, init: str | Path | None,
+           hf: bool) -> dict[str, Any]:
     say = print if info.is_main else (lambda *_: None)
     check_run_dir(out, resume, overwrite)
     tc = cfg.train
@@ -309,7 +310,6 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
     if data is None:
         data = prepare_run_data(cfg, say)
     vocab = data.meta["vocab_size"]
-    hf = init is not None and transformers_source(init) is not None
     if cfg.data.tokenizer != "train" and vocab != cfg.model.vocab_size and not hf:
         say(f"model: vocab_size set to the tokenizer's {vocab}")
         cfg = replace(cfg, model=replace(cfg.model, vocab_size=vocab))
