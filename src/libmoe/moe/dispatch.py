@@ -4,8 +4,9 @@ Every backend computes, for x [T, D], expert ids [T, K] and combine weights [T, 
 
     y_t = sum_j weights[t, j] * FFN_{ids[t, j]}(x_t)      (ids outside [0, E) contribute nothing)
 
-FFN_e may have biases (b1, b3 [E, M], b2 [E, D]); the weight multiplies b2 too, so every backend
-adds weights[t, j] * b2[e] to the output.
+y is [T, D_out], D_out = w2.shape[-1] (d_model unless the layer sets output_dim). FFN_e may have
+biases (b1, b3 [E, M], b2 [E, D_out]); the weight multiplies b2 too, so every backend adds
+weights[t, j] * b2[e] to the output.
 
 - ``loop``: tokens sorted by expert and split; one plain autograd FFN per expert. The reference.
 - ``padded``: per-expert buffers padded to the largest load, batched matmul (``torch.bmm``).
@@ -75,13 +76,13 @@ def loop_dispatch(x, order, weights, w1, w2, w3, act, b1=None, b2=None, b3=None)
     params = zip(pieces, w1.unbind(0), w2.unbind(0), *(_per_expert(t, E) for t in (w3, b1, b2, b3)))
     outs = [_ffn(act, *p) for p in params]
     out = torch.cat(outs) * weights.reshape(-1)[pos].unsqueeze(-1)
-    return torch.zeros_like(x).index_add(0, tok, out)
+    return x.new_zeros(x.shape[0], w2.shape[-1]).index_add(0, tok, out)
 
 
 def padded_dispatch(x, order, weights, w1, w2, w3, act, b1=None, b2=None, b3=None):
     """Per-expert buffers [E, C, D] padded to the largest load C, then torch.bmm."""
     T, D = x.shape
-    E = w1.shape[0]
+    E, D_out = w1.shape[0], w2.shape[-1]
     tok, pos, counts = order
     C = int(counts.max())
     starts = torch.cumsum(counts, 0) - counts
@@ -96,16 +97,16 @@ def padded_dispatch(x, order, weights, w1, w2, w3, act, b1=None, b2=None, b3=Non
     a = act.fn(_plus(torch.bmm(xs, w1), None if b1 is None else b1.unsqueeze(1)))
     if w3 is not None:
         a = a * _plus(torch.bmm(xs, w3), None if b3 is None else b3.unsqueeze(1))
-    out = torch.bmm(a * w_pad.unsqueeze(-1), w2)  # [E, C, D]
+    out = torch.bmm(a * w_pad.unsqueeze(-1), w2)  # [E, C, D_out]
     if b2 is not None:  # padding rows have weight 0, so they get no bias either
         out = out + w_pad.unsqueeze(-1) * b2.unsqueeze(1)
-    y = x.new_zeros(T + 1, D).index_add(0, tok_pad.reshape(-1), out.reshape(-1, D))
+    y = x.new_zeros(T + 1, D_out).index_add(0, tok_pad.reshape(-1), out.reshape(-1, D_out))
     return y[:T]
 
 
-def grouped_mm_supported(x: Tensor, w1: Tensor | None = None) -> bool:
+def grouped_mm_supported(x: Tensor, w1: Tensor | None = None, w2: Tensor | None = None) -> bool:
     """Whether torch._grouped_mm runs here: fp32/bf16 on CPU, bf16 on CUDA sm90+, and row strides
-    (d_model, expert_dim) that are multiples of 16 bytes."""
+    (d_model, expert_dim, output width) that are multiples of 16 bytes."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if x.device.type == "cpu":
@@ -114,13 +115,13 @@ def grouped_mm_supported(x: Tensor, w1: Tensor | None = None) -> bool:
         ok = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
     else:
         ok = False
-    dims = (x.shape[-1],) if w1 is None else (x.shape[-1], w1.shape[-1])
+    dims = [x.shape[-1]] + [w.shape[-1] for w in (w1, w2) if w is not None]
     return ok and all(d * x.element_size() % 16 == 0 for d in dims)
 
 
 def grouped_dispatch(x, order, weights, w1, w2, w3, act, b1=None, b2=None, b3=None):
     """Tokens sorted by expert, one grouped matmul per projection (weight on the hidden activation)."""
-    if not grouped_mm_supported(x, w1):
+    if not grouped_mm_supported(x, w1, w2):
         return loop_dispatch(x, order, weights, w1, w2, w3, act, b1, b2, b3)
     tok, pos, counts = order
     offs = torch.cumsum(counts, 0).to(torch.int32)
@@ -140,7 +141,7 @@ def grouped_dispatch(x, order, weights, w1, w2, w3, act, b1=None, b2=None, b3=No
     out = torch._grouped_mm(a * w, w2, offs=offs)
     if b2 is not None:
         out = out + w * bias(b2)
-    return torch.zeros_like(x).index_add(0, tok, out)
+    return x.new_zeros(x.shape[0], w2.shape[-1]).index_add(0, tok, out)
 
 
 class _BlockedExperts(torch.autograd.Function):
@@ -148,11 +149,9 @@ class _BlockedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weights, w1, w2, w3, b1, b2, b3, tok, pos, counts, act):
-        T, D = x.shape
-        M = w1.shape[-1]
-        N = tok.numel()
+        T, M, N = x.shape[0], w1.shape[-1], tok.numel()
         w = weights.reshape(-1)[pos]
-        y = x.new_zeros(T, D)
+        y = x.new_zeros(T, w2.shape[-1])
         h_all = x.new_empty(N, M)
         g_all = x.new_empty(N, M) if w3 is not None else None
         relu = act.name == "relu"
@@ -255,16 +254,17 @@ BLOCKED_MIN_LOAD = 192
 
 
 def resolve_backend(
-    name: str, x: Tensor, n_assignments: int = 0, n_experts: int = 1, w1: Tensor | None = None
+    name: str, x: Tensor, n_assignments: int = 0, n_experts: int = 1, w1: Tensor | None = None,
+    w2: Tensor | None = None,
 ) -> str:
     """Pick the concrete backend for `auto` from device, dtype and the average load per expert."""
     if name != "auto":
         return name
     if x.device.type == "cuda":
-        return "grouped" if grouped_mm_supported(x, w1) else "padded"
+        return "grouped" if grouped_mm_supported(x, w1, w2) else "padded"
     if n_assignments / max(n_experts, 1) >= BLOCKED_MIN_LOAD:
         return "blocked"
-    return "grouped" if grouped_mm_supported(x, w1) else "padded"
+    return "grouped" if grouped_mm_supported(x, w1, w2) else "padded"
 
 
 def run_experts(
@@ -280,8 +280,8 @@ def run_experts(
     b2: Tensor | None = None,
     b3: Tensor | None = None,
 ) -> Tensor:
-    """y [T, D] = sum_j weights[:, j] * FFN_{ids[:, j]}(x) with the chosen dispatch backend.
-    Optional expert biases: b1 (and b3 when gated) [E, M], b2 [E, D].
+    """y [T, D_out] = sum_j weights[:, j] * FFN_{ids[:, j]}(x) with the chosen dispatch backend
+    (D_out = w2.shape[-1]). Optional expert biases: b1 (and b3 when gated) [E, M], b2 [E, D_out].
 
     Under autocast every backend computes in the autocast dtype (inputs and expert weights cast
     once here, autocast off inside), so that all backends, custom ones included, agree.
@@ -295,6 +295,8 @@ def run_experts(
     order = sort_by_expert(ids, w1.shape[0])
     if order.tok.numel() == 0:
         # Nothing routed to an FFN expert (e.g. an empty batch): a zero output still in the graph.
-        return x * 0.0 + weights.sum() * 0.0
-    backend = resolve_backend(backend, x, ids.numel(), w1.shape[0], w1)
+        D_out = w2.shape[-1]
+        zero = x * 0.0 if D_out == x.shape[-1] else x[:, :1] * x.new_zeros(D_out)
+        return zero + weights.sum() * 0.0
+    backend = resolve_backend(backend, x, ids.numel(), w1.shape[0], w1, w2)
     return _BACKENDS[backend](x, order, weights.to(x.dtype), w1, w2, w3, act, b1, b2, b3)

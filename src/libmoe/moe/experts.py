@@ -2,10 +2,11 @@
 
 Expert e computes act(x @ w1[e]) @ w2[e]; gated activations compute
 (act(x @ w1[e]) * (x @ w3[e])) @ w2[e]. With `bias=True` every projection adds its bias
-(b1, b3 [E, M], b2 [E, D]): act(x @ w1[e] + b1[e]) @ w2[e] + b2[e], as in GPT-2's MLP. The
+(b1, b3 [E, M], b2 [E, D_out]): act(x @ w1[e] + b1[e]) @ w2[e] + b2[e], as in GPT-2's MLP. The
 combine weight multiplies the whole expert output, b2 included. The experts never see the router: they take
-(x [T, D], expert ids [T, K], combine weights [T, K]) and return [T, D] (ids outside [0, E) are
-skipped), through one of the dispatch backends in `dispatch.py`.
+(x [T, D], expert ids [T, K], combine weights [T, K]) and return [T, D_out] (ids outside [0, E) are
+skipped), through one of the dispatch backends in `dispatch.py`. D_out is `output_dim`, d_model
+unless set (a layer that changes width, e.g. a vision-language connector).
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ ACTIVATIONS: dict[str, Activation] = {
 
 
 class Experts(nn.Module):
-    """E feed-forward experts of width M stored as w1 [E, D, M], w2 [E, M, D] (and w3 when gated),
-    with `bias`, also b1 [E, M], b2 [E, D] (and b3 [E, M] when gated).
+    """E feed-forward experts of width M stored as w1 [E, D, M], w2 [E, M, D_out] (and w3 when
+    gated), with `bias`, also b1 [E, M], b2 [E, D_out] (and b3 [E, M] when gated). D_out is
+    `output_dim` (default d_model).
 
     Initialisation matches a dense FFN of width `init_width` (default M) built from nn.Linear,
     so that a compute-matched dense baseline and the experts start from the same distribution.
@@ -84,20 +86,22 @@ class Experts(nn.Module):
         activation: str = "relu",
         init_width: int | None = None,
         bias: bool = False,
+        output_dim: int | None = None,
     ):
         super().__init__()
         self.n_experts, self.d_model, self.expert_dim = n_experts, d_model, expert_dim
+        self.output_dim = output_dim or d_model
         self.activation = ACTIVATIONS[activation]
         self.init_width = init_width or expert_dim
         self.w1 = nn.Parameter(torch.empty(n_experts, d_model, expert_dim))
-        self.w2 = nn.Parameter(torch.empty(n_experts, expert_dim, d_model))
+        self.w2 = nn.Parameter(torch.empty(n_experts, expert_dim, self.output_dim))
         self.w3 = (
             nn.Parameter(torch.empty(n_experts, d_model, expert_dim))
             if self.activation.gated
             else None
         )
         self.b1 = nn.Parameter(torch.zeros(n_experts, expert_dim)) if bias else None
-        self.b2 = nn.Parameter(torch.zeros(n_experts, d_model)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(n_experts, self.output_dim)) if bias else None
         self.b3 = (
             nn.Parameter(torch.zeros(n_experts, expert_dim)) if bias and self.activation.gated else None
         )
@@ -122,7 +126,7 @@ class Experts(nn.Module):
                            b1=self.b1, b2=self.b2, b3=self.b3)
 
     def dense_forward(self, x: Tensor) -> Tensor:
-        """Every token through every expert with weight 1 (shared experts, dense FFN): [T, D]."""
+        """Every token through every expert with weight 1 (shared experts, dense FFN): [T, D_out]."""
         E, D, M = self.w1.shape
         # Summing E experts with weight 1 is one FFN of width E*M: concatenate along the hidden dim.
         h = x @ self.w1.permute(1, 0, 2).reshape(D, E * M)
@@ -132,12 +136,13 @@ class Experts(nn.Module):
         if self.w3 is not None:
             g = x @ self.w3.permute(1, 0, 2).reshape(D, E * M)
             a = a * (g + self.b3.reshape(E * M) if self.b3 is not None else g)
-        y = a @ self.w2.reshape(E * M, D)
+        y = a @ self.w2.reshape(E * M, self.output_dim)
         return y + self.b2.sum(0) if self.b2 is not None else y
 
     def extra_repr(self) -> str:
         return (
             f"n_experts={self.n_experts}, d_model={self.d_model}, "
             f"expert_dim={self.expert_dim}, activation={self.activation.name}"
+            + (f", output_dim={self.output_dim}" if self.output_dim != self.d_model else "")
             + (", bias=True" if self.has_bias else "")
         )

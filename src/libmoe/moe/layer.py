@@ -20,9 +20,10 @@ from .routers import REGISTRY, ExpertChoiceRouter, Router, Routing
 class MoEOutput:
     """What every MoE layer returns.
 
-    output: x's shape. aux_loss: scalar, the weighted sum of the aux terms (zero when none).
-    aux: unweighted named terms ("balance", "z", ...). routing: the layer's Routing (None for
-    dense). stats: detached diagnostics (e.g. "dropped_fraction" when a capacity drops tokens).
+    output: x's shape, the last dim output_dim (default d_model). aux_loss: scalar, the weighted
+    sum of the aux terms (zero when none). aux: unweighted named terms ("balance", "z", ...).
+    routing: the layer's Routing (None for dense). stats: detached diagnostics (e.g.
+    "dropped_fraction" when a capacity drops tokens).
     """
 
     output: Tensor
@@ -48,12 +49,13 @@ def drop_over_capacity(ids: Tensor, n_experts: int, capacity: int) -> Tensor:
 
 
 class MoELayer(nn.Module):
-    """A sparse MoE FFN: `router` (one class per algorithm), `experts` (w1 [E, D, M], w2 [E, M, D];
-    b1 [E, M], b2 [E, D] with expert_bias) and, when n_shared > 0, `shared_experts` that every
-    token uses.
+    """A sparse MoE FFN: `router` (one class per algorithm), `experts` (w1 [E, D, M],
+    w2 [E, M, D_out]; b1 [E, M], b2 [E, D_out] with expert_bias) and, when n_shared > 0,
+    `shared_experts` that every token uses. D_out is opts.output_dim, d_model unless set.
 
-    forward(x [..., D], prev_logits=None) -> MoEOutput. `prev_logits` is the previous MoE layer's
-    `routing.logits` (used by moe_plus_plus's gating residual, ignored by other routers).
+    forward(x [..., D], prev_logits=None) -> MoEOutput with output [..., D_out]. `prev_logits` is
+    the previous MoE layer's `routing.logits` (used by moe_plus_plus's gating residual, ignored by
+    other routers).
     """
 
     def __init__(
@@ -71,23 +73,21 @@ class MoELayer(nn.Module):
         self.d_model, self.n_experts, self.expert_dim, self.top_k = (
             d_model, n_experts, expert_dim, top_k
         )
+        self.output_dim = opts.output_dim or d_model
+        type(router).check_output_dim(opts, d_model)
         self.router = router
         # Experts start like the compute-matched dense FFN of width top_k * expert_dim.
         # `expert_bias` gives routed and shared experts biases (b1, b2, b3), e.g. to upcycle GPT-2.
-        init, bias = top_k * expert_dim, opts.expert_bias
-        self.experts = Experts(n_experts, d_model, expert_dim, opts.activation, init, bias)
+        init, bias, out = top_k * expert_dim, opts.expert_bias, opts.output_dim
+        self.experts = Experts(n_experts, d_model, expert_dim, opts.activation, init, bias, out)
         self.shared_experts = (
-            Experts(opts.n_shared, d_model, expert_dim, opts.activation, init, bias)
+            Experts(opts.n_shared, d_model, expert_dim, opts.activation, init, bias, out)
             if opts.n_shared > 0
             else None
         )
 
     def forward(self, x: Tensor, prev_logits: Tensor | None = None) -> MoEOutput:
-        if x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"input has last dimension {x.shape[-1]} but the MoE layer has d_model="
-                f"{self.d_model}; pass x of shape [..., {self.d_model}]."
-            )
+        _check_input(x, self.d_model)
         shape = x.shape
         x2 = x.reshape(-1, self.d_model)
         T = x2.shape[0]
@@ -121,8 +121,8 @@ class MoELayer(nn.Module):
             y = y + extra
         if self.shared_experts is not None:
             y = y + self.opts.shared_scaling * self.shared_experts.dense_forward(x2)
-        return MoEOutput(y.view(shape), _weighted_sum(aux, self.router.aux_coefficients(), x), aux,
-                         routing, stats)
+        y = y.view(*shape[:-1], self.output_dim)
+        return MoEOutput(y, _weighted_sum(aux, self.router.aux_coefficients(), x), aux, routing, stats)
 
     @torch.no_grad()
     def update_bias(self) -> None:
@@ -136,6 +136,14 @@ class MoELayer(nn.Module):
         return f"algorithm={self.algorithm!r}, top_k={self.top_k}, router_slots={self.router.n_slots}"
 
 
+def _check_input(x: Tensor, d_model: int) -> None:
+    if x.shape[-1] != d_model:
+        raise ValueError(
+            f"input has last dimension {x.shape[-1]} but the MoE layer has d_model="
+            f"{d_model}; pass x of shape [..., {d_model}]."
+        )
+
+
 def _weighted_sum(aux: dict[str, Tensor], coefs: dict[str, float], x: Tensor) -> Tensor:
     dtype = torch.promote_types(torch.float32, x.dtype)  # float64 stays float64, bf16 -> fp32
     total = torch.zeros((), dtype=dtype, device=x.device)
@@ -147,15 +155,20 @@ def _weighted_sum(aux: dict[str, Tensor], coefs: dict[str, float], x: Tensor) ->
 
 class DenseFFN(nn.Module):
     """The compute-matched dense baseline: one FFN of width top_k * expert_dim, stored as
-    `experts` with a single expert so that parameter layout and initialisation match MoE layers."""
+    `experts` with a single expert so that parameter layout and initialisation match MoE layers.
+    Its output is [..., opts.output_dim] (default d_model)."""
 
     def __init__(self, d_model: int, width: int, opts: MoEOptions):
         super().__init__()
         self.algorithm, self.opts, self.d_model = "dense", opts, d_model
-        self.experts = Experts(1, d_model, width, opts.activation, width, opts.expert_bias)
+        self.output_dim = opts.output_dim or d_model
+        self.experts = Experts(1, d_model, width, opts.activation, width, opts.expert_bias,
+                               opts.output_dim)
 
     def forward(self, x: Tensor, prev_logits: Tensor | None = None) -> MoEOutput:
-        y = self.experts.dense_forward(x.reshape(-1, self.d_model)).view(x.shape)
+        _check_input(x, self.d_model)
+        y = self.experts.dense_forward(x.reshape(-1, self.d_model))
+        y = y.view(*x.shape[:-1], self.output_dim)
         return MoEOutput(y, torch.zeros((), device=x.device), {}, None, {})
 
     def update_bias(self) -> None:
@@ -180,7 +193,8 @@ def build_moe(
     """Build the MoE layer of algorithm `name` (see ALGORITHMS and docs/moe.md for the options).
 
     For shared-expert algorithms `n_experts` counts the routed experts. `dense` builds the
-    compute-matched dense FFN of width top_k * expert_dim.
+    compute-matched dense FFN of width top_k * expert_dim. `output_dim` sets the output width
+    (default d_model); moe_plus_plus then needs n_copy=0, n_const=0.
     """
     check_algorithm(name)
     spec = REGISTRY[name]

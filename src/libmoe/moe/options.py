@@ -47,6 +47,8 @@ class MoEOptions:
     """Options every algorithm understands (ALGORITHMS.md sections 1-2; docs/moe.md).
 
     `extra` holds the algorithm's own knobs (declared by its router class, e.g. xmoe_tau).
+    `output_dim` is the width of the layer's output (None: d_model), for layers that change width
+    (e.g. a vision-language connector).
     """
 
     activation: str = "relu"
@@ -66,6 +68,7 @@ class MoEOptions:
     topk_group: int = 0
     bias: bool = False
     expert_bias: bool = False
+    output_dim: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,6 +92,8 @@ class MoEOptions:
             raise ValueError(f"bias={self.bias!r} is not valid; it must be True or False.")
         if not isinstance(self.expert_bias, bool):
             raise ValueError(f"expert_bias={self.expert_bias!r} is not valid; it must be True or False.")
+        if self.output_dim is not None:
+            check_number("output_dim", self.output_dim, 1, integer=True)
 
     @classmethod
     def generic_names(cls) -> list[str]:

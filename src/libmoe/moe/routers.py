@@ -61,6 +61,11 @@ class Router(nn.Module):
     def check_options(cls, opts: MoEOptions, n_experts: int, top_k: int) -> None:
         """Validate the algorithm's own options (opts.extra, defaults filled in)."""
 
+    @classmethod
+    def check_output_dim(cls, opts: MoEOptions, d_model: int) -> None:
+        """Raise ValueError if the router's slots cannot produce an output of opts.output_dim
+        (default d_model) from an input of d_model. FFN experts, negated and null slots can."""
+
     def aux_coefficients(self) -> dict[str, float]:
         return {"balance": self.opts.balance_coef, "z": self.opts.z_coef}
 
@@ -328,6 +333,8 @@ class MoEPlusPlusRouter(TopKRouter):
     constant experts (a0 x + a1 v_c with [a0, a1] = softmax(W_c x)).
     gating_residual=False builds no W_g: for the first MoE layer of a model, which has no previous
     logits (an unused parameter would also break DDP's gradient reduction).
+    With output_dim != d_model, copy and constant experts (functions of x, d_model wide) cannot
+    exist: pass n_copy=0, n_const=0. Zero experts are kept (their output 0 has any width).
     """
 
     OPTIONS = {"n_zero": 1, "n_copy": 1, "n_const": 6, "tau_pp": 0.75, "gating_residual": True}
@@ -338,6 +345,18 @@ class MoEPlusPlusRouter(TopKRouter):
         for name in ("n_zero", "n_copy", "n_const"):
             check_number(name, x[name], 0, integer=True)
         check_number("tau_pp", x["tau_pp"], 0.0)
+
+    @classmethod
+    def check_output_dim(cls, opts, d_model):
+        x = opts.extra
+        if opts.output_dim in (None, d_model) or x["n_copy"] == x["n_const"] == 0:
+            return
+        raise ValueError(
+            f"moe_plus_plus with output_dim={opts.output_dim} != d_model={d_model} cannot have copy "
+            f"or constant experts (n_copy={x['n_copy']}, n_const={x['n_const']}): they output a "
+            "function of the d_model-wide input. Set n_copy=0 and n_const=0 (zero experts, n_zero, "
+            "are kept: they output 0)."
+        )
 
     @classmethod
     def slot_count(cls, n_experts, top_k, opts):
@@ -380,6 +399,8 @@ class MoEPlusPlusRouter(TopKRouter):
 
     def extra_output(self, x, routing, scale):
         x_cfg, E = self.opts.extra, self.n_experts
+        if x_cfg["n_copy"] == x_cfg["n_const"] == 0:
+            return None  # zero experts only: they add nothing
         slot_w = torch.zeros(x.shape[0], self.n_slots, dtype=x.dtype, device=x.device)
         slot_w = slot_w.scatter_add(1, routing.topk_idx, routing.topk_weight.to(x.dtype) * scale)
         copy_start = E + x_cfg["n_zero"]
