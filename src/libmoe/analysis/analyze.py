@@ -111,7 +111,11 @@ def analyze_run(
     figures and report.html. Returns the metrics dict."""
     from ..models import load_model
     from ..moe import MoELayer
+    from ..vlm.analysis import analyze_vlm_run, is_vlm_run
 
+    if is_vlm_run(run):  # a `libmoe vlm train` run: routing of the vision layers on held-out images
+        return analyze_vlm_run(run, out, device=device, interventions=interventions, limit=limit,
+                               figures=figures, log=log)
     say = log or (lambda _: None)
     run = Path(run)
     out = Path(out) if out is not None else run / "analysis"

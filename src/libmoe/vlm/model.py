@@ -190,6 +190,8 @@ class LibMoEVLM(nn.Module):
                 raise ValueError(f"{n_tokens} image tokens in the text but {feats.shape[0]} image(s) of "
                                  f"{feats.shape[1]} tokens each; expand every <image> with the tokenizer.")
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats.to(embeds.dtype))
+        elif pixel_values is not None:
+            raise ValueError("pixel_values were given but the text holds no <image> token.")
         return embeds
 
     def moe_layers(self) -> list[VLMMoE]:

@@ -32,7 +32,9 @@ def word_tokenizer(texts: Iterable[str]):
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    words = sorted({w for text in texts for w in _WORD.findall(text.replace(IMAGE_TOKEN, " ").lower())})
+    texts = [*texts, *(part for pair in TEMPLATES.values() for part in pair)]  # the template's words
+    words = sorted({w for text in texts for w in _WORD.findall(text.replace(IMAGE_TOKEN, " ").lower())
+                    if w not in "{}"})
     vocab = {tok: i for i, tok in enumerate(SPECIAL + words)}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
@@ -106,6 +108,8 @@ def prompt_ids(tokenizer, question: str, template: str, n_image_tokens: int) -> 
     """Ids of a single-turn prompt (image and question) up to where the answer starts."""
     if template == "plain":
         return _ids(tokenizer, IMAGE_TOKEN, n_image_tokens)
+    if IMAGE_TOKEN not in question:  # held-out (MME style) questions have no image token: LLaVA puts it first
+        question = f"{IMAGE_TOKEN}\n{question}"
     ask, _ = TEMPLATES[template]
     return _ids(tokenizer, ask.format(q=question), n_image_tokens)
 

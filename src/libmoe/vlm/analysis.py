@@ -1,0 +1,179 @@
+"""`libmoe analyze` on a VLM run: the routing of the vision MoE layers and the connector on held-out
+images labelled by subtask, with the same metrics.json keys as a language-model run plus the
+VLM views of the paper's Section 5:
+
+- ``eae_by_task``: expert allocation entropy per subtask and layer (Fig. 6);
+- ``ewa_by_group``: weight entropy per task group (perception, reading) and layer (Fig. 7);
+- ``router_margin``: per MoE layer in depth order, vision layers then the connector (Fig. 8 right);
+- ``expert_change_rate``: between consecutive VIT checkpoints (Fig. 3; 20/40/60/80/100%);
+- ``droptop`` / ``temperature``: synth_mme accuracy with DropTop1, DropTop1&2 and tau 0.1 / 10 (Fig. 5).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..analysis import metrics as M
+from ..analysis.analyze import METRICS_FILE, display_name, run_traces, training_dynamics
+from ..analysis.interventions import DROPTOP, TEMPERATURES, routing_intervention
+from ..analysis.trace import Trace
+
+
+def is_vlm_run(path: str | Path) -> bool:
+    import yaml
+
+    path = Path(path)
+    if (path / "vlm.json").is_file():
+        return True
+    cfg = path / "config.yaml"
+    return cfg.is_file() and (yaml.safe_load(cfg.read_text()) or {}).get("kind") == "vlm"
+
+
+def _groups(names: list[str]) -> dict[str, str]:
+    from .synth import SUBTASK_GROUPS
+
+    return {n: SUBTASK_GROUPS.get(n, "other") for n in names}
+
+
+def group_trace(trace: Trace) -> Trace:
+    """The trace relabelled by task group (perception, reading, ...)."""
+    from dataclasses import replace
+
+    groups = _groups(trace.labels)
+    names = sorted(set(groups.values()))
+    mapping = torch.tensor([names.index(groups[n]) for n in trace.labels], dtype=torch.long)
+    return replace(trace, label=mapping[trace.label], labels=names, meta=dict(trace.meta, label_kind="group"))
+
+
+def _flat(results: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for task, m in results.items():
+        out[f"{task}/acc"] = float(m["acc"])
+        if "acc_plus" in m:
+            out[f"{task}/acc_plus"] = float(m["acc_plus"])
+    return out
+
+
+def vlm_interventions(model, tokenizer, template: str, folder, tasks: list[str], subtasks=None,
+                      limit: int | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """DropTop-n and router-temperature studies on the VLM evaluation (the analysis format)."""
+    from .evaluate import evaluate_vlm
+
+    say = log or (lambda _: None)
+
+    def measure(name: str) -> dict[str, float]:
+        start = time.perf_counter()
+        flat = _flat(evaluate_vlm(model, tokenizer, template, folder, tasks, subtasks, limit))
+        say(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in flat.items())
+            + f" ({time.perf_counter() - start:.1f} s)")
+        return flat
+
+    baseline = measure("unperturbed")
+    delta = lambda m: {k: m[k] - baseline[k] for k in m if k in baseline}  # noqa: E731
+    out: dict[str, Any] = {"droptop": {"baseline": baseline, "runs": []},
+                           "temperature": {"baseline": baseline, "runs": []}}
+    for n, name in DROPTOP:
+        with routing_intervention(model, drop_top=n):
+            metrics = measure(name)
+        out["droptop"]["runs"].append({"name": name, "drop_top": n, "metrics": metrics,
+                                       "delta": delta(metrics)})
+    for tau in TEMPERATURES:
+        name = f"tau={tau:g}"
+        if tau == 1.0:
+            metrics = baseline
+        else:
+            with routing_intervention(model, temperature=tau):
+                metrics = measure(name)
+        out["temperature"]["runs"].append({"name": name, "tau": tau, "metrics": metrics,
+                                           "delta": delta(metrics)})
+    return out
+
+
+def analyze_vlm_run(run: str | Path, out: str | Path | None = None, device: str = "cpu",
+                    interventions: bool = True, limit: int | None = None, figures: bool = True,
+                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Analyse a VLM run (see the module docstring) into `out` (default RUN/analysis)."""
+    from .evaluate import evaluate_vlm
+    from .model import load_vlm
+    from .train import load_stage_config, probe_images, resolve_data
+
+    say = log or (lambda _: None)
+    run = Path(run)
+    out = Path(out) if out is not None else run / "analysis"
+    start = time.perf_counter()
+    model, tokenizer, meta = load_vlm(run, device=device)
+    cfg = load_stage_config(run) if (run / "config.yaml").is_file() else {}
+    folder = resolve_data(cfg.get("data") or {"source": "synth"}, say)
+    subtasks = (cfg.get("data") or {}).get("subtasks")
+    template = cfg.get("template", "simple")
+    moe = model.spec.get("moe") or {}
+    result: dict[str, Any] = {"run": run.resolve().name, "path": str(run.resolve()), "kind": "vlm",
+                              "stage": meta.get("stage"), "step": meta.get("step"),
+                              "algorithm": moe.get("algorithm", "dense"), "skipped": {}}
+    if not model.moe_layers():
+        result["skipped"]["routing"] = "dense model: no router, so no routing to analyse"
+        scores = evaluate_vlm(model, tokenizer, template, folder, ["synth_mme"], subtasks, limit)
+        result["scores"] = _flat(scores)
+    else:
+        traces = run_traces(run)
+        if not traces or traces[-1].step != meta.get("step"):
+            per_subtask = int((cfg.get("train") or {}).get("probe_per_subtask", 16))
+            probe = probe_images(folder, model.pixel_size, per_subtask)
+            if probe is None:
+                raise FileNotFoundError(f"{run} has no routing trace and {folder} no held-out images.")
+            from .trace import record_vlm_trace
+
+            say("recording a routing trace of the held-out images (the final model has none)")
+            traces.append(record_vlm_trace(model, *probe, step=meta.get("step")))
+        final = traces[-1]
+        say(f"{len(traces)} trace(s): steps {', '.join(str(t.step) for t in traces)}; "
+            f"{final.n_tokens:,} patches, {final.n_layers} MoE layers "
+            f"({', '.join(final.meta.get('layer_names', []))})")
+        result.update(n_experts=final.meta.get("n_experts"), top_k=final.meta.get("top_k"),
+                      n_slots=[final.n_slots(l) for l in range(final.n_layers)],
+                      layers=final.meta.get("layers"), layer_names=final.meta.get("layer_names"),
+                      n_tokens=final.n_tokens, labels=final.labels)
+        result.update(M.trace_metrics(final))
+        result["eae_by_task"] = M.by_label(final, M.eae)
+        result["ewa_by_task"] = M.by_label(final, M.ewa)
+        grouped = group_trace(final)
+        result["groups"] = _groups(final.labels)
+        result["eae_by_group"] = M.by_label(grouped, M.eae)
+        result["ewa_by_group"] = M.by_label(grouped, M.ewa)
+        result.update(training_dynamics(traces))
+        result["expert_similarity"] = M.expert_similarity(model)
+        if interventions:
+            say("interventions (DropTop, router temperature) on synth_mme:")
+            result.update(vlm_interventions(model, tokenizer, template, folder, ["synth_mme"], subtasks,
+                                            limit, say))
+            result["scores"] = result["droptop"]["baseline"]
+        else:
+            result["skipped"]["interventions"] = "turned off (--no-interventions)"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / METRICS_FILE).write_text(json.dumps(result, indent=1) + "\n")
+    if figures:
+        write_vlm_figures(out, {display_name(result): result})
+    say(f"analysis of {run} in {time.perf_counter() - start:.1f} s -> {out}")
+    return result
+
+
+def write_vlm_figures(out: str | Path, runs: dict[str, dict[str, Any]]) -> Path:
+    """The standard analysis figures and report plus the VLM subtask figure."""
+    from ..analysis.analyze import write_figures_and_report
+    from .plots import plot_subtask_routing
+
+    out = Path(out)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    extra = plot_subtask_routing(runs, out / "figures" / "vlm_subtask_routing.png")
+    notes = ["Vision-language run: routing of the vision MoE layers and the connector on held-out images; "
+             "labels are the synthetic subtasks."]
+    if extra:
+        notes.append("figures/vlm_subtask_routing.png: allocation entropy per subtask (Fig. 6), weight "
+                     "entropy per task group (Fig. 7) and router margin per layer (Fig. 8 right).")
+    return write_figures_and_report(out, runs, title="libmoe VLM routing analysis", notes=notes)
