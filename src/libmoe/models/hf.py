@@ -74,9 +74,10 @@ class LibMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.model.head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask=None, labels: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask=None,
+                labels: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 **kwargs: Any) -> LibMoECausalLMOutput:
-        out = self.model(input_ids)
+        out = self.model(input_ids, inputs_embeds=inputs_embeds)
         loss = None
         if labels is not None:
             ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),

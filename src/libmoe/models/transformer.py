@@ -108,15 +108,20 @@ class MoETransformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens: Tensor, targets: Tensor | None = None) -> LMOutput:
-        B, S = tokens.shape
+    def forward(self, tokens: Tensor | None, targets: Tensor | None = None,
+                inputs_embeds: Tensor | None = None) -> LMOutput:
+        """tokens [B, S] (or `inputs_embeds` [B, S, d_model] instead, e.g. a VLM's image and text
+        embeddings) -> LMOutput."""
+        if (tokens is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of tokens and inputs_embeds.")
+        B, S = tokens.shape if tokens is not None else inputs_embeds.shape[:2]
         if self.config.max_seq_len < S:
             raise ValueError(
                 f"sequence length {S} exceeds max_seq_len={self.config.max_seq_len}; "
                 "shorten the input or raise max_seq_len."
             )
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
-        x = self.embed(tokens)
+        x = self.embed(tokens) if tokens is not None else inputs_embeds
         aux_loss = x.new_zeros((), dtype=torch.float32)
         aux: dict[str, Tensor] = {}
         routing: list[Routing] = []

@@ -216,6 +216,9 @@ class LibMoEVLM(nn.Module):
                                  ignore_index=-100)
             result.ce = ce
             result.loss = ce + result.aux_loss if result.aux_loss is not None else ce
+            lm_aux = getattr(out, "aux_loss", None)  # an MoE language model's own (libmoe's models)
+            if isinstance(lm_aux, Tensor):
+                result.loss = result.loss + lm_aux.float()
         return result
 
 
