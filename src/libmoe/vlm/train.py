@@ -39,7 +39,8 @@ from .presets import STAGES, apply_overrides, load_vlm_preset
 
 CONFIG_FILE = "config.yaml"
 STAGE_FILES = {"pt": "pt.json", "pft": "instruct.json", "vit": "instruct.json"}
-INIT_STAGE = {"pft": "pt", "vit": "pft"}  # the stage an --init run must be
+INIT_STAGE = {"pft": ("pt", "pft"), "vit": ("pft",)}  # the stages an --init run may be (pft from
+# pft: trained on, e.g. the dense baseline of a VIT comparison)
 DEFAULT_CHECKPOINTS = {"pt": [1.0], "pft": [1.0], "vit": [0.2, 0.4, 0.6, 0.8, 1.0]}
 TRAIN_DEFAULTS = {"lr": 1e-3, "batch_size": 32, "max_steps": None, "epochs": 1, "warmup_ratio": 0.03,
                   "min_lr_ratio": 0.0, "weight_decay": 0.0, "betas": [0.9, 0.999], "grad_clip": 1.0,
@@ -75,7 +76,7 @@ def stage_config(stage: str, preset: str = "cpu-tiny", data: str | None = None, 
         cfg["model"], cfg["tokenizer"] = init_cfg["model"], init_cfg["tokenizer"]
         cfg["template"], cfg["max_length"] = init_cfg["template"], init_cfg["max_length"]
     if data is not None:
-        cfg["data"] = {"source": str(data), "file": STAGE_FILES[stage]}
+        cfg["data"] = {"source": str(data), "file": None if Path(data).is_file() else STAGE_FILES[stage]}
     apply_overrides(cfg, list(overrides))
     if max_steps is not None:
         cfg["train"]["max_steps"] = int(max_steps)
@@ -118,9 +119,9 @@ def _init_config(init: str | Path, stage: str) -> dict[str, Any]:
     want = INIT_STAGE.get(stage)
     if want is None:
         raise ValueError(f"--stage {stage} starts from the preset's base models; it takes no --init.")
-    if cfg.get("stage") != want:
+    if cfg.get("stage") not in want:
         raise ValueError(f"--init {init} is a {cfg.get('stage')} run; --stage {stage} starts from a "
-                         f"{want} run.")
+                         f"{' or '.join(want)} run.")
     return cfg
 
 
