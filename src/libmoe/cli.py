@@ -284,7 +284,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
                         seeds=args.seeds, data=args.data, tasks=split(args.tasks),
                         data_dir=args.data_dir, jobs=args.jobs, launcher=args.launcher,
                         nproc=args.nproc, slurm=slurm, overrides=list(args.items),
-                        analysis=not args.no_analysis, log=log)
+                        analysis=not args.no_analysis, regime=args.regime, compare=args.compare,
+                        log=log)
     from .bench.tables import markdown, score_table
 
     print(markdown(score_table(results)))
@@ -295,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     from .bench.presets import BENCH_PRESETS, PAPER_ALGORITHMS
+    from .bench.regimes import REGIMES
 
     p = sub.add_parser(
         "bench", help="the paper's fair comparison of MoE algorithms: train, evaluate, analyse, tables",
@@ -302,12 +304,20 @@ def build_parser() -> argparse.ArgumentParser:
         "budget; evaluate validation perplexity and every zero-shot task whose data is available; "
         "analyse the routing across runs; write results.json/.md/.csv and report.html into --out. "
         "Finished runs are skipped and interrupted ones resume, so rerunning the command continues a "
-        "study.",
+        "study. --regime upcycle pretrains one dense model (OUT/source) and upcycles it into every "
+        "algorithm before they train.",
     )
     p.add_argument("items", nargs="*", metavar="[section.key=value ...]",
                    help="run-config overrides applied to every run (e.g. train.max_steps=600)")
-    p.add_argument("--preset", default="default", help=f"bench preset: {', '.join(BENCH_PRESETS)} "
-                   "(default: default, about 20 minutes on a 2-core CPU)")
+    p.add_argument("--preset", default=None, help=f"bench preset: {', '.join(BENCH_PRESETS)} "
+                   "(default: the regime's, default or upcycle, each about 20 minutes on a 2-core CPU)")
+    p.add_argument("--regime", default=None, choices=list(REGIMES),
+                   help="pretrain: every algorithm from a random init (default); upcycle: one dense "
+                   "model pretrained, upcycled into every algorithm, each trained on alike "
+                   "(default: the preset's)")
+    p.add_argument("--compare", default=None, metavar="OTHER_BENCH_DIR",
+                   help="another bench output (of the other regime): the report and results.json "
+                   "set its expert change rates beside this bench's (regime_comparison)")
     p.add_argument("--algorithms", default=None,
                    help=f"comma-separated (default: {','.join(PAPER_ALGORITHMS)})")
     p.add_argument("--seeds", type=int, default=1, help="seeds per algorithm (0..N-1; default 1)")

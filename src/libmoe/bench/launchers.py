@@ -77,8 +77,10 @@ class Progress:
                  f"{duration(time.perf_counter() - self.start)} elapsed, ETA {self.eta()}]")
 
     def watch(self, every: float = 30.0) -> None:
+        stop = self._stop = threading.Event()  # a fresh one: a study in stages watches each stage
+
         def loop():
-            while not self._stop.wait(every):
+            while not stop.wait(every):
                 runs = ", ".join(f"{n} step {_last_step(self._spec(n).run_dir)}/"
                                  f"{self._spec(n).config['train']['max_steps']}" for n in sorted(self.active))
                 if runs:
@@ -112,9 +114,10 @@ def _run_in_worker(spec: RunSpec) -> dict[str, Any]:
 
 def run_all(specs: list[RunSpec], jobs: int = 1, launcher: str = "local",
             slurm: dict[str, Any] | None = None, slurm_folder: str | Path | None = None,
-            log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run every spec with the chosen launcher; rows in the order of `specs`."""
-    progress = Progress(specs, log)
+            log: Callable[[str], None] = print, progress: Progress | None = None) -> list[dict[str, Any]]:
+    """Run every spec with the chosen launcher; rows in the order of `specs`. `progress` (one
+    over the whole study, when it runs in stages) reports them; by default, one over `specs`."""
+    progress = progress or Progress(specs, log)
     rows: dict[str, dict] = {}
     todo = []
     for spec in specs:
@@ -151,7 +154,7 @@ def _run_pool(specs: list[RunSpec], jobs: int, progress: Progress) -> dict[str, 
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, (os.cpu_count() or 1) // max(1, min(jobs, len(specs))))  # a lone run takes every core
     rows = {}
     progress.watch()
     try:
@@ -165,7 +168,7 @@ def _run_pool(specs: list[RunSpec], jobs: int, progress: Progress) -> dict[str, 
                 futures[pool.submit(_run_in_worker, child)] = spec
             for spec in specs[:jobs]:
                 progress.started(spec)
-            started = jobs
+            started = min(jobs, len(specs))
             for future in as_completed(futures):
                 spec = futures[future]
                 try:

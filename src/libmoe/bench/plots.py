@@ -14,7 +14,9 @@ SCORES = FigureInfo(
     "Left: perplexity on the training run's evaluation windows at each evaluation step (seed 0); "
     "right: final perplexity on the held-out split used in the table (mean over seeds, with the "
     "standard deviation as an error bar when there are several). Lower is better; the dense "
-    "baseline is grey.")
+    "baseline is grey. In the upcycling regime the dotted curve is the dense source's own "
+    "training (negative steps) and each run's curve starts at step 0 from the model it was "
+    "upcycled into.")
 
 
 def _curve(run_dir: str | Path) -> tuple[list[int], list[float]]:
@@ -47,9 +49,17 @@ def plot_scores(results: dict[str, Any], path: str | Path) -> FigureInfo | None:
                     and r.get("status") == "ok"), None)
         if run is not None:
             steps, ppl = _curve(run["run"])
+            if run.get("init_ppl") is not None:  # upcycled: the model it started from, at step 0
+                steps, ppl = [0, *steps], [run["init_ppl"], *ppl]
             left.plot(steps, ppl, marker="o", ms=3, color=colour, label=row["algorithm"],
                       lw=2.2 if row["algorithm"] == "dense" else 1.4)
         right.bar(i, row["ppl"], yerr=row.get("ppl_std"), color=colour, capsize=3)
+    source = results.get("source") or {}
+    if source.get("status") == "ok" and source.get("step"):  # the dense source, before step 0
+        steps, ppl = _curve(source["run"])
+        left.plot([x - source["step"] for x in steps], ppl, ls=":", marker=".", color="0.3",
+                  label="dense source (steps before 0)")
+        left.axvline(0, color="0.6", lw=0.8)
     left.set_yscale("log")
     left.set_xlabel("training step")
     left.set_ylabel("validation perplexity (log scale)")
@@ -65,7 +75,8 @@ def plot_scores(results: dict[str, Any], path: str | Path) -> FigureInfo | None:
     right.grid(axis="y", alpha=0.3)
     for i, row in enumerate(rows):
         right.text(i, row["ppl"], f"{row['ppl']:.2f}", ha="center", va="bottom", fontsize=7)
-    fig.suptitle(f"libmoe bench ({results['preset']}): validation perplexity")
+    fig.suptitle(f"libmoe bench ({results['preset']}, {results.get('regime', 'pretrain')} regime): "
+                 "validation perplexity")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)

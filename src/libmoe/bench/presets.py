@@ -1,6 +1,7 @@
 """Bench presets: which training preset every run uses, the overrides that make it a study (steps,
-evaluation, checkpoints), and the evaluation (tasks, record limits, validation tokens). They are
-YAML package data in ``libmoe/configs/bench/``; `libmoe bench --preset NAME` picks one."""
+evaluation, checkpoints), the evaluation (tasks, record limits, validation tokens) and the regime
+(how the runs start: from a random init, or upcycled from one dense model). They are YAML package
+data in ``libmoe/configs/bench/``; `libmoe bench --preset NAME` picks one."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ class BenchPreset:
     val_tokens: int | str = "run"  # validation tokens: "run" (training's eval windows), "all", a count
     interventions: bool = True  # DropTop and router-temperature studies in the analysis
     jobs: int = 1  # runs at a time when --jobs is not given (worker processes)
+    regime: str = "pretrain"  # how the runs start (libmoe.bench.regimes); --regime overrides it
+    regime_options: dict[str, Any] = field(default_factory=dict)  # the regime's, when it is this one
 
     def override_list(self) -> list[str]:
         return [f"{k}={_yaml_value(v)}" for k, v in self.overrides.items()]

@@ -25,17 +25,32 @@ def _html_table(table: list[list[str]]) -> str:
     return f'<div class="table-wrap"><table><tr>{th}</tr>\n' + "\n".join(rows) + "</table></div>"
 
 
+def _comparison_html(out: Path, comparison: dict[str, Any] | None) -> list[str]:
+    """The regime comparison: figure and table (this bench's change rates alone without
+    --compare)."""
+    from .compare import FIGURE, comparison_table
+
+    if not comparison or not comparison.get("figure"):
+        return []
+    parts = [_figure_html(FIGURE, out / "analysis" / "figures"), _html_table(comparison_table(comparison))]
+    if len(comparison["regimes"]) == 1:
+        parts.append("<p class=\"table-note\">This bench's change rates alone; <code>--compare "
+                     "OTHER_BENCH</code> (a bench of the other regime) sets them beside another's.</p>")
+    else:
+        benches = "; ".join(f"{e['label']}: {e['bench']}" for e in comparison["regimes"])
+        parts.append(f"<p class=\"table-note\">{html.escape(benches)}. Relative = change rate / mean "
+                     "change rate of the other algorithms of the same bench.</p>")
+    return parts
+
+
 def write_bench_report(out: str | Path, results: dict[str, Any], analysis: dict[str, dict],
                        figures: list[FigureInfo]) -> Path:
+    from .regimes import get_regime
+
     out = Path(out)
-    cfg = results["config"]
-    m, t = cfg["model"], cfg["train"]
-    seq_len = t.get("seq_len") or m["max_seq_len"]
-    setup = (f"Preset {results['preset']}: {results['description']}. Every algorithm trains the same "
-             f"{m['n_layers']}-layer, d={m['d_model']} model ({m['n_experts']} experts of width "
-             f"{m['expert_dim']}, top-{m['top_k']}; dense FFN {m['top_k'] * m['expert_dim']}) for "
-             f"{t['max_steps']} steps of {t['batch_size']} x {seq_len} tokens on {cfg['data']['source']}, "
-             f"same data order, {results['seeds']} seed(s). {results['elapsed_s'] / 60:.1f} minutes on "
+    regime = results.get("regime", "pretrain")
+    setup = (f"Preset {results['preset']}: {results['description']}. Regime {regime}: "
+             f"{get_regime(regime).describe(results)} {results['elapsed_s'] / 60:.1f} minutes on "
              f"{results['machine'].get('gpu') or str(results['machine']['cpus']) + ' CPU cores'}.")
     parts = [
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
@@ -60,6 +75,7 @@ def write_bench_report(out: str | Path, results: dict[str, Any], analysis: dict[
     if analysis:
         parts += ["<h2>Routing summary</h2>", _table(summary_rows(analysis)),
                   f"<p class=\"table-note\">{html.escape(TABLE_NOTE)}</p>"]
+    parts += _comparison_html(out, results.get("regime_comparison"))
     parts += [_figure_html(info, out / "analysis" / "figures") for info in figures]
     notes = [f"{f['name']} failed: {f['error']}" for f in results.get("failed", [])]
     notes += [f"task {name} not run: {why}" for name, why in (results.get("skipped_tasks") or {}).items()]

@@ -6,10 +6,13 @@
 For each algorithm and seed, one run directory ``OUT/runs/<algorithm>-s<seed>`` is trained from the
 same resolved config (the bench preset's training preset and overrides; only `model.algorithm`
 and `train.seed` differ), so every algorithm sees the same data order, token budget, schedule and
-evaluation windows. Each run is then evaluated (validation perplexity on the held-out split plus
-every zero-shot task whose data is available) and timed for inference, and `bench_run.json` records
-its row. The analysis compares the routing of all runs (seed 0) into ``OUT/analysis``; the tables
-(`results.json`, `results.md`, `results.csv`) and ``OUT/report.html`` come last.
+evaluation windows. How the runs start is the regime's (`regimes`: from a random init, or
+upcycled from one dense source run that trains first); a regime plans the runs as stages, each
+stage running after the one before. Each run is then evaluated (validation perplexity on the
+held-out split plus every zero-shot task whose data is available) and timed for inference, and
+`bench_run.json` records its row. The analysis compares the routing of all runs (seed 0) into
+``OUT/analysis``; the tables (`results.json`, `results.md`, `results.csv`), the regime
+comparison (`compare`) and ``OUT/report.html`` come last.
 
 Robustness: a run whose `bench_run.json` says it finished with the same config is skipped; an
 interrupted one resumes from its newest checkpoint (`train(..., resume=True)`); a run that fails
@@ -60,10 +63,15 @@ class RunSpec:
     log_file: str | None = None  # worker processes write their output here
     analysis: bool = True  # analyse the run's routing where it ran (RUN/analysis)
     interventions: bool = True
+    regime: str = "pretrain"  # libmoe.bench.regimes: its `prepare` runs before training
+    role: str = "row"  # "row": a row of the tables; else a run the rows start from ("source")
+    needs: list[str] = field(default_factory=list)  # runs of earlier stages this one starts from
+    prepare: dict[str, Any] = field(default_factory=dict)  # the regime's, e.g. what to upcycle
 
     @property
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
+        payload = self.config if not self.prepare else {"config": self.config, "prepare": self.prepare}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def available_tasks(tasks: list[str], data_dir: str | Path | None) -> tuple[list[str], dict[str, str]]:
@@ -88,30 +96,39 @@ def available_tasks(tasks: list[str], data_dir: str | Path | None) -> tuple[list
     return ok, skipped
 
 
-def plan_runs(out: str | Path, preset: BenchPreset, algorithms: list[str], seeds: int,
-              data: str | None = None, overrides: list[str] = (), tasks: list[str] = (),
-              data_dir: str | Path | None = None, launcher: str = "local", nproc: int = 1,
-              threads: int | None = None, analysis: bool = True) -> list[RunSpec]:
-    """The runs of the study: one identical config per (algorithm, seed), differing only in
-    model.algorithm and train.seed."""
+def plan_stages(out: str | Path, preset: BenchPreset, algorithms: list[str], seeds: int,
+                data: str | None = None, overrides: list[str] = (), tasks: list[str] = (),
+                data_dir: str | Path | None = None, launcher: str = "local", nproc: int = 1,
+                threads: int | None = None, analysis: bool = True,
+                regime: str | None = None) -> list[list[RunSpec]]:
+    """The runs of the study as the regime's stages (the last: one run per algorithm and seed,
+    the table's rows), each config identical but for model.algorithm and train.seed (and, when
+    upcycled, the model the run starts from)."""
     from ..moe.layer import check_algorithm
-    from ..train import resolve_config
+    from .regimes import PlanContext, get_regime
 
     for algorithm in algorithms:
         check_algorithm(algorithm)  # a typo fails here, before hours of training
-    common = preset.override_list() + ([f"data.source={data}"] if data else []) + list(overrides)
+    name = regime or preset.regime
+    source = [o.removeprefix("source.") for o in overrides if o.startswith("source.")]
+    common = preset.override_list() + ([f"data.source={data}"] if data else [])
+    common += [o for o in overrides if not o.startswith("source.")]
     limits = {t: preset.task_limits.get(t, preset.limit) for t in tasks}
-    specs = []
-    for seed in range(seeds):
-        for algorithm in algorithms:
-            cfg = resolve_config(overrides=[*common, f"model.algorithm={algorithm}", f"train.seed={seed}"],
-                                 preset=preset.train_preset)
-            name = f"{algorithm}-s{seed}"
-            specs.append(RunSpec(name, algorithm, seed, str(Path(out) / "runs" / name), cfg.to_dict(),
-                                 list(tasks), limits, None if data_dir is None else str(data_dir),
-                                 preset.val_tokens, launcher, nproc, threads,
-                                 analysis=analysis, interventions=preset.interventions))
-    return specs
+    ctx = PlanContext(Path(out), preset, name, list(algorithms), seeds, common, list(tasks), limits,
+                      None if data_dir is None else str(data_dir), launcher, nproc, threads, analysis,
+                      source)
+    return get_regime(name).plan(ctx)
+
+
+def plan_runs(out: str | Path, preset: BenchPreset, algorithms: list[str], seeds: int,
+              data: str | None = None, overrides: list[str] = (), tasks: list[str] = (),
+              data_dir: str | Path | None = None, launcher: str = "local", nproc: int = 1,
+              threads: int | None = None, analysis: bool = True,
+              regime: str | None = None) -> list[RunSpec]:
+    """Every run of the study, stage after stage (see plan_stages)."""
+    stages = plan_stages(out, preset, algorithms, seeds, data, overrides, tasks, data_dir, launcher,
+                         nproc, threads, analysis, regime)
+    return [spec for stage in stages for spec in stage]
 
 
 # ----------------------------------------------------------------------------- one run
@@ -150,6 +167,9 @@ def run_one(spec: RunSpec, progress: bool | None = False) -> dict[str, Any]:
 
                 torch.set_num_threads(spec.threads)
             _check_same_config(spec)
+            from .regimes import get_regime
+
+            get_regime(spec.regime).prepare(spec, row)
             summary = _train(spec, progress)
             if summary.get("stopped_early"):
                 raise RuntimeError(f"training stopped at step {summary['step']} of {summary['max_steps']}")
@@ -319,7 +339,7 @@ def analyse_runs(rows: list[dict[str, Any]], out: Path, interventions: bool, val
 
 def run_bench(
     out: str | Path,
-    preset: str = "default",
+    preset: str | None = None,
     algorithms: list[str] | None = None,
     seeds: int = 1,
     data: str | None = None,
@@ -331,15 +351,27 @@ def run_bench(
     slurm: dict[str, Any] | None = None,
     overrides: list[str] = (),
     analysis: bool = True,
+    regime: str | None = None,
+    compare: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """The whole study into `out`; returns results.json's content (see the module docstring)."""
+    """The whole study into `out`; returns results.json's content (see the module docstring).
+    `preset` defaults to the regime's default preset ("default" for pretrain, "upcycle" for
+    upcycle), `regime` to the preset's; `compare` names another bench output (of the other
+    regime) whose expert change rates the regime comparison sets beside this one's."""
+    from .compare import regime_comparison
+    from .regimes import get_regime
     from .report import write_bench_report
     from .tables import aggregate, write_tables
 
     if launcher not in LAUNCHERS:
         raise ValueError(f"--launcher {launcher!r}: choose one of {', '.join(LAUNCHERS)}.")
+    if regime is not None:
+        get_regime(regime)  # an unknown name fails before anything else
+    preset = preset or get_regime(regime or "pretrain").default_preset
     spec = load_bench_preset(preset)
+    regime_name = regime or spec.regime
+    the_regime = get_regime(regime_name)
     if jobs is None:
         jobs = spec.jobs if launcher == "local" else 1
     if seeds < 1 or jobs < 1 or nproc < 1:
@@ -347,49 +379,79 @@ def run_bench(
     algorithms = list(algorithms or PAPER_ALGORITHMS)
     if len(set(algorithms)) != len(algorithms):
         raise ValueError(f"--algorithms lists an algorithm twice: {','.join(algorithms)}.")
+    if compare is not None and not (Path(compare) / "results.json").is_file():
+        raise FileNotFoundError(f"--compare {compare}: no results.json there; give a libmoe bench output.")
     wanted = spec.tasks if tasks is None else tasks
     task_names, skipped_tasks = available_tasks(wanted, data_dir)
     if tasks is not None and skipped_tasks:  # asked for by name: say so rather than drop them
         raise FileNotFoundError("; ".join(f"{t}: {why}" for t, why in skipped_tasks.items()))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    specs = plan_runs(out, spec, algorithms, seeds, data, list(overrides), task_names, data_dir,
-                      launcher, nproc, analysis=analysis)
+    stages = plan_stages(out, spec, algorithms, seeds, data, list(overrides), task_names, data_dir,
+                         launcher, nproc, analysis=analysis, regime=regime_name)
+    specs, every = stages[-1], [s for stage in stages for s in stage]
     budget = specs[0].config["train"]
-    log(f"bench: preset {preset} ({spec.description}); {len(algorithms)} algorithm(s) x {seeds} seed(s) = "
-        f"{len(specs)} runs of {budget['max_steps']} steps x {budget['batch_size']} sequences; "
-        f"tasks: {', '.join(task_names) or 'none'}"
+    support = f" after {len(every) - len(specs)} source run(s)" if len(every) > len(specs) else ""
+    log(f"bench: preset {preset} ({spec.description}); regime {regime_name}; {len(algorithms)} algorithm(s) "
+        f"x {seeds} seed(s) = {len(specs)} runs of {budget['max_steps']} steps x {budget['batch_size']} "
+        f"sequences{support}; tasks: {', '.join(task_names) or 'none'}"
         + (f" (skipped: {', '.join(skipped_tasks)})" if skipped_tasks else "") + f" -> {out}")
-    from .launchers import duration, run_all
+    from .launchers import Progress, duration, run_all
 
     start = time.perf_counter()
-    if any(finished_row(s) is None for s in specs):  # every run reads the same data: build it once
+    if any(finished_row(s) is None for s in every):  # every run reads the same data: build it once
         from ..train.config import config_from_dict
         from ..train.trainer import prepare_run_data
 
-        prepare_run_data(config_from_dict(specs[0].config), log=log)
-    rows = run_all(specs, jobs, launcher, slurm, out / "slurm", log)
+        prepare_run_data(config_from_dict(every[0].config), log=log)
+    progress = Progress(every, log)
+    done: dict[str, dict[str, Any]] = {}
+    for stage in stages:
+        ready, blocked = [], []
+        for s in stage:
+            bad = [done[n] for n in s.needs if done.get(n, {}).get("status") != "ok"]
+            (blocked if bad else ready).append((s, bad))
+        for s, bad in blocked:  # a run whose source failed fails without trying
+            done[s.name] = _blocked_row(s, bad[0])
+            progress.finished(s, done[s.name])
+        rows = run_all([s for s, _ in ready], jobs, launcher, slurm, out / "slurm", log, progress)
+        done.update({r["name"]: r for r in rows})
+    rows = [done[s.name] for s in specs]
+    support = [done[s.name] for stage in stages[:-1] for s in stage]  # e.g. the dense source
     analysis_results, figures = ({}, [])
     if analysis and any(r.get("status") == "ok" for r in rows):
         analysis_results, figures = analyse_runs(rows, out, spec.interventions, spec.val_tokens, log)
     table = aggregate(rows, task_names)
     results = {
-        "preset": preset, "description": spec.description, "algorithms": algorithms, "seeds": seeds,
+        "preset": preset, "description": spec.description, "regime": regime_name,
+        "algorithms": algorithms, "seeds": seeds,
         "tasks": task_names, "skipped_tasks": skipped_tasks, "limits": specs[0].limits,
         "config": {k: v for k, v in specs[0].config.items()},
         "rows": table, "runs": [{k: v for k, v in r.items() if k != "traceback"} for r in rows],
-        "failed": [{"name": r["name"], "error": r.get("error")} for r in rows if r.get("status") != "ok"],
-        "elapsed_s": time.perf_counter() - start, "machine": _machine(),
-        "launcher": {"launcher": launcher, "jobs": jobs, "nproc": nproc},
+        "failed": [{"name": r["name"], "error": r.get("error")} for r in [*support, *rows]
+                   if r.get("status") != "ok"],
+        "machine": _machine(), "launcher": {"launcher": launcher, "jobs": jobs, "nproc": nproc},
+        **the_regime.summary(spec, support),
     }
     results["config"]["model"] = dict(results["config"]["model"], algorithm="(each)")
     results["config"]["train"] = dict(results["config"]["train"], seed="(each)")
+    if results["config"].get("init"):
+        results["config"]["init"] = "(each)"
+    results["regime_comparison"] = regime_comparison(results, out, compare)
+    results["elapsed_s"] = time.perf_counter() - start
     write_tables(out, results)
     write_bench_report(out, results, analysis_results, figures)
     ok = sum(r.get("status") == "ok" for r in rows)
     log(f"bench: {ok}/{len(rows)} runs ok in {duration(results['elapsed_s'])}; wrote {out / 'results.md'}, "
         f"{out / 'results.csv'}, {out / 'results.json'} and {out / 'report.html'}")
     return results
+
+
+def _blocked_row(spec: RunSpec, needed: dict[str, Any]) -> dict[str, Any]:
+    """The row of a run not started because a run it starts from failed (not saved: the next
+    call tries again)."""
+    return {"name": spec.name, "algorithm": spec.algorithm, "seed": spec.seed, "run": spec.run_dir,
+            "status": "failed", "error": f"not run: {needed['name']} failed ({needed.get('error')})"}
 
 
 def _machine() -> dict[str, Any]:

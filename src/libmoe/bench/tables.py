@@ -80,6 +80,10 @@ def _cell(row: dict, key: str, digits: int = 2, suffix: str = "") -> str:
     return text + suffix
 
 
+def _num(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
 def _params(n: float | None) -> str:
     return "—" if n is None else f"{n / 1e6:.2f}M"
 
@@ -119,10 +123,17 @@ def markdown(table: list[list[str]]) -> str:
 
 def results_markdown(results: dict[str, Any]) -> str:
     seeds = results["seeds"]
+    regime = results.get("regime", "pretrain")
     lines = [f"# libmoe bench: preset {results['preset']}", "",
-             f"{results['description']}. {len(results['algorithms'])} algorithms, {seeds} seed(s)"
-             + (" (mean ± std over seeds)" if seeds > 1 else "") + f", {results['elapsed_s'] / 60:.1f} min.",
-             "", "## Scores (paper Table 2 layout)", "",
+             f"{results['description']}. Regime {regime}. {len(results['algorithms'])} algorithms, "
+             f"{seeds} seed(s)" + (" (mean ± std over seeds)" if seeds > 1 else "")
+             + f", {results['elapsed_s'] / 60:.1f} min."]
+    source = results.get("source") or {}
+    if source.get("status") == "ok":
+        lines += ["", f"Every run started from the dense source {source.get('run')} "
+                  f"({source.get('step')} steps, held-out perplexity {_num(source.get('ppl'))}, "
+                  f"{_num(source.get('train_time_s'), 0)} s of training, not in the cost table)."]
+    lines += ["", "## Scores (paper Table 2 layout)", "",
              "Validation perplexity on the held-out split; task scores are accuracy in % "
              "(acc_norm where a task reports it); AVG is the mean over tasks and AVG Rank the mean "
              "rank over tasks (1 = best); perplexity enters neither.", "",
@@ -131,6 +142,13 @@ def results_markdown(results: dict[str, Any]) -> str:
              "checkpoints included); peak memory is the process's (CUDA allocations on a GPU, "
              "resident set on a CPU); latency is the median time of one forward pass of one "
              "sequence (batch 1).", "", markdown(cost_table(results))]
+    comparison = results.get("regime_comparison") or {}
+    if comparison.get("algorithms"):
+        from .compare import comparison_table
+
+        lines += ["", "## Routing stability by regime", "",
+                  f"{comparison['metric']}. Figure: {comparison.get('figure')}.", "",
+                  markdown(comparison_table(comparison))]
     if results.get("failed"):
         lines += ["", "## Failed runs", ""] + [f"- {f['name']}: {f['error']}" for f in results["failed"]]
     if results.get("skipped_tasks"):
