@@ -41,14 +41,14 @@ def _record(rid="r1", image="a.png", question="<image>\nWhat is it?", answer="A 
 
 def test_load_generated_folder(synth):
     instruct = load_conversations(synth)
-    assert len(instruct) == 3 * len(SUBTASKS)
+    assert len(instruct) == 3 * 3 * len(SUBTASKS)  # 3 images per subtask, one record per question
     assert load_conversations(synth / "instruct.json") == instruct
     for rec in instruct:
         assert set(rec) == {"id", "image", "conversations", "subtask"}
         assert os.path.isabs(rec["image"]) and os.path.exists(rec["image"]) and rec["subtask"] in SUBTASKS
     pt = load_conversations(synth, file="pt")
     assert pt == load_conversations(synth, file="pt.json")
-    assert [r["id"] for r in pt] == [r["id"] for r in instruct]
+    assert [r["id"] for r in pt] == [r["id"].rsplit("_q", 1)[0] for r in instruct[::3]]
     assert all(len(r["conversations"]) == 2 for r in pt)
 
 

@@ -48,7 +48,7 @@ def test_layout_manifest_and_log(synth):
         == (3, N_TRAIN, N_TEST, SIZE)
     n = len(SUBTASKS)
     assert manifest["counts"] == {"images/train": N_TRAIN * n, "images/test": N_TEST * n,
-                                  "pt.json": N_TRAIN * n, "instruct.json": N_TRAIN * n,
+                                  "pt.json": N_TRAIN * n, "instruct.json": 3 * N_TRAIN * n,
                                   "mme.json": 2 * N_TEST * n, "open.json": N_TEST * n}
     for name, count in manifest["counts"].items():
         got = len(list((root / name).glob("*.png"))) if name.startswith("images") else len(_load(root, name))
@@ -71,19 +71,35 @@ def test_pt_and_instruct_records(synth):
         assert h["from"] == "human" and h["value"].startswith("<image>\n") and g["from"] == "gpt"
         assert g["value"] and "<image>" not in g["value"]
     per_task = defaultdict(Counter)
+    per_image = defaultdict(list)
+    for rec in instruct:  # single-turn records (the default), three per image
+        turns = rec["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"]
+        assert turns[0]["value"].startswith("<image>\n") and turns[0]["value"].count("<image>") == 1
+        per_image[rec["image"]].append(turns[1]["value"])
+        per_task[rec["subtask"]][turns[1]["value"]] += 1
+    for answers in per_image.values():
+        assert len(answers) == 3 and answers.count("Yes") == answers.count("No") == 1
+        opens = [a for a in answers if a not in ("Yes", "No")]
+        assert opens and all(a == a.lower() and len(a.split()) == 1 for a in opens)
+    assert set(per_task) == set(SUBTASKS)
+    for counts in per_task.values():
+        assert counts["Yes"] == counts["No"] == N_TRAIN
+
+
+def test_multi_turn_records(tmp_path):
+    """multi_turn: one LLaVA-665K style record per image with its three questions as turns."""
+    write_synth_dataset(tmp_path, subtasks=["colour"], n_per_task=4, n_test_per_task=1, seed=0, log=None,
+                        multi_turn=True)
+    instruct = _load(tmp_path, "instruct.json")
+    assert len(instruct) == 4
     for rec in instruct:
         turns = rec["conversations"]
-        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and len(turns) >= 4
+        assert [t["from"] for t in turns] == ["human", "gpt"] * 3
         assert turns[0]["value"].startswith("<image>\n")
         assert sum(t["value"].count("<image>") for t in turns) == 1
         answers = [t["value"] for t in turns[1::2]]
         assert answers.count("Yes") == answers.count("No") == 1
-        opens = [a for a in answers if a not in ("Yes", "No")]
-        assert opens and all(a == a.lower() and len(a.split()) == 1 for a in opens)
-        per_task[rec["subtask"]].update(answers)
-    assert set(per_task) == set(SUBTASKS)
-    for counts in per_task.values():
-        assert counts["Yes"] == counts["No"] == N_TRAIN
 
 
 def test_mme_pairs_and_open(synth):

@@ -5,8 +5,13 @@
 
     images/train/<subtask>_<i>.png   images/test/<subtask>_<i>.png   (RGB, image_size square)
     pt.json        LLaVA-Pretrain format: one caption per training image (dense stage 1)
-    instruct.json  LLaVA-665K format: three question turns per training image, one answered "Yes",
-                   one "No" and one open question answered with one lowercase word or number
+    instruct.json  LLaVA-665K format: three questions per training image, one answered "Yes", one
+                   "No" and one open question answered with one lowercase word or number; one
+                   record per question (default), or one three-turn record per image (`multi_turn`).
+                   Single-turn is the default because in a multi-turn record the later yes/no
+                   question can be answered from the model's own earlier open answer ("white" ->
+                   "Is the triangle blue?" -> No), a text shortcut: a small model trained on such
+                   records reaches a low loss and chance accuracy on held-out single questions.
     mme.json       MME-style held-out split: two records per test image, one "Yes" and one "No"
     open.json      held-out open questions, one per test image
     dataset.json   the manifest (also returned)
@@ -46,7 +51,7 @@ SUBTASK_GROUPS: dict[str, str] = {
 _ALIASES = {"color": "colour", "digit": "digits", "textures": "texture", "counting": "count"}
 
 NAME = "libmoe-synth"
-VERSION = "1"
+VERSION = "2"  # 2: single-turn instruct records by default
 
 YES_NO_SUFFIX = " Please answer yes or no."
 OPEN_SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -431,11 +436,13 @@ def write_synth_dataset(
     seed: int = 0,
     image_size: int = 64,
     log: Callable[[str], Any] | None = print,
+    multi_turn: bool = False,
 ) -> dict:
     """Write the libmoe-synth dataset under `out` (see the module docstring) and return its manifest.
 
     `subtasks`: names from `SUBTASKS` (None: all); `n_per_task` training and `n_test_per_task` test images
-    per subtask, each `image_size` pixels square; `log` gets one line per subtask (None: silent).
+    per subtask, each `image_size` pixels square; `log` gets one line per subtask (None: silent);
+    `multi_turn`: one three-turn instruct record per image instead of one record per question.
     """
     names = resolve_subtasks(subtasks)
     n_train = _check_int("n_per_task", n_per_task, 1)
@@ -485,13 +492,20 @@ def write_synth_dataset(
                     turns = [(ex.yes + YES_NO_SUFFIX, "Yes"), (ex.no + YES_NO_SUFFIX, "No"),
                              (ex.open_q + OPEN_SUFFIX, ex.open_a)]
                     conversations = []
-                    for j in rng.permutation(len(turns)):
+                    for k, j in enumerate(rng.permutation(len(turns))):
                         question, answer = turns[int(j)]
+                        if not multi_turn:
+                            instruct.append({"id": f"{image_id}_q{k}", "image": rel, "subtask": name,
+                                             "conversations": [
+                                                 {"from": "human", "value": "<image>\n" + question},
+                                                 {"from": "gpt", "value": answer}]})
+                            continue
                         conversations += [{"from": "human", "value": ("<image>\n" if not conversations
                                                                       else "") + question},
                                           {"from": "gpt", "value": answer}]
-                    instruct.append({"id": image_id, "image": rel, "conversations": conversations,
-                                     "subtask": name})
+                    if multi_turn:
+                        instruct.append({"id": image_id, "image": rel, "conversations": conversations,
+                                         "subtask": name})
                 else:
                     pair = [(ex.yes, "Yes"), (ex.no, "No")]
                     if rng.random() < 0.5:
@@ -513,6 +527,7 @@ def write_synth_dataset(
         "name": NAME, "version": VERSION, "subtasks": names,
         "groups": {name: SUBTASK_GROUPS[name] for name in names},
         "seed": seed, "n_per_task": n_train, "n_test_per_task": n_test, "image_size": size,
+        "multi_turn": bool(multi_turn),
         "counts": {"images/train": n_train * len(names), "images/test": n_test * len(names),
                    **{filename: len(records) for filename, records in files.items()}},
     }

@@ -135,10 +135,11 @@ def resolve_data(data: dict[str, Any], log: Callable[[str], None] = print) -> Pa
     source = data.get("source", "synth")
     if source != "synth":
         return source if not Path(source).exists() else Path(source)
-    from .synth import write_synth_dataset
+    from .synth import VERSION, write_synth_dataset
 
-    args = {k: data[k] for k in ("n_per_task", "n_test_per_task", "image_size", "seed") if k in data}
-    key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:10]
+    args = {k: data[k] for k in ("n_per_task", "n_test_per_task", "image_size", "seed", "multi_turn")
+            if k in data}
+    key = hashlib.sha256(json.dumps({**args, "version": VERSION}, sort_keys=True).encode()).hexdigest()[:10]
     folder = cache_dir() / "vlm-synth" / key
     if not (folder / "dataset.json").is_file():
         log(f"writing the synthetic multimodal dataset to {folder}")

@@ -1,0 +1,443 @@
+"""`libmoe bench --regime vlm`: the paper's vision-language comparison (Table 1) as one command.
+
+PT and PFT run once (``OUT/source/pt``, ``OUT/source/pft``); then every algorithm upcycles the same
+PFT checkpoint and trains VIT with the same data, data order and budget
+(``OUT/runs/<algorithm>-s<seed>``); the dense row is the PFT model trained on for the same VIT
+steps. Each run is evaluated on the held-out synthetic MME split (acc per subtask, acc+) and the
+open questions, timed (one forward at batch 1), and its routing analysed (``RUN/analysis``:
+change rate over the VIT checkpoints, per-subtask entropies, margins, DropTop/temperature).
+
+Outputs, as the other regimes: ``results.json`` (rows, runs, config, machine, elapsed_s),
+``results.md`` / ``results.csv`` (Table 1 layout: one column per subtask, AVG, AVG rank; a cost
+table), ``report.html`` with the figures, and ``analysis/`` (the cross-run figures, the regime
+comparison when ``--compare`` names a bench of another regime).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS_FILE = "results.json"
+
+
+def _figure_info():
+    from ..analysis.plots import FigureInfo
+
+    return FigureInfo(
+        "vlm_subtask_routing.png", "Routing by subtask (paper Figs. 6, 7, 8)",
+        "Left: expert allocation entropy of each subtask's image patches (mean over MoE layers; lower "
+        "means more subtask-specific experts; the paper finds XMoE and TC-MoE specialise most). Middle: "
+        "routing weight entropy per task group (TC-MoE lowest in the paper). Right: router margin per "
+        "MoE layer, vision layers in depth order then the connector.")
+
+
+SUBTASK_FIGURE = _figure_info()
+DEFAULT_ALGORITHMS = ["dense", "smoe", "sigma_moe", "xmoe", "sharede_v2", "sharede_v3", "moe_plus_plus",
+                      "tc_moe"]
+DEFAULTS = {"vlm_preset": "cpu-tiny", "pt_steps": None, "pft_steps": None, "vit_steps": None,
+            "subtasks": None, "overrides": [], "eval_tasks": ["synth_mme", "synth_open"]}
+
+
+def _options(preset) -> dict[str, Any]:
+    given = dict(getattr(preset, "regime_options", None) or {})
+    unknown = set(given) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"bench preset {preset.name}: regime_options {sorted(unknown)} are not options of "
+                         f"the vlm regime; valid: {', '.join(DEFAULTS)}.")
+    return {**DEFAULTS, **given}
+
+
+def _stage_overrides(opts: dict[str, Any], extra: list[str]) -> list[str]:
+    out = list(opts["overrides"] or [])
+    if opts["subtasks"]:
+        out.append(f"data.subtasks=[{', '.join(opts['subtasks'])}]")
+    return out + list(extra)
+
+
+def active_parameters(model) -> tuple[int, int]:
+    """(total, active per token) parameters: routed experts count top_k of n_experts."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for m in model.moe_layers():
+        moe = m.moe
+        ex = moe.experts
+        tensors = (ex.w1, ex.w2, ex.w3, getattr(ex, "b1", None), getattr(ex, "b2", None),
+                   getattr(ex, "b3", None))
+        per_expert = sum(p[0].numel() for p in tensors if p is not None)
+        inactive += max(0, moe.n_experts - moe.top_k) * per_expert
+    return total, total - inactive
+
+
+def vlm_latency(model, repeats: int = 10) -> float:
+    """Median milliseconds of one forward (one image and a 16-token question) at batch 1."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = torch.full((1, model.n_image_tokens + 16), 5, dtype=torch.long)
+    ids[0, : model.n_image_tokens] = model.image_token_id
+    pixels = torch.randn(1, 3, model.pixel_size, model.pixel_size, generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 2):
+            start = time.perf_counter()
+            model(ids.to(device), pixels.to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def run_vlm_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train (or resume), evaluate, time and analyse one row's run; returns its row."""
+    import torch
+
+    from .analysis import analyze_vlm_run
+    from .evaluate import evaluate_run
+    from .model import load_vlm
+    from .train import train_stage
+
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    run = Path(job["run"])
+    row: dict[str, Any] = {"name": job["name"], "algorithm": job["algorithm"], "seed": job["seed"],
+                           "run": str(run), "status": "ok"}
+    log = _file_log(run)
+    try:
+        summary = train_stage(job["stage"], run, init=job["init"], algorithm=job.get("vit_algorithm"),
+                              max_steps=job["steps"], overrides=job["overrides"], log=log)
+        row["train_time_s"] = summary["train_time_s"]
+        payload = evaluate_run(run, job["eval_tasks"], log=log)
+        row["results"] = payload["results"]
+        model, _, _ = load_vlm(run)
+        row["params_total"], row["params_active"] = active_parameters(model)
+        row["latency_ms"] = vlm_latency(model)
+        if job.get("analysis", True) and model.moe_layers():
+            metrics = analyze_vlm_run(run, interventions=True, figures=False, log=log)
+            rates = [e["mean"] for e in metrics.get("expert_change_rate") or [] if e.get("mean") is not None]
+            row["change_rate"] = statistics.fmean(rates) if rates else None
+    except Exception as err:  # a failed run is a row with its error; the others go on
+        row.update(status="failed", error=f"{type(err).__name__}: {err}")
+        (run / "bench.log").open("a").write(traceback.format_exc())
+    (run / "bench_run.json").write_text(json.dumps(row, indent=1) + "\n")
+    return row
+
+
+def _file_log(run: Path) -> Callable[[str], None]:
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / "bench.log"
+
+    def log(msg: str) -> None:
+        with path.open("a") as f:
+            f.write(msg + "\n")
+    return log
+
+
+def _init_worker() -> None:
+    from ..bench.launchers import _die_with_parent
+
+    _die_with_parent()
+
+
+def _run_jobs(jobs: list[dict[str, Any]], n_jobs: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    rows: dict[str, dict] = {}
+    start = time.perf_counter()
+    if n_jobs <= 1:
+        for i, job in enumerate(jobs):
+            log(f"[{i + 1}/{len(jobs)}] {job['name']} ...")
+            rows[job["name"]] = row = run_vlm_job(job)
+            log(f"[{i + 1}/{len(jobs)}] {job['name']}: {row['status']} ({time.perf_counter() - start:.0f} s)")
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        context = mp.get_context("spawn")
+        with ProcessPoolExecutor(n_jobs, mp_context=context, initializer=_init_worker) as pool:
+            futures = {pool.submit(run_vlm_job, job): job for job in jobs}
+            for done, fut in enumerate(as_completed(futures), 1):
+                job = futures[fut]
+                try:
+                    row = fut.result()
+                except Exception as err:  # the worker died
+                    row = {"name": job["name"], "algorithm": job["algorithm"], "seed": job["seed"],
+                           "run": job["run"], "status": "failed", "error": f"{type(err).__name__}: {err}"}
+                rows[job["name"]] = row
+                elapsed = time.perf_counter() - start
+                eta = elapsed / done * (len(jobs) - done)
+                log(f"[{done}/{len(jobs)}] {job['name']}: {row['status']} ({elapsed:.0f} s, ETA {eta:.0f} s)")
+    return [rows[j["name"]] for j in jobs]
+
+
+def run_vlm_bench(out: str | Path, preset, algorithms: list[str] | None = None, seeds: int = 1,
+                  jobs: int | None = None, compare: str | Path | None = None, overrides: list[str] = (),
+                  analysis: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the VLM bench of `preset` (a BenchPreset with regime vlm) into `out`."""
+    from ..moe.layer import check_algorithm
+    from .train import train_stage
+
+    opts = _options(preset)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    algorithms = list(algorithms or DEFAULT_ALGORITHMS)
+    for a in algorithms:
+        check_algorithm(a)
+    start = time.perf_counter()
+    vlm_preset = opts["vlm_preset"]
+    common = _stage_overrides(opts, list(overrides))
+    log(f"vlm bench: preset {vlm_preset}, algorithms {', '.join(algorithms)}, {seeds} seed(s)")
+    t0 = time.perf_counter()
+    pt = train_stage("pt", out / "source" / "pt", preset=vlm_preset, max_steps=opts["pt_steps"],
+                     overrides=common, log=_file_log(out / "source" / "pt"))
+    log(f"PT done: {pt['steps']} steps, {pt['train_time_s']:.0f} s training "
+        f"({time.perf_counter() - t0:.0f} s)")
+    t0 = time.perf_counter()
+    pft = train_stage("pft", out / "source" / "pft", init=str(out / "source" / "pt"),
+                      max_steps=opts["pft_steps"], overrides=common, log=_file_log(out / "source" / "pft"))
+    log(f"PFT done: {pft['steps']} steps, {pft['train_time_s']:.0f} s training, held-out synth_mme acc "
+        f"{pft.get('synth_mme', {}).get('acc', float('nan')):.3f} ({time.perf_counter() - t0:.0f} s)")
+    n_jobs = jobs or getattr(preset, "jobs", 1) or 1
+    threads = max(1, (os.cpu_count() or 1) // n_jobs)
+    job_list = []
+    for seed in range(seeds):
+        for algorithm in algorithms:
+            name = f"{algorithm}-s{seed}"
+            dense = algorithm == "dense"
+            job_list.append({
+                "name": name, "algorithm": algorithm, "seed": seed, "run": str(out / "runs" / name),
+                "stage": "pft" if dense else "vit", "vit_algorithm": None if dense else algorithm,
+                "init": str(out / "source" / "pft"), "steps": opts["vit_steps"],
+                "overrides": [*common, f"train.seed={seed}", *(() if dense else (f"moe.seed={42 + seed}",)),
+                              # the dense row continues PFT with VIT's hyperparameters and checkpoints
+                              *(_vit_hparams(vlm_preset) if dense else ())],
+                "eval_tasks": opts["eval_tasks"], "threads": threads, "analysis": analysis})
+    rows = _run_jobs(job_list, n_jobs, log)
+    results = {"regime": "vlm", "preset": preset.name, "description": preset.description,
+               "vlm_preset": vlm_preset, "algorithms": algorithms, "seeds": seeds,
+               "stages": {"pt": pt, "pft": pft}, "runs": rows,
+               "rows": aggregate_rows(rows), "failed": [r for r in rows if r["status"] != "ok"],
+               "config": _stage_config(out), "machine": _machine(), "jobs": n_jobs}
+    if analysis:
+        from ..bench.compare import regime_comparison
+
+        results["regime_comparison"] = regime_comparison(results, out, compare)
+        write_cross_run_figures(out, rows)
+    results["elapsed_s"] = round(time.perf_counter() - start, 1)
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
+    write_vlm_tables(out, results)
+    write_vlm_report(out, results)
+    log(f"vlm bench finished in {results['elapsed_s'] / 60:.1f} min -> {out}")
+    return results
+
+
+def _vit_hparams(vlm_preset: str) -> list[str]:
+    from ..bench.presets import _yaml_value
+    from .presets import load_vlm_preset
+    from .train import DEFAULT_CHECKPOINTS
+
+    vit = (load_vlm_preset(vlm_preset).get("stages") or {}).get("vit") or {}
+    out = [f"train.{k}={_yaml_value(v)}" for k, v in vit.items() if k != "max_steps"]
+    return out + [f"train.checkpoint_at={_yaml_value(DEFAULT_CHECKPOINTS['vit'])}"]
+
+
+def _stage_config(out: Path) -> dict[str, Any]:
+    import yaml
+
+    path = out / "source" / "pft" / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def _machine() -> dict[str, Any]:
+    from ..bench.runner import _machine as machine
+
+    return machine()
+
+
+def aggregate_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per algorithm (mean over seeds; `_std` with several): per-subtask MME acc (%), MME
+    acc and acc+, open acc, AVG over subtasks, AVG rank (filled across rows), costs."""
+    by_alg: dict[str, list[dict]] = {}
+    for r in runs:
+        if r["status"] == "ok":
+            by_alg.setdefault(r["algorithm"], []).append(r)
+    rows = []
+    for algorithm, rs in by_alg.items():
+        row: dict[str, Any] = {"algorithm": algorithm, "seeds": len(rs)}
+        values: dict[str, list[float]] = {}
+        for r in rs:
+            mme = r["results"].get("synth_mme") or {}
+            for cat, m in (mme.get("by_category") or {}).items():
+                values.setdefault(cat, []).append(100 * m["acc"])
+            for key, v in (("mme_acc", mme.get("acc")), ("mme_acc_plus", mme.get("acc_plus")),
+                           ("open_acc", (r["results"].get("synth_open") or {}).get("acc"))):
+                if v is not None:
+                    values.setdefault(key, []).append(100 * v)
+            for key in ("train_time_s", "latency_ms", "params_total", "params_active", "change_rate"):
+                if r.get(key) is not None:
+                    values.setdefault(key, []).append(float(r[key]))
+        for key, vs in values.items():
+            row[key] = statistics.fmean(vs)
+            if len(vs) > 1:
+                row[f"{key}_std"] = statistics.stdev(vs)
+        row["subtasks"] = sorted(k for k in values if k not in (
+            "mme_acc", "mme_acc_plus", "open_acc", "train_time_s", "latency_ms", "params_total",
+            "params_active", "change_rate"))
+        row["avg"] = statistics.fmean([row[s] for s in row["subtasks"]]) if row["subtasks"] else None
+        rows.append(row)
+    subtasks = sorted({s for r in rows for s in r["subtasks"]})
+    for s in subtasks:  # rank 1 = best; ties share the mean rank
+        scored = sorted((r[s], i) for i, r in enumerate(rows) if s in r)
+        for value in {v for v, _ in scored}:
+            idx = [i for v, i in scored if v == value]
+            better = sum(1 for v, _ in scored if v > value)
+            for i in idx:
+                rows[i].setdefault("_ranks", []).append(better + (len(idx) + 1) / 2)
+    for r in rows:
+        ranks = r.pop("_ranks", [])
+        r["avg_rank"] = statistics.fmean(ranks) if ranks else None
+    return rows
+
+
+def _fmt(v, digits=2):
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def score_table(results: dict[str, Any]) -> list[list[str]]:
+    rows = results["rows"]
+    subtasks = sorted({s for r in rows for s in r["subtasks"]})
+    seeds = results.get("seeds", 1) > 1
+    head = ["Algorithm", *subtasks, "MME acc", "MME acc+", "Open", "AVG↑", "AVG Rank↓"]
+    table = [head]
+    def cell(r, key):
+        v = r.get(key)
+        if v is None:
+            return "–"
+        return f"{v:.2f} ± {r[key + '_std']:.2f}" if seeds and f"{key}_std" in r else f"{v:.2f}"
+
+    for r in rows:
+        table.append([r["algorithm"], *[cell(r, s) for s in subtasks], cell(r, "mme_acc"),
+                      cell(r, "mme_acc_plus"), cell(r, "open_acc"), cell(r, "avg"), _fmt(r.get("avg_rank"))])
+    return table
+
+
+def cost_table(results: dict[str, Any]) -> list[list[str]]:
+    table = [["Algorithm", "Params (total)", "Params (active)", "VIT train time (s)", "Latency (ms)",
+              "Change rate"]]
+    for r in results["rows"]:
+        table.append([r["algorithm"], _params(r.get("params_total")), _params(r.get("params_active")),
+                      _fmt(r.get("train_time_s"), 1), _fmt(r.get("latency_ms"), 2),
+                      _fmt(r.get("change_rate"), 3)])
+    return table
+
+
+def _params(n) -> str:
+    if n is None:
+        return "–"
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def _markdown(table: list[list[str]]) -> str:
+    from ..bench.tables import markdown
+
+    return markdown(table)
+
+
+def write_vlm_tables(out: Path, results: dict[str, Any]) -> None:
+    import csv
+    import io
+
+    st = results["stages"]
+    text = [f"# libmoe bench (vlm): {results['preset']}", "",
+            f"{results['description']}. VLM preset {results['vlm_preset']}; PT {st['pt']['steps']} steps, "
+            f"PFT {st['pft']['steps']} steps once; VIT for every algorithm from the same PFT checkpoint "
+            f"(dense: PFT continued for the same steps). {results['elapsed_s'] / 60:.1f} minutes.", "",
+            "## Scores (paper Table 1 layout: held-out synthetic MME accuracy per subtask, %)", "",
+            _markdown(score_table(results)), "", "## Cost", "", _markdown(cost_table(results)), ""]
+    for f in results.get("failed") or []:
+        text.append(f"- {f['name']} failed: {f.get('error')}")
+    (out / "results.md").write_text("\n".join(text) + "\n")
+    buf = io.StringIO()
+    table = score_table(results)
+    csv.writer(buf).writerows(table)
+    (out / "results.csv").write_text(buf.getvalue())
+
+
+def write_cross_run_figures(out: Path, rows: list[dict[str, Any]]) -> list:
+    """Every analysis figure over all runs (OUT/analysis/figures) plus the VLM subtask figure."""
+    from ..analysis.analyze import load_analysis
+    from ..analysis.plots import plot_all
+    from .plots import plot_subtask_routing
+
+    runs = {}
+    for r in rows:
+        if r["status"] == "ok":
+            m = load_analysis(r["run"])
+            if m:
+                runs[r["algorithm"] if r["seed"] == 0 else r["name"]] = m
+    fig_dir = out / "analysis" / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    (out / "analysis" / "metrics.json").write_text(json.dumps(runs, indent=1) + "\n")
+    figures = plot_all(runs, fig_dir) if runs else []
+    if plot_subtask_routing(runs, fig_dir / SUBTASK_FIGURE.name):
+        figures.insert(0, SUBTASK_FIGURE)
+    return figures
+
+
+def write_vlm_report(out: Path, results: dict[str, Any]) -> Path:
+    import html
+
+    from ..analysis.analyze import load_analysis
+    from ..analysis.plots import FigureInfo
+    from ..analysis.report import CSS, _figure_html, _table, summary_rows
+    from ..bench.report import _comparison_html, _html_table
+
+    fig_dir = out / "analysis" / "figures"
+    st = results["stages"]
+    where = results["machine"].get("gpu") or f"{results['machine'].get('cpus')} CPU cores"
+    setup = (f"Preset {results['preset']}: {results['description']}. VLM preset {results['vlm_preset']}: PT "
+             f"{st['pt']['steps']} steps ({st['pt']['train_time_s']:.0f} s), PFT {st['pft']['steps']} steps "
+             f"({st['pft']['train_time_s']:.0f} s) once; then VIT for every algorithm from the same PFT "
+             f"checkpoint with the same data and budget (dense: PFT continued). "
+             f"{results['elapsed_s'] / 60:.1f} minutes on {where}.")
+    parts = ["<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
+             f"<title>libmoe bench (vlm): {html.escape(results['preset'])}</title>",
+             f"<style>{CSS}</style></head><body>",
+             f"<h1>libmoe bench (vlm): {html.escape(results['preset'])}</h1>",
+             f"<p class=\"intro\">{html.escape(setup)}</p>",
+             "<h2>Scores (paper Table 1 layout)</h2>", _html_table(score_table(results)),
+             "<p class=\"table-note\">Held-out synthetic MME accuracy per subtask in % (chance 50); MME acc+ "
+             "(both questions of an image right; chance 25); Open: exact match on the open questions; AVG = "
+             "mean over subtasks; AVG Rank = mean rank over subtasks (1 = best).</p>",
+             "<h2>Cost</h2>", _html_table(cost_table(results))]
+    analysed = {}
+    for r in results["runs"]:
+        if r["status"] == "ok":
+            m = load_analysis(r["run"])
+            if m and m.get("eae"):
+                analysed[r["name"]] = m
+    if analysed:
+        parts += ["<h2>Routing summary</h2>", _table(summary_rows(analysed))]
+    parts += _comparison_html(out, results.get("regime_comparison"))
+    from ..analysis.plots import FIGURES
+
+    infos = {info.name: info for _, info in FIGURES}
+    infos["vlm_subtask_routing.png"] = SUBTASK_FIGURE
+    for name in ("vlm_subtask_routing.png", "change_rate.png", "droptop.png", "temperature.png",
+                 "margin_by_depth.png", "saturation.png", "eae_by_label.png", "load.png", "similarity.png"):
+        if (fig_dir / name).is_file():
+            info = infos.get(name) or FigureInfo(name, name.removesuffix(".png").replace("_", " "), "")
+            parts.append(_figure_html(info, fig_dir))
+    if results.get("failed"):
+        items = "".join(f"<li>{html.escape(f['name'])} failed: {html.escape(str(f.get('error')))}</li>"
+                        for f in results["failed"])
+        parts.append(f"<h2>Notes</h2><ul class=\"notes\">{items}</ul>")
+    parts.append("</body></html>\n")
+    path = out / "report.html"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
