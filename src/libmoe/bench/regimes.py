@@ -137,7 +137,7 @@ class UpcycleRegime(Regime):
         "layers": None,  # blocks to upcycle (None: all)
         "moe_options": {},  # further options of the upcycled layers (e.g. balance_coef)
         "source_overrides": {},  # dotted run-config keys of the source only (its budget); the
-        # user's `source.KEY=VALUE` follow them
+        # user's `source.KEY=VALUE` (e.g. source.train.seed=7) follow them
         "source_seed": 1000,  # the source's train.seed: its data order differs from the rows'
     }
 
@@ -150,8 +150,8 @@ class UpcycleRegime(Regime):
 
         opts = self.options(ctx.preset)
         source_extra = [f"{k}={_yaml_value(v)}" for k, v in opts["source_overrides"].items()]
-        source_extra += ctx.source_overrides
-        source_cfg = ctx.resolve(*source_extra, "model.algorithm=dense", f"train.seed={opts['source_seed']}")
+        source_cfg = ctx.resolve(*source_extra, "model.algorithm=dense", f"train.seed={opts['source_seed']}",
+                                 *ctx.source_overrides)  # the user's source.KEY=VALUE last
         source_dir = ctx.out / "source" / "dense"
         source = ctx.spec("dense-source", "dense", opts["source_seed"], source_dir, source_cfg.to_dict(),
                           tasks=[], limits={}, analysis=False, role="source")
