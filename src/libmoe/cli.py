@@ -288,12 +288,18 @@ def _cmd_bench(args: argparse.Namespace) -> None:
                         log=log)
     from .bench.tables import markdown, score_table
 
+    if results.get("regime") == "vlm":
+        from .vlm.bench import score_table
     print(markdown(score_table(results)))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="libmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    from .vlm.cli import add_vlm_parser
+
+    add_vlm_parser(sub)
 
     from .bench.presets import BENCH_PRESETS, PAPER_ALGORITHMS
     from .bench.regimes import REGIMES
@@ -520,7 +526,9 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides (key=value) may follow options: collect what argparse leaves over.
     args, extra = parser.parse_known_args(argv)
     takes_overrides = ("train", "prepare", "analyze-init-std", "bench")
-    if extra and (args.command not in takes_overrides or any(x.startswith("-") for x in extra)):
+    vlm_train = args.command == "vlm" and getattr(args, "vlm_command", None) == "train"
+    allowed = args.command in takes_overrides or vlm_train
+    if extra and (not allowed or any(x.startswith("-") for x in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.items = list(args.items) + extra

@@ -252,10 +252,6 @@ def test_cli_train_writes_a_run(data, tmp_path, capsys, env):
     assert (out / "metrics.jsonl").is_file() and (out / "summary.json").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="bug in libmoe.vlm.presets.apply_overrides: values are parsed by "
-                   "yaml.safe_load (YAML 1.1), so 1e-4 stays the string '1e-4' (the docs' own example "
-                   "stages.vit.lr=1e-4); config.yaml then holds a string and moe.options.balance_coef=1e-2 "
-                   "fails in build_moe ('must be a number')")
 def test_overrides_parse_exponent_floats():
     from libmoe.vlm.presets import apply_overrides
 

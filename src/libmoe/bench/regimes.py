@@ -263,7 +263,29 @@ def _init_ppl(init: Path, cache: Path, stamp: dict[str, Any]) -> float | None:
     return ppl
 
 
-REGIMES: dict[str, Regime] = {r.name: r for r in (Regime(), UpcycleRegime())}
+class VLMRegime(Regime):
+    """The vision-language comparison (the paper's Table 1): PT and PFT once, then VIT for every
+    algorithm from the same dense PFT checkpoint. Its runs are VLM stages, not language-model runs,
+    so it runs its own pipeline (`libmoe.vlm.bench.run_vlm_bench`) and writes the same outputs."""
+
+    name = "vlm"
+    default_preset = "vlm"
+    description = "a VLM: PT and PFT once, VIT (sparse upcycling) of every algorithm from one checkpoint"
+    standalone = True
+
+    def plan(self, ctx: PlanContext) -> list[list[RunSpec]]:
+        raise ValueError("the vlm regime runs through libmoe.vlm.bench.run_vlm_bench.")
+
+    def run(self, out, preset, algorithms, seeds, jobs, compare, overrides, analysis, log):
+        from ..vlm.bench import run_vlm_bench
+
+        return run_vlm_bench(out, preset, algorithms, seeds, jobs, compare, overrides, analysis, log)
+
+    def describe(self, results: dict[str, Any]) -> str:
+        return self.description + "."
+
+
+REGIMES: dict[str, Regime] = {r.name: r for r in (Regime(), UpcycleRegime(), VLMRegime())}
 
 
 def get_regime(name: str) -> Regime:

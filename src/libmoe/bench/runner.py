@@ -372,6 +372,14 @@ def run_bench(
     spec = load_bench_preset(preset)
     regime_name = regime or spec.regime
     the_regime = get_regime(regime_name)
+    if getattr(the_regime, "standalone", False):  # the vlm regime: its own pipeline, same outputs
+        if spec.regime != regime_name:
+            raise ValueError(f"--regime {regime_name} needs a {regime_name} bench preset (e.g. --preset "
+                             f"{the_regime.default_preset}); {preset} is a {spec.regime} preset.")
+        if launcher != "local" or data is not None or tasks or data_dir is not None:
+            raise ValueError(f"the {regime_name} regime evaluates its own held-out split; --launcher, "
+                             "--data, --tasks and --data-dir are for the language-model regimes.")
+        return the_regime.run(out, spec, algorithms, seeds, jobs, compare, list(overrides), analysis, log)
     if jobs is None:
         jobs = spec.jobs if launcher == "local" else 1
     if seeds < 1 or jobs < 1 or nproc < 1:

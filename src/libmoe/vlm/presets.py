@@ -31,13 +31,26 @@ def load_vlm_preset(name: str) -> dict[str, Any]:
     return copy.deepcopy(data)
 
 
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads 1e-4 (no dot) as a string; a string that is a number becomes one."""
+    if isinstance(value, str):
+        for cast in (int, float):
+            try:
+                return cast(value)
+            except ValueError:
+                pass
+    if isinstance(value, list):
+        return [_number(v) for v in value]
+    return value
+
+
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply dotted ``key=value`` overrides (values parsed as YAML) to a nested dict, in place."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like key=value (e.g. stages.vit.lr=1e-4).")
-        value = yaml.safe_load(raw) if raw else None
+        value = _number(yaml.safe_load(raw)) if raw else None
         node = config
         parts = key.split(".")
         for part in parts[:-1]:
