@@ -44,7 +44,6 @@ def plot_subtask_routing(runs: dict[str, dict[str, Any]], path: str | Path) -> b
         ax.set_ylim(max(0.0, min(lows) - 0.05), min(1.0, max(lows) + 0.02))
     ax.set_ylabel("allocation entropy (normalised)")
     ax.set_title("Expert allocation entropy per subtask (mean over layers)")
-    ax.legend(fontsize=8, ncol=2)
     ax = axes[1]
     if groups:
         for i, name in enumerate(names):
@@ -65,7 +64,9 @@ def plot_subtask_routing(runs: dict[str, dict[str, Any]], path: str | Path) -> b
         ax.set_xticks(range(len(layer_names)), layer_names, rotation=30, ha="right")
     ax.set_ylabel("top-1 minus top-2 weight")
     ax.set_title("Router margin per MoE layer")
-    fig.tight_layout()
+    handles, names_ = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names_, loc="lower center", ncol=min(len(names), 8), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
