@@ -31,6 +31,7 @@ def test_cpu_tiny_learns_colour_and_texture(tmp_path, monkeypatch, record_proper
     # the preset's synthetic data (same seed, sizes and images), written for the two subtasks only
     write_synth_dataset(tmp_path / "data", subtasks=SUBTASKS, n_per_task=d["n_per_task"],
                         n_test_per_task=d["n_test_per_task"], image_size=d["image_size"], log=None)
+    # single-turn records (the synth default; the preset's multi_turn helps yes/no only after ~600 steps)
     assert preset["stages"]["pft"]["max_steps"] == 300
     summary = train_stage("pft", tmp_path / "run", preset="cpu-tiny", data=str(tmp_path / "data"),
                           overrides=["data.subtasks=[colour, texture]", "train.tensorboard=false"],

@@ -42,7 +42,8 @@ SUBTASK_FIGURE = _figure_info()
 DEFAULT_ALGORITHMS = ["dense", "smoe", "sigma_moe", "xmoe", "sharede_v2", "sharede_v3", "moe_plus_plus",
                       "tc_moe"]
 DEFAULTS = {"vlm_preset": "cpu-tiny", "pt_steps": None, "pft_steps": None, "vit_steps": None,
-            "subtasks": None, "overrides": [], "eval_tasks": ["synth_mme", "synth_open"]}
+            "subtasks": None, "overrides": [], "stage_overrides": {},
+            "eval_tasks": ["synth_mme", "synth_open"]}
 
 
 def _options(preset) -> dict[str, Any]:
@@ -193,13 +194,15 @@ def run_vlm_bench(out: str | Path, preset, algorithms: list[str] | None = None, 
     common = _stage_overrides(opts, list(overrides))
     log(f"vlm bench: preset {vlm_preset}, algorithms {', '.join(algorithms)}, {seeds} seed(s)")
     t0 = time.perf_counter()
+    staged = {k: list(v or []) for k, v in (opts["stage_overrides"] or {}).items()}
     pt = train_stage("pt", out / "source" / "pt", preset=vlm_preset, max_steps=opts["pt_steps"],
-                     overrides=common, log=_file_log(out / "source" / "pt"))
+                     overrides=common + staged.get("pt", []), log=_file_log(out / "source" / "pt"))
     log(f"PT done: {pt['steps']} steps, {pt['train_time_s']:.0f} s training "
         f"({time.perf_counter() - t0:.0f} s)")
     t0 = time.perf_counter()
     pft = train_stage("pft", out / "source" / "pft", init=str(out / "source" / "pt"),
-                      max_steps=opts["pft_steps"], overrides=common, log=_file_log(out / "source" / "pft"))
+                      max_steps=opts["pft_steps"], overrides=common + staged.get("pft", []),
+                      log=_file_log(out / "source" / "pft"))
     log(f"PFT done: {pft['steps']} steps, {pft['train_time_s']:.0f} s training, held-out synth_mme acc "
         f"{pft.get('synth_mme', {}).get('acc', float('nan')):.3f} ({time.perf_counter() - t0:.0f} s)")
     n_jobs = jobs or getattr(preset, "jobs", 1) or 1
@@ -215,7 +218,7 @@ def run_vlm_bench(out: str | Path, preset, algorithms: list[str] | None = None, 
                 "init": str(out / "source" / "pft"), "steps": opts["vit_steps"],
                 "overrides": [*common, f"train.seed={seed}", *(() if dense else (f"moe.seed={42 + seed}",)),
                               # the dense row continues PFT with VIT's hyperparameters and checkpoints
-                              *(_vit_hparams(vlm_preset) if dense else ())],
+                              *(_vit_hparams(vlm_preset) if dense else ()), *staged.get("vit", [])],
                 "eval_tasks": opts["eval_tasks"], "threads": threads, "analysis": analysis})
     rows = _run_jobs(job_list, n_jobs, log)
     results = {"regime": "vlm", "preset": preset.name, "description": preset.description,
