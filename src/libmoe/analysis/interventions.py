@@ -97,6 +97,15 @@ def intervention_study(
         say(f"  {name}: {shown} ({time.perf_counter() - start:.1f} s)")
         return flat
 
+    return run_interventions(loaded.model, measure, droptop, temperatures)
+
+
+def run_interventions(model: nn.Module, measure: Callable[[str], dict[str, float]],
+                      droptop: tuple[int, ...] = (1, 2),
+                      temperatures: tuple[float, ...] = TEMPERATURES) -> dict[str, Any]:
+    """{"droptop": ..., "temperature": ...}: `measure(name)` (flat metrics) unperturbed, under each
+    DropTop-n and each router temperature, with every metric's delta from the unperturbed one."""
+
     def delta(metrics: dict[str, float]) -> dict[str, float]:
         return {k: metrics[k] - baseline[k] for k in metrics if k in baseline}
 
@@ -106,7 +115,7 @@ def intervention_study(
     names = dict(DROPTOP)
     for n in droptop:
         name = names.get(n, f"DropTop{n}")
-        with routing_intervention(loaded.model, drop_top=n):
+        with routing_intervention(model, drop_top=n):
             metrics = measure(name)
         out["droptop"]["runs"].append({"name": name, "drop_top": n, "metrics": metrics,
                                        "delta": delta(metrics)})
@@ -115,7 +124,7 @@ def intervention_study(
         if tau == 1.0:
             metrics = baseline
         else:
-            with routing_intervention(loaded.model, temperature=tau):
+            with routing_intervention(model, temperature=tau):
                 metrics = measure(name)
         out["temperature"]["runs"].append({"name": name, "tau": tau, "metrics": metrics,
                                            "delta": delta(metrics)})

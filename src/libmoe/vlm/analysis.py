@@ -21,7 +21,7 @@ import torch
 
 from ..analysis import metrics as M
 from ..analysis.analyze import METRICS_FILE, display_name, run_traces, training_dynamics
-from ..analysis.interventions import DROPTOP, TEMPERATURES, routing_intervention
+from ..analysis.interventions import run_interventions
 from ..analysis.trace import Trace
 
 
@@ -74,25 +74,7 @@ def vlm_interventions(model, tokenizer, template: str, folder, tasks: list[str],
             + f" ({time.perf_counter() - start:.1f} s)")
         return flat
 
-    baseline = measure("unperturbed")
-    delta = lambda m: {k: m[k] - baseline[k] for k in m if k in baseline}  # noqa: E731
-    out: dict[str, Any] = {"droptop": {"baseline": baseline, "runs": []},
-                           "temperature": {"baseline": baseline, "runs": []}}
-    for n, name in DROPTOP:
-        with routing_intervention(model, drop_top=n):
-            metrics = measure(name)
-        out["droptop"]["runs"].append({"name": name, "drop_top": n, "metrics": metrics,
-                                       "delta": delta(metrics)})
-    for tau in TEMPERATURES:
-        name = f"tau={tau:g}"
-        if tau == 1.0:
-            metrics = baseline
-        else:
-            with routing_intervention(model, temperature=tau):
-                metrics = measure(name)
-        out["temperature"]["runs"].append({"name": name, "tau": tau, "metrics": metrics,
-                                           "delta": delta(metrics)})
-    return out
+    return run_interventions(model, measure)
 
 
 def analyze_vlm_run(run: str | Path, out: str | Path | None = None, device: str = "cpu",
