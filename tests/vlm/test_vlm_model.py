@@ -323,3 +323,13 @@ def test_encode_conversation_truncation_never_cuts_the_image(tok):
     for cut in (end_of_image - 1, ids.index(img) + 1, 1):
         with pytest.raises(ValueError, match="max_length"):
             encode_conversation(tok, CONV, "simple", n, max_length=cut)
+
+
+def test_package_exports_resolve():
+    import libmoe.vlm as vlm
+
+    for name in vlm.__all__:
+        assert getattr(vlm, name) is not None, name
+    assert vlm.parameter_report is parameter_report  # the libmoe.vlm.parameter_report
+    with pytest.raises(AttributeError):
+        vlm.not_a_name  # noqa: B018

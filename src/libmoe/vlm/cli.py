@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def _log(msg: str) -> None:
@@ -121,5 +120,3 @@ def main(argv: list[str] | None = None) -> int:  # python -m libmoe.vlm.cli
 if __name__ == "__main__":
     sys.exit(main())
 
-
-__all__ = ["add_vlm_parser", "Path"]

@@ -34,7 +34,7 @@ import yaml
 from torch import Tensor
 
 from ..moe.options import did_you_mean
-from .model import IMAGE_TOKEN, LibMoEVLM, build_vlm, load_vlm, model_state, save_vlm
+from .model import LibMoEVLM, build_vlm, load_vlm, model_state, save_vlm
 from .presets import STAGES, apply_overrides, load_vlm_preset
 
 CONFIG_FILE = "config.yaml"
@@ -145,7 +145,12 @@ def resolve_data(data: dict[str, Any], log: Callable[[str], None] = print) -> Pa
         log(f"writing the synthetic multimodal dataset to {folder}")
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         write_synth_dataset(tmp, **args, log=log)
-        tmp.replace(folder) if not folder.exists() else None
+        try:  # written aside and renamed, so a concurrent run never reads a half-written dataset
+            tmp.replace(folder)
+        except OSError:  # another process finished first: use its copy
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -438,5 +443,3 @@ def _check_run_dir(out: Path, cfg: dict[str, Any], overwrite: bool) -> None:
 def load_stage_config(run: str | Path) -> dict[str, Any]:
     return yaml.safe_load((Path(run) / CONFIG_FILE).read_text())
 
-
-__all__ = ["IMAGE_TOKEN", "STAGES", "stage_config", "train_stage", "load_stage_config"]
