@@ -291,13 +291,20 @@ def inference_latency(run: str | Path, config: dict[str, Any], repeats: int = 10
     tokens = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
     device = next(model.parameters()).device
     tokens = tokens.to(device)
+    return median_forward_ms(lambda: model(tokens), device, repeats)
+
+
+def median_forward_ms(forward: Callable[[], Any], device, repeats: int = 10) -> float:
+    """Median milliseconds of `forward()` (no gradient) over `repeats` calls after two warm-ups."""
+    import torch
+
     times = []
     with torch.no_grad():
         for i in range(repeats + 2):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            model(tokens)
+            forward()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i >= 2:

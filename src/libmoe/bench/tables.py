@@ -85,7 +85,9 @@ def _num(value: float | None, digits: int = 2) -> str:
 
 
 def _params(n: float | None) -> str:
-    return "—" if n is None else f"{n / 1e6:.2f}M"
+    if n is None:
+        return "—"
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def score_table(results: dict[str, Any]) -> list[list[str]]:

@@ -80,20 +80,14 @@ def vlm_latency(model, repeats: int = 10) -> float:
     """Median milliseconds of one forward (one image and a 16-token question) at batch 1."""
     import torch
 
+    from ..bench.runner import median_forward_ms
+
     device = next(model.parameters()).device
     ids = torch.full((1, model.n_image_tokens + 16), 5, dtype=torch.long)
     ids[0, : model.n_image_tokens] = model.image_token_id
     pixels = torch.randn(1, 3, model.pixel_size, model.pixel_size, generator=torch.Generator().manual_seed(0))
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 2):
-            start = time.perf_counter()
-            model(ids.to(device), pixels.to(device))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= 2:
-                times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    ids, pixels = ids.to(device), pixels.to(device)
+    return median_forward_ms(lambda: model(ids, pixels), device, repeats)
 
 
 def run_vlm_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -307,42 +301,28 @@ def aggregate_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(v, digits=2):
-    return "–" if v is None else f"{v:.{digits}f}"
-
-
 def score_table(results: dict[str, Any]) -> list[list[str]]:
+    from ..bench.tables import _cell, _num
+
     rows = results["rows"]
     subtasks = sorted({s for r in rows for s in r["subtasks"]})
-    seeds = results.get("seeds", 1) > 1
-    head = ["Algorithm", *subtasks, "MME acc", "MME acc+", "Open", "AVG↑", "AVG Rank↓"]
-    table = [head]
-    def cell(r, key):
-        v = r.get(key)
-        if v is None:
-            return "–"
-        return f"{v:.2f} ± {r[key + '_std']:.2f}" if seeds and f"{key}_std" in r else f"{v:.2f}"
-
-    for r in rows:
-        table.append([r["algorithm"], *[cell(r, s) for s in subtasks], cell(r, "mme_acc"),
-                      cell(r, "mme_acc_plus"), cell(r, "open_acc"), cell(r, "avg"), _fmt(r.get("avg_rank"))])
+    keys = [*subtasks, "mme_acc", "mme_acc_plus", "open_acc", "avg"]
+    table = [["Algorithm", *subtasks, "MME acc", "MME acc+", "Open", "AVG↑", "AVG Rank↓"]]
+    for r in rows:  # mean ± std where there are several seeds
+        table.append([r["algorithm"], *[_cell(r, key) for key in keys], _num(r.get("avg_rank"))])
     return table
 
 
 def cost_table(results: dict[str, Any]) -> list[list[str]]:
+    from ..bench.tables import _num, _params
+
     table = [["Algorithm", "Params (total)", "Params (active)", "VIT train time (s)", "Latency (ms)",
               "Change rate"]]
     for r in results["rows"]:
         table.append([r["algorithm"], _params(r.get("params_total")), _params(r.get("params_active")),
-                      _fmt(r.get("train_time_s"), 1), _fmt(r.get("latency_ms"), 2),
-                      _fmt(r.get("change_rate"), 3)])
+                      _num(r.get("train_time_s"), 1), _num(r.get("latency_ms"), 2),
+                      _num(r.get("change_rate"), 3)])
     return table
-
-
-def _params(n) -> str:
-    if n is None:
-        return "–"
-    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def _markdown(table: list[list[str]]) -> str:

@@ -38,7 +38,7 @@ def _batches(items: list, size: int):
 def answer_logprobs(model, tokenizer, template: str, rows: list[dict], answers: list[str],
                     batch_size: int = 32) -> torch.Tensor:
     """[len(rows), len(answers)] summed log-probabilities of each answer after each row's prompt."""
-    from .text import answer_ids, prompt_ids
+    from .text import answer_ids, pad_right, prompt_ids
     from .train import _image
 
     device = next(model.parameters()).device
@@ -50,12 +50,7 @@ def answer_logprobs(model, tokenizer, template: str, rows: list[dict], answers: 
         prompts = [prompt_ids(tokenizer, r["question"], template, n_img) for r in chunk]
         pixels = torch.stack([_image(r["image"], model.pixel_size) for r in chunk]).to(device)
         for j, a in enumerate(ans):
-            seqs = [p + a for p in prompts]
-            L = max(map(len, seqs))
-            ids = torch.full((len(seqs), L), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for b, s in enumerate(seqs):
-                ids[b, : len(s)], mask[b, : len(s)] = torch.tensor(s), 1
+            ids, mask = pad_right([p + a for p in prompts], pad)
             logits = model(ids.to(device), pixels, mask.to(device)).logits.float()
             logp = F.log_softmax(logits, dim=-1)
             for b, p in enumerate(prompts):
@@ -94,7 +89,7 @@ def _normalise(text: str) -> str:
 def greedy_answers(model, tokenizer, template: str, rows: list[dict], max_new_tokens: int = 4,
                    batch_size: int = 32) -> list[str]:
     """Greedy continuations (at most `max_new_tokens`, stopping at the end-of-answer token)."""
-    from .text import prompt_ids
+    from .text import pad_right, prompt_ids
     from .train import _image
 
     device = next(model.parameters()).device
@@ -105,11 +100,7 @@ def greedy_answers(model, tokenizer, template: str, rows: list[dict], max_new_to
         seqs = [prompt_ids(tokenizer, r["question"], template, model.n_image_tokens) for r in chunk]
         new = [[] for _ in chunk]
         for _ in range(max_new_tokens):
-            L = max(map(len, seqs))
-            ids = torch.full((len(seqs), L), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for b, s in enumerate(seqs):
-                ids[b, : len(s)], mask[b, : len(s)] = torch.tensor(s), 1
+            ids, mask = pad_right(seqs, tokenizer.pad_token_id)
             logits = model(ids.to(device), pixels, mask.to(device)).logits
             for b, s in enumerate(seqs):
                 if new[b] and new[b][-1] in stop:

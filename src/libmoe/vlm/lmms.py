@@ -290,12 +290,10 @@ class _LibMoEVLMAdapter:
     def _forward(self, seqs: list[list[int]], images: list):
         import torch
 
+        from .text import pad_right
+
         pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
-        L = max(map(len, seqs))
-        ids = torch.full((len(seqs), L), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, s in enumerate(seqs):
-            ids[b, : len(s)], mask[b, : len(s)] = torch.tensor(s), 1
+        ids, mask = pad_right(seqs, pad)
         with torch.no_grad():
             return self._model(ids.to(self._device), self._pixels(images), mask.to(self._device)).logits
 

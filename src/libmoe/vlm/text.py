@@ -117,3 +117,15 @@ def prompt_ids(tokenizer, question: str, template: str, n_image_tokens: int) -> 
 def answer_ids(tokenizer, answer: str, template: str) -> list[int]:
     _, reply = TEMPLATES.get(template, ("", " {a}"))
     return _ids(tokenizer, reply.format(a=answer).removesuffix("<|end|>\n"), 0)
+
+
+def pad_right(seqs: list[list[int]], value: int):
+    """(ids [B, L] long, attention mask [B, L] long) of `seqs` padded on the right with `value`."""
+    import torch
+
+    L = max(map(len, seqs))
+    ids = torch.full((len(seqs), L), value, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)], mask[b, : len(s)] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask

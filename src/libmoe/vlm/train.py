@@ -185,12 +185,10 @@ class Batch:
 
 def make_batch(items: list[tuple[list[int], list[int], str | None]], pad_id: int, size: int) -> Batch:
     """Right-padded ids/labels and the images (in text order) of encoded records."""
-    L = max(len(ids) for ids, _, _ in items)
-    ids = torch.full((len(items), L), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), L), -100, dtype=torch.long)
-    mask = torch.zeros((len(items), L), dtype=torch.long)
-    for b, (i, lab, _) in enumerate(items):
-        ids[b, : len(i)], labels[b, : len(lab)], mask[b, : len(i)] = torch.tensor(i), torch.tensor(lab), 1
+    from .text import pad_right
+
+    ids, mask = pad_right([i for i, _, _ in items], pad_id)
+    labels, _ = pad_right([lab for _, lab, _ in items], -100)
     images = [_image(img, size) for _, _, img in items if img is not None]
     return Batch(ids, labels, mask, torch.stack(images) if images else None, int(mask.sum()))
 
