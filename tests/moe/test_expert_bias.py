@@ -4,63 +4,11 @@ and gradients; the gelu_tanh activation and its hand-written derivative."""
 import pytest
 import torch
 import torch.nn.functional as F
+from expert_cases import backend, forward_backward, make_case, naive
 
 from libmoe.moe import ACTIVATIONS, Experts, build_moe, run_experts
 
 BACKENDS = ("loop", "blocked", "grouped", "padded")
-NAMES = ("x", "weights", "w1", "w2", "w3", "b1", "b2", "b3")
-
-
-def naive(x, ids, weights, w1, w2, w3, act, b1, b2, b3):
-    """y_t = sum_j w_tj (act(x_t w1_e + b1_e) [* (x_t w3_e + b3_e)]) w2_e + w_tj b2_e, e = ids_tj."""
-    rows = []
-    for t in range(x.shape[0]):
-        y = torch.zeros_like(x[t])
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            if 0 <= e < w1.shape[0]:
-                a = act.fn(x[t] @ w1[e] + b1[e])
-                if w3 is not None:
-                    a = a * (x[t] @ w3[e] + b3[e])
-                y = y + weights[t, j] * (a @ w2[e] + b2[e])
-        rows.append(y)
-    return torch.stack(rows)
-
-
-def make_case(T, D, E, M, K, activation, seed, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    act = ACTIVATIONS[activation]
-
-    def randn(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g, dtype=dtype) * scale
-
-    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
-    ids[torch.rand(T, K, generator=g) < 0.2] = -1  # skipped slots
-    ids[ids == E - 1] = -1  # the last expert gets no token: its gradients must be zero
-    tensors = {
-        "x": randn(T, D), "weights": torch.rand(T, K, generator=g, dtype=dtype),
-        "w1": randn(E, D, M, scale=D**-0.5), "w2": randn(E, M, D, scale=M**-0.5),
-        "w3": randn(E, D, M, scale=D**-0.5) if act.gated else None,
-        "b1": randn(E, M, scale=0.5), "b2": randn(E, D, scale=0.5),
-        "b3": randn(E, M, scale=0.5) if act.gated else None,
-    }
-    return ids, act, tensors
-
-
-def forward_backward(fn, ids, act, tensors, seed=0):
-    leaves = {k: v.clone().requires_grad_(True) if v is not None else None for k, v in tensors.items()}
-    y = fn(leaves["x"], ids, leaves["weights"], leaves["w1"], leaves["w2"], leaves["w3"], act,
-           leaves["b1"], leaves["b2"], leaves["b3"])
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
-    (y * g).sum().backward()
-    grads = {k: (v.grad if v.grad is not None else torch.zeros_like(v))
-             for k, v in leaves.items() if v is not None}
-    return y.detach(), grads
-
-
-def backend(name):
-    return lambda x, ids, weights, w1, w2, w3, act, b1, b2, b3: run_experts(
-        name, x, ids, weights, w1, w2, w3, act, b1=b1, b2=b2, b3=b3)
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))

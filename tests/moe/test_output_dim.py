@@ -2,17 +2,18 @@
 and dispatch backend; output_dim=None is the old layer; MoE++ without copy/constant experts;
 upcycling a dense Linear(8, 16) -> GELU -> Linear(16, 12)."""
 
+import expert_cases
 import pytest
 import torch
+from expert_cases import backend, forward_backward, naive
 from torch import nn
 
-from libmoe.moe import ACTIVATIONS, ALGORITHMS, MoEOptions, build_moe, run_experts
+from libmoe.moe import ALGORITHMS, MoEOptions, build_moe, run_experts
 from libmoe.moe.dispatch import grouped_mm_supported, resolve_backend
 from libmoe.upcycle.core import copy_into_experts
 
 D, D_OUT, E, M, K = 8, 12, 4, 16, 2
 BACKENDS = ("loop", "blocked", "grouped", "padded", "auto")
-NAMES = ("x", "weights", "w1", "w2", "w3", "b1", "b2", "b3")
 # MoE++'s copy and constant experts are functions of the d_model-wide input.
 WIDTH_OPTIONS = {"moe_plus_plus": {"n_copy": 0, "n_const": 0}}
 
@@ -21,61 +22,8 @@ def build(name, **options):
     return build_moe(name, D, E, M, K, output_dim=D_OUT, **WIDTH_OPTIONS.get(name, {}), **options)
 
 
-def naive(x, ids, weights, w1, w2, w3, act, b1, b2, b3):
-    """Token by token: y_t = sum_j w_tj FFN_{ids_tj}(x_t), y_t of width w2.shape[-1]."""
-    rows = []
-    for t in range(x.shape[0]):
-        y = x.new_zeros(w2.shape[-1])
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            if 0 <= e < w1.shape[0]:
-                a = act.fn(x[t] @ w1[e] + (b1[e] if b1 is not None else 0))
-                if w3 is not None:
-                    a = a * (x[t] @ w3[e] + (b3[e] if b3 is not None else 0))
-                y = y + weights[t, j] * (a @ w2[e] + (b2[e] if b2 is not None else 0))
-        rows.append(y)
-    return torch.stack(rows)
-
-
 def make_case(T, activation, bias, seed, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    act = ACTIVATIONS[activation]
-
-    def randn(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g, dtype=dtype) * scale
-
-    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
-    ids[torch.rand(T, K, generator=g) < 0.2] = -1  # skipped slots
-    ids[ids == E - 1] = -1  # the last expert gets no token: its gradients must be zero
-    tensors = {
-        "x": randn(T, D), "weights": torch.rand(T, K, generator=g, dtype=dtype),
-        "w1": randn(E, D, M, scale=D**-0.5), "w2": randn(E, M, D_OUT, scale=M**-0.5),
-        "w3": randn(E, D, M, scale=D**-0.5) if act.gated else None,
-        "b1": randn(E, M, scale=0.5) if bias else None,
-        "b2": randn(E, D_OUT, scale=0.5) if bias else None,
-        "b3": randn(E, M, scale=0.5) if bias and act.gated else None,
-    }
-    return ids, act, tensors
-
-
-def forward_backward(fn, ids, act, tensors):
-    leaves = {k: v.clone().requires_grad_(True) if v is not None else None for k, v in tensors.items()}
-    y = fn(*(leaves[k] for k in NAMES[:2]), ids, act, *(leaves[k] for k in NAMES[2:]))
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=y.dtype)
-    (y * g).sum().backward()
-    grads = {k: v.grad if v.grad is not None else torch.zeros_like(v)
-             for k, v in leaves.items() if v is not None}
-    return y.detach(), grads
-
-
-def backend(name):
-    def fn(x, weights, ids, act, w1, w2, w3, b1, b2, b3):
-        return run_experts(name, x, ids, weights, w1, w2, w3, act, b1=b1, b2=b2, b3=b3)
-    return fn
-
-
-def reference(x, weights, ids, act, w1, w2, w3, b1, b2, b3):
-    return naive(x, ids, weights, w1, w2, w3, act, b1, b2, b3)
+    return expert_cases.make_case(T, D, E, M, K, activation, seed, bias=bias, d_out=D_OUT, dtype=dtype)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -105,7 +53,7 @@ def test_every_algorithm_changes_width_forward_and_backward(name, bias):
 @pytest.mark.parametrize("name", BACKENDS)
 def test_backends_match_per_token_reference_with_gradients(name, activation, bias):
     ids, act, tensors = make_case(11, activation, bias, seed=5)
-    y_ref, g_ref = forward_backward(reference, ids, act, tensors)
+    y_ref, g_ref = forward_backward(naive, ids, act, tensors)
     y, grads = forward_backward(backend(name), ids, act, tensors)
     assert y.shape == (11, D_OUT)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)

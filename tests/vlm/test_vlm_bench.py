@@ -11,19 +11,10 @@ from libmoe.vlm.bench import aggregate_rows, run_vlm_bench
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlm-bench")
-    import os
-
-    old = os.environ.get("LIBMOE_CACHE")
-    os.environ["LIBMOE_CACHE"] = str(root / "cache")
-    try:
-        preset = load_bench_preset("vlm-micro")
-        results = run_vlm_bench(root / "out", preset, algorithms=["dense", "smoe", "sharede_v2"],
-                                log=lambda m: None)
-    finally:
-        if old is None:
-            os.environ.pop("LIBMOE_CACHE", None)
-        else:
-            os.environ["LIBMOE_CACHE"] = old
+    with pytest.MonkeyPatch.context() as mp:  # the synthetic dataset's cache, not ~/.cache
+        mp.setenv("LIBMOE_CACHE", str(root / "cache"))
+        results = run_vlm_bench(root / "out", load_bench_preset("vlm-micro"),
+                                algorithms=["dense", "smoe", "sharede_v2"], log=lambda m: None)
     return root / "out", results
 
 
@@ -59,8 +50,9 @@ def test_vlm_bench_runs_share_one_source(bench):
     assert sorted(p.name for p in vit.iterdir()) == [f"step_{i}" for i in range(1, 6)]  # 20..100%
 
 
-def test_vlm_bench_resumes_finished(bench, tmp_path):
+def test_vlm_bench_resumes_finished(bench, monkeypatch):
     out, results = bench
+    monkeypatch.setenv("LIBMOE_CACHE", str(out.parent / "cache"))  # the fixture's dataset
     final = out / "runs" / "smoe-s0" / "checkpoints" / "step_5" / "model.safetensors"
     mtime = final.stat().st_mtime
     preset = load_bench_preset("vlm-micro")
