@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -285,12 +286,38 @@ def _cmd_bench(args: argparse.Namespace) -> None:
                         data_dir=args.data_dir, jobs=args.jobs, launcher=args.launcher,
                         nproc=args.nproc, slurm=slurm, overrides=list(args.items),
                         analysis=not args.no_analysis, regime=args.regime, compare=args.compare,
-                        log=log)
+                        studies=args.studies, log=log)
     from .bench.tables import markdown, score_table
 
     if results.get("regime") == "vlm":
         from .vlm.bench import score_table
     print(markdown(score_table(results)))
+
+
+def _cmd_findings(args: argparse.Namespace) -> None:
+    from .bench.tables import markdown
+    from .findings import FINDINGS, check_findings, findings_table, write_findings
+
+    if args.list:
+        for f in FINDINGS.values():
+            print(f"{f.id}  ({f.paper_ref})  {f.claim}")
+        return
+    if args.bench is None:
+        raise SystemExit("libmoe findings: give a bench output directory (or --list).")
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    if args.dry_run or only:
+        findings = check_findings(args.bench, only)
+    else:
+        findings = write_findings(args.bench)
+        print(f"rewrote the findings in {args.bench}/results.json, results.md and report.html",
+              file=sys.stderr)
+    if args.json:
+        print(json.dumps(findings, indent=1))
+        return
+    table = findings_table(findings)
+    print(markdown([row[:4] for row in table]))
+    for f in findings:
+        print(f"\n{f['id']} ({f['verdict'].replace('_', ' ')}): {f['why']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,8 +370,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="submitit parameter for --launcher slurm (slurm_partition=gpu, "
                    "timeout_min=600, gpus_per_node=1, ...; cluster=local runs the jobs here)")
     p.add_argument("--no-analysis", action="store_true", help="skip the routing analysis")
+    p.add_argument("--studies", default=None, metavar="init-std,droptop,temperature",
+                   help="the extra studies the paper-findings checks need: init-std (router init "
+                   "stds, Fig. 11), droptop (Fig. 5), temperature (Table 7); all or none "
+                   "(default: the preset's; the default preset runs all three)")
     p.add_argument("--out", default="bench", help="output directory (default: bench)")
     p.set_defaults(func=_cmd_bench)
+    p = sub.add_parser(
+        "findings", help="check the paper's claims on a bench output (rewrites its findings)",
+        description="Check every registered claim of the LibMoE paper (libmoe.findings) on an existing "
+        "`libmoe bench` output directory, from its files alone (scores from results.json's rows, "
+        "routing from the runs' analysis outputs and traces), print the table, and rewrite the "
+        "findings in its results.json, results.md and report.html. Verdicts: reproduced, not "
+        "reproduced, inconclusive (the 95%% interval does not exclude either side), not applicable "
+        "(the output lacks the inputs).")
+    p.add_argument("bench", nargs="?", help="a libmoe bench output directory (holding results.json)")
+    p.add_argument("--only", default=None, help="comma-separated finding ids (print only; nothing rewritten)")
+    p.add_argument("--dry-run", action="store_true", help="print the findings without rewriting files")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    p.add_argument("--list", action="store_true", help="list the registered claims")
+    p.set_defaults(func=_cmd_findings)
+
     p = sub.add_parser("algorithms", help="list the registered MoE algorithms")
     p.set_defaults(func=_cmd_algorithms)
 

@@ -13,7 +13,7 @@ import torch
 
 from ..eval.evaluator import run_data_available
 from . import metrics as M
-from .interventions import intervention_study
+from .interventions import intervention_plan, intervention_study, write_units
 from .trace import TRACE_TENSORS, RoutingRecorder, Trace, list_traces
 
 METRICS_FILE = "metrics.json"
@@ -101,7 +101,7 @@ def analyze_run(
     limit: int | None = None,
     batch_size: int = 16,
     device: str = "cpu",
-    interventions: bool = True,
+    interventions: bool | list[str] = True,
     val_tokens: int | str = "run",
     init_std: dict | None = None,
     figures: bool = True,
@@ -111,6 +111,7 @@ def analyze_run(
     figures and report.html. Returns the metrics dict."""
     from ..models import load_model
     from ..moe import MoELayer
+    from ..train.config import config_from_dict
     from ..vlm.analysis import analyze_vlm_run, is_vlm_run
 
     if is_vlm_run(run):  # a `libmoe vlm train` run: routing of the vision layers on held-out images
@@ -165,16 +166,21 @@ def analyze_run(
         if task_trace is not None:
             result["eae_by_task"] = M.by_label(task_trace, M.eae)
             result["ewa_by_task"] = M.by_label(task_trace, M.ewa)
-        if interventions:
+        droptop, temperatures = intervention_plan(interventions)
+        if droptop or temperatures:
             use_val = bool(loaded.config) and run_data_available(loaded.config)
             if not use_val:
                 result["skipped"]["val_ppl"] = "the run's validation data is not here"
             if use_val or tasks:
                 say("interventions (DropTop, router temperature):")
+                per_unit: dict[str, dict[str, list[float]]] = {}
                 result.update(intervention_study(loaded, list(tasks), data_dir, limit, batch_size,
-                                                 val_tokens, val_ppl=use_val, log=say))
+                                                 val_tokens, droptop, temperatures, val_ppl=use_val,
+                                                 log=say, per_unit=per_unit))
                 if use_val:
                     result["val_ppl"] = result["droptop"]["baseline"]["val_ppl"]
+                    seq_len = config_from_dict(loaded.config).seq_len
+                    write_units(out, per_unit, "validation window", tokens_per_window=seq_len)
             else:
                 result["skipped"]["interventions"] = "no validation data and no --tasks to measure"
         else:

@@ -13,6 +13,7 @@ from torch import nn
 
 DROPTOP = ((1, "DropTop1"), (2, "DropTop1&2"))
 TEMPERATURES = (0.1, 1.0, 10.0)
+UNITS_FILE = "intervention_units.json"  # RUN/analysis/: per-unit metrics of each measurement
 
 
 def _routers(model: nn.Module) -> list[nn.Module]:
@@ -49,6 +50,36 @@ def routing_intervention(model: nn.Module, drop_top: int = 0, temperature: float
             r.drop_top, r.temperature = d, t
 
 
+STUDIES = ("droptop", "temperature")
+
+
+def intervention_plan(interventions: bool | list[str] | tuple[str, ...]) -> tuple[tuple[int, ...],
+                                                                                  tuple[float, ...]]:
+    """(DropTop ns, temperatures) of `interventions`: True (both studies), False (neither) or
+    the names of the studies to run ("droptop", "temperature")."""
+    if isinstance(interventions, bool):
+        names = set(STUDIES) if interventions else set()
+    else:
+        names = set(interventions)
+        unknown = names - set(STUDIES)
+        if unknown:
+            raise ValueError(f"unknown intervention studies {sorted(unknown)}; valid: {', '.join(STUDIES)}.")
+    return (tuple(n for n, _ in DROPTOP) if "droptop" in names else (),
+            TEMPERATURES if "temperature" in names else ())
+
+
+def write_units(out: str | Path, per_unit: dict[str, dict[str, list[float]]], unit: str,
+                **meta: Any) -> Path:
+    """OUT/intervention_units.json: each measurement's per-unit metrics (validation windows for a
+    language model, questions for a VLM), the input of the findings' bootstrap."""
+    import json
+
+    path = Path(out) / UNITS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"unit": unit, **meta, "runs": per_unit}) + "\n")
+    return path
+
+
 def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     """{"val_ppl": ..., "TASK/METRIC": ...} of `evaluate_tasks`-style results (scores only)."""
     out: dict[str, float] = {}
@@ -73,10 +104,12 @@ def intervention_study(
     temperatures: tuple[float, ...] = TEMPERATURES,
     val_ppl: bool = True,
     log: Callable[[str], None] | None = None,
+    per_unit: dict[str, dict[str, list[float]]] | None = None,
 ) -> dict[str, Any]:
     """{"droptop": ..., "temperature": ...} as in metrics.json: the baseline metrics (`val_ppl`
     on the run's own validation split when asked, plus `tasks`), and for each perturbation its
-    metrics and their delta (perturbed minus baseline)."""
+    metrics and their delta (perturbed minus baseline). `per_unit`, when given, receives
+    {measurement name: {"val_nll": each validation window's loss}} (the findings' bootstrap)."""
     from ..eval.evaluator import evaluate_tasks, validation_perplexity
     from ..eval.scoring import LMScorer
     from ..eval.tasks import get_task
@@ -90,7 +123,10 @@ def intervention_study(
         start = time.perf_counter()
         results = {}
         if use_val:
-            results["val_ppl"] = validation_perplexity(loaded, val_tokens, batch_size)
+            results["val_ppl"] = validation_perplexity(loaded, val_tokens, batch_size,
+                                                       per_window=per_unit is not None)
+            if per_unit is not None:
+                per_unit[name] = {"val_nll": results["val_ppl"].pop("window_nll")}
         results.update(evaluate_tasks(scorer, list(tasks), data_dir, limit))
         flat = flat_metrics({k: results[k] for k in shown_tasks if k in results})
         shown = ", ".join(f"{k} {v:.4g}" for k, v in flat.items())

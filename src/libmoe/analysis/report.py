@@ -34,6 +34,12 @@ figure { margin: 1rem 0 2rem; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #444; font-size: .9rem; margin-top: .4rem; }
 ul.notes li { margin-bottom: .2rem; }
+td.verdict { font-weight: 600; white-space: nowrap; }
+td.v-reproduced { background: #e3f4e1; color: #1d6b1a; }
+td.v-not_reproduced { background: #fbe3e1; color: #8f1d14; }
+td.v-inconclusive { background: #fdf3d8; color: #7a5a00; }
+td.v-not_applicable { background: #f1f1f1; color: #666; }
+ul.why li { font-size: .85rem; margin-bottom: .35rem; }
 """
 
 
@@ -130,12 +136,18 @@ def _table(rows: list[dict]) -> str:
     return f'<div class="table-wrap"><table><tr>{head}</tr>\n' + "\n".join(body) + "</table></div>"
 
 
+def figure_anchor(name: str) -> str:
+    """The id of an embedded figure's heading (links to it: #fig-NAME)."""
+    return "fig-" + Path(name).stem.replace("_", "-")
+
+
 def _figure_html(info: FigureInfo, figure_dir: Path) -> str:
     path = figure_dir / info.name
     if not path.is_file():
         raise FileNotFoundError(f"figure {path} is missing; run plots.plot_all into {figure_dir} first.")
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f"<h2>{html.escape(info.title)}</h2>\n<figure><img alt=\"{html.escape(info.title)}\" "
+    return (f"<h2 id=\"{figure_anchor(info.name)}\">{html.escape(info.title)}</h2>\n"
+            f"<figure><img alt=\"{html.escape(info.title)}\" "
             f"src=\"data:image/png;base64,{data}\">\n"
             f"<figcaption>{html.escape(info.caption)}</figcaption></figure>")
 

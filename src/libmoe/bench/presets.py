@@ -30,7 +30,9 @@ class BenchPreset:
     limit: int | None = None  # records per task (the harness's --limit); None: all
     task_limits: dict[str, int] = field(default_factory=dict)  # per-task limits (e.g. blimp per paradigm)
     val_tokens: int | str = "run"  # validation tokens: "run" (training's eval windows), "all", a count
-    interventions: bool = True  # DropTop and router-temperature studies in the analysis
+    interventions: bool = True  # DropTop and router-temperature studies (when `studies` is not given)
+    studies: list[str] | None = None  # libmoe.bench.studies: init-std, droptop, temperature
+    study_options: dict[str, Any] = field(default_factory=dict)  # {study: options}, e.g. init-std's stds
     jobs: int = 1  # runs at a time when --jobs is not given (worker processes)
     regime: str = "pretrain"  # how the runs start (libmoe.bench.regimes); --regime overrides it
     regime_options: dict[str, Any] = field(default_factory=dict)  # the regime's, when it is this one

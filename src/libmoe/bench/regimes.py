@@ -52,6 +52,7 @@ class PlanContext:
     analysis: bool = True
     source_overrides: list[str] = field(default_factory=list)  # the user's `source.KEY=VALUE`, for
     # the runs the rows start from (the upcycle regime's dense source)
+    interventions: bool | list[str] = True  # the intervention studies of each run's analysis
 
     def resolve(self, *extra: str):
         """The RunConfig of the preset's training preset with the common and `extra` overrides."""
@@ -67,7 +68,7 @@ class PlanContext:
         common = dict(tasks=list(self.tasks), limits=dict(self.limits), data_dir=self.data_dir,
                       val_tokens=self.preset.val_tokens, launcher=self.launcher, nproc=self.nproc,
                       threads=self.threads, analysis=self.analysis,
-                      interventions=self.preset.interventions, regime=self.regime)
+                      interventions=self.interventions, regime=self.regime)
         return RunSpec(name, algorithm, seed, str(run_dir), config, **{**common, **fields})
 
 
@@ -276,10 +277,11 @@ class VLMRegime(Regime):
     def plan(self, ctx: PlanContext) -> list[list[RunSpec]]:
         raise ValueError("the vlm regime runs through libmoe.vlm.bench.run_vlm_bench.")
 
-    def run(self, out, preset, algorithms, seeds, jobs, compare, overrides, analysis, log):
+    def run(self, out, preset, algorithms, seeds, jobs, compare, overrides, analysis, log, studies=None):
         from ..vlm.bench import run_vlm_bench
 
-        return run_vlm_bench(out, preset, algorithms, seeds, jobs, compare, overrides, analysis, log)
+        return run_vlm_bench(out, preset, algorithms, seeds, jobs, compare, overrides, analysis, log,
+                             studies=studies)
 
     def describe(self, results: dict[str, Any]) -> str:
         return self.description + "."

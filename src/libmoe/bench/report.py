@@ -70,6 +70,14 @@ def write_bench_report(out: str | Path, results: dict[str, Any], analysis: dict[
     from .plots import plot_scores
 
     scores = plot_scores(results, out / "analysis" / "figures" / "bench_ppl.png")
+    if results.get("findings"):
+        from ..findings import findings_html
+
+        embedded = {info.name for info in figures} | ({scores.name} if scores is not None else set())
+        if (out / "analysis" / "figures" / "regime_comparison.png").is_file() and \
+                (results.get("regime_comparison") or {}).get("figure"):
+            embedded.add("regime_comparison.png")
+        parts.append(findings_html(results["findings"], embedded))
     if scores is not None:
         parts.append(_figure_html(scores, out / "analysis" / "figures"))
     if analysis:

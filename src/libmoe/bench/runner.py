@@ -41,6 +41,7 @@ from typing import Any
 from .presets import PAPER_ALGORITHMS, BenchPreset, load_bench_preset
 
 RUN_FILE = "bench_run.json"
+VAL_WINDOWS_FILE = "val_windows.json"  # RUN/eval/: each validation window's loss (the findings' bootstrap)
 LAUNCHERS = ("local", "torchrun", "slurm")
 
 
@@ -62,9 +63,11 @@ class RunSpec:
     threads: int | None = None
     log_file: str | None = None  # worker processes write their output here
     analysis: bool = True  # analyse the run's routing where it ran (RUN/analysis)
-    interventions: bool = True
+    interventions: bool | list[str] = True  # True, False or the studies: droptop, temperature
     regime: str = "pretrain"  # libmoe.bench.regimes: its `prepare` runs before training
-    role: str = "row"  # "row": a row of the tables; else a run the rows start from ("source")
+    role: str = "row"  # "row": a row of the tables; "source": a run the rows start from;
+    # "study": a run of an extra study (libmoe.bench.studies)
+    evaluate: bool = True  # evaluate and time the trained model (a study's run needs neither)
     needs: list[str] = field(default_factory=list)  # runs of earlier stages this one starts from
     prepare: dict[str, Any] = field(default_factory=dict)  # the regime's, e.g. what to upcycle
 
@@ -100,12 +103,14 @@ def plan_stages(out: str | Path, preset: BenchPreset, algorithms: list[str], see
                 data: str | None = None, overrides: list[str] = (), tasks: list[str] = (),
                 data_dir: str | Path | None = None, launcher: str = "local", nproc: int = 1,
                 threads: int | None = None, analysis: bool = True,
-                regime: str | None = None) -> list[list[RunSpec]]:
+                regime: str | None = None, studies: list[str] | None = None) -> list[list[RunSpec]]:
     """The runs of the study as the regime's stages (the last: one run per algorithm and seed,
-    the table's rows), each config identical but for model.algorithm and train.seed (and, when
-    upcycled, the model the run starts from)."""
+    the table's rows, then the runs of the extra studies, role "study"), each row's config
+    identical but for model.algorithm and train.seed (and, when upcycled, the model the run
+    starts from). `studies` defaults to the preset's (libmoe.bench.studies)."""
     from ..moe.layer import check_algorithm
     from .regimes import PlanContext, get_regime
+    from .studies import interventions_of, plan_init_std, preset_studies
 
     for algorithm in algorithms:
         check_algorithm(algorithm)  # a typo fails here, before hours of training
@@ -114,20 +119,24 @@ def plan_stages(out: str | Path, preset: BenchPreset, algorithms: list[str], see
     common = preset.override_list() + ([f"data.source={data}"] if data else [])
     common += [o for o in overrides if not o.startswith("source.")]
     limits = {t: preset.task_limits.get(t, preset.limit) for t in tasks}
+    studies = preset_studies(preset) if studies is None else studies
     ctx = PlanContext(Path(out), preset, name, list(algorithms), seeds, common, list(tasks), limits,
                       None if data_dir is None else str(data_dir), launcher, nproc, threads, analysis,
-                      source)
-    return get_regime(name).plan(ctx)
+                      source, interventions_of(studies))
+    stages = get_regime(name).plan(ctx)
+    if "init-std" in studies:
+        stages[-1] = stages[-1] + plan_init_std(ctx, stages[-1][0].config["train"]["max_steps"])
+    return stages
 
 
 def plan_runs(out: str | Path, preset: BenchPreset, algorithms: list[str], seeds: int,
               data: str | None = None, overrides: list[str] = (), tasks: list[str] = (),
               data_dir: str | Path | None = None, launcher: str = "local", nproc: int = 1,
               threads: int | None = None, analysis: bool = True,
-              regime: str | None = None) -> list[RunSpec]:
+              regime: str | None = None, studies: list[str] | None = None) -> list[RunSpec]:
     """Every run of the study, stage after stage (see plan_stages)."""
     stages = plan_stages(out, preset, algorithms, seeds, data, overrides, tasks, data_dir, launcher,
-                         nproc, threads, analysis, regime)
+                         nproc, threads, analysis, regime, studies)
     return [spec for stage in stages for spec in stage]
 
 
@@ -173,6 +182,11 @@ def run_one(spec: RunSpec, progress: bool | None = False) -> dict[str, Any]:
             summary = _train(spec, progress)
             if summary.get("stopped_early"):
                 raise RuntimeError(f"training stopped at step {summary['step']} of {summary['max_steps']}")
+            if not spec.evaluate:
+                row.update(status="ok", step=summary["step"], train_time_s=summary["train_time_s"],
+                           train_val_ppl=summary.get("val_ppl"))
+                (run / RUN_FILE).write_text(json.dumps(row, indent=1, default=str) + "\n")
+                return row
             results = _evaluate(spec)
             train_cfg = spec.config["train"]
             seq_len = train_cfg.get("seq_len") or spec.config["model"]["max_seq_len"]
@@ -193,7 +207,8 @@ def run_one(spec: RunSpec, progress: bool | None = False) -> dict[str, Any]:
     return row
 
 
-def _analyse_run(run_dir: str | Path, interventions: bool, val_tokens: int | str) -> dict[str, Any]:
+def _analyse_run(run_dir: str | Path, interventions: bool | list[str],
+                 val_tokens: int | str) -> dict[str, Any]:
     """RUN/analysis/metrics.json of one run (routing metrics and interventions; the interventions'
     five evaluations use training's windows when the table uses the whole split)."""
     from ..analysis.analyze import analyze_run
@@ -258,13 +273,19 @@ def _evaluate(spec: RunSpec) -> dict[str, Any]:
 
     run = Path(spec.run_dir)
     path = run / "eval" / "results.json"
+    windows = run / "eval" / VAL_WINDOWS_FILE
     step = json.loads((run / "train_summary.json").read_text())["step"]
-    if path.is_file():
+    if path.is_file() and windows.is_file():
         saved = json.loads(path.read_text())
         config = saved.get("config", {})
         if config.get("step") == step and config.get("bench_tasks") == spec.tasks:
             return saved["results"]
-    payload = evaluate_model(run, ["val_ppl"], val_tokens=spec.val_tokens)
+    payload = evaluate_model(run, ["val_ppl"], val_tokens=spec.val_tokens, per_window=True)
+    val = payload["results"]["val_ppl"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seq_len = spec.config["train"].get("seq_len") or spec.config["model"]["max_seq_len"]
+    windows.write_text(json.dumps({"step": step, "tokens_per_window": seq_len, "ppl": val["ppl"],
+                                   "window_nll": val.pop("window_nll")}) + "\n")
     by_limit: dict[int | None, list[str]] = {}
     for task in spec.tasks:
         by_limit.setdefault(spec.limits.get(task), []).append(task)
@@ -315,8 +336,9 @@ def median_forward_ms(forward: Callable[[], Any], device, repeats: int = 10) -> 
 # ----------------------------------------------------------------------------- the study
 
 
-def analyse_runs(rows: list[dict[str, Any]], out: Path, interventions: bool, val_tokens: int | str,
-                 log: Callable[[str], None]) -> tuple[dict[str, dict], list]:
+def analyse_runs(rows: list[dict[str, Any]], out: Path, interventions: bool | list[str],
+                 val_tokens: int | str, log: Callable[[str], None],
+                 init_std: dict[str, Any] | None = None) -> tuple[dict[str, dict], list]:
     """Routing analysis of each algorithm's first successful run (RUN/analysis, reused while
     current), then the cross-algorithm figures in OUT/analysis. Returns ({algorithm: metrics},
     figures)."""
@@ -338,7 +360,7 @@ def analyse_runs(rows: list[dict[str, Any]], out: Path, interventions: bool, val
         except Exception as err:  # noqa: BLE001  the tables still come out
             log(f"bench: analysis of {row['name']} failed: {type(err).__name__}: {err}")
     fig_dir = out / "analysis" / "figures"
-    figures = plot_all(results, fig_dir) if results else []
+    figures = plot_all(results, fig_dir, init_std=init_std) if results or init_std else []
     (out / "analysis").mkdir(parents=True, exist_ok=True)
     (out / "analysis" / "metrics.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     return results, figures
@@ -360,15 +382,20 @@ def run_bench(
     analysis: bool = True,
     regime: str | None = None,
     compare: str | Path | None = None,
+    studies: str | list[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """The whole study into `out`; returns results.json's content (see the module docstring).
     `preset` defaults to the regime's default preset ("default" for pretrain, "upcycle" for
     upcycle), `regime` to the preset's; `compare` names another bench output (of the other
-    regime) whose expert change rates the regime comparison sets beside this one's."""
+    regime) whose expert change rates the regime comparison sets beside this one's; `studies`
+    (default: the preset's) the extra studies the findings need (libmoe.bench.studies:
+    init-std, droptop, temperature). results.json's "findings" are the paper's claims checked on
+    this output (libmoe.findings)."""
     from .compare import regime_comparison
     from .regimes import get_regime
     from .report import write_bench_report
+    from .studies import interventions_of, parse_studies, preset_studies, summarise_studies
     from .tables import aggregate, write_tables
 
     if launcher not in LAUNCHERS:
@@ -386,7 +413,9 @@ def run_bench(
         if launcher != "local" or data is not None or tasks or data_dir is not None:
             raise ValueError(f"the {regime_name} regime evaluates its own held-out split; --launcher, "
                              "--data, --tasks and --data-dir are for the language-model regimes.")
-        return the_regime.run(out, spec, algorithms, seeds, jobs, compare, list(overrides), analysis, log)
+        chosen = parse_studies(studies)
+        return the_regime.run(out, spec, algorithms, seeds, jobs, compare, list(overrides), analysis, log,
+                              studies=preset_studies(spec) if chosen is None else chosen)
     if jobs is None:
         jobs = spec.jobs if launcher == "local" else 1
     if seeds < 1 or jobs < 1 or nproc < 1:
@@ -400,16 +429,23 @@ def run_bench(
     task_names, skipped_tasks = available_tasks(wanted, data_dir)
     if tasks is not None and skipped_tasks:  # asked for by name: say so rather than drop them
         raise FileNotFoundError("; ".join(f"{t}: {why}" for t, why in skipped_tasks.items()))
+    chosen = parse_studies(studies)
+    chosen = preset_studies(spec) if chosen is None else chosen
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stages = plan_stages(out, spec, algorithms, seeds, data, list(overrides), task_names, data_dir,
-                         launcher, nproc, analysis=analysis, regime=regime_name)
-    specs, every = stages[-1], [s for stage in stages for s in stage]
+                         launcher, nproc, analysis=analysis, regime=regime_name, studies=chosen)
+    every = [s for stage in stages for s in stage]
+    specs = [s for s in stages[-1] if s.role == "row"]
+    study_specs = [s for s in stages[-1] if s.role == "study"]
     budget = specs[0].config["train"]
-    support = f" after {len(every) - len(specs)} source run(s)" if len(every) > len(specs) else ""
+    support = f" after {len(every) - len(specs) - len(study_specs)} source run(s)" if \
+        len(every) > len(specs) + len(study_specs) else ""
+    extra = f" + {len(study_specs)} study run(s)" if study_specs else ""
     log(f"bench: preset {preset} ({spec.description}); regime {regime_name}; {len(algorithms)} algorithm(s) "
         f"x {seeds} seed(s) = {len(specs)} runs of {budget['max_steps']} steps x {budget['batch_size']} "
-        f"sequences{support}; tasks: {', '.join(task_names) or 'none'}"
+        f"sequences{support}{extra}; studies: {', '.join(chosen) or 'none'}; tasks: "
+        f"{', '.join(task_names) or 'none'}"
         + (f" (skipped: {', '.join(skipped_tasks)})" if skipped_tasks else "") + f" -> {out}")
     from .launchers import Progress, duration, run_all
 
@@ -433,9 +469,15 @@ def run_bench(
         done.update({r["name"]: r for r in rows})
     rows = [done[s.name] for s in specs]
     support = [done[s.name] for stage in stages[:-1] for s in stage]  # e.g. the dense source
+    study_rows = [done[s.name] for s in study_specs]
+    study_results = summarise_studies(out, spec, study_rows)
+    from .studies import load_init_std
+
+    init_std = load_init_std(out) if "init_std" in study_results else None
     analysis_results, figures = ({}, [])
-    if analysis and any(r.get("status") == "ok" for r in rows):
-        analysis_results, figures = analyse_runs(rows, out, spec.interventions, spec.val_tokens, log)
+    if analysis and (any(r.get("status") == "ok" for r in rows) or init_std):
+        analysis_results, figures = analyse_runs(rows, out, interventions_of(chosen), spec.val_tokens, log,
+                                                 init_std=init_std)
     table = aggregate(rows, task_names)
     results = {
         "preset": preset, "description": spec.description, "regime": regime_name,
@@ -443,8 +485,9 @@ def run_bench(
         "tasks": task_names, "skipped_tasks": skipped_tasks, "limits": specs[0].limits,
         "config": {k: v for k, v in specs[0].config.items()},
         "rows": table, "runs": [{k: v for k, v in r.items() if k != "traceback"} for r in rows],
-        "failed": [{"name": r["name"], "error": r.get("error")} for r in [*support, *rows]
+        "failed": [{"name": r["name"], "error": r.get("error")} for r in [*support, *rows, *study_rows]
                    if r.get("status") != "ok"],
+        "studies": {"run": chosen, **study_results},
         "machine": _machine(), "launcher": {"launcher": launcher, "jobs": jobs, "nproc": nproc},
         **the_regime.summary(spec, support),
     }
@@ -455,11 +498,25 @@ def run_bench(
     results["regime_comparison"] = regime_comparison(results, out, compare)
     results["elapsed_s"] = time.perf_counter() - start
     write_tables(out, results)
+    write_bench_report(out, results, analysis_results, figures)  # its figures are the findings' links
+    results["findings"] = _findings(out, log)
+    write_tables(out, results)
     write_bench_report(out, results, analysis_results, figures)
     ok = sum(r.get("status") == "ok" for r in rows)
     log(f"bench: {ok}/{len(rows)} runs ok in {duration(results['elapsed_s'])}; wrote {out / 'results.md'}, "
         f"{out / 'results.csv'}, {out / 'results.json'} and {out / 'report.html'}")
     return results
+
+
+def _findings(out: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The paper's claims checked on the output just written (libmoe.findings), one line each."""
+    from ..findings import check_findings
+
+    findings = check_findings(out)
+    for f in findings:
+        verdict = f["verdict"].replace("_", " ")
+        log(f"bench: finding {f['id']}: {verdict} ({f['measured'].get('summary', '')})")
+    return findings
 
 
 def _blocked_row(spec: RunSpec, needed: dict[str, Any]) -> dict[str, Any]:

@@ -151,6 +151,10 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines += ["", "## Routing stability by regime", "",
                   f"{comparison['metric']}. Figure: {comparison.get('figure')}.", "",
                   markdown(comparison_table(comparison))]
+    if results.get("findings"):
+        from ..findings import findings_markdown
+
+        lines += ["", findings_markdown(results["findings"]).rstrip("\n")]
     if results.get("failed"):
         lines += ["", "## Failed runs", ""] + [f"- {f['name']}: {f['error']}" for f in results["failed"]]
     if results.get("skipped_tasks"):

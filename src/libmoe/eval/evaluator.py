@@ -99,11 +99,12 @@ def evaluate_tasks(scorer: LMScorer, names: list[str], data_dir=None, limit: int
 
 def evaluate_model(model: str | Path, tasks: list[str], data_dir: str | Path | None = None,
                    limit: int | None = None, batch_size: int = 16, device: str = "cpu",
-                   val_tokens: int | str = "run", log: Callable[[str], None] | None = None
-                   ) -> dict[str, Any]:
+                   val_tokens: int | str = "run", log: Callable[[str], None] | None = None,
+                   per_window: bool = False) -> dict[str, Any]:
     """`libmoe eval`: {"results": {task: metrics}, "config": {...}} for a run, checkpoint or
     transformers model directory. Task names may be task YAML paths; ``val_ppl`` is the run's own
-    validation split. Task names and local data files are checked before the model loads."""
+    validation split (with `per_window`, each window's loss too: validation_perplexity). Task
+    names and local data files are checked before the model loads."""
     from .. import __version__
     from ..models import load_model
 
@@ -122,7 +123,8 @@ def evaluate_model(model: str | Path, tasks: list[str], data_dir: str | Path | N
     results: dict[str, dict[str, Any]] = {}
     if "val_ppl" in tasks:  # first: it needs the run's data, which may be missing here
         start = time.perf_counter()
-        results["val_ppl"] = validation_perplexity(loaded, val_tokens, batch_size=batch_size, log=log)
+        results["val_ppl"] = validation_perplexity(loaded, val_tokens, batch_size=batch_size, log=log,
+                                                   per_window=per_window)
         if log:
             log(f"val_ppl: {results['val_ppl']['tokens']:,} tokens in {time.perf_counter() - start:.1f} s")
     results.update(evaluate_tasks(scorer, names, data_dir, limit, log))
@@ -133,11 +135,12 @@ def evaluate_model(model: str | Path, tasks: list[str], data_dir: str | Path | N
 
 
 def validation_perplexity(loaded, tokens: int | str = "run", batch_size: int = 16,
-                          log: Callable[[str], None] | None = None) -> dict:
+                          log: Callable[[str], None] | None = None, per_window: bool = False) -> dict:
     """Perplexity on the run's own held-out split (its data config; cached after training):
     {"loss", "ppl", "tokens"}, exp of the mean next-token cross-entropy. `tokens`: "run" (the
     first train.eval_tokens, the windows training evaluates, so the number equals the run's
-    logged val_ppl), "all" (the whole split) or a count."""
+    logged val_ppl), "all" (the whole split) or a count. `per_window` adds "window_nll", each
+    window's mean cross-entropy (windows of train.seq_len tokens, in split order)."""
     from ..data.packed import validation_windows
     from ..train.config import config_from_dict
     from ..train.distributed import DistInfo
@@ -162,8 +165,12 @@ def validation_perplexity(loaded, tokens: int | str = "run", batch_size: int = 1
     data = prepare_run_data(cfg, log=log or (lambda _: None))
     windows = validation_windows(data.val, cfg.seq_len, max_tokens)
     device = next(loaded.model.parameters()).device
-    loss = evaluate(loaded.model, windows, batch_size, DistInfo(device=device), _no_autocast)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(windows.shape[0]) * cfg.seq_len}
+    out = evaluate(loaded.model, windows, batch_size, DistInfo(device=device), _no_autocast, per_window)
+    loss, each = out if per_window else (out, None)
+    result = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(windows.shape[0]) * cfg.seq_len}
+    if each is not None:
+        result["window_nll"] = each
+    return result
 
 
 def run_data_available(config: dict) -> bool:

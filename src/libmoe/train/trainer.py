@@ -157,15 +157,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, windows: torch.Tensor, batch_size: int, info: DistInfo,
-             autocast) -> float:
+             autocast, per_window: bool = False) -> float | tuple[float, list[float]]:
     """Mean next-token cross-entropy over `windows` [n, L+1], split over processes (padded so
-    every process runs the same number of forwards, as FSDP requires)."""
+    every process runs the same number of forwards, as FSDP requires). With `per_window`, also
+    each window's mean cross-entropy in window order (the unit of the findings' bootstrap)."""
     was_training = model.training
     model.eval()
     n = len(windows)
     per_rank = math.ceil(n / info.world_size)
     mine = torch.arange(info.rank * per_rank, (info.rank + 1) * per_rank)
     total = torch.zeros(2, dtype=torch.float64)
+    each = torch.zeros(per_rank * info.world_size, dtype=torch.float64) if per_window else None
     for start in range(0, per_rank, batch_size):
         idx = mine[start : start + batch_size]
         valid = idx < n
@@ -175,9 +177,15 @@ def evaluate(model: nn.Module, windows: torch.Tensor, batch_size: int, info: Dis
         ce = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")
         total[0] += float((ce.sum(1).cpu() * valid).sum())
         total[1] += float(valid.sum()) * ce.shape[1]
+        if each is not None:
+            each[idx] = ce.double().mean(1).cpu() * valid
     all_reduce_sum(total, info)
     model.train(was_training)
-    return float(total[0] / total[1])
+    loss = float(total[0] / total[1])
+    if each is None:
+        return loss
+    all_reduce_sum(each, info)  # each window is filled by exactly one process
+    return loss, each[:n].tolist()
 
 
 class _Window:

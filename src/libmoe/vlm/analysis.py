@@ -21,7 +21,7 @@ import torch
 
 from ..analysis import metrics as M
 from ..analysis.analyze import METRICS_FILE, display_name, run_traces, training_dynamics
-from ..analysis.interventions import run_interventions
+from ..analysis.interventions import intervention_plan, run_interventions, write_units
 from ..analysis.trace import Trace
 
 
@@ -61,24 +61,32 @@ def _flat(results: dict[str, Any]) -> dict[str, float]:
 
 
 def vlm_interventions(model, tokenizer, template: str, folder, tasks: list[str], subtasks=None,
-                      limit: int | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """DropTop-n and router-temperature studies on the VLM evaluation (the analysis format)."""
+                      limit: int | None = None, log: Callable[[str], None] | None = None,
+                      interventions: bool | list[str] = True,
+                      per_unit: dict[str, dict[str, list[float]]] | None = None) -> dict[str, Any]:
+    """DropTop-n and router-temperature studies on the VLM evaluation (the analysis format);
+    `per_unit` receives {measurement: {"TASK/correct": 1.0 or 0.0 per question}}."""
+    from ..analysis.interventions import intervention_plan
     from .evaluate import evaluate_vlm
 
     say = log or (lambda _: None)
 
     def measure(name: str) -> dict[str, float]:
         start = time.perf_counter()
-        flat = _flat(evaluate_vlm(model, tokenizer, template, folder, tasks, subtasks, limit))
+        results = evaluate_vlm(model, tokenizer, template, folder, tasks, subtasks, limit,
+                               per_question=per_unit is not None)
+        if per_unit is not None:
+            per_unit[name] = {f"{t}/correct": m.pop("correct") for t, m in results.items()}
+        flat = _flat(results)
         say(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in flat.items())
             + f" ({time.perf_counter() - start:.1f} s)")
         return flat
 
-    return run_interventions(model, measure)
+    return run_interventions(model, measure, *intervention_plan(interventions))
 
 
 def analyze_vlm_run(run: str | Path, out: str | Path | None = None, device: str = "cpu",
-                    interventions: bool = True, limit: int | None = None, figures: bool = True,
+                    interventions: bool | list[str] = True, limit: int | None = None, figures: bool = True,
                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Analyse a VLM run (see the module docstring) into `out` (default RUN/analysis)."""
     from .evaluate import evaluate_vlm
@@ -130,11 +138,13 @@ def analyze_vlm_run(run: str | Path, out: str | Path | None = None, device: str 
         result["ewa_by_group"] = M.by_label(grouped, M.ewa)
         result.update(training_dynamics(traces))
         result["expert_similarity"] = M.expert_similarity(model)
-        if interventions:
+        if any(intervention_plan(interventions)):
             say("interventions (DropTop, router temperature) on synth_mme:")
+            per_unit: dict[str, dict[str, list[float]]] = {}
             result.update(vlm_interventions(model, tokenizer, template, folder, ["synth_mme"], subtasks,
-                                            limit, say))
+                                            limit, say, interventions, per_unit))
             result["scores"] = result["droptop"]["baseline"]
+            write_units(out, per_unit, "question")
         else:
             result["skipped"]["interventions"] = "turned off (--no-interventions)"
     out.mkdir(parents=True, exist_ok=True)

@@ -115,7 +115,8 @@ def run_vlm_job(job: dict[str, Any]) -> dict[str, Any]:
         row["params_total"], row["params_active"] = active_parameters(model)
         row["latency_ms"] = vlm_latency(model)
         if job.get("analysis", True) and model.moe_layers():
-            metrics = analyze_vlm_run(run, interventions=True, figures=False, log=log)
+            metrics = analyze_vlm_run(run, interventions=job.get("interventions", True), figures=False,
+                                      log=log)
             rates = [e["mean"] for e in metrics.get("expert_change_rate") or [] if e.get("mean") is not None]
             row["change_rate"] = statistics.fmean(rates) if rates else None
     except Exception as err:  # a failed run is a row with its error; the others go on
@@ -172,8 +173,12 @@ def _run_jobs(jobs: list[dict[str, Any]], n_jobs: int, log: Callable[[str], None
 
 def run_vlm_bench(out: str | Path, preset, algorithms: list[str] | None = None, seeds: int = 1,
                   jobs: int | None = None, compare: str | Path | None = None, overrides: list[str] = (),
-                  analysis: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the VLM bench of `preset` (a BenchPreset with regime vlm) into `out`."""
+                  analysis: bool = True, log: Callable[[str], None] = print,
+                  studies: list[str] | None = None) -> dict[str, Any]:
+    """Run the VLM bench of `preset` (a BenchPreset with regime vlm) into `out`. `studies`: the
+    intervention studies of each VIT run's analysis (droptop, temperature; default both);
+    init-std is a language-model pretraining study and is not run here."""
+    from ..bench.studies import interventions_of
     from ..moe.layer import check_algorithm
     from .train import train_stage
 
@@ -201,6 +206,7 @@ def run_vlm_bench(out: str | Path, preset, algorithms: list[str] | None = None, 
         f"{pft.get('synth_mme', {}).get('acc', float('nan')):.3f} ({time.perf_counter() - t0:.0f} s)")
     n_jobs = jobs or getattr(preset, "jobs", 1) or 1
     threads = max(1, (os.cpu_count() or 1) // n_jobs)
+    chosen = ["droptop", "temperature"] if studies is None else list(studies)
     job_list = []
     for seed in range(seeds):
         for algorithm in algorithms:
@@ -213,19 +219,25 @@ def run_vlm_bench(out: str | Path, preset, algorithms: list[str] | None = None, 
                 "overrides": [*common, f"train.seed={seed}", *(() if dense else (f"moe.seed={42 + seed}",)),
                               # the dense row continues PFT with VIT's hyperparameters and checkpoints
                               *(_vit_hparams(vlm_preset) if dense else ()), *staged.get("vit", [])],
-                "eval_tasks": opts["eval_tasks"], "threads": threads, "analysis": analysis})
+                "eval_tasks": opts["eval_tasks"], "threads": threads, "analysis": analysis,
+                "interventions": interventions_of(chosen)})
     rows = _run_jobs(job_list, n_jobs, log)
     results = {"regime": "vlm", "preset": preset.name, "description": preset.description,
                "vlm_preset": vlm_preset, "algorithms": algorithms, "seeds": seeds,
                "stages": {"pt": pt, "pft": pft}, "runs": rows,
                "rows": aggregate_rows(rows), "failed": [r for r in rows if r["status"] != "ok"],
-               "config": _stage_config(out), "machine": _machine(), "jobs": n_jobs}
+               "config": _stage_config(out), "machine": _machine(), "jobs": n_jobs,
+               "studies": {"run": [s for s in chosen if s != "init-std"]}}
     if analysis:
         from ..bench.compare import regime_comparison
 
         results["regime_comparison"] = regime_comparison(results, out, compare)
         write_cross_run_figures(out, rows)
     results["elapsed_s"] = round(time.perf_counter() - start, 1)
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
+    from ..bench.runner import _findings
+
+    results["findings"] = _findings(out, log)
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
     write_vlm_tables(out, results)
     write_vlm_report(out, results)
@@ -342,6 +354,10 @@ def write_vlm_tables(out: Path, results: dict[str, Any]) -> None:
             f"(dense: PFT continued for the same steps). {results['elapsed_s'] / 60:.1f} minutes.", "",
             "## Scores (paper Table 1 layout: held-out synthetic MME accuracy per subtask, %)", "",
             _markdown(score_table(results)), "", "## Cost", "", _markdown(cost_table(results)), ""]
+    if results.get("findings"):
+        from ..findings import findings_markdown
+
+        text.append(findings_markdown(results["findings"]))
     for f in results.get("failed") or []:
         text.append(f"- {f['name']} failed: {f.get('error')}")
     (out / "results.md").write_text("\n".join(text) + "\n")
@@ -406,16 +422,23 @@ def write_vlm_report(out: Path, results: dict[str, Any]) -> Path:
                 analysed[r["name"]] = m
     if analysed:
         parts += ["<h2>Routing summary</h2>", _table(summary_rows(analysed))]
-    parts += _comparison_html(out, results.get("regime_comparison"))
     from ..analysis.plots import FIGURES
 
     infos = {info.name: info for _, info in FIGURES}
     infos["vlm_subtask_routing.png"] = SUBTASK_FIGURE
-    for name in ("vlm_subtask_routing.png", "change_rate.png", "droptop.png", "temperature.png",
-                 "margin_by_depth.png", "saturation.png", "eae_by_label.png", "load.png", "similarity.png"):
-        if (fig_dir / name).is_file():
-            info = infos.get(name) or FigureInfo(name, name.removesuffix(".png").replace("_", " "), "")
-            parts.append(_figure_html(info, fig_dir))
+    shown = [name for name in ("vlm_subtask_routing.png", "change_rate.png", "droptop.png", "temperature.png",
+                               "margin_by_depth.png", "saturation.png", "eae_by_label.png", "load.png",
+                               "similarity.png") if (fig_dir / name).is_file()]
+    if results.get("findings"):
+        from ..findings import findings_html
+
+        comparison = (results.get("regime_comparison") or {}).get("figure")
+        parts.append(findings_html(results["findings"], set(shown) | ({"regime_comparison.png"}
+                                                                     if comparison else set())))
+    parts += _comparison_html(out, results.get("regime_comparison"))
+    for name in shown:
+        info = infos.get(name) or FigureInfo(name, name.removesuffix(".png").replace("_", " "), "")
+        parts.append(_figure_html(info, fig_dir))
     if results.get("failed"):
         items = "".join(f"<li>{html.escape(f['name'])} failed: {html.escape(str(f.get('error')))}</li>"
                         for f in results["failed"])

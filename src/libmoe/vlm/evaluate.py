@@ -131,8 +131,9 @@ def check_tasks(tasks: list[str]) -> list[str]:
 
 def evaluate_vlm(model, tokenizer, template: str, folder: str | Path, tasks: list[str] = ("synth_mme",),
                  subtasks: list[str] | None = None, limit: int | None = None, batch_size: int = 32,
-                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """{task: metrics} on the held-out files of the dataset `folder`."""
+                 log: Callable[[str], None] | None = None, per_question: bool = False) -> dict[str, Any]:
+    """{task: metrics} on the held-out files of the dataset `folder`; `per_question` adds
+    "correct", 1.0 or 0.0 per question in file order (the findings' bootstrap)."""
     from .data import load_mme, load_open
 
     folder = Path(folder)
@@ -153,8 +154,11 @@ def evaluate_vlm(model, tokenizer, template: str, folder: str | Path, tasks: lis
             preds = ["Yes" if a >= b else "No" for a, b in lp.tolist()]
             results[task] = score_mme(rows, preds)
         else:
-            results[task] = score_open(rows, greedy_answers(model, tokenizer, template, rows,
-                                                            batch_size=batch_size))
+            preds = greedy_answers(model, tokenizer, template, rows, batch_size=batch_size)
+            results[task] = score_open(rows, preds)
+        if per_question:
+            results[task]["correct"] = [float(_normalise(p) == _normalise(str(r["answer"])))
+                                        for r, p in zip(rows, preds)]
         if log:
             log(f"  {task}: acc {results[task]['acc']:.3f} ({results[task]['n']} questions)")
     return results

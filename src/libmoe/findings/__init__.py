@@ -1,0 +1,126 @@
+"""Paper findings as checks: which of the LibMoE paper's claims a bench output reproduces.
+
+    from libmoe.findings import check_findings, write_findings
+    findings = check_findings("bench/")  # [{"id", "claim", "paper_ref", "measured", "verdict", ...}]
+    write_findings("bench/")             # ...into results.json, results.md and report.html
+
+Every claim is one registered function over the bench output directory (`registry.finding`,
+the claims in `checks`); it reads only the output's files (`inputs`), so an edited, moved or
+merged output is judged on what it holds. Verdicts: reproduced, not_reproduced, inconclusive,
+not_applicable; the statistics (a bootstrap over validation windows / probe sequences with one
+seed, a t interval over seeds with several) are in `stats`. `libmoe bench` checks every claim at
+the end of a study; `libmoe findings BENCH_DIR` recomputes them for an existing output.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import checks as _checks  # noqa: F401  registers the claims
+from .inputs import Bench
+from .registry import FINDINGS, Finding, check, finding
+from .stats import VERDICTS
+
+__all__ = ["FINDINGS", "VERDICTS", "Bench", "Finding", "check_findings", "finding", "findings_html",
+           "findings_markdown", "findings_table", "write_findings"]
+
+
+def check_findings(bench_dir: str | Path, only: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every registered claim (or those in `only`) checked on the bench output `bench_dir`."""
+    bench = Bench(bench_dir)
+    names = list(FINDINGS) if only is None else only
+    for name in names:
+        if name not in FINDINGS:
+            from ..moe.options import did_you_mean
+
+            raise ValueError(f"unknown finding {name!r}.{did_you_mean(name, list(FINDINGS))} "
+                             f"Valid: {', '.join(FINDINGS)}.")
+    return [check(FINDINGS[name], bench) for name in names]
+
+
+def findings_table(findings: list[dict[str, Any]]) -> list[list[str]]:
+    """[header, rows]: claim, paper reference, what this run measured, verdict, figure."""
+    table = [["Claim", "Paper", "Measured here", "Verdict", "Figure"]]
+    for f in findings:
+        table.append([f"{f['id']}: {f['claim']}", f["paper_ref"], f["measured"].get("summary", ""),
+                      f["verdict"].replace("_", " "), f.get("figure") or ""])
+    return table
+
+
+def findings_markdown(findings: list[dict[str, Any]]) -> str:
+    """The "Paper findings" section of results.md (table, then each claim's method)."""
+    from ..bench.tables import markdown
+
+    table = findings_table(findings)
+    for row in table[1:]:
+        row[4] = f"[{Path(row[4]).name}]({row[4]})" if row[4] else ""
+    lines = ["## Paper findings", "",
+             "Each claim of the paper checked on this output (`libmoe.findings`; `libmoe findings DIR` "
+             "recomputes them). ✓ reproduced, ✗ contradicted, ? inconclusive per part.", "",
+             markdown(table), ""]
+    lines += [f"- **{f['id']}** ({f['verdict'].replace('_', ' ')}): {f['why']}" for f in findings]
+    return "\n".join(lines) + "\n"
+
+
+def findings_html(findings: list[dict[str, Any]], embedded: set[str] = frozenset()) -> str:
+    """The "Paper findings" section of report.html: the table (a figure embedded in the report
+    is linked to its heading, another to its file) and each claim's method."""
+    import html
+
+    from ..analysis.report import figure_anchor
+
+    head = "".join(f"<th>{h}</th>" for h in ("Claim", "Paper", "Measured here", "Verdict", "Figure"))
+    rows = []
+    for f in findings:
+        fig = f.get("figure") or ""
+        name = Path(fig).name
+        link = (f'<a href="#{figure_anchor(name)}">{html.escape(name)}</a>' if name in embedded else
+                f'<a href="{html.escape(fig)}">{html.escape(name)}</a>' if fig else "")
+        summary = html.escape(f["measured"].get("summary", ""))
+        verdict = f["verdict"].replace("_", " ")
+        rows.append(f"<tr><td><b>{html.escape(f['id'])}</b>: {html.escape(f['claim'])}</td>"
+                    f"<td>{html.escape(f['paper_ref'])}</td><td>{summary}</td>"
+                    f"<td class=\"verdict v-{f['verdict']}\">{verdict}</td><td>{link}</td></tr>")
+    why = "".join(f"<li><b>{html.escape(f['id'])}</b>: {html.escape(f['why'])}</li>" for f in findings)
+    return ("<h2 id=\"findings\">Paper findings</h2>\n<p class=\"table-note\">Each claim of the paper "
+            "checked on this output (<code>libmoe findings DIR</code> recomputes them); per part ✓ "
+            "reproduced, ✗ "
+            "contradicted, ? inconclusive.</p>\n"
+            f'<div class="table-wrap"><table><tr>{head}</tr>\n' + "\n".join(rows) + "</table></div>\n"
+            f'<ul class="why">{why}</ul>')
+
+
+def write_findings(bench_dir: str | Path, findings: list[dict[str, Any]] | None = None,
+                   log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Check the claims on `bench_dir` (unless `findings` are given) and rewrite its results.json,
+    results.md and report.html with them; returns the findings."""
+    out = Path(bench_dir)
+    findings = check_findings(out) if findings is None else findings
+    results = json.loads((out / "results.json").read_text())
+    results["findings"] = findings
+    if results.get("regime") == "vlm":
+        from ..vlm.bench import write_vlm_report, write_vlm_tables
+
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+        write_vlm_tables(out, results)
+        write_vlm_report(out, results)
+    else:
+        from ..analysis.plots import plot_all
+        from ..bench.report import write_bench_report
+        from ..bench.studies import load_init_std
+        from ..bench.tables import write_tables
+
+        path = out / "analysis" / "metrics.json"
+        analysis = json.loads(path.read_text()) if path.is_file() else {}
+        init_std = load_init_std(out)
+        figures = (plot_all(analysis, out / "analysis" / "figures", init_std=init_std)
+                   if analysis or init_std else [])
+        write_tables(out, results)
+        write_bench_report(out, results, analysis, figures)
+    if log:
+        for f in findings:
+            log(f"{f['id']}: {f['verdict']} — {f['measured'].get('summary', '')}")
+    return findings

@@ -1,0 +1,149 @@
+"""What the findings checks read from a bench output directory, and nothing else:
+
+- ``results.json``: the regime, the runs (algorithm, seed, status, where each run is), the rows'
+  scores (validation perplexity), the studies that ran and the regime comparison;
+- per run: ``eval/val_windows.json`` (each validation window's loss), ``analysis/metrics.json``
+  (routing metrics and the DropTop / temperature results), ``analysis/intervention_units.json``
+  (each validation window's or question's metric under each intervention) and its routing traces
+  (``checkpoints/step_N``, ``traces/step_N``: the probe set's top-k choices at every checkpoint);
+- ``studies/init_std/init_std.json`` (the router init-std study's balance-loss curves).
+
+A run directory is looked up beside results.json (``OUT/runs/NAME``) first and at its recorded
+path second, so a moved or merged output is judged on what it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..analysis.trace import Trace, list_traces
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class Run:
+    """One finished run of a bench output (a row's run)."""
+
+    def __init__(self, bench: Bench, entry: dict[str, Any]):
+        self.bench, self.entry = bench, entry
+        self.name, self.algorithm = str(entry.get("name")), str(entry.get("algorithm"))
+        self.seed = int(entry.get("seed") or 0)
+        here = bench.dir / "runs" / self.name
+        self.dir = here if here.is_dir() else Path(str(entry.get("run")))
+
+    def __repr__(self) -> str:
+        return f"Run({self.name})"
+
+    @property
+    def ppl(self) -> float | None:
+        value = self.entry.get("ppl")
+        if value is None:  # a VLM row has no perplexity
+            return None
+        return float(value)
+
+    @cached_property
+    def val_windows(self) -> Tensor | None:
+        """Each validation window's mean loss (the table's perplexity is exp of their mean)."""
+        data = _read(self.dir / "eval" / "val_windows.json")
+        return None if not data else torch.tensor(data["window_nll"], dtype=torch.float64)
+
+    @cached_property
+    def analysis(self) -> dict[str, Any] | None:
+        return _read(self.dir / "analysis" / "metrics.json")
+
+    @cached_property
+    def units(self) -> dict[str, Any] | None:
+        """RUN/analysis/intervention_units.json: {"unit", "runs": {measurement: {metric: [...]}}}."""
+        return _read(self.dir / "analysis" / "intervention_units.json")
+
+    @cached_property
+    def traces(self) -> list[Trace]:
+        """The run's routing traces of its probe set, in step order."""
+        return [Trace.load(path) for _, path in list_traces(self.dir)]
+
+
+class Bench:
+    """A bench output directory, as the checks see it."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        path = self.dir / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.dir} has no results.json; give a `libmoe bench` output "
+                                    "directory.")
+        self.results: dict[str, Any] = json.loads(path.read_text())
+        self.regime: str = self.results.get("regime", "pretrain")
+        self.runs = [Run(self, r) for r in self.results.get("runs") or [] if r.get("status") == "ok"]
+
+    def by_algorithm(self) -> dict[str, list[Run]]:
+        """{algorithm: its finished runs, by seed}, in the bench's algorithm order."""
+        out: dict[str, list[Run]] = {}
+        for run in sorted(self.runs, key=lambda r: r.seed):
+            out.setdefault(run.algorithm, []).append(run)
+        order = list(self.results.get("algorithms") or [])
+        return dict(sorted(out.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+    def moe(self) -> dict[str, list[Run]]:
+        return {a: runs for a, runs in self.by_algorithm().items() if a != "dense"}
+
+    @property
+    def studies(self) -> list[str]:
+        """The extra studies the bench ran (an output from before studies existed: its
+        interventions, if any run has them)."""
+        studies = self.results.get("studies")
+        if studies is not None:
+            return list(studies.get("run") or [])
+        has = any((r.analysis or {}).get("droptop") for r in self.runs)
+        return ["droptop", "temperature"] if has else []
+
+    @cached_property
+    def init_std(self) -> dict[str, Any] | None:
+        from ..bench.studies import load_init_std
+
+        return load_init_std(self.dir)
+
+    def figure(self, name: str | None) -> str | None:
+        """The figure's path relative to the bench directory, when the output holds it."""
+        if not name:
+            return None
+        path = self.dir / "analysis" / "figures" / name
+        return str(path.relative_to(self.dir)) if path.is_file() else None
+
+
+def sequence_ids(trace: Trace) -> Tensor:
+    """[N] the probe sequence (or image) each token of the trace belongs to, 0..S-1: a new one
+    starts where the position restarts at 0 (every token its own unit when positions are absent)."""
+    pos = trace.position.reshape(-1)
+    if pos.numel() == 0 or not bool((pos == 0).any()):
+        return torch.arange(trace.n_tokens)
+    starts = (pos == 0).long()
+    starts[0] = 1
+    return torch.cumsum(starts, 0) - 1
+
+
+def unit_sums(values: Tensor, ids: Tensor, n_units: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(sum of `values` per unit [S], count per unit [S]) over the tokens where `mask` holds."""
+    keep = torch.ones_like(values, dtype=torch.bool) if mask is None else mask
+    sums = torch.zeros(n_units, dtype=torch.float64).index_add_(0, ids[keep], values[keep].double())
+    cnt = torch.zeros(n_units, dtype=torch.float64).index_add_(0, ids[keep], torch.ones(int(keep.sum()),
+                                                                                     dtype=torch.float64))
+    return sums, cnt
+
+
+def same_units(traces: list[Trace]) -> bool:
+    """Whether the traces cover the same tokens (so their statistics resample pairwise)."""
+    first = traces[0]
+    return all(t.n_tokens == first.n_tokens and torch.equal(t.tokens, first.tokens) for t in traces[1:])
+
+
+def finite(x: float | None) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)

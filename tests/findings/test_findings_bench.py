@@ -1,0 +1,88 @@
+"""The findings in a real (micro) bench output: results.json, results.md and report.html carry
+them, the extra studies run, and `libmoe findings DIR` rewrites them from an edited output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from libmoe.bench import run_bench
+from libmoe.bench.studies import parse_studies
+from libmoe.cli import main
+from libmoe.findings import FINDINGS, VERDICTS
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("findings") / "bench"
+    results = run_bench(out, preset="micro", algorithms=["dense", "smoe", "xmoe"], tasks=[],
+                        studies="init-std,droptop,temperature", log=lambda _: None)
+    return out, results
+
+
+def test_every_bench_output_holds_every_finding(bench):
+    out, results = bench
+    assert results["studies"]["run"] == ["init-std", "droptop", "temperature"]
+    assert results["studies"]["init_std"]["stds"] == [0.02, 0.04, 0.06]
+    assert [r["algorithm"] for r in results["rows"]] == ["dense", "smoe", "xmoe"]  # study runs are no rows
+    saved = json.loads((out / "results.json").read_text())
+    found = {f["id"]: f for f in saved["findings"]}
+    assert list(found) == list(FINDINGS)
+    assert all(f["verdict"] in VERDICTS and f["why"] for f in found.values())
+    # the inputs are there: the checks that need only this bench are measured
+    for claim in ("a_moe_beats_dense", "c_init_std_balance", "d_margin_grows_with_depth", "e_droptop_hurts",
+                  "f_temperature", "h_subtask_specialisation"):
+        assert found[claim]["measured"].get("parts"), claim
+    assert found["g_shared_experts_stabler_when_upcycled"]["verdict"] == "not_applicable"
+    assert found["a_moe_beats_dense"]["figure"] == "analysis/figures/bench_ppl.png"
+    assert found["c_init_std_balance"]["figure"] == "analysis/figures/init_std.png"
+    assert (out / "studies" / "init_std" / "init_std.json").is_file()
+    assert (out / "runs" / "smoe-s0" / "eval" / "val_windows.json").is_file()
+    assert (out / "runs" / "smoe-s0" / "analysis" / "intervention_units.json").is_file()
+    md = (out / "results.md").read_text()
+    assert "## Paper findings" in md and "a_moe_beats_dense" in md and "(analysis/figures/init_std.png)" in md
+    report = (out / "report.html").read_text()
+    assert 'id="findings"' in report and 'href="#fig-init-std"' in report and 'id="fig-init-std"' in report
+    assert report.count('class="verdict v-') == len(FINDINGS)
+
+
+def test_findings_cli_rewrites_an_edited_output(bench, tmp_path, capsys):
+    src, _ = bench
+    out = tmp_path / "edited"
+    shutil.copytree(src, out)
+    results = json.loads((out / "results.json").read_text())
+    results["runs"] = [r for r in results["runs"] if r["algorithm"] != "dense"]  # the dense row removed
+    results["findings"] = []
+    (out / "results.json").write_text(json.dumps(results))
+    shutil.rmtree(out / "runs" / "dense-s0")
+    assert main(["findings", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| a_moe_beats_dense" in printed and "not applicable" in printed
+    saved = {f["id"]: f for f in json.loads((out / "results.json").read_text())["findings"]}
+    assert saved["a_moe_beats_dense"]["verdict"] == "not_applicable"
+    assert "no finished dense row" in saved["a_moe_beats_dense"]["why"]
+    assert "no finished dense row" in (out / "results.md").read_text()
+    assert "no finished dense row" in (out / "report.html").read_text()
+    # --only prints without writing
+    before = (out / "results.json").read_text()
+    assert main(["findings", str(out), "--only", "e_droptop_hurts", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [f["id"] for f in printed] == ["e_droptop_hurts"]
+    assert (out / "results.json").read_text() == before
+
+
+def test_findings_cli_list_and_errors(tmp_path, capsys):
+    assert main(["findings", "--list"]) == 0
+    assert capsys.readouterr().out.count("\n") == len(FINDINGS)
+    assert main(["findings", str(tmp_path)]) == 2
+    assert "no results.json; give a `libmoe bench` output directory" in capsys.readouterr().err
+
+
+def test_studies_option():
+    assert parse_studies("all") == ["init-std", "droptop", "temperature"]
+    assert parse_studies("none") == [] and parse_studies(None) is None
+    assert parse_studies("temperature,init-std") == ["init-std", "temperature"]
+    with pytest.raises(ValueError, match="Did you mean droptop"):
+        parse_studies("init-std,dropto")
