@@ -147,6 +147,12 @@ def test_compare_sets_two_regimes_side_by_side(upcycled, tmp_path, capsys):
     assert "Routing stability by regime" in report and "Change rate (pretrain)" in report
     assert "| Algorithm | Change rate (upcycle) | Relative (upcycle) | Change rate (pretrain)" in \
         (up / "results.md").read_text()
+    # the findings see both regimes; the fake pretraining bench has no traces to bootstrap
+    found = {f["id"]: f for f in saved["findings"]}
+    assert found["a_moe_beats_dense"]["verdict"] == "not_applicable"  # upcycled: not compute-matched
+    g = found["g_shared_experts_stabler_when_upcycled"]
+    assert g["verdict"] == "not_applicable" and "routing traces" in g["why"]
+    assert "Paper findings" in report
 
 
 def _fake_bench(path, regime, rates):

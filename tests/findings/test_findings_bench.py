@@ -86,3 +86,26 @@ def test_studies_option():
     assert parse_studies("temperature,init-std") == ["init-std", "temperature"]
     with pytest.raises(ValueError, match="Did you mean droptop"):
         parse_studies("init-std,dropto")
+
+
+def test_default_preset_plans_the_init_std_study(tmp_path):
+    from libmoe.bench import load_bench_preset, plan_stages
+
+    (stage,) = plan_stages(tmp_path, load_bench_preset("default"), ["dense", "smoe"], 1)
+    rows = [s for s in stage if s.role == "row"]
+    study = [s for s in stage if s.role == "study"]
+    assert [s.name for s in rows] == ["dense-s0", "smoe-s0"]
+    assert [s.name for s in study] == ["init_std-0.02", "init_std-0.04", "init_std-0.06"]
+    for s, std in zip(study, (0.02, 0.04, 0.06)):
+        cfg = s.config
+        assert cfg["model"]["algorithm"] == "smoe" and cfg["model"]["moe_options"]["router_init_std"] == std
+        assert cfg["train"]["max_steps"] == 90 and cfg["train"]["log_every"] == 1
+        assert not s.evaluate and not s.analysis and s.tasks == []
+        assert s.run_dir == str(tmp_path / "studies" / "init_std" / f"std_{std:g}")
+        # the same data, batch and model as the table's runs
+        row = rows[0].config
+        assert cfg["data"] == row["data"] and cfg["model"]["d_model"] == row["model"]["d_model"]
+        assert cfg["train"]["batch_size"] == row["train"]["batch_size"]
+    assert rows[0].interventions == ["droptop", "temperature"]
+    (stage,) = plan_stages(tmp_path, load_bench_preset("default"), ["smoe"], 1, studies=["droptop"])
+    assert [s.role for s in stage] == ["row"] and stage[0].interventions == ["droptop"]

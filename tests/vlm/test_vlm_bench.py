@@ -39,6 +39,13 @@ def test_vlm_bench_outputs(bench):
     assert (out / "analysis" / "figures" / "vlm_subtask_routing.png").is_file()
     comparison = results["regime_comparison"]
     assert set(comparison["regimes"][0]["change_rate"]) == {"smoe", "sharede_v2"}
+    found = {f["id"]: f for f in json.loads((out / "results.json").read_text())["findings"]}
+    assert found["a_moe_beats_dense"]["verdict"] == "not_applicable"  # scored by accuracy
+    assert found["c_init_std_balance"]["verdict"] == "not_applicable"  # a pretraining study
+    for claim in ("b_change_rate_falls", "d_margin_grows_with_depth", "e_droptop_hurts", "f_temperature"):
+        assert found[claim]["measured"].get("parts"), claim  # measured on the VIT runs' traces / questions
+    assert "questions (paired)" in found["e_droptop_hurts"]["why"]
+    assert "Paper findings" in md and 'id="findings"' in html
 
 
 def test_vlm_bench_runs_share_one_source(bench):
