@@ -571,8 +571,14 @@ def h_subtask_specialisation(bench: Bench) -> dict:
         stats = [((lambda w, s=s: gap(w, s)), inputs["tc_moe"][s][2]) for s in seeds]
         ewa = {a: _point(inputs[a][seeds[0]][1]) for a in [*others, "tc_moe"]}
         parts.append(_stat_part(name, stats, -1, f"probe sequences (paired, within {label_kind})", ewa=ewa))
-    summary = _short(parts, lambda p: (f"{p['spread']:.3f} vs {p['family_spread']:.3f}" if "spread" in p
-                                       else f"{p['estimate']:+.3f}"))
+    def shown(p: dict) -> str:
+        if "spread" in p:
+            return f"{p['spread']:.3f} vs {p['family_spread']:.3f}"
+        rest = {a: v for a, v in p["ewa"].items() if a != "tc_moe"}
+        low = min(rest, key=rest.get)
+        return f"{p['ewa']['tc_moe']:.3f} vs {low} {rest[low]:.3f}"
+
+    summary = _short(parts, shown)
     return _result(parts, summary,
                    f"Statistics: the std over {label_kind} of each {label_kind[:-1]}'s expert allocation "
                    "entropy (mean over layers, final checkpoint's probe trace), XMoE's and TC-MoE's minus "
