@@ -4,7 +4,9 @@ them, the extra studies run, and `libmoe findings DIR` rewrites them from an edi
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import statistics
 
 import pytest
 
@@ -41,6 +43,16 @@ def test_every_bench_output_holds_every_finding(bench):
     assert (out / "studies" / "init_std" / "init_std.json").is_file()
     assert (out / "runs" / "smoe-s0" / "eval" / "val_windows.json").is_file()
     assert (out / "runs" / "smoe-s0" / "analysis" / "intervention_units.json").is_file()
+    # the per-unit files are the numbers of the tables: exp(mean window loss) is the perplexity
+    run = out / "runs" / "smoe-s0"
+    windows = json.loads((run / "eval" / "val_windows.json").read_text())
+    row = next(r for r in results["runs"] if r["name"] == "smoe-s0")
+    assert math.exp(statistics.fmean(windows["window_nll"])) == pytest.approx(row["ppl"], rel=1e-6)
+    units = json.loads((run / "analysis" / "intervention_units.json").read_text())
+    metrics = json.loads((run / "analysis" / "metrics.json").read_text())
+    assert set(units["runs"]) == {"unperturbed", "DropTop1", "DropTop1&2", "tau=0.1", "tau=10"}
+    dt1 = next(r for r in metrics["droptop"]["runs"] if r["name"] == "DropTop1")["metrics"]["val_ppl"]
+    assert math.exp(statistics.fmean(units["runs"]["DropTop1"]["val_nll"])) == pytest.approx(dt1, rel=1e-6)
     md = (out / "results.md").read_text()
     assert "## Paper findings" in md and "a_moe_beats_dense" in md and "(analysis/figures/init_std.png)" in md
     report = (out / "report.html").read_text()
