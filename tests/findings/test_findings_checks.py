@@ -202,7 +202,15 @@ def test_d_vlm_leaves_the_last_layer_out(tmp_path):
     # rising but for a last layer that drops, as the paper reports for the vision tower
     out = d_bench(tmp_path, [0.05, 0.2, 0.35, 0.0], 0.05, regime="vlm")
     f = verdict(out, "d_margin_grows_with_depth")
-    assert f["verdict"] == "reproduced" and "last layer left out" in f["why"]
+    assert f["verdict"] == "reproduced" and "but its last" in f["why"]
+    # with layer names, the connector (after the tower) is left out too
+    for alg in ("smoe", "sharede_v2"):
+        t = margin_trace(32, 16, [0.05, 0.2, 0.35, 0.0, 0.0], 0.05)
+        t.meta["layer_names"] = ["vision0", "vision1", "vision2", "vision3", "connector"]
+        save_traces(out / "runs" / f"{alg}-s0", [t])
+    f = verdict(out, "d_margin_grows_with_depth")
+    assert f["verdict"] == "reproduced" and f["measured"]["parts"][0]["margin_by_layer"] == pytest.approx(
+        [0.05, 0.2, 0.35], abs=0.02)
 
 
 # ----------------------------------------------------------------------------- e, f

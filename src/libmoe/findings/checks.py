@@ -247,10 +247,19 @@ def _slope(m: Tensor) -> Tensor:
     return ((m - m.mean(1, keepdim=True)) * x).sum(1) / (x * x).sum()
 
 
+def _depth_layers(t) -> list[int]:
+    """A VLM trace's vision-tower layers in depth order, less the last (by the trace's layer names;
+    without names, every layer but the last)."""
+    names = t.meta.get("layer_names") or []
+    vision = [i for i, n in enumerate(names) if str(n).startswith("vision")] if names else \
+        list(range(t.n_layers))
+    return vision[:-1]
+
+
 @finding("d_margin_grows_with_depth", "The router margin (top-1 minus top-2 weight) increases with "
          "layer depth.", "Fig. 8", figure="margin_by_depth.png")
 def d_margin_grows_with_depth(bench: Bench) -> dict:
-    drop_last = bench.regime == "vlm"  # the paper's exception: the vision tower's final layer
+    vlm = bench.regime == "vlm"  # the vision tower only, less its final layer (the paper's exception)
     parts = []
     for alg, runs in bench.moe().items():
         per_seed = []
@@ -258,7 +267,7 @@ def d_margin_grows_with_depth(bench: Bench) -> dict:
             if not run.traces:
                 continue
             t = run.traces[-1]
-            layers = list(range(t.n_layers - (1 if drop_last else 0)))
+            layers = _depth_layers(t) if vlm else list(range(t.n_layers))
             if len(layers) < 2 or t.topk_idx[0].shape[1] < 2:
                 continue
             ids = sequence_ids(t)
@@ -284,8 +293,8 @@ def d_margin_grows_with_depth(bench: Bench) -> dict:
                      f"{p.get('margin_by_layer', [0])[-1]:.2f}")
     return _result(parts, "margin first->last layer: " + summary,
                    "Statistic: least-squares slope of the mean router margin over the MoE layers (final "
-                   "checkpoint's probe trace" + (", the vision tower's last layer left out as in the paper"
-                                                 if drop_last else "") +
+                   "checkpoint's probe trace" + (", over the vision tower's MoE layers but its last, as in "
+                                                 "the paper; the connector left out" if vlm else "") +
                    "); the claim needs it above 0 for every algorithm.")
 
 
@@ -346,6 +355,13 @@ def _interventions_missing(bench: Bench, study: str) -> dict | None:
     return None
 
 
+def _harm_format(bench: Bench) -> Callable[[dict], str]:
+    """A part's harm for the table: log-perplexity, or accuracy points for a VLM."""
+    if bench.regime == "vlm":
+        return lambda p: f"{100 * p['estimate']:+.2f} pp"
+    return lambda p: f"{p['estimate']:+.3f}"
+
+
 def _harm_text(bench: Bench) -> str:
     return ("increase in validation loss (log perplexity)" if bench.regime != "vlm"
             else "drop in held-out MME accuracy")
@@ -361,8 +377,7 @@ def e_droptop_hurts(bench: Bench) -> dict:
     for alg, runs in bench.moe().items():
         parts.append(_harm_part(bench, alg, runs, "droptop", "DropTop1", "unperturbed", "DropTop1"))
         parts.append(_harm_part(bench, alg, runs, "droptop", "DropTop1&2", "DropTop1", "DropTop1&2 vs 1"))
-    scale = 100 if bench.regime == "vlm" else 1
-    summary = _short(parts, lambda p: f"{scale * p['estimate']:+.3f}")
+    summary = _short(parts, _harm_format(bench))
     return _result(parts, "harm: " + summary,
                    f"Statistic: the {_harm_text(bench)} under DropTop1 against the unperturbed model, and "
                    "under DropTop1&2 against DropTop1; the claim needs both above 0 for every algorithm.")
@@ -378,8 +393,7 @@ def f_temperature(bench: Bench) -> dict:
              for alg, runs in bench.moe().items()]
     for p in parts:
         p["name"] = p["name"].strip()
-    scale = 100 if bench.regime == "vlm" else 1
-    summary = _short(parts, lambda p: f"{scale * p['estimate']:+.3f}")
+    summary = _short(parts, _harm_format(bench))
     return _result(parts, "harm(τ=10) − harm(τ=0.1): " + summary,
                    f"Statistic: the {_harm_text(bench)} at τ = 10 minus that at τ = 0.1 (logits divided "
                    "by τ at inference); the claim needs it above 0 for every algorithm.")
