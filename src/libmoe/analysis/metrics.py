@@ -19,13 +19,15 @@ from torch import Tensor, nn
 from .trace import Trace
 
 
-def _valid(idx: Tensor) -> Tensor:
+def selections(idx: Tensor) -> Tensor:
+    """The mask of real selections in `topk_idx` (ids < 0 pad expert-choice rows)."""
     return idx >= 0
+
 
 
 def _overlap(a: Tensor, b: Tensor) -> Tensor:
     """|S_a ∩ S_b| per token for selections a [N, Ka], b [N, Kb] (ids < 0 ignored)."""
-    same = (a[:, :, None] == b[:, None, :]) & _valid(a)[:, :, None] & _valid(b)[:, None, :]
+    same = (a[:, :, None] == b[:, None, :]) & selections(a)[:, :, None] & selections(b)[:, None, :]
     return same.any(-1).sum(-1)
 
 
@@ -35,12 +37,17 @@ def _check_pair(a: Trace, b: Trace) -> None:
                          "compare traces of the same probe set (checkpoints of one run).")
 
 
+def token_change(a: Tensor, b: Tensor) -> Tensor:
+    """[N] each token's set-form change between selections a and b: 1 - |S_a ∩ S_b| / k with
+    k = max(|S_a|, |S_b|)."""
+    k = torch.maximum(selections(a).sum(-1), selections(b).sum(-1)).clamp_min(1)
+    return 1 - _overlap(a, b) / k
+
+
 def change_rate(a: Tensor, b: Tensor) -> tuple[float, float]:
-    """(set form, top-1 form) between selections a and b of the same tokens:
-    mean_t (1 - |S_a ∩ S_b| / k) with k = max(|S_a|, |S_b|), and the fraction of tokens whose
-    top-1 slot changed."""
-    k = torch.maximum(_valid(a).sum(-1), _valid(b).sum(-1)).clamp_min(1)
-    set_form = (1 - _overlap(a, b) / k).float().mean()
+    """(set form, top-1 form) between selections a and b of the same tokens: the mean of
+    `token_change`, and the fraction of tokens whose top-1 slot changed."""
+    set_form = token_change(a, b).float().mean()
     top1 = (a[:, 0] != b[:, 0]).float().mean()
     return float(set_form), float(top1)
 
@@ -60,7 +67,7 @@ def expert_change_rate(a: Trace, b: Trace) -> dict[str, Any]:
 def saturation(a: Tensor, final: Tensor) -> tuple[float, float]:
     """(top-k, top-1) router saturation of selections `a` against the final ones:
     mean_t |S_t ∩ S_final| / |S_final|, and the fraction of tokens with the final top-1."""
-    k = _valid(final).sum(-1).clamp_min(1)
+    k = selections(final).sum(-1).clamp_min(1)
     return float((_overlap(a, final) / k).float().mean()), float((a[:, 0] == final[:, 0]).float().mean())
 
 
@@ -77,7 +84,7 @@ def router_saturation(trace: Trace, final: Trace) -> dict[str, Any]:
 
 def selection_fractions(idx: Tensor, n_slots: int) -> Tensor:
     """q_e: the fraction of all selections that went to slot e [R] (zeros when none)."""
-    flat = idx[_valid(idx)]
+    flat = idx[selections(idx)]
     counts = torch.bincount(flat, minlength=n_slots).double()
     return counts / counts.sum() if counts.sum() > 0 else counts
 
@@ -93,28 +100,40 @@ def allocation_entropy(idx: Tensor, n_slots: int) -> float | None:
 
 def _normalised_weights(idx: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """(per-token weights over the valid selections, summing to 1; number of valid selections)."""
-    w = torch.where(_valid(idx), w.abs().double(), 0.0)
-    return w / w.sum(-1, keepdim=True).clamp_min(1e-300), _valid(idx).sum(-1)
+    w = torch.where(selections(idx), w.abs().double(), 0.0)
+    return w / w.sum(-1, keepdim=True).clamp_min(1e-300), selections(idx).sum(-1)
+
+
+def token_weight_entropy(idx: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """([N] each token's H(w_t) / log k_t of its normalised weights, [N] mask of the tokens with
+    k_t >= 2 selections, where it is defined)."""
+    p, k = _normalised_weights(idx, w)
+    ok = k >= 2
+    h = -(torch.where(p > 0, p * p.clamp_min(1e-300).log(), 0.0)).sum(-1)
+    return h / k.clamp_min(2).double().log(), ok
 
 
 def weight_entropy(idx: Tensor, w: Tensor) -> float | None:
     """EWA = mean_t H(w_t) / log k_t over each token's k_t >= 2 normalised weights."""
+    h, ok = token_weight_entropy(idx, w)
+    return float(h[ok].mean()) if bool(ok.any()) else None
+
+
+def token_margin(idx: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """([N] each token's w_t,1 - w_t,2 of its normalised, descending weights, [N] mask of the
+    tokens with two or more selections, where it is defined)."""
     p, k = _normalised_weights(idx, w)
     ok = k >= 2
-    if not bool(ok.any()):
-        return None
-    h = -(torch.where(p > 0, p * p.clamp_min(1e-300).log(), 0.0)).sum(-1)
-    return float((h[ok] / k[ok].double().log()).mean())
+    if p.shape[-1] < 2:  # top-1 routing: no token has a second weight
+        return torch.zeros(p.shape[0], dtype=p.dtype), ok
+    top2 = p.topk(2, dim=-1).values
+    return top2[:, 0] - top2[:, 1], ok
 
 
 def margin(idx: Tensor, w: Tensor) -> float | None:
     """Router margin: mean_t (w_t,1 - w_t,2) of the normalised, descending weights."""
-    p, k = _normalised_weights(idx, w)
-    ok = k >= 2
-    if not bool(ok.any()):
-        return None
-    top2 = p.topk(2, dim=-1).values
-    return float((top2[ok, 0] - top2[ok, 1]).mean())
+    m, ok = token_margin(idx, w)
+    return float(m[ok].mean()) if bool(ok.any()) else None
 
 
 def coactivation(idx: Tensor, n_slots: int) -> Tensor:
@@ -122,7 +141,7 @@ def coactivation(idx: Tensor, n_slots: int) -> Tensor:
     never-selected slots 0."""
     x = torch.zeros(idx.shape[0], n_slots, dtype=torch.float64)
     rows = torch.arange(idx.shape[0])[:, None].expand_as(idx)
-    v = _valid(idx)
+    v = selections(idx)
     x[rows[v], idx[v]] = 1.0
     together = x.t() @ x
     n = together.diagonal().clone()
@@ -172,7 +191,7 @@ def load(idx: Tensor, n_slots: int) -> dict[str, Any]:
 def jaccard(a: Tensor, b: Tensor) -> float:
     """Mean per-token Jaccard index |S_a ∩ S_b| / |S_a ∪ S_b| of two selections."""
     inter = _overlap(a, b)
-    union = _valid(a).sum(-1) + _valid(b).sum(-1) - inter
+    union = selections(a).sum(-1) + selections(b).sum(-1) - inter
     return float((inter / union.clamp_min(1)).float().mean())
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..analysis.metrics import _normalised_weights, _overlap, _valid
+from ..analysis.metrics import selections, token_change, token_margin, token_weight_entropy
 from .inputs import Bench, Run, finite, same_units, sequence_ids, unit_sums
 from .registry import finding
 from .stats import (
@@ -125,12 +125,6 @@ def a_moe_beats_dense(bench: Bench) -> dict:
 # ----------------------------------------------------------------------------- b: change rate falls
 
 
-def _token_change(a: Tensor, b: Tensor) -> Tensor:
-    """[N] set-form change of each token's top-k selection: 1 - |S_a ∩ S_b| / max(|S_a|, |S_b|)."""
-    k = torch.maximum(_valid(a).sum(-1), _valid(b).sum(-1)).clamp_min(1)
-    return 1 - _overlap(a, b).double() / k
-
-
 def _change_sums(traces, pairs: list[tuple[int, int]]) -> tuple[Tensor, Tensor, int]:
     """Per probe sequence: (sum over its tokens of the change rate, mean over layers and `pairs`
     of traces; token count; number of sequences)."""
@@ -139,7 +133,7 @@ def _change_sums(traces, pairs: list[tuple[int, int]]) -> tuple[Tensor, Tensor, 
     per_token = torch.zeros(traces[0].n_tokens, dtype=torch.float64)
     for i, j in pairs:
         for l in range(traces[i].n_layers):
-            per_token += _token_change(traces[i].topk_idx[l], traces[j].topk_idx[l])
+            per_token += token_change(traces[i].topk_idx[l], traces[j].topk_idx[l]).double()
     per_token /= len(pairs) * traces[0].n_layers
     sums, cnt = unit_sums(per_token, ids, n)
     return sums, cnt, n
@@ -233,13 +227,6 @@ def c_init_std_balance(bench: Bench) -> dict:
 # ----------------------------------------------------------------------------- d: margin by depth
 
 
-def _token_margin(idx: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """(per-token top-1 minus top-2 normalised weight, mask of tokens with two selections)."""
-    p, k = _normalised_weights(idx, w)
-    top2 = p.topk(2, dim=-1).values
-    return top2[:, 0] - top2[:, 1], k >= 2
-
-
 def _slope(m: Tensor) -> Tensor:
     """[B] least-squares slope over layers of [B, L] per-layer values."""
     x = torch.arange(m.shape[1], dtype=torch.float64)
@@ -273,7 +260,7 @@ def d_margin_grows_with_depth(bench: Bench) -> dict:
             ids = sequence_ids(t)
             n = int(ids.max()) + 1
             per_layer = [unit_sums(m, ids, n, ok) for m, ok in
-                         (_token_margin(t.topk_idx[l], t.topk_weight[l]) for l in layers)]
+                         (token_margin(t.topk_idx[l], t.topk_weight[l]) for l in layers)]
 
             def stat(w, per_layer=per_layer, n=n):
                 ww = _w(w, n)
@@ -494,7 +481,7 @@ def _label_counts(t, layer: int, ids: Tensor, n: int) -> Tensor:
     """[S, R] selections of each slot per probe sequence."""
     idx = t.topk_idx[layer]
     R = t.n_slots(layer)
-    flat = (ids[:, None].expand_as(idx) * R + idx.clamp_min(0))[_valid(idx)]
+    flat = (ids[:, None].expand_as(idx) * R + idx.clamp_min(0))[selections(idx)]
     return torch.bincount(flat, minlength=n * R).reshape(n, R).double()
 
 
@@ -521,11 +508,9 @@ def _spec_inputs(run: Run):
     counts_by_layer = [_label_counts(t, l, ids, n) for l in range(t.n_layers)]
     ewa_layers = []
     for l in range(t.n_layers):
-        p, k = _normalised_weights(t.topk_idx[l], t.topk_weight[l])
-        h = -(torch.where(p > 0, p * p.clamp_min(1e-300).log(), 0.0)).sum(-1)
-        ok = k >= 2
+        h, ok = token_weight_entropy(t.topk_idx[l], t.topk_weight[l])
         if bool(ok.any()):
-            ewa_layers.append(unit_sums(h / k.clamp_min(2).double().log(), ids, n, ok))
+            ewa_layers.append(unit_sums(h, ids, n, ok))
 
     def spread(w):
         ww = _w(w, n)
