@@ -310,3 +310,18 @@ def test_analyze_vlm_run(runs, capsys):
     assert names == ["DropTop1", "DropTop1&2"]
     assert "synth_mme/acc" in m["droptop"]["baseline"]
     assert (vit / "analysis" / "figures" / "vlm_subtask_routing.png").is_file()
+
+
+def test_a_stage_is_reproducible_whatever_ran_before(data, tmp_path, env):
+    """Same config, same result: the model's init comes from train.seed, not from the global RNG
+    state left by earlier work in the process (e.g. writing the synthetic dataset)."""
+    import torch
+
+    losses = []
+    for i in range(2):
+        torch.rand(1000 * (i + 1))  # a different amount of random numbers drawn before each run
+        train_stage("pt", tmp_path / f"pt{i}", preset=PRESET, data=str(data), device="cpu", max_steps=2,
+                    overrides=["train.tensorboard=false", "train.log_every=1"], log=lambda _: None)
+        rows = [json.loads(line) for line in (tmp_path / f"pt{i}" / "metrics.jsonl").read_text().splitlines()]
+        losses.append([r["loss"] for r in rows])
+    assert losses[0] == losses[1]

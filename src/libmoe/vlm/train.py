@@ -292,6 +292,8 @@ def train_stage(stage: str, out: str | Path, preset: str = "cpu-tiny", data: str
     _check_run_dir(out, cfg, overwrite)
     tcfg = cfg["train"]
     records, folder = stage_records(cfg, log)
+    torch.manual_seed(int(tcfg["seed"]))  # the new weights (a PT model, VIT's upcycled noise) come from
+    # the run's seed, not from whatever drew random numbers before (e.g. writing the synthetic data)
     model, tokenizer = build_stage_model(cfg, records, folder, log)
     dev = _device(device)
     model.to(dev)
