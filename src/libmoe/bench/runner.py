@@ -470,10 +470,7 @@ def run_bench(
     rows = [done[s.name] for s in specs]
     support = [done[s.name] for stage in stages[:-1] for s in stage]  # e.g. the dense source
     study_rows = [done[s.name] for s in study_specs]
-    study_results = summarise_studies(out, spec, study_rows)
-    from .studies import load_init_std
-
-    init_std = load_init_std(out) if "init_std" in study_results else None
+    study_results, init_std = summarise_studies(out, spec, study_rows)
     analysis_results, figures = ({}, [])
     if analysis and (any(r.get("status") == "ok" for r in rows) or init_std):
         analysis_results, figures = analyse_runs(rows, out, interventions_of(chosen), spec.val_tokens, log,
@@ -497,9 +494,10 @@ def run_bench(
         results["config"]["init"] = "(each)"
     results["regime_comparison"] = regime_comparison(results, out, compare)
     results["elapsed_s"] = time.perf_counter() - start
-    write_tables(out, results)
-    write_bench_report(out, results, analysis_results, figures)  # its figures are the findings' links
-    results["findings"] = _findings(out, log)
+    from .plots import plot_scores
+
+    plot_scores(results, out / "analysis" / "figures" / "bench_ppl.png")  # a figure claim a links to
+    results["findings"] = _findings(out, results, log)
     write_tables(out, results)
     write_bench_report(out, results, analysis_results, figures)
     ok = sum(r.get("status") == "ok" for r in rows)
@@ -508,11 +506,12 @@ def run_bench(
     return results
 
 
-def _findings(out: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """The paper's claims checked on the output just written (libmoe.findings), one line each."""
+def _findings(out: Path, results: dict[str, Any], log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The paper's claims checked on the finished study (libmoe.findings: `results` and the files
+    under `out`), one line each."""
     from ..findings import check_findings
 
-    findings = check_findings(out)
+    findings = check_findings(out, results=results)
     for f in findings:
         verdict = f["verdict"].replace("_", " ")
         log(f"bench: finding {f['id']}: {verdict} ({f['measured'].get('summary', '')})")

@@ -97,14 +97,16 @@ def plan_init_std(ctx: PlanContext, max_steps: int) -> list[RunSpec]:
     return specs
 
 
-def summarise_studies(out: Path, preset: BenchPreset, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """results.json's "studies": what each study that ran found (the init-std summary, written
-    to OUT/studies/init_std/init_std.json too)."""
+def summarise_studies(out: Path, preset: BenchPreset,
+                      rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(results.json's "studies": what each study that ran found; the init-std summary, also
+    written to OUT/studies/init_std/init_std.json, or None)."""
     from ..analysis.init_std import INIT_STD_FILE, summarise_init_std
 
     done = {r["name"]: r for r in rows if r.get("status") == "ok"}
     init = [r for r in rows if r["name"].startswith("init_std-")]
     result: dict[str, Any] = {}
+    summary = None
     if init:
         opts = init_std_options(preset)
         runs = {float(r["name"].removeprefix("init_std-")): Path(r["run"]) for r in init if r["name"] in done}
@@ -122,7 +124,7 @@ def summarise_studies(out: Path, preset: BenchPreset, rows: list[dict[str, Any]]
                                   "algorithm": opts["algorithm"], "steps": steps}
         else:
             result["init_std"] = {"failed": [r["name"] for r in init]}
-    return result
+    return result, summary
 
 
 def load_init_std(out: Path) -> dict[str, Any] | None:

@@ -28,9 +28,11 @@ __all__ = ["FINDINGS", "VERDICTS", "Bench", "Finding", "check_findings", "findin
            "findings_markdown", "findings_table", "write_findings"]
 
 
-def check_findings(bench_dir: str | Path, only: list[str] | None = None) -> list[dict[str, Any]]:
-    """Every registered claim (or those in `only`) checked on the bench output `bench_dir`."""
-    bench = Bench(bench_dir)
+def check_findings(bench_dir: str | Path, only: list[str] | None = None,
+                   results: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every registered claim (or those in `only`) checked on the bench output `bench_dir`
+    (`results`: its results.json content, when not yet written)."""
+    bench = Bench(bench_dir, results)
     names = list(FINDINGS) if only is None else only
     for name in names:
         if name not in FINDINGS:

@@ -324,22 +324,28 @@ def _harm_part(bench: Bench, alg: str, runs: list[Run], study: str, worse: str, 
         else:
             value = sign * (a - b)
             per_seed.append((lambda w, v=value: torch.full((1 if w is None else w.shape[0],), v), 0))
+    name = f"{alg} {label}" if label else alg
     if not per_seed:
-        return not_applicable(f"{alg} {label}", f"no {worse} / {better} measurement in its analysis")
+        return not_applicable(name, f"no {worse} / {better} measurement in its analysis")
     if len(per_seed) == 1 and per_seed[0][1] == 0:
-        return {"name": f"{alg} {label}", "estimate": _point(per_seed[0][0]), "verdict": "inconclusive",
+        return {"name": name, "estimate": _point(per_seed[0][0]), "verdict": "inconclusive",
                 "why": "one seed and no per-unit results to bootstrap (intervention_units.json)"}
-    return _stat_part(f"{alg} {label}", per_seed, 1, unit)
+    return _stat_part(name, per_seed, 1, unit)
 
 
-def _interventions_missing(bench: Bench, study: str) -> dict | None:
+def _intervention_check(bench: Bench, study: str, comparisons: list[tuple[str, str, str]], title: str,
+                        statistic: str) -> dict:
+    """Claims e and f: per algorithm, one harm part per (worse, better, label) comparison of the
+    `study`'s measurements; not applicable when the study did not run."""
     if study not in bench.studies:
-        flag = "droptop" if study == "droptop" else "temperature"
-        return _na(f"the {flag} study did not run in this bench (`libmoe bench --studies {flag}`; the "
+        return _na(f"the {study} study did not run in this bench (`libmoe bench --studies {study}`; the "
                    "default preset runs it).")
     if not any((r.analysis or {}).get(study) for r in bench.runs):
         return _na(f"no run's analysis holds the {study} study (analysis off, or every run dense).")
-    return None
+    parts = [_harm_part(bench, alg, runs, study, worse, better, label)
+             for alg, runs in bench.moe().items() for worse, better, label in comparisons]
+    return _result(parts, title + _short(parts, _harm_format(bench)),
+                   f"Statistic: the {_harm_text(bench)} {statistic}")
 
 
 def _harm_format(bench: Bench) -> Callable[[dict], str]:
@@ -357,33 +363,20 @@ def _harm_text(bench: Bench) -> str:
 @finding("e_droptop_hurts", "DropTop1 (the top-1 expert replaced by the top-(k+1)) degrades the "
          "metrics, and DropTop1&2 degrades them more.", "Fig. 5", figure="droptop.png")
 def e_droptop_hurts(bench: Bench) -> dict:
-    missing = _interventions_missing(bench, "droptop")
-    if missing:
-        return missing
-    parts = []
-    for alg, runs in bench.moe().items():
-        parts.append(_harm_part(bench, alg, runs, "droptop", "DropTop1", "unperturbed", "DropTop1"))
-        parts.append(_harm_part(bench, alg, runs, "droptop", "DropTop1&2", "DropTop1", "DropTop1&2 vs 1"))
-    summary = _short(parts, _harm_format(bench))
-    return _result(parts, "harm: " + summary,
-                   f"Statistic: the {_harm_text(bench)} under DropTop1 against the unperturbed model, and "
-                   "under DropTop1&2 against DropTop1; the claim needs both above 0 for every algorithm.")
+    return _intervention_check(
+        bench, "droptop",
+        [("DropTop1", "unperturbed", "DropTop1"), ("DropTop1&2", "DropTop1", "DropTop1&2 vs 1")],
+        "harm: ", "under DropTop1 against the unperturbed model, and under DropTop1&2 against DropTop1; "
+        "the claim needs both above 0 for every algorithm.")
 
 
 @finding("f_temperature", "A router temperature of 10 hurts more than a temperature of 0.1 (the "
          "models favour cooperation over competition).", "Table 7 (Appendix E)", figure="temperature.png")
 def f_temperature(bench: Bench) -> dict:
-    missing = _interventions_missing(bench, "temperature")
-    if missing:
-        return missing
-    parts = [_harm_part(bench, alg, runs, "temperature", "tau=10", "tau=0.1", "")
-             for alg, runs in bench.moe().items()]
-    for p in parts:
-        p["name"] = p["name"].strip()
-    summary = _short(parts, _harm_format(bench))
-    return _result(parts, "harm(τ=10) − harm(τ=0.1): " + summary,
-                   f"Statistic: the {_harm_text(bench)} at τ = 10 minus that at τ = 0.1 (logits divided "
-                   "by τ at inference); the claim needs it above 0 for every algorithm.")
+    return _intervention_check(
+        bench, "temperature", [("tau=10", "tau=0.1", "")], "harm(τ=10) − harm(τ=0.1): ",
+        "at τ = 10 minus that at τ = 0.1 (logits divided by τ at inference); the claim needs it above 0 "
+        "for every algorithm.")
 
 
 # ----------------------------------------------------------------------------- g: regimes

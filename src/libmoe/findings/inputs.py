@@ -74,13 +74,15 @@ class Run:
 class Bench:
     """A bench output directory, as the checks see it."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, results: dict[str, Any] | None = None):
+        """`results`: results.json's content when the caller holds it (a bench finishing), else
+        read from the directory."""
         self.dir = Path(directory)
         path = self.dir / "results.json"
-        if not path.is_file():
+        if results is None and not path.is_file():
             raise FileNotFoundError(f"{self.dir} has no results.json; give a `libmoe bench` output "
                                     "directory.")
-        self.results: dict[str, Any] = json.loads(path.read_text())
+        self.results: dict[str, Any] = results if results is not None else json.loads(path.read_text())
         self.regime: str = self.results.get("regime", "pretrain")
         self.runs = [Run(self, r) for r in self.results.get("runs") or [] if r.get("status") == "ok"]
 

@@ -234,10 +234,9 @@ def run_vlm_bench(out: str | Path, preset, algorithms: list[str] | None = None, 
         results["regime_comparison"] = regime_comparison(results, out, compare)
         write_cross_run_figures(out, rows)
     results["elapsed_s"] = round(time.perf_counter() - start, 1)
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
     from ..bench.runner import _findings
 
-    results["findings"] = _findings(out, log)
+    results["findings"] = _findings(out, results, log)
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
     write_vlm_tables(out, results)
     write_vlm_report(out, results)
