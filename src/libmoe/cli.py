@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, WorkFailed
+
 
 def _cmd_algorithms(args: argparse.Namespace) -> None:
     from .moe import REGISTRY
@@ -580,10 +582,16 @@ def main(argv: list[str] | None = None) -> int:
         args.items = list(args.items) + extra
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except WorkFailed as err:  # some work failed; what finished is kept (exit 1)
+        print(f"libmoe: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
         print(f"libmoe: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # outside training (which checkpoints and raises Interrupted)
+        print("libmoe: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 if __name__ == "__main__":
