@@ -191,8 +191,8 @@ def test_override_coercion(override, section, key, expected):
 @pytest.mark.parametrize("override, message", [
     ("train.max_steps=abc", r"train.max_steps='abc' is not a valid int"),
     ("train.max_steps=2.5", r"train.max_steps=2.5 is not a valid int"),
-    ("train.max_steps=1.5e0", r"train.max_steps='1.5e0' is not a valid int"),  # not truncated to 1
-    ("train.seed=1e-3", r"train.seed='1e-3' is not a valid int"),  # not truncated to 0
+    ("train.max_steps=1.5e0", r"train.max_steps=1.5 is not a valid int"),  # not truncated to 1
+    ("train.seed=1e-3", r"train.seed=0.001 is not a valid int"),  # not truncated to 0
     ("train.max_steps=null", r"train.max_steps=None is not a valid int"),
     ("train.batch_size=true", r"train.batch_size=True is not a valid int"),
     ("optim.lr=true", r"optim.lr=True is not a valid float"),

@@ -17,8 +17,9 @@ from typing import Any
 
 import yaml
 
+from .. import overrides
 from ..models.config import ModelConfig, load_preset
-from ..moe.options import check_choice, check_number, did_you_mean
+from ..moe.options import check_choice, check_number
 
 
 @dataclass
@@ -191,7 +192,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str, all_keys: list[str]) 
     for key, value in values.items():
         dotted = prefix + key
         if key not in names:
-            raise ValueError(f"unknown config key {dotted!r}.{did_you_mean(dotted, all_keys)}")
+            raise ValueError(f"unknown config key {dotted!r}.{overrides.key_hint(dotted, all_keys)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
@@ -215,33 +216,13 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_override(item: str) -> dict[str, Any]:
-    """``a.b.c=value`` -> {"a": {"b": {"c": value}}}, the value parsed as YAML."""
-    if "=" not in item:
-        raise ValueError(f"override {item!r} must look like section.key=value (e.g. optim.lr=1e-3).")
-    key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    out: dict[str, Any] = {}
-    node = out
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
+    """``a.b.c=value`` -> {"a": {"b": {"c": value}}} (libmoe.overrides, shared by every command)."""
+    return overrides.parse_override(item)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist.")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {str(path)!r} must hold a mapping of sections.")
-    return data
+    """A config file's mapping, or one line saying why not (libmoe.overrides.load_yaml)."""
+    return overrides.load_yaml(path)
 
 
 def resolve_config(
