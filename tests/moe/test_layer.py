@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from libmoe.moe import ALGORITHMS, REGISTRY, build_moe, set_training_progress
 from libmoe.moe.routers import Router
@@ -140,12 +141,12 @@ def test_group_limited_routing_keeps_selected_groups():
 
 def test_moe_plus_plus_gate_residual():
     torch.manual_seed(0)
-    layer = build_moe("moe_plus_plus", D, E, M, K)
+    layer = build_moe("moe_plus_plus", D, E, M, K, gating_residual=True)
     R = layer.router.n_slots
     assert R == E + 1 + 1 + 6
     x = torch.randn(2, 4, D)
     prev = torch.randn(8, R)
-    base = layer(x).routing.logits
+    base = F.linear(x.reshape(8, D), layer.router.weight)  # the layer's own logits
     # W_g is zero-initialised: the residual has no effect at initialisation.
     torch.testing.assert_close(layer(x, prev_logits=prev).routing.logits, base)
     with torch.no_grad():
@@ -296,7 +297,7 @@ def test_moe_plus_plus_layers_chain_their_logits():
     """How a model threads the gating residual: each MoE++ layer gets the previous one's logits,
     and the gradient reaches the earlier router through W_g."""
     torch.manual_seed(0)
-    layers = [build_moe("moe_plus_plus", D, E, M, K) for _ in range(3)]
+    layers = [build_moe("moe_plus_plus", D, E, M, K, gating_residual=i > 0) for i in range(3)]
     for layer in layers[1:]:
         torch.nn.init.normal_(layer.router.gate_residual.weight, std=0.1)
     h, prev = torch.randn(2, 5, D), None
@@ -306,7 +307,7 @@ def test_moe_plus_plus_layers_chain_their_logits():
     h.sum().backward()
     assert layers[0].router.weight.grad is not None
     assert all(layer.router.gate_residual.weight.grad.abs().sum() > 0 for layer in layers[1:])
-    assert layers[0].router.gate_residual.weight.grad is None  # first layer: no previous logits
+    assert layers[0].router.gate_residual is None  # first layer: no previous logits, no W_g
 
 
 @pytest.mark.parametrize("backend", ["blocked", "grouped", "padded", "loop"])

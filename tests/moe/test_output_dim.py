@@ -151,8 +151,8 @@ def test_moe_plus_plus_refuses_copy_and_constant_experts_across_widths(options):
 
 def test_moe_plus_plus_keeps_zero_experts_and_gating_residual_with_output_dim():
     torch.manual_seed(0)
-    first = build("moe_plus_plus", gating_residual=False, n_zero=2, router_init_std=1.0)
-    layer = build("moe_plus_plus", n_zero=2, router_init_std=1.0, routed_scaling=0.7)
+    first = build("moe_plus_plus", n_zero=2, router_init_std=1.0)
+    layer = build("moe_plus_plus", n_zero=2, router_init_std=1.0, routed_scaling=0.7, gating_residual=True)
     assert layer.router.n_slots == E + 2
     with torch.no_grad():
         layer.router.gate_residual.weight.normal_()

@@ -604,7 +604,7 @@ def test_group_limited_routing(with_bias):
 
 
 def test_moe_plus_plus_prev_logits():
-    layer = make_layer("moe_plus_plus")
+    layer = make_layer("moe_plus_plus", gating_residual=True)
     x = _x((2, 8, D))
     n_slots = layer.router.weight.shape[0]
     assert n_slots == E + 8
@@ -617,7 +617,7 @@ def test_moe_plus_plus_prev_logits():
 
 
 def test_moe_plus_plus_gate_residual_zero_init():
-    layer = build_moe("moe_plus_plus", D, E, M, K)
+    layer = build_moe("moe_plus_plus", D, E, M, K, gating_residual=True)
     assert torch.count_nonzero(layer.router.gate_residual.weight) == 0
     assert getattr(layer.router.gate_residual, "bias", None) is None
 
@@ -771,9 +771,10 @@ def _gc_layer(name, dispatch):
     """Seed search on the reference only: top-k margins and ReLU pre-activations must be far
     from the non-differentiable points (eps = 1e-6)."""
     opts = {"dispatch": dispatch, "z_coef": 0.1, "balance_coef": 0.1}
+    gated = {"gating_residual": True} if name == "moe_plus_plus" else {}  # gradients reach prev_logits
     for seed in range(200):
         layer = make_layer(name, k=GK, d=GD, e=GE, m=GM, seed=seed, router_std=1.0,
-                           expert_std=1.0, dtype=torch.float64, **opts)
+                           expert_std=1.0, dtype=torch.float64, **opts, **gated)
         if name == "sharede_v3":
             with torch.no_grad():
                 layer.router.expert_bias.zero_()

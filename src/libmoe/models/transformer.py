@@ -60,8 +60,11 @@ class Block(nn.Module):
         if cfg.is_moe_layer(layer):
             n_experts, top_k, options = cfg.moe_args()
             router = REGISTRY[cfg.algorithm].router
-            if first_moe and "gating_residual" in getattr(router, "OPTIONS", {}):
-                options.setdefault("gating_residual", False)  # no previous layer's logits
+            if "gating_residual" in getattr(router, "OPTIONS", {}):
+                # MoE++'s W_g (on unless moe_options turns it off) exists only where it is used:
+                # every MoE layer but the first receives the previous layer's logits.
+                gated = options.get("gating_residual", True)
+                options["gating_residual"] = False if first_moe and isinstance(gated, bool) else gated
             self.ffn = build_moe(cfg.algorithm, cfg.d_model, n_experts, cfg.expert_dim, top_k,
                                  **options)
         else:

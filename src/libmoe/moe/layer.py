@@ -54,8 +54,8 @@ class MoELayer(nn.Module):
     `shared_experts` that every token uses. D_out is opts.output_dim, d_model unless set.
 
     forward(x [..., D], prev_logits=None) -> MoEOutput with output [..., D_out]. `prev_logits` is
-    the previous MoE layer's `routing.logits` (used by moe_plus_plus's gating residual, ignored by
-    other routers).
+    the previous MoE layer's `routing.logits`: required by a moe_plus_plus layer built with
+    gating_residual=True, ignored by other routers. Every parameter takes part in each forward.
     """
 
     def __init__(
@@ -218,6 +218,9 @@ def build_moe(
     opts = MoEOptions(**merged, extra=extra)
     if router_cls is None:
         return DenseFFN(d_model, top_k * expert_dim, opts)
+    if opts.bias and not router_cls.ROUTER_BIAS:  # a bias the logits never add gets no gradient
+        raise ValueError(f"bias=True is not supported by {name!r}: its router logits have no bias "
+                         "term; leave bias unset.")
     router_cls.check_options(opts, n_experts, top_k)
     _check_group_routing(name, opts, router_cls, n_experts, top_k)
     router = router_cls(d_model, n_experts, top_k, opts)

@@ -43,6 +43,7 @@ class Router(nn.Module):
     """
 
     OPTIONS: ClassVar[dict[str, Any]] = {}
+    ROUTER_BIAS: ClassVar[bool] = False  # whether the logits add a learned bias (option `bias`)
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, opts: MoEOptions):
         super().__init__()
@@ -104,6 +105,8 @@ class TopKRouter(Router):
     auxiliary-loss-free balancing bias of DeepSeek-V3 (`bias_balancing` = update rate gamma) and
     group-limited routing (`n_group`, `topk_group`).
     """
+
+    ROUTER_BIAS = True
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, opts: MoEOptions):
         super().__init__(d_model, n_experts, top_k, opts)
@@ -197,6 +200,7 @@ class XMoERouter(TopKRouter):
     """
 
     OPTIONS = {"xmoe_dim": None, "xmoe_tau": 0.3, "xmoe_weights": "renorm"}
+    ROUTER_BIAS = False
     Q_NORM = 1.5
 
     @classmethod
@@ -237,6 +241,7 @@ class CosineRouter(TopKRouter):
     weights = softmax of the K selected z / temperature (equal to renormalised probabilities)."""
 
     theta = 0.0
+    ROUTER_BIAS = False
 
     def logits(self, x, prev_logits):
         th = self.theta
@@ -270,6 +275,7 @@ class HyperRouter(TopKRouter):
     (`set_training_progress`); weights = softmax of the k selected logits / temperature."""
 
     OPTIONS = {"hyper_embed_dim": 32, "hyper_hidden_dim": 64, "hyper_k_min": 1}
+    ROUTER_BIAS = False  # the hypernetwork generates the bias
 
     @classmethod
     def check_options(cls, opts, n_experts, top_k):
@@ -331,13 +337,16 @@ class MoEPlusPlusRouter(TopKRouter):
 
     Slots: [0, E) FFN, then n_zero zero experts (output 0), n_copy copy experts (output x), n_const
     constant experts (a0 x + a1 v_c with [a0, a1] = softmax(W_c x)).
-    gating_residual=False builds no W_g: for the first MoE layer of a model, which has no previous
-    logits (an unused parameter would also break DDP's gradient reduction).
+    W_g exists only where it is used: gating_residual=True builds it, and forward then needs the
+    previous layer's logits (ValueError without them). The default, False, suits a standalone layer
+    and a model's first MoE layer, which have no previous logits; a model turns it on for its later
+    MoE++ layers. An unused parameter would break DDP's gradient reduction, so constant-expert
+    parameters likewise exist only when n_const > 0.
     With output_dim != d_model, copy and constant experts (functions of x, d_model wide) cannot
     exist: pass n_copy=0, n_const=0. Zero experts are kept (their output 0 has any width).
     """
 
-    OPTIONS = {"n_zero": 1, "n_copy": 1, "n_const": 6, "tau_pp": 0.75, "gating_residual": True}
+    OPTIONS = {"n_zero": 1, "n_copy": 1, "n_const": 6, "tau_pp": 0.75, "gating_residual": False}
 
     @classmethod
     def check_options(cls, opts, n_experts, top_k):
@@ -345,6 +354,9 @@ class MoEPlusPlusRouter(TopKRouter):
         for name in ("n_zero", "n_copy", "n_const"):
             check_number(name, x[name], 0, integer=True)
         check_number("tau_pp", x["tau_pp"], 0.0)
+        if not isinstance(x["gating_residual"], bool):
+            raise ValueError(f"gating_residual={x['gating_residual']!r} is not valid; it must be True "
+                             "or False.")
 
     @classmethod
     def check_output_dim(cls, opts, d_model):
@@ -370,17 +382,25 @@ class MoEPlusPlusRouter(TopKRouter):
         if x["gating_residual"]:
             self.gate_residual = nn.Linear(R, R, bias=False)
             nn.init.zeros_(self.gate_residual.weight)
-        self.const_proj = nn.Parameter(torch.empty(x["n_const"], 2, d_model))
-        nn.init.normal_(self.const_proj, std=self.opts.router_init_std)
-        self.const_values = nn.Parameter(torch.empty(x["n_const"], d_model))
-        nn.init.normal_(self.const_values, std=0.02)
+        self.const_proj = self.const_values = None
+        if x["n_const"] > 0:
+            self.const_proj = nn.Parameter(torch.empty(x["n_const"], 2, d_model))
+            nn.init.normal_(self.const_proj, std=self.opts.router_init_std)
+            self.const_values = nn.Parameter(torch.empty(x["n_const"], d_model))
+            nn.init.normal_(self.const_values, std=0.02)
         eta = torch.full((R,), float(x["tau_pp"]))
         eta[: self.n_experts] = 1.0
         self.register_buffer("eta", eta, persistent=False)
 
     def logits(self, x, prev_logits):
         z = F.linear(x, self.weight, self.bias)
-        if prev_logits is not None and self.gate_residual is not None:
+        if self.gate_residual is not None:
+            if prev_logits is None:
+                raise ValueError(
+                    "this MoE++ layer has a gating residual (gating_residual=True) and needs the "
+                    "previous MoE++ layer's logits: call layer(x, prev_logits=prev.routing.logits), "
+                    "or build it with gating_residual=False (a first or standalone layer)."
+                )
             if prev_logits.shape != z.shape:
                 raise ValueError(
                     f"prev_logits has shape {tuple(prev_logits.shape)} but this MoE++ layer's "
@@ -392,6 +412,18 @@ class MoEPlusPlusRouter(TopKRouter):
 
     def balance_inputs(self, s, idx):
         return s, idx, self.eta
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Files from before these parameters existed only where used: every layer had W_g (zero and
+        # unused where no previous logits came) and n_const=0 layers had empty constant tensors.
+        # Such entries carry nothing and are dropped; a non-zero W_g stays unexpected (strict error).
+        for name, absent in (("gate_residual.weight", self.gate_residual is None),
+                             ("const_proj", self.const_proj is None),
+                             ("const_values", self.const_values is None)):
+            key = prefix + name
+            if absent and key in state_dict and not state_dict[key].any():
+                del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def expert_plan(self, routing):
         idx = routing.topk_idx

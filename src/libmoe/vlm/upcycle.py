@@ -91,8 +91,9 @@ def upcycle_vlm(model: LibMoEVLM, algorithm: str, n_experts: int = 6, top_k: int
             opts["output_dim"] = d_out
             if "n_copy" in own:  # MoE++: copy/constant experts need matching widths
                 opts.update(n_copy=0, n_const=0)
-        if "gating_residual" in own and (first_vision or not vision):
-            opts["gating_residual"] = False
+        if "gating_residual" in own:  # MoE++'s W_g only where the previous layer's logits arrive
+            chained = vision and not first_vision
+            opts["gating_residual"] = base.get("gating_residual", True) if chained else False
         layer_seed = int(torch.randint(2**62, (1,), generator=seeds, device="cpu"))
         with torch.random.fork_rng(devices=[]), (torch.device("meta") if device.type == "meta"
                                                   else contextlib.nullcontext()):
