@@ -1,6 +1,7 @@
 """VLM presets: the model (vision tower, connector, LM), tokenizer, chat template, data, MoE settings
 and each stage's hyperparameters. YAML package data in ``libmoe/configs/vlm/``; dotted
-``key=value`` overrides change any field (``stages.vit.lr=1e-4``, ``moe.top_k=2``)."""
+``key=value`` overrides change any field of the resolved stage config (``train.lr=1e-4``,
+``moe.top_k=2``); an unknown key is refused with the nearest valid ones (`valid_keys`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from ..moe.options import did_you_mean
+from ..overrides import check_keys, did_you_mean, dotted, split_override
 
 VLM_DIR = Path(__file__).resolve().parent.parent / "configs" / "vlm"
 VLM_PRESETS = sorted(p.stem for p in VLM_DIR.glob("*.yaml"))
@@ -31,28 +32,45 @@ def load_vlm_preset(name: str) -> dict[str, Any]:
     return copy.deepcopy(data)
 
 
-def _number(value: Any) -> Any:
-    """YAML 1.1 reads 1e-4 (no dot) as a string; a string that is a number becomes one."""
-    if isinstance(value, str):
-        for cast in (int, float):
-            try:
-                return cast(value)
-            except ValueError:
-                pass
-    if isinstance(value, list):
-        return [_number(v) for v in value]
-    return value
+# Keys an override may set besides those of the resolved config: data options of the synthetic
+# dataset and of record filtering, upcycle_vlm's arguments; below model.vision / model.lm any
+# transformers config field, below moe.options any option of the algorithm (checked when built).
+EXTRA_KEYS = ("data.source", "data.file", "data.subtasks", "data.n_per_task", "data.n_test_per_task",
+              "data.image_size", "data.seed", "data.multi_turn", "moe.n_experts", "moe.top_k", "moe.seed",
+              "moe.router_init_std", "moe.aux_combine", "moe.connector")
+OPEN_SECTIONS = ("model.vision", "model.lm", "moe.options")
+FLAG_KEYS = {"kind": None, "stage": "--stage", "preset": "--preset", "init": "--init",
+             "algorithm": "--algorithm"}
 
 
-def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted ``key=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+def valid_keys(config: dict[str, Any]) -> list[str]:
+    """The dotted keys an override may set on the resolved stage config `config`: its own keys (but
+    those set by flags) and EXTRA_KEYS."""
+    keys = [k for k in dotted(config) if k.split(".")[0] not in FLAG_KEYS]
+    return sorted(set(keys) | set(EXTRA_KEYS))
+
+
+def apply_overrides(config: dict[str, Any], overrides: list[str], check: bool = False) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides (values parsed as YAML, libmoe.overrides) to a nested
+    dict, in place; ``key=`` sets None. With `check`, every key is first validated against
+    `valid_keys(config)` (an unknown one is a ValueError with the nearest valid keys), so nothing
+    is applied when one is wrong."""
+    parsed = []
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} must look like key=value (e.g. stages.vit.lr=1e-4).")
-        value = _number(yaml.safe_load(raw)) if raw else None
+        parts, value = split_override(item)
+        if parts[0] in FLAG_KEYS and check:
+            flag = FLAG_KEYS[parts[0]]
+            raise ValueError(f"{parts[0]!r} cannot be overridden" + (f"; use {flag}." if flag else "."))
+        parsed.append((item, parts, None if value == "" else value))
+    if check:
+        valid = valid_keys(config)
+        for _, parts, value in parsed:
+            nested: Any = value
+            for part in reversed(parts):
+                nested = {part: nested}
+            check_keys(nested, valid, "VLM config key", OPEN_SECTIONS)
+    for item, parts, value in parsed:
         node = config
-        parts = key.split(".")
         for part in parts[:-1]:
             child = node.get(part)
             if child is None:

@@ -33,7 +33,9 @@ import torch
 import yaml
 from torch import Tensor
 
-from ..moe.options import did_you_mean
+from ..errors import WorkFailed
+from ..files import CorruptFileError, write_json, write_text
+from ..overrides import did_you_mean, load_yaml
 from .model import LibMoEVLM, build_vlm, load_vlm, model_state, save_vlm
 from .presets import STAGES, apply_overrides, load_vlm_preset
 
@@ -77,9 +79,10 @@ def stage_config(stage: str, preset: str = "cpu-tiny", data: str | None = None, 
         cfg["template"], cfg["max_length"] = init_cfg["template"], init_cfg["max_length"]
     if data is not None:
         cfg["data"] = {"source": str(data), "file": None if Path(data).is_file() else STAGE_FILES[stage]}
-    apply_overrides(cfg, list(overrides))
+    apply_overrides(cfg, list(overrides), check=True)  # an unknown key fails here, before any work
     if max_steps is not None:
         cfg["train"]["max_steps"] = int(max_steps)
+    _check_train(cfg["train"])
     if stage == "vit":
         from ..moe.layer import check_algorithm
 
@@ -98,6 +101,41 @@ def stage_config(stage: str, preset: str = "cpu-tiny", data: str | None = None, 
     return cfg
 
 
+def _check_train(tcfg: dict[str, Any]) -> None:
+    """The stage's hyperparameters are numbers in range (a NaN loss hours later is the alternative)."""
+    def number(key, low, high=math.inf, integer=False, allow_none=False, low_open=False):
+        value = tcfg.get(key)
+        if value is None and allow_none:
+            return
+        ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+        if not ok:
+            kind = "an integer" if integer else "a finite number"
+            bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
+            raise ValueError(f"train.{key}={value!r} is not valid; it must be {kind} {bound}.")
+
+    number("lr", 0.0, low_open=True)
+    number("batch_size", 1, integer=True)
+    number("max_steps", 1, integer=True, allow_none=True)
+    number("epochs", 1, integer=True, allow_none=True)
+    number("warmup_ratio", 0.0, 1.0)
+    number("min_lr_ratio", 0.0, 1.0)
+    number("weight_decay", 0.0)
+    number("grad_clip", 0.0, low_open=True)
+    number("log_every", 1, integer=True)
+    number("probe_per_subtask", 1, integer=True)
+    betas = tcfg.get("betas")
+    if not (isinstance(betas, list) and len(betas) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"train.betas={betas!r} is not valid; it must be two numbers in [0, 1), "
+                         "e.g. train.betas=[0.9,0.999].")
+    at = tcfg.get("checkpoint_at")
+    if at is not None and not (isinstance(at, list) and at and all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1 for f in at)):
+        raise ValueError(f"train.checkpoint_at={at!r} is not valid; it must be a list of fractions of the "
+                         "steps in (0, 1], e.g. train.checkpoint_at=[0.5,1.0].")
+
+
 def _data_section(preset: dict[str, Any], stage: str) -> dict[str, Any]:
     data = dict(preset.get("data") or {"source": "synth"})
     if stage in data and isinstance(data[stage], str):  # per-stage Hub names (the paper preset)
@@ -113,7 +151,7 @@ def _init_config(init: str | Path, stage: str) -> dict[str, Any]:
     cfg_path = path / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"--init {init}: not a libmoe vlm run (no {CONFIG_FILE}).")
-    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg = load_yaml(cfg_path, "--init run's config")
     if cfg.get("kind") != "vlm":
         raise ValueError(f"--init {init} is not a VLM run (train one with `libmoe vlm train`).")
     want = INIT_STAGE.get(stage)
@@ -326,7 +364,7 @@ def train_stage(stage: str, out: str | Path, preset: str = "cpu-tiny", data: str
         rng.setstate(_tuple_state(state["python_rng"]))
         torch.set_rng_state(state["torch_rng"])
         log(f"resuming {out} from step {start}")
-    (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    write_text(out / CONFIG_FILE, yaml.safe_dump(cfg, sort_keys=False))
     n_total = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in params)
     log(f"vlm {stage}: {n_total / 1e6:.2f}M parameters ({n_trained / 1e6:.2f}M trained), "
@@ -355,9 +393,14 @@ def train_stage(stage: str, out: str | Path, preset: str = "cpu-tiny", data: str
                 pixels = None if batch.pixel_values is None else batch.pixel_values.to(dev)
                 result = model(batch.input_ids.to(dev), pixels, batch.attention_mask.to(dev),
                                batch.labels.to(dev))
+            loss_value = float(result.loss.detach())
+            if not math.isfinite(loss_value):  # stop before the update: no NaN weights, no NaN checkpoint
+                raise WorkFailed(_non_finite(out, step + 1, f"the loss is {loss_value}", tcfg))
             opt.zero_grad(set_to_none=True)
             result.loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(params, float(tcfg["grad_clip"]))
+            if not math.isfinite(float(gnorm)):
+                raise WorkFailed(_non_finite(out, step + 1, f"the gradient norm is {float(gnorm)}", tcfg))
             opt.step()
             elapsed += time.perf_counter() - t0
             tokens_since += batch.n_tokens
@@ -382,6 +425,8 @@ def train_stage(stage: str, out: str | Path, preset: str = "cpu-tiny", data: str
                 logger.log(row)
                 t_log, tokens_since, window = now, 0, []
             if done in ckpt_steps:
+                if not all(bool(torch.isfinite(p).all()) for p in params):
+                    raise WorkFailed(_non_finite(out, done, "the weights are not finite", tcfg))
                 _save(out, done, model, tokenizer, opt, cfg, rng, elapsed, probe, save_checkpoint)
     finally:
         logger.close()
@@ -392,13 +437,22 @@ def train_stage(stage: str, out: str | Path, preset: str = "cpu-tiny", data: str
         tasks = ["synth_mme"]
         results = evaluate_vlm(model.eval(), tokenizer, cfg["template"], folder, tasks,
                                subtasks=cfg["data"].get("subtasks"))
-        (out / "eval").mkdir(exist_ok=True)
-        (out / "eval" / "results.json").write_text(json.dumps({"results": results, "step": total}, indent=1))
+        write_json(out / "eval" / "results.json", {"results": results, "step": total}, indent=1)
         mme = results["synth_mme"]
         log(f"held-out synth_mme: acc {mme['acc']:.3f}, acc+ {mme['acc_plus']:.3f} (chance 0.5 / 0.25)")
         summary["synth_mme"] = {"acc": mme["acc"], "acc_plus": mme["acc_plus"]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(out / "summary.json", summary, indent=1)
     return summary
+
+
+def _non_finite(out: Path, step: int, what: str, tcfg: dict[str, Any]) -> str:
+    """The one line of a stage stopped by a non-finite value (nothing of the step is saved)."""
+    from ..train.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(out)
+    kept = f"the last checkpoint ({last.name}) is kept" if last is not None else "no checkpoint was written"
+    return (f"training stopped at step {step} of {out}: {what} (train.lr={tcfg['lr']}); {kept}; lower "
+            "train.lr or check the data, then rerun with --overwrite.")
 
 
 def _tuple_state(state):
@@ -433,7 +487,11 @@ def _check_run_dir(out: Path, cfg: dict[str, Any], overwrite: bool) -> None:
         shutil.rmtree(out)
         out.mkdir(parents=True)
         return
-    old = yaml.safe_load(path.read_text())
+    try:
+        old = load_yaml(path, "run config")
+    except ValueError as err:
+        raise CorruptFileError(path, str(err).split(" is ", 1)[-1].rstrip("."),
+                               "use another --out, or --overwrite to start over") from None
     if config_hash(old) != config_hash(cfg):
         diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
         raise ValueError(f"{out} holds a run with another config (differs in: {', '.join(diff)}); "
@@ -441,5 +499,6 @@ def _check_run_dir(out: Path, cfg: dict[str, Any], overwrite: bool) -> None:
 
 
 def load_stage_config(run: str | Path) -> dict[str, Any]:
-    return yaml.safe_load((Path(run) / CONFIG_FILE).read_text())
+    """A VLM run's config.yaml; FileNotFoundError / a one-line ValueError naming the file."""
+    return load_yaml(Path(run) / CONFIG_FILE, "VLM run config")
 
