@@ -4,6 +4,7 @@ nothing written), the VLM stage's values checked before work and a non-finite VL
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from importlib.metadata import version
@@ -89,7 +90,7 @@ def test_a_bad_override_is_refused_before_any_work(argv, message, tmp_path, monk
     captured = capsys.readouterr()
     line = _one_line(captured.err)
     assert line.startswith("libmoe: error: ")
-    assert pytest.importorskip("re").search(message, line), line
+    assert re.search(message, line), line
     assert list(tmp_path.iterdir()) == []  # nothing written: no run, study, bench or cache directory
 
 
@@ -132,3 +133,22 @@ def test_vlm_non_finite_loss_stops_with_exit_1_and_no_checkpoint(tmp_path, monke
     assert "no checkpoint was written" in err[-1] and "lower train.lr" in err[-1]
     assert not (out / "summary.json").exists()
     assert not list((out / "checkpoints").glob("step_*")) if (out / "checkpoints").exists() else True
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["vlm", "train", "--stage", "pt", "--preset", "cpu-smoke", "--out", "v", "--device", "cuda:7"],
+     r"--device cuda:7: this machine has"),
+    (["vlm", "train", "--stage", "pt", "--preset", "cpu-smoke", "--out", "v", "--device", "gpu"],
+     r"--device 'gpu' is not a torch device"),
+    (["vlm", "eval", "run", "--limit", "0"], r"--limit 0: give a positive number of questions"),
+    (["vlm", "eval", "run", "--limit", "-3"], r"--limit -3: give a positive number"),
+    (["vlm", "eval", "run", "--out", "."], r"--out '\.' is a directory; give the results file"),
+    (["vlm", "eval", "run", "--device", "cuda:7"], r"--device cuda:7: this machine has"),
+])
+def test_vlm_arguments_are_checked_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LIBMOE_CACHE", str(tmp_path / "cache"))
+    assert main(argv) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert re.search(message, line), line
+    assert list(tmp_path.iterdir()) == []

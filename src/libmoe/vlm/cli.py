@@ -25,9 +25,19 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ..devices import check_device
     from .evaluate import check_tasks, evaluate_run
 
     tasks = check_tasks(_split(args.tasks) or ["synth_mme"])
+    if args.limit is not None and args.limit < 1:  # before the model loads
+        raise ValueError(f"--limit {args.limit}: give a positive number of questions per category, or leave "
+                         "it out to evaluate them all.")
+    if args.out is not None and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out!r} is a directory; give the results file, e.g. "
+                         f"{Path(args.out) / 'results.json'}.")
+    check_device(args.device)
     payload = evaluate_run(args.run, tasks, data=args.data, out=args.out, device=args.device,
                            limit=args.limit, log=_log)
     for task, m in payload["results"].items():

@@ -240,9 +240,12 @@ def _lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 
 def _device(name: str) -> torch.device:
+    """`--device`: auto (cuda when present, else cpu) or a device this machine has (else ValueError)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    from ..devices import check_device
+
+    return torch.device(check_device(name))
 
 
 def _autocast(precision: str, device: torch.device):
@@ -326,6 +329,7 @@ def train_stage(stage: str, out: str | Path, preset: str = "cpu-tiny", data: str
     from ..train.metrics import MetricsLogger, load_summary
 
     cfg = stage_config(stage, preset, data, init, algorithm, max_steps, overrides)
+    dev = _device(device)  # a device this machine lacks is refused before the run directory exists
     out = Path(out)
     _check_run_dir(out, cfg, overwrite)
     tcfg = cfg["train"]
@@ -333,7 +337,6 @@ def train_stage(stage: str, out: str | Path, preset: str = "cpu-tiny", data: str
     torch.manual_seed(int(tcfg["seed"]))  # the new weights (a PT model, VIT's upcycled noise) come from
     # the run's seed, not from whatever drew random numbers before (e.g. writing the synthetic data)
     model, tokenizer = build_stage_model(cfg, records, folder, log)
-    dev = _device(device)
     model.to(dev)
     from .text import encode_conversation
 
