@@ -261,14 +261,18 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from .models import load_model
     from .models.loading import _find_tokenizer, save_model_dir
 
+    if (Path(args.out) / "config.yaml").is_file() and not args.overwrite:  # before loading anything
+        raise ValueError(f"{args.out!r} already holds a model; pass --overwrite or a new --out.")
     loaded = load_model(args.model)
     if not loaded.config:
         raise ValueError(f"{args.model} is already a transformers model directory.")
-    if (Path(args.out) / "config.yaml").is_file() and not args.overwrite:
-        raise ValueError(f"{args.out!r} already holds a model; pass --overwrite or a new --out.")
     save_model_dir(args.out, loaded.model, loaded.config, _find_tokenizer(loaded.checkpoint))
-    print(f"exported {loaded.checkpoint} -> {args.out} (AutoModelForCausalLM.from_pretrained loads it "
-          "after `import libmoe`; libmoe eval/analyze/train --init read it too)")
+    readers = "libmoe eval/analyze/train --init read it"
+    if (Path(args.out) / "config.json").is_file():
+        auto = ("AutoTokenizer and " if (Path(args.out) / "tokenizer_config.json").is_file() else "")
+        readers = (f"{auto}AutoModelForCausalLM.from_pretrained load it after `import libmoe`; "
+                   f"{readers} too")
+    print(f"exported {loaded.checkpoint} -> {args.out} ({readers})")
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:

@@ -99,26 +99,53 @@ def _find_tokenizer(ckpt: Path) -> Path:
 
 
 def save_model_dir(out: str | Path, model: MoETransformer, run_config: dict[str, Any],
-                   tokenizer_dir: str | Path) -> Path:
+                   tokenizer_dir: str | Path, log: Any = None) -> Path:
     """Write a model directory: model.safetensors, config.yaml (`run_config` with the model's
-    section), tokenizer/, and transformers' config.json when transformers is installed, so both
-    `load_model` and AutoModelForCausalLM (after `import libmoe`) load it."""
-    import shutil
+    section) and tokenizer/, which libmoe's loaders read; with transformers installed also its
+    config.json (bos/eos/pad ids from the tokenizer) and, at the top level, the tokenizer in
+    transformers' format (tokenizer.json, tokenizer_config.json, special_tokens_map.json; see
+    libmoe.data.hf_tokenizer), so that AutoTokenizer and AutoModelForCausalLM (after `import
+    libmoe`) load the directory alone. Each file is written atomically. `log` (default: stderr)
+    gets one line when transformers' files are skipped."""
+    import sys
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(out / "model.safetensors"), metadata={"format": "pt"})
+    from ..data.hf_tokenizer import write_transformers_tokenizer
+    from ..files import write_bytes, write_text
+
+    out, tokenizer_dir = Path(out), Path(tokenizer_dir)
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    write_bytes(out / "model.safetensors", save(state, metadata={"format": "pt"}))
     config = dict(run_config, model=model.config.to_dict())
-    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    shutil.copytree(tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
+    write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    for file in sorted(f for f in tokenizer_dir.rglob("*") if f.is_file()):
+        write_bytes(out / "tokenizer" / file.relative_to(tokenizer_dir), file.read_bytes())
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
     try:
-        from .hf import write_hf_config
+        from .hf import LibMoEConfig
     except ImportError:  # transformers is optional; libmoe reads the directory without it
+        for name in ("config.json", "generation_config.json", *tokenizer_files):  # an older export's
+            (out / name).unlink(missing_ok=True)
+        say(f"libmoe: {out}: transformers' config.json and AutoTokenizer files skipped (transformers is "
+            "not installed: pip install transformers); libmoe reads the directory without them.")
         return out
-    write_hf_config(out, model.config)
+    ids: dict[str, int | None] = {}
+    try:
+        ids = write_transformers_tokenizer(tokenizer_dir, out, model.config.max_seq_len)
+    except Exception as err:  # noqa: BLE001  the model's files stand without them: say why, go on
+        for name in tokenizer_files:
+            (out / name).unlink(missing_ok=True)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        say(f"libmoe: {out}: AutoTokenizer files skipped: {first}")
+    from transformers import GenerationConfig
+
+    hf_config = LibMoEConfig(libmoe=model.config.to_dict(), architectures=["LibMoEForCausalLM"], **ids)
+    write_text(out / "config.json", hf_config.to_json_string())
+    # use_cache=False: the model keeps no KV cache, so generate() must feed it the whole sequence
+    generation = GenerationConfig(use_cache=False, **{k: v for k, v in ids.items() if v is not None})
+    write_text(out / "generation_config.json", generation.to_json_string())
     return out
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,11 +316,19 @@ def _tokenizer_dir(ckpt: Path) -> Path | None:
 
 
 def _copy_tokenizer(tokenizer_dir: Path | None, out: Path) -> bool:
+    """The tokenizer in transformers' format at `out`'s top level: a transformers tokenizer's files
+    copied, a SentencePiece tokenizer libmoe trained converted (libmoe.data.hf_tokenizer)."""
+    from ..data.hf_tokenizer import is_libmoe_sentencepiece, write_transformers_tokenizer
+    from ..files import write_bytes
+
     if tokenizer_dir is None:
         return False
+    if is_libmoe_sentencepiece(tokenizer_dir):  # its tokenizer.json is libmoe's, not transformers'
+        write_transformers_tokenizer(tokenizer_dir, out)
+        return True
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
-            shutil.copy2(tokenizer_dir / name, out / name)
+            write_bytes(out / name, (tokenizer_dir / name).read_bytes())
     return True
 
 

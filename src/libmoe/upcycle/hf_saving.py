@@ -174,14 +174,15 @@ def upcycle_transformers(source: str, out: str | Path, algorithm: str, n_experts
     out = Path(out)
     wrapper.save_pretrained(str(out))
     try:
-        from transformers import AutoTokenizer
+        from ..data.hf_tokenizer import write_transformers_tokenizer
 
         tokenizer_path = source
         if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
             from ..models.loading import _find_tokenizer  # a checkpoint of a libmoe run
 
             tokenizer_path = str(_find_tokenizer(Path(source)))
-        AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(str(out))
+        # a transformers tokenizer as it is; a SentencePiece one libmoe trained, converted
+        write_transformers_tokenizer(tokenizer_path, out)
     except (OSError, ValueError) as err:  # a model without a tokenizer still upcycles
         print(f"libmoe: no tokenizer saved ({err})")
     plain = all(kwargs.get(k, 0) == 0 for k in ("noise_std", "reinit_fraction"))
