@@ -293,12 +293,15 @@ def test_corpus_jsonl_records(scratch, data):
 
 
 @FUZZ
-@given(st.binary(max_size=300),
+@given(st.one_of(st.none(), st.binary(max_size=300)),
        st.one_of(st.binary(max_size=100), json_values.map(lambda v: json.dumps(v).encode())))
 def test_libmoe_tokenizer_directory(scratch, model, meta):
+    """A libmoe tokenizer directory (tokenizer.model + its tokenizer.json) with random contents; without
+    tokenizer.model the directory is read as a Hugging Face one."""
     from libmoe.data.tokenizer import load_tokenizer
 
     directory = _fresh(scratch)
-    (directory / "tokenizer.model").write_bytes(model)
+    if model is not None:
+        (directory / "tokenizer.model").write_bytes(model)
     (directory / "tokenizer.json").write_bytes(meta)
     one_line(load_tokenizer, directory)
