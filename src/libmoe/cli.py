@@ -91,19 +91,23 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .train import train
     from .train.trainer import check_run_dir
 
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after {args.stop_after} must be a step of at least 1.")
     cfg, out = _run_config(args, resume=args.resume)
     check_run_dir(out, args.resume, args.overwrite)
     summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite,
-                    stop_after=args.stop_after, init=args.init)
+                    stop_after=args.stop_after, init=args.init,
+                    allow_config_change=args.allow_config_change)
     if summary.get("val_ppl") is not None and summary.get("rank", 0) == 0:
         print(f"done: step {summary['step']}, val_loss {summary['val_loss']:.4f}, "
               f"val_ppl {summary['val_ppl']:.2f}, {summary['train_time_s']:.1f} s -> {out}")
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
-    from .train.trainer import prepare_run_data
+    from .train.trainer import check_config, prepare_run_data
 
     cfg, _ = _run_config(args)
+    check_config(cfg)  # a config that cannot train is refused before its data are built
     data = prepare_run_data(cfg)
     m = data.meta
     print(f"{data.directory}: {m['n_train_tokens']:,} training tokens in {m['n_train_shards']} "
@@ -415,12 +419,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default runs/PRESET-ALGORITHM)")
     p.add_argument("--max-steps", type=int, default=None, help="schedule length in steps")
     p.add_argument("--stop-after", type=int, default=None,
-                   help="stop after this step with a checkpoint, as if interrupted")
+                   help="stop after this step (>= 1) with a checkpoint, as if interrupted")
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in --out (with its saved config)")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+                   help="continue from the newest intact checkpoint in --out (with its saved config)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept changed optim/data/batch/schedule/seed settings and "
+                   "record them with the step in OUT/config_changes.jsonl")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in --out (all its files: checkpoints, traces, eval, "
+                   "analysis), once the new config is checked")
     p.add_argument("--init", default=None, metavar="MODEL_DIR",
                    help="start from this model's weights and config (an upcycled model from "
                    "`libmoe upcycle`, a run or a checkpoint): the upcycling regime. A transformers "

@@ -176,13 +176,19 @@ def test_resume_refuses_a_different_model_or_tokenizer(micro_config, tmp_path):
     before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
     with pytest.raises(ValueError, match=r"different model config \(n_layers: 2 -> 3\)"):
         train(micro_config("model.n_layers=3", steps=2), tmp_path / "run", resume=True)
-    with pytest.raises(ValueError, match="tokenizer differs"):
+    with pytest.raises(ValueError, match=r"change settings.*data.max_doc_chars: 50000 -> 20000"):
         train(micro_config("data.max_doc_chars=20000", steps=2), tmp_path / "run", resume=True)
+    with pytest.raises(ValueError, match="tokenizer differs"):  # even when changes are allowed
+        train(micro_config("data.max_doc_chars=20000", steps=2), tmp_path / "run", resume=True,
+              allow_config_change=True)
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
 
 
-def test_resume_without_checkpoint_starts_fresh(micro_config, tmp_path):
-    summary = train(micro_config(steps=2), tmp_path / "new", resume=True, progress=False)
+def test_resume_auto_starts_a_run_without_checkpoint(micro_config, tmp_path):
+    with pytest.raises(ValueError, match="no run in .* to resume"):
+        train(micro_config(steps=2), tmp_path / "new", resume=True, progress=False)
+    assert not (tmp_path / "new").exists()
+    summary = train(micro_config(steps=2), tmp_path / "new", resume="auto", progress=False)
     assert summary["step"] == 2
 
 

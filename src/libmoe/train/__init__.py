@@ -5,8 +5,9 @@
     summary = train(cfg, "runs/micro-smoe")
 """
 
-from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, verify_checkpoint
 from .config import DataConfig, OptimConfig, RunConfig, TrainConfig, config_from_dict, resolve_config
+from .rundir import run_hash
 from .trace import TRACE_META, TRACE_TENSORS, record_routing, save_trace
 from .trainer import load_run_config, prepare_run_data, train
 
@@ -25,6 +26,8 @@ __all__ = [
     "prepare_run_data",
     "record_routing",
     "resolve_config",
+    "run_hash",
     "save_trace",
     "train",
+    "verify_checkpoint",
 ]

@@ -5,7 +5,9 @@ Contents of a checkpoint directory:
   bias-balancing expert biases);
 - ``optimizer.pt``: AdamW state (written by this library; loaded with ``weights_only=True``);
 - ``trainer_state.pt``: step, LR-scheduler state, data-sampler position and RNG states;
-- ``checkpoint.json``: step, tokenizer fingerprint, a hash of the model config (for resume checks);
+- ``checkpoint.json``: step, tokenizer fingerprint, a hash of the model config (for resume checks),
+  the run's identity (``run_hash``) and ``files``: the SHA-256 of every other file, so a damaged
+  checkpoint is recognised (`verify_checkpoint`) and `--resume` falls back to an intact one;
 - ``config.yaml``: the run's resolved config, so the directory stands alone;
 - ``routing_trace.safetensors`` / ``routing_trace.json``: see `libmoe.train.trace`.
 
@@ -15,7 +17,6 @@ a half-written ``step_<N>``.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -24,6 +25,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..files import CorruptFileError, read_json_object, sha256, write_json, write_text
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -77,10 +80,11 @@ def save_checkpoint(
     torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
     torch.save(trainer_state, tmp / STATE_FILE)
     for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
+        write_text(tmp / name, text)
     if before_rename is not None:
         before_rename(tmp)
-    (tmp / INFO_FILE).write_text(json.dumps(dict(info, step=step), indent=2) + "\n")
+    files = {f.relative_to(tmp).as_posix(): sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+    write_json(tmp / INFO_FILE, dict(info, step=step, files=files))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -101,12 +105,67 @@ def _keep_trace(checkpoint: Path, dest: Path) -> None:
         os.replace(f, dest / f.name)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """{"model", "optimizer", "state", "info"} of a checkpoint directory."""
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None when checkpoint directory `path` is intact, else why not (one phrase): its
+    checkpoint.json is unreadable, or a file it records is missing or fails its checksum. A
+    checkpoint written before checksums were recorded passes when its state files are present."""
     path = Path(path)
+    try:
+        info = read_json_object(path / INFO_FILE)
+    except (FileNotFoundError, ValueError, OSError):
+        return f"{INFO_FILE} is missing or unreadable"
+    files = info.get("files")
+    if files is None:  # an older checkpoint: no checksums to compare
+        missing = [n for n in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE) if not (path / n).is_file()]
+        return f"{missing[0]} is missing" if missing else None
+    if not isinstance(files, dict):
+        return f"{INFO_FILE} has no valid file list"
+    for name, digest in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        try:
+            if sha256(file) != digest:
+                return f"{name} does not match its checksum"
+        except OSError as err:
+            return f"{name} is unreadable ({err.strerror or err})"
+    return None
+
+
+def _fix(path: Path) -> str:
+    return f"delete {str(path)!r} to fall back to the previous checkpoint"
+
+
+def _load_torch(file: Path, checkpoint: Path) -> Any:
+    """torch.load with weights_only=True; a damaged file is a CorruptFileError (torch's own message,
+    which may suggest weights_only=False, is not passed on: never load these files unsafely)."""
+    if not file.is_file():
+        raise CorruptFileError(file, "missing", _fix(checkpoint))
+    try:
+        return torch.load(file, weights_only=True, map_location="cpu")
+    except Exception:  # UnpicklingError, RuntimeError (a torn zip), EOFError, ...
+        raise CorruptFileError(file, "truncated or not a PyTorch state file", _fix(checkpoint)) from None
+
+
+def _load_safetensors(file: Path, checkpoint: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CorruptFileError(file, "missing", _fix(checkpoint))
+    try:
+        return load_file(str(file))
+    except Exception:  # safetensors raises its own SafetensorError (and OSError, ValueError)
+        raise CorruptFileError(file, "truncated or not a safetensors file", _fix(checkpoint)) from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """{"model", "optimizer", "state", "info"} of a checkpoint directory; a missing or damaged file
+    raises CorruptFileError naming it (see `verify_checkpoint` to check the checksums first)."""
+    path = Path(path)
+    info_file = path / INFO_FILE
+    if not info_file.is_file():
+        raise CorruptFileError(info_file, "missing", _fix(path))
     return {
-        "model": load_file(str(path / MODEL_FILE)),
-        "optimizer": torch.load(path / OPTIMIZER_FILE, weights_only=True),
-        "state": torch.load(path / STATE_FILE, weights_only=True),
-        "info": json.loads((path / INFO_FILE).read_text()),
+        "model": _load_safetensors(path / MODEL_FILE, path),
+        "optimizer": _load_torch(path / OPTIMIZER_FILE, path),
+        "state": _load_torch(path / STATE_FILE, path),
+        "info": read_json_object(info_file, _fix(path)),
     }

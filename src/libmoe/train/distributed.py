@@ -80,6 +80,36 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor, info: DistInfo, group=None) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t
+
+
+def all_reduce_min(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
+def cpu_group(info: DistInfo):
+    """A process group for small CPU tensors (a flag every step without a GPU sync): a gloo group
+    beside NCCL, the default group otherwise; None for one process. Every rank must call it."""
+    if not info.enabled:
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")
+
+
+def any_rank(flag: bool, info: DistInfo, group=None) -> bool:
+    """Whether `flag` is set on any process (all processes get the same answer)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    return bool(all_reduce_max(t, info, group).item())
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ..files import CorruptFileError, dumps, write_text
+
 
 def load_summary(counts: torch.Tensor) -> dict[str, float]:
     """min/max selection fraction, allocation entropy (normalised by log n) and dead experts of
@@ -35,13 +37,36 @@ def load_summary(counts: torch.Tensor) -> dict[str, float]:
             "dead": int((counts == 0).sum())}
 
 
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl. A torn last line (a write cut off by a crash) is dropped; a
+    damaged line before it raises CorruptFileError naming the file and the line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    rows = []
+    for k, (number, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step", 0), int):
+            if k == len(numbered) - 1:  # torn by an interrupted write: the step is repeated anyway
+                break
+            raise CorruptFileError(path, f"line {number} is not a metrics row",
+                                   "delete or repair that line, then resume")
+        rows.append(row)
+    return rows
+
+
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows after `step` (a resumed run rewrites the steps it repeats)."""
-    if not path.is_file():
+    """Drop rows after `step` (a resumed run rewrites the steps it repeats) and a torn last line."""
+    if not Path(path).is_file():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [row for row in read_metrics(path) if row.get("step", 0) <= step]
+    write_text(path, "".join(dumps(row, indent=None) + "\n" for row in keep))
 
 
 def _fmt_time(seconds: float) -> str:
@@ -89,7 +114,7 @@ class MetricsLogger:
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(dumps(row, indent=None) + "\n")
         self.file.flush()
         step = row["step"]
         if self.writer is not None:

@@ -39,13 +39,16 @@ def save_trace(
     domains: list[str],
     step: int,
     run: nn.Module | None = None,
+    run_hash: str | None = None,
 ) -> None:
     """Record and write a routing trace of the probe set (tokens, domain: [n, L]) to `directory`.
-    `run`: the module to call when it differs from `model` (a DDP/FSDP wrapper of it). A dense
-    model has no routing and gets no trace."""
+    `run`: the module to call when it differs from `model` (a DDP/FSDP wrapper of it); `run_hash`:
+    the run's identity (`libmoe.train.run_hash`), kept in the trace's meta so that analysis never
+    mixes traces of different runs. A dense model has no routing and gets no trace."""
     if not has_routing(model):
         return
-    trace = record_routing(run if run is not None else model, tokens, domain, domains, step=step)
+    meta = {"step": step} if run_hash is None else {"step": step, "run_hash": run_hash}
+    trace = record_routing(run if run is not None else model, tokens, domain, domains, **meta)
     cfg = getattr(model, "config", None)
     trace.meta["algorithm"] = getattr(cfg, "algorithm", trace.meta["algorithm"])
     trace.save(directory)

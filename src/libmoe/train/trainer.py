@@ -11,8 +11,6 @@ reproduces the uninterrupted one's losses exactly.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import random
 import shutil
@@ -28,21 +26,42 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..data.packed import PackedData, SequenceSampler, prepare_data, probe_set, validation_windows
+from ..errors import Interrupted
+from ..files import CorruptFileError, read_json_object, write_json, write_text
 from ..models import MoETransformer, count_parameters
 from ..moe import attach_bias_balancing, set_training_progress
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import RunConfig, config_from_dict
-from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown, wrap_model
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint
+from .config import RunConfig, config_from_dict, load_yaml
+from .distributed import (
+    DistInfo,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    cpu_group,
+    init_distributed,
+    shutdown,
+    wrap_model,
+)
 from .hf_model import TransformersLM, load_transformers, transformers_run_config, transformers_source
-from .metrics import MetricsLogger, load_summary
+from .metrics import MetricsLogger, load_summary, read_metrics
+from .rundir import (
+    RUN_FILES,
+    check_resumable,
+    check_run_dir,
+    clear_run,
+    config_diff,
+    model_hash,
+    record_config_change,
+    resume_changes,
+    run_hash,
+    saved_config,
+)
+from .stops import FiniteGuard, StopSignals
 from .trace import record_routing, save_trace
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard", "tokenizer",
-             "train_summary.json")
-
-
-def model_hash(cfg: RunConfig) -> str:
-    return hashlib.sha256(json.dumps(cfg.model.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+__all__ = ["RUN_FILES", "check_config", "check_run_dir", "evaluate", "load_run_config", "model_hash",
+           "prepare_run_data", "run_hash", "train"]
+_config_diff = config_diff  # the bench's name for it
 
 
 def flops_per_token(cfg: RunConfig, active_params: int) -> int:
@@ -100,26 +119,53 @@ def prepare_run_data(cfg: RunConfig, log=print) -> PackedData:
     )
 
 
-def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to write into a directory that holds another run unless told what to do."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file; give a directory.")
-    if (out / "config.yaml").is_file() and not (resume or overwrite):
-        raise ValueError(
-            f"{str(out)!r} already holds a run (config.yaml); pass --resume to continue it or "
-            "--overwrite to replace it."
-        )
+def check_config(cfg: RunConfig, world_size: int = 1, hf: bool = False) -> tuple[int, int, int]:
+    """Everything about `cfg` knowable without data, checked before any work: batch divisibility,
+    sequence length and the model itself (built on the meta device, so no memory is used).
+    Returns (sequences per process, micro-batch size, micro-batches per step)."""
+    tc = cfg.train
+    if tc.batch_size % world_size:
+        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the "
+                         f"{world_size} processes.")
+    local = tc.batch_size // world_size
+    micro = tc.micro_batch_size or local
+    if local % micro:
+        raise ValueError(f"train.micro_batch_size={micro} must divide the per-process batch {local}.")
+    if cfg.seq_len > cfg.model.max_seq_len:
+        raise ValueError(f"train.seq_len={cfg.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}.")
+    if not hf:
+        with torch.device("meta"):
+            MoETransformer(cfg.model)  # every model and MoE option error, before the data is built
+    return local, micro, local // micro
 
 
-def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _config_diff(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
-    return out
+def _select_checkpoint(out: Path, say) -> tuple[Path, dict[str, Any]]:
+    """The newest intact checkpoint of `out` and its contents; each damaged newer one is named
+    with the reason it was skipped. A ValueError when none is intact."""
+    skipped = []
+    for path in reversed(list_checkpoints(out)):
+        reason = verify_checkpoint(path)
+        if reason is None:
+            try:
+                return path, load_checkpoint(path)
+            except CorruptFileError as err:
+                reason = f"{err.path.name} is damaged"
+        say(f"resume: skipping damaged checkpoint {path} ({reason})")
+        skipped.append(f"{path.name}: {reason}")
+    raise ValueError(f"no intact checkpoint in {str(out / 'checkpoints')!r} ({'; '.join(skipped)}); "
+                     "start the run again with --overwrite.")
+
+
+def _apply_optim_settings(opt: torch.optim.Optimizer, sched, cfg: RunConfig,
+                          weight_decay: list[float]) -> None:
+    """Put the config's optimizer settings into a restored optimizer and schedule (loading a
+    checkpoint restores the saved lr, betas, eps and weight decay), for --allow-config-change."""
+    factor = lr_lambda(cfg)(sched.last_epoch)
+    for group, wd in zip(opt.param_groups, weight_decay):
+        group.update(initial_lr=cfg.optim.lr, lr=cfg.optim.lr * factor, weight_decay=wd,
+                     betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    sched.base_lrs = [cfg.optim.lr] * len(opt.param_groups)
+    sched._last_lr = [group["lr"] for group in opt.param_groups]
 
 
 def _state_dicts(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -242,25 +288,41 @@ def train(
     cfg: RunConfig,
     out: str | Path,
     *,
-    resume: bool = False,
+    resume: bool | str = False,
     overwrite: bool = False,
     stop_after: int | None = None,
     progress: bool | None = None,
     init: str | Path | None = None,
+    allow_config_change: bool = False,
 ) -> dict[str, Any]:
     """Train `cfg` into run directory `out`; returns the final summary (also train_summary.json).
 
-    resume: continue from the newest checkpoint in `out`; overwrite: replace a run found there;
-    stop_after: stop after that step with a checkpoint, as if interrupted (for tests and to split
-    long runs); progress: force the progress bar on or off (default: on for a terminal);
-    init: start from the weights of this model directory, run or checkpoint (e.g. an upcycled
-    model) instead of a random init; its model config and tokenizer must be the run's. A
-    transformers causal LM (directory or Hub name, e.g. `libmoe upcycle`'s output for a Hub
-    model) is trained as it is, with its own tokenizer; see libmoe.train.hf_model."""
+    resume: True continues the run in `out` from its newest intact checkpoint (a ValueError when
+    there is none); "auto" continues it when it has a checkpoint and starts it otherwise (the bench);
+    overwrite: replace a run found there (all of RUN_FILES, once everything is checked);
+    allow_config_change: let a resumed run change guarded settings (optim.*, data.*, batch size,
+    schedule length, seq_len, seed), recorded in RUN/config_changes.jsonl; stop_after: stop after
+    that step with a checkpoint, as if interrupted (for tests and to split long runs); progress:
+    force the progress bar on or off (default: on for a terminal); init: start from the weights
+    of this model directory, run or checkpoint (e.g. an upcycled model) instead of a random init;
+    its model config and tokenizer must be the run's. A transformers causal LM (directory or Hub
+    name, e.g. `libmoe upcycle`'s output for a Hub model) is trained as it is, with its own
+    tokenizer; see libmoe.train.hf_model.
+
+    Failures: bad settings raise ValueError before any data is prepared or anything is written;
+    a non-finite loss raises WorkFailed without writing a checkpoint; SIGTERM/SIGINT write a
+    checkpoint at the current step and raise Interrupted (continue with resume=True)."""
     out = Path(out)
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"resume={resume!r} must be True, False or 'auto'.")
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"--stop-after {stop_after} must be a step of at least 1.")
+    check_run_dir(out, resume, overwrite)
+    if resume is True:
+        check_resumable(out)
     init = init if init is not None else cfg.init
     if init is None and resume and (out / "config.yaml").is_file():  # the run keeps its init
-        init = (yaml.safe_load((out / "config.yaml").read_text()) or {}).get("init")
+        init = load_yaml(out / "config.yaml").get("init")
     hf = False  # whether the model trained is a transformers model (libmoe.train.hf_model)
     if init is not None:
         source = transformers_source(init)
@@ -269,7 +331,8 @@ def train(
         cfg = transformers_run_config(cfg, init) if hf else replace(cfg, init=init)
     info = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, out, info, resume, overwrite, stop_after, progress, init, hf)
+        return _train(cfg, out, info, resume, overwrite, stop_after, progress, init, hf,
+                      allow_config_change)
     finally:
         shutdown(info)
 
@@ -284,7 +347,7 @@ def _init_weights(init: str | Path, cfg: RunConfig, tokenizer_hash: str) -> dict
     if saved.get("model") is None:
         raise ValueError(f"--init {str(init)!r} has no libmoe config.yaml beside its weights.")
     if model_hash(replace(cfg, model=type(cfg.model)(**saved["model"]))) != model_hash(cfg):
-        diff = "; ".join(_config_diff(saved["model"], cfg.model.to_dict()))
+        diff = "; ".join(config_diff(saved["model"], cfg.model.to_dict()))
         raise ValueError(f"--init {str(init)!r} holds a different model than this config ({diff}); "
                          "leave the model section to the init directory's config.")
     if tokenizer_fingerprint(_find_tokenizer(path)) != tokenizer_hash:
@@ -293,24 +356,25 @@ def _init_weights(init: str | Path, cfg: RunConfig, tokenizer_hash: str) -> dict
     return load_file(str(path / "model.safetensors"))
 
 
-def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: bool,
+def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool | str, overwrite: bool,
            stop_after: int | None, progress: bool | None, init: str | Path | None,
-           hf: bool) -> dict[str, Any]:
+           hf: bool, allow_config_change: bool) -> dict[str, Any]:
     say = print if info.is_main else (lambda *_: None)
-    check_run_dir(out, resume, overwrite)
     tc = cfg.train
     world = info.world_size
-    if tc.batch_size % world:
-        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the "
-                         f"{world} processes.")
-    local = tc.batch_size // world
-    micro = tc.micro_batch_size or local
-    if local % micro:
-        raise ValueError(f"train.micro_batch_size={micro} must divide the per-process batch {local}.")
-    accum = local // micro
+    local, micro, accum = check_config(cfg, world, hf)
     seq_len = cfg.seq_len
-    if seq_len > cfg.model.max_seq_len:
-        raise ValueError(f"train.seq_len={seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}.")
+
+    # A resumed run: its newest intact checkpoint, and the settings it may not change. Checked
+    # before the data are prepared and before anything is written to `out`.
+    ckpt_path, ckpt, changes = None, None, []
+    if resume and list_checkpoints(out):
+        read_metrics(out / "metrics.jsonl")  # a damaged row (not a torn last line) is refused now
+        ckpt_path, ckpt = _select_checkpoint(out, say)
+        changes = resume_changes(saved_config(ckpt_path, out), cfg, ckpt["state"]["step"],
+                                 allow_config_change)
+    elif resume:
+        say(f"resume: no checkpoint in {out}, starting from step 0")
 
     # Data: rank 0 builds the cache, the others then read it.
     data = prepare_run_data(cfg, say) if info.is_main else None
@@ -325,36 +389,29 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
         raise ValueError(f"the tokenizer has {vocab} pieces but model.vocab_size="
                          f"{cfg.model.vocab_size}; raise model.vocab_size.")
 
-    # Checked before anything is written to `out`; a resumed run continues from its own checkpoint.
-    ckpt_path = latest_checkpoint(out) if resume else None
     init_state = None
-    if init is not None and ckpt_path is None and not hf:
+    if init is not None and ckpt is None and not hf:
         init_state = _init_weights(init, cfg, data.tokenizer_hash)
-    ckpt = None
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path)
+    if ckpt is not None:
         saved_cfg = ckpt["info"].get("model_config", {})
         if ckpt["info"].get("model_hash") != model_hash(cfg):
-            diff = "; ".join(_config_diff(saved_cfg, cfg.model.to_dict())) or "unknown"
+            diff = "; ".join(config_diff(saved_cfg, cfg.model.to_dict())) or "unknown"
             raise ValueError(f"cannot resume {str(ckpt_path)!r} with a different model config "
                              f"({diff}); use the saved config or a new --out.")
         if ckpt["info"].get("tokenizer_hash") != data.tokenizer_hash:
             raise ValueError(f"cannot resume {str(ckpt_path)!r}: its tokenizer differs from the "
                              "one prepared for this config (data source or tokenizer changed).")
-    elif resume:
-        say(f"resume: no checkpoint in {out}, starting from step 0")
 
+    # Everything is checked: only now is `out` written (and an old run in it removed).
     if info.is_main:
-        if overwrite and not resume:  # only now that data and config are known to be good
-            for name in RUN_FILES:
-                path = out / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
+        if overwrite and not (resume and ckpt is not None):
+            clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.yaml")
+        write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         shutil.copytree(data.tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
+        if changes:
+            record_config_change(out, ckpt["state"]["step"], changes)
+            say(f"resume: settings changed at step {ckpt['state']['step']}: {'; '.join(changes)}")
     barrier(info)
 
     torch.manual_seed(tc.seed)
@@ -378,21 +435,25 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     sampler = SequenceSampler(data.train, seq_len, seed=tc.seed)
     step = 0
+    saved_step = None  # the step of the newest checkpoint written or resumed from
     earlier_time = 0.0  # seconds of training before a resume, so train_time_s covers the whole run
     if ckpt is not None:
+        weight_decay = [group["weight_decay"] for group in opt.param_groups]
         _load_optimizer(model, opt, ckpt["optimizer"])
         state = ckpt["state"]
         sched.load_state_dict(state["scheduler"])
+        if changes:
+            _apply_optim_settings(opt, sched, cfg, weight_decay)
         sampler.load_state_dict(state["data"])
         _set_rng_state(state["rng"])
-        step = state["step"]
+        step = saved_step = state["step"]
         earlier_time = state.get("elapsed_s", 0.0)
         say(f"resume: continuing from {ckpt_path} (step {step})")
         del ckpt
 
     if step >= tc.max_steps and (out / "train_summary.json").is_file():
         say(f"resume: {out} already finished its {tc.max_steps} steps")
-        return dict(json.loads((out / "train_summary.json").read_text()), rank=info.rank)
+        return dict(read_json_object(out / "train_summary.json"), rank=info.rank)
 
     amp_dtype = resolve_precision(tc.precision, info.device)
 
@@ -410,16 +471,19 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
         f"{world} process(es) on {info.device}, batch {tc.batch_size} x {seq_len} tokens "
         f"({accum} micro-batch(es) of {micro} per process), "
         f"{'fp32' if amp_dtype is None else amp_dtype}")
-    logger = MetricsLogger(out, tc.max_steps, step, enabled=info.is_main,
-                           tensorboard=tc.tensorboard, progress=progress)
+    identity = run_hash(cfg)
     info_json = {"model_hash": model_hash(cfg), "tokenizer_hash": data.tokenizer_hash,
-                 "model_config": cfg.model.to_dict(), "algorithm": cfg.model.algorithm}
+                 "run_hash": identity, "model_config": cfg.model.to_dict(),
+                 "algorithm": cfg.model.algorithm}
     config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     extra_files = {"config.yaml": config_text}
     if hf:  # each checkpoint is also a transformers directory
         extra_files["config.json"] = raw.config_json()
+    guard = FiniteGuard(info, cfg)
+    flag_group = cpu_group(info)
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int) -> Path:
+        guard.check(step, model, saved_step)  # never a checkpoint of diverged weights
         model_state, opt_state = _state_dicts(model, opt)
         if hf:
             model_state = raw.export_state(model_state)
@@ -427,72 +491,89 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
                          "data": sampler.state_dict(), "rng": _rng_state(),
                          "elapsed_s": earlier_time + time.perf_counter() - start_time}
         # Every process runs the probe forward (FSDP/DDP collectives); rank 0 writes.
+        path = out / "checkpoints" / f"step_{step}"
         if info.is_main:
             path = save_checkpoint(
                 out, step, model_state, opt_state, trainer_state, info_json,
                 extra_files=extra_files, keep=tc.keep_checkpoints,
                 before_rename=lambda tmp: save_trace(tmp, raw, probe_tokens, probe_domain,
-                                                     data.domains, step, run=model),
+                                                     data.domains, step, run=model, run_hash=identity),
             )
             logger.message(f"step {step}: checkpoint {path}")
         else:
             record_routing(model, probe_tokens)
         barrier(info)
+        return path
 
     def validate(step: int) -> float:
+        guard.check(step, saved=saved_step)
         val_loss = evaluate(model, val_windows, micro, info, autocast)
         logger.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
         return val_loss
 
+    logger = MetricsLogger(out, tc.max_steps, step, enabled=info.is_main,
+                           tensorboard=tc.tensorboard, progress=progress)
     window = _Window(info)
     start_time = time.perf_counter()
     val_loss = float("nan")
     model.train()
     stopped_early = False
-    while step < tc.max_steps:
-        t_step = time.perf_counter()
-        set_training_progress(raw, step / tc.max_steps)
-        rows = sampler.next_batch(tc.batch_size)[info.rank * local : (info.rank + 1) * local]
-        for i in range(accum):
-            batch = rows[i * micro : (i + 1) * micro].to(info.device, non_blocking=True)
-            sync = contextlib.nullcontext()
-            if info.enabled and tc.parallel == "ddp" and i < accum - 1:
-                sync = model.no_sync()  # gradients are all-reduced on the last micro-batch only
-            with sync:
-                with autocast():
-                    output = model(batch[:, :-1], batch[:, 1:])
-                loss = (output.loss + output.aux_loss) / accum
-                scaler.scale(loss).backward()
-            window.add(output, 1 / accum)
-        scaler.unscale_(opt)
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-            grad_norm = grad_norm.full_tensor()
-        lr = sched.get_last_lr()[0]
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        window.steps += 1
-        window.elapsed += time.perf_counter() - t_step
+    with contextlib.ExitStack() as stack:
+        stack.callback(logger.close)
+        signals = stack.enter_context(StopSignals())
+        while step < tc.max_steps:
+            t_step = time.perf_counter()
+            set_training_progress(raw, step / tc.max_steps)
+            rows = sampler.next_batch(tc.batch_size)[info.rank * local : (info.rank + 1) * local]
+            for i in range(accum):
+                batch = rows[i * micro : (i + 1) * micro].to(info.device, non_blocking=True)
+                sync = contextlib.nullcontext()
+                if info.enabled and tc.parallel == "ddp" and i < accum - 1:
+                    sync = model.no_sync()  # gradients are all-reduced on the last micro-batch only
+                with sync:
+                    with autocast():
+                        output = model(batch[:, :-1], batch[:, 1:])
+                    loss = (output.loss + output.aux_loss) / accum
+                    scaler.scale(loss).backward()
+                window.add(output, 1 / accum)
+            scaler.unscale_(opt)
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+                grad_norm = grad_norm.full_tensor()
+            lr = sched.get_last_lr()[0]
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            window.steps += 1
+            window.elapsed += time.perf_counter() - t_step
+            # A loss scaler skips steps with overflowing gradients itself; otherwise they diverge.
+            guard.update(step, window.loss, window.aux_loss,
+                         *(() if scaler.is_enabled() else (grad_norm,)))
 
-        if step % tc.log_every == 0 or step == tc.max_steps:
-            row = window.row(step, tc.batch_size * seq_len)
-            row.update({"lr": lr, "grad_norm": float(grad_norm), "flops_per_token": fpt})
-            logger.log(row)
-            window = _Window(info)
-        if step % tc.eval_every == 0 or step == tc.max_steps:
-            val_loss = validate(step)
-        stop = stop_after is not None and step >= stop_after and step < tc.max_steps
-        if step % tc.checkpoint_every == 0 or step == tc.max_steps or stop:
-            checkpoint(step)
-        if stop:
-            logger.message(f"stopped after step {step} (--stop-after); continue with --resume")
-            stopped_early = True
-            break
-    logger.close()
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                row = window.row(step, tc.batch_size * seq_len)
+                row.update({"lr": lr, "grad_norm": float(grad_norm), "flops_per_token": fpt})
+                logger.log(row)
+                guard.check(step, saved=saved_step)
+                window = _Window(info)
+            if step % tc.eval_every == 0 or step == tc.max_steps:
+                val_loss = validate(step)
+            stop = stop_after is not None and step >= stop_after and step < tc.max_steps
+            # Every process stops at the same step: the signal flag is agreed on each step.
+            interrupted = any_rank(signals.name is not None, info, flag_group) and step < tc.max_steps
+            if step % tc.checkpoint_every == 0 or step == tc.max_steps or stop or interrupted:
+                path = checkpoint(step)
+                saved_step = step
+            if interrupted:
+                raise Interrupted(f"interrupted by {signals.name or 'a signal to another process'} at "
+                                  f"step {step}; checkpoint written to {path}; continue with --resume.")
+            if stop:
+                logger.message(f"stopped after step {step} (--stop-after); continue with --resume")
+                stopped_early = True
+                break
     summary = {
         "step": step, "max_steps": tc.max_steps, "stopped_early": stopped_early,
         "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)) if val_loss == val_loss else None,
@@ -502,7 +583,7 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool, overwrite: b
         "algorithm": cfg.model.algorithm, "rank": info.rank,
     }
     if info.is_main:
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(out / "train_summary.json", summary)
     return summary
 
 
@@ -511,4 +592,4 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} holds no run (no config.yaml).")
-    return config_from_dict(yaml.safe_load(path.read_text()))
+    return config_from_dict(load_yaml(path))
