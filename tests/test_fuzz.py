@@ -222,8 +222,8 @@ def test_findings_bench_loader(scratch, data):
     one_line(load)
 
 
-# Found by this file with LIBMOE_FUZZ_EXAMPLES=400: Bench (libmoe.findings.inputs) raises other than
-# ValueError on these results.json contents; kept as strict xfails until the loader checks its input.
+# Found by this file with LIBMOE_FUZZ_EXAMPLES=400: Bench (libmoe.findings.inputs) raised other than
+# ValueError on these results.json contents; read_bench_results now checks the fields' types.
 BENCH_CRASHES = [
     {"runs": [{"status": "ok", "seed": [None]}]},  # TypeError: int() of a list (Run.__init__)
     {"runs": [{"status": "ok", "seed": 1e400}]},  # OverflowError: int() of infinity (Run.__init__)
@@ -233,8 +233,6 @@ BENCH_CRASHES = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="libmoe.findings.inputs.Bench/Run do not check the types of "
-                   "results.json's fields (reported for the findings loader's owner)")
 @pytest.mark.parametrize("results", BENCH_CRASHES, ids=lambda r: json.dumps(r)[:40])
 def test_findings_bench_loader_known_inputs(scratch, results):
     from libmoe.findings.inputs import Bench

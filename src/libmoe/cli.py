@@ -115,24 +115,37 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
           f"domains: {', '.join(m['domains'])}")
 
 
-def _cmd_eval(args: argparse.Namespace) -> None:
-    import json
-    from pathlib import Path
+def _val_tokens(text: str) -> int | str:
+    """--val-tokens: 'run', 'all' or a count (checked by the library: a count must be positive)."""
+    text = text.strip()
+    return int(text) if text.lstrip("+-").isdigit() else text
 
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from .devices import check_device
     from .eval import evaluate_model
+    from .eval.evaluator import check_evaluation
+    from .eval.results import read_existing, results_path, write_results
     from .eval.table import results_table
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise ValueError("--tasks is empty; name at least one task (e.g. piqa,val_ppl).")
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    val_tokens = int(args.val_tokens) if args.val_tokens.isdigit() else args.val_tokens
+    val_tokens = _val_tokens(args.val_tokens)
+    check_evaluation(tasks, args.limit, args.batch_size, val_tokens)  # before anything loads
+    device = check_device(args.device)
+    out = results_path(args.out, args.model)
+    read_existing(out)  # a damaged or foreign results file is refused now, not after the work
     payload = evaluate_model(args.model, tasks, args.data_dir, args.limit, args.batch_size,
-                             args.device, val_tokens, log=log)
-    out = Path(args.out) if args.out else Path(args.model) / "eval" / "results.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+                             device, val_tokens, log=log)
+    merged, kept = write_results(out, payload)
     print(results_table(payload["results"]))
+    if kept:
+        step = payload["config"].get("step")
+        older = [t for t in kept if (merged["evaluated"].get(t) or {}).get("step") != step]
+        log(f"kept the earlier results of {', '.join(kept)}" + (
+            f" ({', '.join(older)} of another checkpoint than step {step})" if older else ""))
     log(f"wrote {out}")
 
 
@@ -145,6 +158,10 @@ def _cmd_eval_table(args: argparse.Namespace) -> None:
     names = args.names.split(",") if args.names else None
     if names and len(names) != len(args.results):
         raise ValueError(f"--names gives {len(names)} names for {len(args.results)} result files.")
+    if args.out:
+        from .eval.results import results_path
+
+        results_path(Path(args.out).with_suffix(".md"), ".")  # a file in the way is refused now
     for i, path in enumerate(args.results):
         name, results = read_results(path)
         name = names[i] if names else name
@@ -157,39 +174,47 @@ def _cmd_eval_table(args: argparse.Namespace) -> None:
     markdown, table_csv = comparison_markdown(columns, rows), comparison_csv(columns, rows)
     print(table_csv if args.format == "csv" else markdown, end="\n" if args.format == "md" else "")
     if args.out:
+        from .files import write_text
+
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".md").write_text(markdown + "\n")
-        out.with_suffix(".csv").write_text(table_csv)
+        write_text(out.with_suffix(".md"), markdown + "\n")
+        write_text(out.with_suffix(".csv"), table_csv)
         print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.csv')}", file=sys.stderr)
 
 
 def _cmd_analyze(args: argparse.Namespace) -> None:
-    import json
     from pathlib import Path
 
-    from .analysis.analyze import analyze_run, load_analysis, unique_names, write_figures_and_report
+    from .analysis.analyze import (
+        analyze_run,
+        check_analysis,
+        load_analysis,
+        unique_names,
+        write_figures_and_report,
+    )
 
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    val_tokens = _val_tokens(args.val_tokens)
+    out = Path(args.out) if args.out else Path(args.run) / "analysis"
+    for run in [args.run, *args.compare]:  # every run checked before any is analysed
+        check_analysis(run, out if run == args.run else None, tasks, args.data_dir, args.limit,
+                       args.batch_size, args.device, val_tokens)
     init_std = None
     if args.init_std:
+        from .files import read_json_object
+
         path = Path(args.init_std)
         path = path / "init_std.json" if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"--init-std {args.init_std}: no init_std.json there; run "
                                     "`libmoe analyze init-std --out DIR` first.")
-        init_std = json.loads(path.read_text())
-    val_tokens = int(args.val_tokens) if args.val_tokens.isdigit() else args.val_tokens
-    for run in [args.run, *args.compare]:
-        if not Path(run).exists():
-            raise FileNotFoundError(f"{run} does not exist; give a run directory (libmoe train --out).")
+        init_std = read_json_object(path, "run `libmoe analyze init-std --out DIR` again")
 
     def analyse(run, out, figures):
         return analyze_run(run, out, tasks, args.data_dir, args.limit, args.batch_size, args.device,
                            not args.no_interventions, val_tokens, init_std, figures=figures, log=log)
 
-    out = Path(args.out) if args.out else Path(args.run) / "analysis"
     primary = analyse(args.run, out, figures=not args.compare)
     if not args.compare:
         print(f"wrote {out / 'metrics.json'} and {out / 'report.html'}")
@@ -210,26 +235,43 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def _cmd_analyze_init_std(args: argparse.Namespace) -> None:
+    import math
+    from pathlib import Path
+
     from .analysis.init_std import init_std_study
 
-    stds = tuple(float(s) for s in args.stds.split(",") if s.strip())
+    try:
+        stds = tuple(float(s) for s in args.stds.split(",") if s.strip())
+    except ValueError:
+        stds = ()
+    if not stds or not all(math.isfinite(s) and s >= 0 for s in stds):
+        raise ValueError(f"--stds {args.stds!r}: give comma-separated non-negative router init stds, e.g. "
+                         "0.02,0.04,0.06.")
+    if args.early_steps is not None and args.early_steps < 1:
+        raise ValueError(f"--early-steps {args.early_steps}: give a positive number of steps.")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out!r} is a file; give a directory for the study.")
     init_std_study(args.out, stds, args.steps, args.preset, args.algorithm, args.data,
                    args.early_steps, list(args.items), log=lambda m: print(m, file=sys.stderr))
     print(f"wrote {args.out}/init_std.json and {args.out}/report.html")
 
 
 def _cmd_upcycle(args: argparse.Namespace) -> None:
+    from .overrides import parse_value
     from .upcycle import upcycle_checkpoint
 
-    layers = [int(x) for x in args.layers.split(",") if x.strip()] if args.layers else None
-    import yaml
-
+    layers = None
+    if args.layers:
+        parts = [x.strip() for x in args.layers.split(",") if x.strip()]
+        if not parts or not all(x.isdigit() for x in parts):
+            raise ValueError(f"--layers {args.layers!r}: give comma-separated block indices, e.g. 0,2.")
+        layers = [int(x) for x in parts]
     options = {}
     for item in args.option:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise ValueError(f"--option {item!r}: give KEY=VALUE, e.g. balance_coef=0.01.")
-        options[key] = yaml.safe_load(value)
+        options[key.strip()] = parse_value(value)
     info = upcycle_checkpoint(args.src, args.out, args.algorithm, args.n_experts, args.top_k, layers,
                               args.seed, args.router_init_std, args.noise_std, args.reinit_fraction,
                               args.shared_only, args.expert_dim, args.n_shared, args.overwrite, **options)
@@ -313,8 +355,12 @@ def _cmd_findings(args: argparse.Namespace) -> None:
             print(f"{f.id}  ({f.paper_ref})  {f.claim}")
         return
     if args.bench is None:
-        raise SystemExit("libmoe findings: give a bench output directory (or --list).")
-    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+        raise ValueError("give a bench output directory (libmoe findings BENCH_DIR), or --list.")
+    only = None
+    if args.only is not None:
+        from .findings import check_ids
+
+        only = check_ids([s.strip() for s in args.only.split(",") if s.strip()])  # before reading
     if args.dry_run or only:
         findings = check_findings(args.bench, only)
     else:
@@ -451,7 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="zero-shot tasks and validation perplexity of a trained model",
         description="Evaluate a run, checkpoint or transformers model directory on zero-shot tasks "
         "(lm-evaluation-harness formats), task YAML files and/or val_ppl (a run's own held-out "
-        "split). Writes JSON and prints a Markdown table.",
+        "split). Prints a Markdown table and merges the results into a JSON file, per task: a later "
+        "evaluation of other tasks keeps the earlier ones, evaluating a task again replaces its "
+        "entry, and each entry records its time, the libmoe version and the model checkpoint "
+        "(\"evaluated\"). Arguments, task names, task files and --device are checked before the "
+        "model loads; a damaged results file is refused, never replaced.",
     )
     p.add_argument("model", help="a run directory (newest checkpoint), a checkpoint directory or a "
                    "transformers model directory")
@@ -459,12 +509,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. piqa,hellaswag,arc_easy,lambada_openai,blimp,val_ppl")
     p.add_argument("--data-dir", default=None, help="local JSONL files DIR/<task>.<split>.jsonl "
                    "(BLiMP: DIR/blimp/<paradigm>.jsonl); default: the Hugging Face Hub")
-    p.add_argument("--limit", type=int, default=None, help="first N documents of each task")
+    p.add_argument("--limit", type=int, default=None, help="first N documents of each task (N >= 1; "
+                   "default: all)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps, ...); one "
+                   "this machine lacks is refused before anything loads")
     p.add_argument("--val-tokens", default="run", help="val_ppl over 'run' (the tokens training "
                    "evaluates: its logged val_ppl), 'all' (the whole split) or the first N tokens")
-    p.add_argument("--out", default=None, help="results JSON (default MODEL/eval/results.json)")
+    p.add_argument("--out", default=None, help="results JSON to merge into (default "
+                   "MODEL/eval/results.json); a directory means DIR/results.json")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
@@ -548,9 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, help="comma-separated evaluation tasks: routing by task "
                    "(eae_by_task, ewa_by_task) and the interventions' task metrics")
     p.add_argument("--data-dir", default=None, help="local task files (as libmoe eval)")
-    p.add_argument("--limit", type=int, default=None, help="first N documents of each task")
+    p.add_argument("--limit", type=int, default=None, help="first N documents of each task (N >= 1)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps, ...)")
     p.add_argument("--val-tokens", default="run", help="validation tokens of the interventions' "
                    "val_ppl: 'run' (as training evaluates), 'all' or a count")
     p.add_argument("--no-interventions", action="store_true", help="skip DropTop and temperature")

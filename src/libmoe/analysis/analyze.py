@@ -3,7 +3,6 @@ the overlay of several runs' analyses."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,20 +11,55 @@ from typing import Any
 import torch
 
 from ..eval.evaluator import run_data_available
+from ..files import read_json_object, write_json
 from . import metrics as M
 from .interventions import intervention_plan, intervention_study, write_units
-from .trace import TRACE_TENSORS, RoutingRecorder, Trace, list_traces
+from .trace import TRACE_TENSORS, RoutingRecorder, Trace, check_one_run, list_traces
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
 
 
 def run_traces(run: str | Path) -> list[Trace]:
-    """The routing traces a run (or a checkpoint directory) holds, in step order."""
+    """The routing traces a run (or a checkpoint directory) holds, in step order; traces of
+    different runs in one directory are refused (`check_one_run`)."""
     run = Path(run)
     if (run / TRACE_TENSORS).is_file():
         return [Trace.load(run)]
-    return [Trace.load(path) for _, path in list_traces(run)]
+    found = list_traces(run)
+    check_one_run(found, run)
+    return [Trace.load(path) for _, path in found]
+
+
+def check_analysis(run: str | Path, out: str | Path | None, tasks: list[str] = (), data_dir=None,
+                   limit: int | None = None, batch_size: int = 16, device: str = "cpu",
+                   val_tokens: int | str = "run") -> str:
+    """Refuse, before anything loads, what `analyze_run` would fail on: a missing run, an output
+    path that is a file, unknown tasks or missing task files, a non-positive --limit or
+    --batch-size, a bad --val-tokens, a device this machine lacks, or traces of different runs.
+    Returns the checked device."""
+    from ..devices import check_device
+    from ..eval.evaluator import check_evaluation
+    from ..eval.tasks import get_task, local_file
+
+    run = Path(run)
+    if not run.exists():
+        raise FileNotFoundError(f"{str(run)!r} does not exist; give a run directory (libmoe train --out).")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a directory for metrics.json, figures and "
+                         "report.html.")
+    check_evaluation(None, limit, batch_size, val_tokens)
+    pending = [get_task(name) for name in tasks]  # unknown names fail here, with a near match
+    while pending:
+        task = pending.pop()
+        if task.group:
+            pending += [get_task(member) for member in task.group]
+        else:
+            local_file(task, data_dir)
+    device = check_device(device)
+    if not (run / TRACE_TENSORS).is_file():
+        check_one_run(list_traces(run), run)
+    return device
 
 
 def record_probe_trace(loaded, log: Callable[[str], None]) -> Trace:
@@ -114,6 +148,7 @@ def analyze_run(
     from ..train.config import config_from_dict
     from ..vlm.analysis import analyze_vlm_run, is_vlm_run
 
+    device = check_analysis(run, out, tasks, data_dir, limit, batch_size, device, val_tokens)
     if is_vlm_run(run):  # a `libmoe vlm train` run: routing of the vision layers on held-out images
         return analyze_vlm_run(run, out, device=device, interventions=interventions, limit=limit,
                                figures=figures, log=log)
@@ -187,8 +222,7 @@ def analyze_run(
             result["skipped"]["interventions"] = "turned off (--no-interventions)"
     if init_std is not None:
         result["init_std"] = init_std
-    out.mkdir(parents=True, exist_ok=True)
-    (out / METRICS_FILE).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out / METRICS_FILE, result, indent=1)
     if figures:
         write_figures_and_report(out, {display_name(result): result}, init_std)
     say(f"analysis of {run} in {time.perf_counter() - start:.1f} s -> {out}")
@@ -217,7 +251,10 @@ def load_analysis(run: str | Path) -> dict[str, Any] | None:
     path = Path(run) / "analysis" / METRICS_FILE
     if not path.is_file():
         return None
-    result = json.loads(path.read_text())
+    try:
+        result = read_json_object(path)
+    except ValueError:  # damaged: a cache, recomputed (and rewritten) by the caller
+        return None
     traces = list_traces(run)
     if traces and traces[-1][0] != result.get("step"):
         return None  # the run trained further since

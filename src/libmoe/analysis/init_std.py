@@ -8,14 +8,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..files import CorruptFileError, read_json_object, write_json
+
 INIT_STD_FILE = "init_std.json"
 DEFAULT_STDS = (0.02, 0.04, 0.06)
 
 
 def _curve(run: Path) -> dict[str, list[float]]:
     steps, balance = [], []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # a line torn by an interrupted write: the steps before it count
+                break
+            raise CorruptFileError(run / "metrics.jsonl", f"line {i + 1} is not JSON",
+                                   f"rerun the study without {run}") from None
         if "aux_balance" in row:
             steps.append(int(row["step"]))
             balance.append(float(row["aux_balance"]))
@@ -31,7 +40,7 @@ def summarise_init_std(runs: dict[float, Path], early_steps: int, meta: dict[str
         window = [b for s, b in zip(curves[key]["step"], curves[key]["balance"]) if s <= early_steps]
         early[key] = sum(window) / len(window) if window else None
         summary = run / "train_summary.json"
-        final_ppl[key] = json.loads(summary.read_text()).get("val_ppl") if summary.is_file() else None
+        final_ppl[key] = read_json_object(summary).get("val_ppl") if summary.is_file() else None
     return dict(meta, stds=[float(s) for s in runs], early_steps=early_steps, curves=curves,
                 early_balance=early, final_val_ppl=final_ppl,
                 runs={f"{s:g}": str(r) for s, r in runs.items()})
@@ -79,7 +88,7 @@ def init_std_study(
             train(cfg, run, resume=(run / "checkpoints").is_dir(), progress=False)
         runs[float(std)] = run
     result = summarise_init_std(runs, early, {"algorithm": algorithm, "preset": preset, "steps": steps})
-    (out / INIT_STD_FILE).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out / INIT_STD_FILE, result, indent=1)
     from .analyze import write_figures_and_report
 
     write_figures_and_report(out, {}, init_std=result, title=f"Router initialisation study ({algorithm})")

@@ -72,12 +72,9 @@ def write_units(out: str | Path, per_unit: dict[str, dict[str, list[float]]], un
                 **meta: Any) -> Path:
     """OUT/intervention_units.json: each measurement's per-unit metrics (validation windows for a
     language model, questions for a VLM), the input of the findings' bootstrap."""
-    import json
+    from ..files import write_json
 
-    path = Path(out) / UNITS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"unit": unit, **meta, "runs": per_unit}) + "\n")
-    return path
+    return write_json(Path(out) / UNITS_FILE, {"unit": unit, **meta, "runs": per_unit}, indent=None)
 
 
 def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:

@@ -181,6 +181,6 @@ def write_report(path: str | Path, runs: dict[str, dict], figures: list[FigureIn
         items = "".join(f"<li>{html.escape(n)}</li>" for n in all_notes)
         parts.append(f"<h2>Notes</h2>\n<ul class=\"notes\">{items}</ul>")
     parts.append("</body></html>\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
+    from ..files import write_text
+
+    return write_text(path, "\n".join(parts))

@@ -15,14 +15,15 @@ On-disk format (stable; checkpoints carry one, `libmoe analyze` reads and writes
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
+
+from ..files import CorruptFileError, read_json_object, sha256, write_bytes, write_json
 
 TRACE_TENSORS = "routing_trace.safetensors"
 TRACE_META = "routing_trace.json"
@@ -87,10 +88,10 @@ class Trace:
             tensors[f"layer{l}.topk_weight"] = self.topk_weight[l].float()
             tensors[f"layer{l}.probs"] = self.probs[l].float()
         tensors.update(tokens=self.tokens.long(), domain=self.label.long(), position=self.position.long())
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / TRACE_TENSORS))
+        write_bytes(directory / TRACE_TENSORS, save({k: v.contiguous() for k, v in tensors.items()}))
         meta = dict(self.meta, n_slots=[self.n_slots(l) for l in range(self.n_layers)],
                     domains=list(self.labels), n_tokens=self.n_tokens)
-        (directory / TRACE_META).write_text(json.dumps(meta, indent=2) + "\n")
+        write_json(directory / TRACE_META, meta)
         return directory
 
     @classmethod
@@ -101,16 +102,84 @@ class Trace:
         if not (directory / TRACE_TENSORS).is_file():
             raise FileNotFoundError(f"no routing trace in {directory} (expected {TRACE_TENSORS} and "
                                     f"{TRACE_META}, as checkpoints and `libmoe analyze` write them).")
-        tensors = load_file(str(directory / TRACE_TENSORS))
-        meta = json.loads((directory / TRACE_META).read_text())
+        fix = damaged_trace_fix(directory)
+        _verify_checksums(directory, fix)
+        try:
+            tensors = load_file(str(directory / TRACE_TENSORS))
+        except Exception:  # noqa: BLE001  safetensors' own error, OSError: a truncated file
+            raise CorruptFileError(directory / TRACE_TENSORS, "truncated or not a safetensors file",
+                                   fix) from None
+        meta = read_json_object(directory / TRACE_META, fix)
         n = sum(1 for k in tensors if k.endswith(".topk_idx"))
-        return cls(
-            topk_idx=[tensors[f"layer{l}.topk_idx"] for l in range(n)],
-            topk_weight=[tensors[f"layer{l}.topk_weight"] for l in range(n)],
-            probs=[tensors[f"layer{l}.probs"] for l in range(n)],
-            tokens=tensors["tokens"], position=tensors["position"], label=tensors["domain"],
-            labels=list(meta.get("domains", [])), meta=meta,
-        )
+        try:
+            trace = cls(
+                topk_idx=[tensors[f"layer{l}.topk_idx"] for l in range(n)],
+                topk_weight=[tensors[f"layer{l}.topk_weight"] for l in range(n)],
+                probs=[tensors[f"layer{l}.probs"] for l in range(n)],
+                tokens=tensors["tokens"], position=tensors["position"], label=tensors["domain"],
+                labels=[str(d) for d in meta.get("domains") or []], meta=meta,
+            )
+        except KeyError as err:
+            raise CorruptFileError(directory / TRACE_TENSORS, f"it lacks the tensor {err}", fix) from None
+        except TypeError:
+            raise CorruptFileError(directory / TRACE_META, "its domains are not a list of names",
+                                   fix) from None
+        sizes = {int(t.shape[0]) for t in (*trace.topk_idx, *trace.topk_weight, *trace.probs,
+                                          trace.tokens, trace.position, trace.label)}
+        if n == 0 or len(sizes) != 1:
+            raise CorruptFileError(directory / TRACE_TENSORS, "its layers and tokens do not line up",
+                                   fix)
+        return trace
+
+
+def _verify_checksums(directory: Path, fix: str) -> None:
+    """In a checkpoint directory, compare the trace files with the checksums its checkpoint.json
+    records (a damaged checkpoint.json is left to the model loader to report)."""
+    try:
+        files = read_json_object(directory / "checkpoint.json").get("files")
+    except (FileNotFoundError, ValueError):
+        return
+    if not isinstance(files, dict):
+        return
+    for name in (TRACE_TENSORS, TRACE_META):
+        file = directory / name
+        if isinstance(files.get(name), str) and file.is_file() and sha256(file) != files[name]:
+            raise CorruptFileError(file, "it does not match the checksum its "
+                                   "checkpoint.json records", fix)
+
+
+def damaged_trace_fix(directory: Path) -> str:
+    """What to do about a damaged routing trace in `directory`."""
+    return (f"move {str(directory / 'routing_trace')!r}.* away to analyse without this step (the "
+            "final model's trace is then recorded again), or rerun training")
+
+
+def trace_meta(directory: str | Path) -> dict[str, Any]:
+    """A trace's routing_trace.json (step, algorithm, run_hash, ...) without loading its tensors."""
+    directory = Path(directory)
+    return read_json_object(directory / TRACE_META, damaged_trace_fix(directory))
+
+
+def check_one_run(traces: list[tuple[int, Path]], where: str | Path) -> None:
+    """Refuse (ValueError, one line) traces that come from different runs: differing "run_hash"
+    (traces without one, from before it was recorded, are accepted) or a different algorithm or
+    MoE layout, as traces left behind by an earlier run in the same directory would be."""
+    first: dict[str, tuple[Any, Path]] = {}
+    keys = ("run_hash", "algorithm", "n_experts", "top_k", "n_slots", "layers")
+    for _, directory in traces:
+        meta = trace_meta(directory)
+        for key in keys:
+            value = meta.get(key)
+            if value is None:
+                continue
+            if key not in first:
+                first[key] = (value, directory)
+            elif first[key][0] != value:
+                value0, dir0 = first[key]
+                raise ValueError(
+                    f"{str(where)!r} holds routing traces of different runs: {dir0} has {key} "
+                    f"{value0!r} but {directory} has {value!r}; rerun training into a fresh directory "
+                    "(libmoe train --overwrite or a new --out), or move the stale traces away.")
 
 
 def _routed_layers(model: nn.Module) -> list[nn.Module]:

@@ -12,8 +12,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
+from ..files import CorruptFileError
+
 SPM_FILE = "tokenizer.model"
 META_FILE = "tokenizer.json"
+DAMAGED_FIX = ("restore it from the run's data cache (data.cache_dir; `libmoe prepare` with the run's "
+               "config rebuilds it) or write the model directory again")
 
 
 class Tokenizer(Protocol):
@@ -131,10 +135,12 @@ def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
     """A tokenizer saved by libmoe (a directory with `tokenizer.model`), a `.model` file, or any
     Hugging Face tokenizer directory / Hub name."""
     path = Path(name_or_path)
-    if path.is_dir() and (path / SPM_FILE).is_file():
-        return SentencePieceTokenizer((path / SPM_FILE).read_bytes())
-    if path.is_file() and path.suffix == ".model":
-        return SentencePieceTokenizer(path.read_bytes())
+    spm_file = path / SPM_FILE if path.is_dir() else path
+    if spm_file.is_file() and spm_file.suffix == ".model":
+        try:
+            return SentencePieceTokenizer(spm_file.read_bytes())
+        except (RuntimeError, OSError):  # sentencepiece: "INTERNAL: ... ParseFromArray" on a torn file
+            raise CorruptFileError(spm_file, "truncated or not a SentencePiece model", DAMAGED_FIX) from None
     try:
         return HFTokenizer(str(name_or_path))
     except ImportError as err:
@@ -147,8 +153,13 @@ def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
             f"{str(name_or_path)!r} is not a libmoe tokenizer; loading Hugging Face tokenizers needs "
             "transformers: pip install 'libmoe[bench]'."
         ) from err
-    except OSError as err:
-        raise FileNotFoundError(
-            f"no tokenizer at {str(name_or_path)!r}: give a run/tokenizer directory, a .model file "
-            "or a Hugging Face tokenizer path or name."
-        ) from err
+    except Exception as err:  # noqa: BLE001  OSError, JSON and tokenizers errors on damaged files
+        if path.is_dir() and any(path.iterdir()):
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise CorruptFileError(path, f"no tokenizer loads from it: {first}", DAMAGED_FIX) from None
+        if isinstance(err, OSError) or not path.exists():
+            raise FileNotFoundError(
+                f"no tokenizer at {str(name_or_path)!r}: give a run/tokenizer directory, a .model "
+                "file or a Hugging Face tokenizer path or name."
+            ) from None
+        raise

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .scoring import LMScorer
-from .tasks import Doc, Task, get_task, load_records, local_file
+from .tasks import Doc, Task, check_limit, get_task, load_records, local_file
 
 
 def _argmax(values: list[float]) -> int:
@@ -88,13 +88,26 @@ def evaluate_tasks(scorer: LMScorer, names: list[str], data_dir=None, limit: int
             out[task.name].update(n=sum(p["n"] for p in parts.values()), subtasks=len(parts))
             continue
         start = time.perf_counter()
-        docs = [task.to_doc(r) for r in load_records(task, data_dir, limit)]
+        docs = task_docs(task, data_dir, limit)
         if not docs:
             raise ValueError(f"task {task.name!r} has no records.")
         out[task.name] = score_task(scorer, task, docs)
         if log:
             log(f"{task.name}: {len(docs)} documents in {time.perf_counter() - start:.1f} s")
     return out
+
+
+def task_docs(task: Task, data_dir=None, limit: int | None = None) -> list[Doc]:
+    """The task's first `limit` documents; a record without the task's fields is a ValueError
+    naming the task and its file."""
+    records = load_records(task, data_dir, limit)
+    try:
+        return [task.to_doc(r) for r in records]
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+        where = local_file(task, data_dir) or f"the Hub dataset {task.hub[0]}"
+        raise ValueError(f"task {task.name!r}: a record of {where} lacks the task's fields "
+                         f"({type(err).__name__}: {err}); give the task's own data (the Hub "
+                         "dataset's schema).") from None
 
 
 def evaluate_model(model: str | Path, tasks: list[str], data_dir: str | Path | None = None,
@@ -104,18 +117,23 @@ def evaluate_model(model: str | Path, tasks: list[str], data_dir: str | Path | N
     """`libmoe eval`: {"results": {task: metrics}, "config": {...}} for a run, checkpoint or
     transformers model directory. Task names may be task YAML paths; ``val_ppl`` is the run's own
     validation split (with `per_window`, each window's loss too: validation_perplexity). Task
-    names and local data files are checked before the model loads."""
-    from .. import __version__
+    names, local data files, `limit`, `batch_size`, `val_tokens` and `device` are checked before
+    the model loads. The payload's "evaluated" gives each task's time, libmoe version and model
+    checkpoint (see `libmoe.eval.results`)."""
+    from ..devices import check_device
     from ..models import load_model
+    from .results import libmoe_version, provenance, utc_now
 
+    check_evaluation(tasks, limit, batch_size, val_tokens)
+    device = check_device(device)
     names = [t for t in tasks if t != "val_ppl"]
     pending = [get_task(name) for name in names]
     while pending:  # names and local files are checked before the model loads
         task = pending.pop()
         if task.group:
             pending += [get_task(member) for member in task.group]
-        else:
-            local_file(task, data_dir)
+        elif local_file(task, data_dir) is not None:  # a damaged local file fails before the model loads
+            task_docs(task, data_dir, limit)
     loaded = load_model(model, device=device)
     if log:
         log(f"model: {loaded.checkpoint}" + (f" (step {loaded.step})" if loaded.step is not None else ""))
@@ -130,8 +148,25 @@ def evaluate_model(model: str | Path, tasks: list[str], data_dir: str | Path | N
     results.update(evaluate_tasks(scorer, names, data_dir, limit, log))
     config = {"model": str(model), "checkpoint": str(loaded.checkpoint), "step": loaded.step,
               "tasks": list(tasks), "limit": limit, "data_dir": None if data_dir is None else str(data_dir),
-              "batch_size": batch_size, "val_tokens": val_tokens, "libmoe_version": __version__}
-    return {"results": results, "config": config}
+              "batch_size": batch_size, "val_tokens": val_tokens, "libmoe_version": libmoe_version()}
+    done = utc_now()
+    return {"results": results, "evaluated": {t: provenance(config, t, done) for t in results},
+            "config": config}
+
+
+def check_evaluation(tasks: list[str] | None, limit: int | None = None, batch_size: int = 16,
+                     val_tokens: int | str = "run") -> None:
+    """Refuse (ValueError, one line) what evaluation would fail on or misreport: no tasks (when
+    `tasks` is not None), a non-positive --limit or --batch-size, a --val-tokens other than run,
+    all or a positive count."""
+    if tasks is not None and not tasks:
+        raise ValueError("no tasks given; name at least one (e.g. --tasks piqa,val_ppl).")
+    check_limit(limit)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: give a positive number of sequences per batch.")
+    if not (val_tokens in ("run", "all") or (isinstance(val_tokens, int) and not isinstance(val_tokens, bool)
+                                             and val_tokens > 0)):
+        raise ValueError(f"--val-tokens {val_tokens!r}: give 'run', 'all' or a positive number of tokens.")
 
 
 def validation_perplexity(loaded, tokens: int | str = "run", batch_size: int = 16,

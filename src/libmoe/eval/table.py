@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
+from ..files import read_json
 from .tasks import TASKS
 
 # The paper's column order, then the other built-in tasks; anything else follows alphabetically.
@@ -50,24 +50,27 @@ def read_results(path: str | Path) -> tuple[str, dict[str, dict[str, Any]]]:
     """(model name, {task: metrics}) from a `libmoe eval` or lm-evaluation-harness results file.
     The name is the evaluated model's directory name (for MODEL/eval/results.json: MODEL's)."""
     path = Path(path)
+    if path.is_dir() and (path / "eval" / "results.json").is_file():
+        path = path / "eval" / "results.json"  # a model directory: its `libmoe eval` results
     if not path.is_file():
-        raise FileNotFoundError(f"no results file at {str(path)!r}.")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not JSON ({err}).") from err
+        raise FileNotFoundError(f"no results file at {str(path)!r}; give the results.json of "
+                                "`libmoe eval` (MODEL/eval/results.json) or of lm_eval.")
+    data = read_json(path, "give the file `libmoe eval` or lm_eval wrote (evaluate the model again)")
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
-        raise ValueError(f"{path} has no \"results\" mapping; expected the JSON that `libmoe eval` "
-                         "or lm_eval writes.")
+        raise ValueError(f"{str(path)!r} has no \"results\" mapping: it is not the JSON that "
+                         "`libmoe eval` or lm_eval writes.")
     results = {}
     for task, metrics in data["results"].items():
+        if not isinstance(metrics, dict):
+            raise ValueError(f"{str(path)!r}: the results of {task!r} are not a mapping of metrics: it "
+                             "is not the JSON that `libmoe eval` or lm_eval writes.")
         clean = {}
         for key, value in metrics.items():
             metric, _, flt = key.partition(",")
             if flt in ("", "none"):
                 clean[metric] = value
         results[HARNESS_NAMES.get(task, task)] = clean
-    config = data.get("config") or {}
+    config = data.get("config") if isinstance(data.get("config"), dict) else {}
     model = config.get("model")
     if isinstance(model, str) and model not in ("libmoe", "hf") and model:
         name = Path(model).name

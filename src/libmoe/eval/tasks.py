@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..files import CorruptFileError
+
 
 @dataclass
 class Doc:
@@ -231,18 +233,39 @@ def local_file(task: Task, data_dir: str | Path | None) -> Path | None:
     return path
 
 
+def check_limit(limit: int | None, flag: str = "--limit") -> int | None:
+    """`limit` (documents per task) when it is None (all) or a positive count, else ValueError."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"{flag} {limit}: give a positive number of documents per task, or leave it "
+                         "out to evaluate every document.")
+    return limit
+
+
 def load_records(task: Task, data_dir: str | Path | None = None,
                  limit: int | None = None) -> list[dict[str, Any]]:
     """The first `limit` records of the task's split, from DIR/<task>.<split>.jsonl or the Hub."""
+    check_limit(limit)
     path = local_file(task, data_dir)
     if path is not None:
         records = []
+        number = 0  # the last line read, for the error
         with path.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    records.append(json.loads(line))
-                    if limit is not None and len(records) >= limit:
-                        break
+            try:
+                for number, line in enumerate(f, 1):  # noqa: B007  read in the except
+                    if line.strip():
+                        record = json.loads(line)
+                        if not isinstance(record, dict):
+                            raise ValueError(f"a JSON {type(record).__name__}, not an object")
+                        records.append(record)
+                        if limit is not None and len(records) >= limit:
+                            break
+            except UnicodeDecodeError:
+                raise CorruptFileError(path, f"line {number + 1} or near it is not UTF-8 text",
+                                       "replace it with the task's JSON Lines file") from None
+            except ValueError as err:
+                raise CorruptFileError(path, f"line {number} is not a JSON record: {err}",
+                                       "replace it with the task's JSON Lines file (one JSON object a "
+                                       "line)") from None
         return records
     try:
         import datasets

@@ -198,7 +198,9 @@ def load_task_file(path: str | Path) -> Task:
         raise ValueError(f"{path}: {err.problem} ({err.problem_mark}); Python hooks such as "
                          "!function are not supported in libmoe's YAML tasks.") from err
     except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {err}") from err
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a task YAML file (not UTF-8 text).") from None
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: expected a mapping of task keys (task, data, doc_to_text, ...).")
     return task_from_spec(spec, path.parent, str(path), path.stem)

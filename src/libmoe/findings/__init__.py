@@ -19,28 +19,39 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..files import read_json_object, write_json
 from . import checks as _checks  # noqa: F401  registers the claims
-from .inputs import Bench
+from .inputs import Bench, read_bench_results
 from .registry import FINDINGS, Finding, check, finding
 from .stats import VERDICTS
 
-__all__ = ["FINDINGS", "VERDICTS", "Bench", "Finding", "check_findings", "finding", "findings_html",
-           "findings_markdown", "findings_table", "write_findings"]
+__all__ = ["FINDINGS", "VERDICTS", "Bench", "Finding", "check_findings", "check_ids", "finding",
+           "findings_html", "findings_markdown", "findings_table", "write_findings"]
 
 
 def check_findings(bench_dir: str | Path, only: list[str] | None = None,
                    results: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every registered claim (or those in `only`) checked on the bench output `bench_dir`
     (`results`: its results.json content, when not yet written)."""
+    names = list(FINDINGS) if only is None else check_ids(only)
     bench = Bench(bench_dir, results)
-    names = list(FINDINGS) if only is None else only
-    for name in names:
-        if name not in FINDINGS:
-            from ..moe.options import did_you_mean
-
-            raise ValueError(f"unknown finding {name!r}.{did_you_mean(name, list(FINDINGS))} "
-                             f"Valid: {', '.join(FINDINGS)}.")
     return [check(FINDINGS[name], bench) for name in names]
+
+
+def check_ids(ids: list[str]) -> list[str]:
+    """`ids` when every one names a registered finding, else ValueError in one line with the
+    nearest ids (checked before any file is read)."""
+    from ..overrides import did_you_mean
+
+    if not ids:
+        raise ValueError(f"no finding ids given; choose from {', '.join(FINDINGS)}.")
+    for name in ids:
+        if name not in FINDINGS:
+            starts = [f for f in FINDINGS if f.startswith(name.split("_")[0] + "_")]  # "a" for a_...
+            hint = did_you_mean(name, list(FINDINGS)) or did_you_mean(name, starts) or (
+                f" Did you mean {', '.join(starts[:3])}?" if starts else "")
+            raise ValueError(f"unknown finding {name!r}.{hint} Valid: {', '.join(FINDINGS)}.")
+    return list(ids)
 
 
 def findings_table(findings: list[dict[str, Any]]) -> list[list[str]]:
@@ -100,13 +111,13 @@ def write_findings(bench_dir: str | Path, findings: list[dict[str, Any]] | None 
     """Check the claims on `bench_dir` (unless `findings` are given) and rewrite its results.json,
     results.md and report.html with them; returns the findings."""
     out = Path(bench_dir)
-    findings = check_findings(out) if findings is None else findings
-    results = json.loads((out / "results.json").read_text())
+    results = read_bench_results(out / "results.json", full=True)  # refused before anything is rewritten
+    findings = check_findings(out, results=results) if findings is None else findings
     results["findings"] = findings
     if results.get("regime") == "vlm":
         from ..vlm.bench import write_vlm_report, write_vlm_tables
 
-        (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+        write_json(out / "results.json", json.loads(json.dumps(results, default=str)), indent=1)
         write_vlm_tables(out, results)
         write_vlm_report(out, results)
     else:
@@ -116,7 +127,8 @@ def write_findings(bench_dir: str | Path, findings: list[dict[str, Any]] | None 
         from ..bench.tables import write_tables
 
         path = out / "analysis" / "metrics.json"
-        analysis = json.loads(path.read_text()) if path.is_file() else {}
+        analysis = read_json_object(path, "rerun `libmoe bench` with the same --out to analyse it "
+                                    "again") if path.is_file() else {}
         init_std = load_init_std(out)
         figures = (plot_all(analysis, out / "analysis" / "figures", init_std=init_std)
                    if analysis or init_std else [])

@@ -14,7 +14,6 @@ path second, so a moved or merged output is judged on what it holds.
 
 from __future__ import annotations
 
-import json
 import math
 from functools import cached_property
 from pathlib import Path
@@ -24,10 +23,65 @@ import torch
 from torch import Tensor
 
 from ..analysis.trace import Trace, list_traces
+from ..files import CorruptFileError, read_json, read_json_object
+
+# What every bench output's results.json holds (pretraining, upcycling and VLM regimes alike):
+# the checks read the runs; rewriting the tables and report needs the rest too.
+BENCH_KEYS = {"runs": list, "preset": str, "algorithms": list, "seeds": int, "rows": list}
+
+
+def read_bench_results(path: str | Path, full: bool = False) -> dict[str, Any]:
+    """A bench output's results.json; one clear error (CorruptFileError / ValueError naming the
+    file) when it is damaged or is not what `libmoe bench` writes (its "runs", and with `full`
+    everything its tables and report are made from)."""
+    fix = "give the directory of a finished `libmoe bench` (or run it again with --out DIR)"
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{Path(path).parent} has no results.json; give a `libmoe bench` output "
+                                "directory.")
+    data = read_json_object(path, fix)
+    needed = BENCH_KEYS if full else {"runs": list}
+    wrong = [k for k, kind in needed.items() if not isinstance(data.get(k), kind)]
+    if wrong:
+        raise ValueError(f"{str(path)!r} is not a `libmoe bench` results file (it lacks "
+                         f"{', '.join(repr(k) for k in wrong)}); {fix}.")
+    rows = data["rows"] if isinstance(data.get("rows"), list) else []
+    if not all(isinstance(r, dict) for r in data["runs"] + rows):
+        raise CorruptFileError(path, "its runs or rows are not objects", fix)
+    problem = _field_problem(data)
+    if problem:
+        raise CorruptFileError(path, problem, fix)
+    return data
+
+
+def _field_problem(data: dict[str, Any]) -> str | None:
+    """What is wrong with the fields the checks read (their types), or None."""
+    def kind(value: Any, *types: type) -> bool:
+        return value is None or (isinstance(value, types) and not isinstance(value, bool))
+
+    for key, types in (("algorithms", (list,)), ("studies", (dict,)), ("regime", (str,))):
+        if not kind(data.get(key), *types):
+            return f"{key!r} is a {type(data[key]).__name__}"
+    if not all(isinstance(a, str) for a in data.get("algorithms") or []):
+        return "'algorithms' holds something other than names"
+    if not kind((data.get("studies") or {}).get("run"), list):
+        return "'studies.run' is not a list"
+    for i, run in enumerate(data["runs"]):
+        for key, types in (("name", (str,)), ("algorithm", (str,)), ("run", (str,)), ("seed", (int,)),
+                           ("status", (str,))):
+            if not kind(run.get(key), *types):
+                return f"runs[{i}].{key} is a {type(run[key]).__name__}"
+        if len(str(run.get("run") or "")) > 4096 or len(str(run.get("name") or "")) > 255:
+            return f"runs[{i}] names a path longer than a file system allows"
+    return None
 
 
 def _read(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A run's JSON file (None when absent); a damaged one names itself (the check that reads it
+    then reports it as inconclusive, the other claims still run)."""
+    if not path.is_file():
+        return None
+    return read_json(path, "rerun `libmoe analyze` / `libmoe eval` on the run, or `libmoe bench` "
+                     "with the same --out, to write it again")
 
 
 class Run:
@@ -82,7 +136,7 @@ class Bench:
         if results is None and not path.is_file():
             raise FileNotFoundError(f"{self.dir} has no results.json; give a `libmoe bench` output "
                                     "directory.")
-        self.results: dict[str, Any] = results if results is not None else json.loads(path.read_text())
+        self.results: dict[str, Any] = results if results is not None else read_bench_results(path)
         self.regime: str = self.results.get("regime", "pretrain")
         self.runs = [Run(self, r) for r in self.results.get("runs") or [] if r.get("status") == "ok"]
 

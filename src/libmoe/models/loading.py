@@ -13,7 +13,6 @@ Face causal LM) loads through ``AutoModelForCausalLM``. Weights are read with sa
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
+from ..files import CorruptFileError, read_json_object, sha256
 from .config import ModelConfig
 from .transformer import MoETransformer
 
@@ -34,6 +34,68 @@ class LoadedModel:
     checkpoint: Path
     step: int | None
     config: dict[str, Any]  # the run's resolved config as saved ({} for a transformers directory)
+
+
+def _read_config_yaml(path: Path, fix: str) -> dict[str, Any]:
+    """A run's config.yaml as a dict; CorruptFileError when it is not a YAML mapping."""
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CorruptFileError(path, f"not valid YAML: {first}", fix) from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise CorruptFileError(path, f"a YAML {type(config).__name__}, not a mapping of sections", fix)
+    return config
+
+
+def _damaged_fix(ckpt: Path) -> str:
+    """What to do about a damaged file of checkpoint or model directory `ckpt`."""
+    if ckpt.parent.name != "checkpoints":
+        return ("write this model directory again with the command that made it (libmoe upcycle, "
+                "libmoe export or libmoe train)")
+    from ..train.checkpoint import list_checkpoints
+
+    step = _step_of(ckpt)
+    earlier = [c for c in list_checkpoints(ckpt.parent.parent) if _step_of(c) < step and _readable(c)]
+    if earlier:
+        return f"rerun training, or use an earlier checkpoint: {earlier[-1]}"
+    return "rerun training (libmoe train --resume continues from an intact checkpoint, if any)"
+
+
+def _step_of(ckpt: Path) -> int:
+    suffix = ckpt.name[len("step_"):]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def _readable(ckpt: Path) -> bool:
+    """Whether a checkpoint's model.safetensors at least has a whole header and all its bytes."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+            f.keys()
+        return True
+    except Exception:  # noqa: BLE001  safetensors' own error type, OSError, ...
+        return False
+
+
+def _load_weights(ckpt: Path, info: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """model.safetensors of `ckpt`, checked against the checksum checkpoint.json records (when it
+    does); a missing, truncated or altered file is a CorruptFileError naming it and the way out."""
+    file = ckpt / "model.safetensors"
+    if not file.is_file():
+        raise CorruptFileError(file, "missing", _damaged_fix(ckpt))
+    files = info.get("files")
+    expected = files.get("model.safetensors") if isinstance(files, dict) else None
+    if isinstance(expected, str) and sha256(file) != expected:
+        raise CorruptFileError(file, "it does not match the checksum its checkpoint.json records",
+                               _damaged_fix(ckpt))
+    try:
+        return load_file(str(file))
+    except Exception:  # noqa: BLE001  SafetensorError, OSError, ...: never a traceback
+        raise CorruptFileError(file, "truncated or not a safetensors file", _damaged_fix(ckpt)) from None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -63,7 +125,9 @@ def _is_transformers_dir(path: Path) -> bool:
         return False
     if not (path / "config.yaml").is_file():
         return True
-    return json.loads((path / "config.json").read_text()).get("model_type") != "libmoe"
+    config = read_json_object(path / "config.json", "write the directory again (its config.json is "
+                              "transformers' description of the model)")
+    return config.get("model_type") != "libmoe"
 
 
 def _load_transformers(path: Path, device: str | torch.device) -> LoadedModel:
@@ -76,7 +140,20 @@ def _load_transformers(path: Path, device: str | torch.device) -> LoadedModel:
                          "transformers: pip install 'libmoe[hub]'.") from err
     import libmoe.upcycle.hf_saving  # noqa: F401  registers libmoe_upcycled with the Auto classes
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
+        if not any(path.glob("*.safetensors")):
+            raise FileNotFoundError(f"{str(path)!r} has no safetensors weights (libmoe reads "
+                                    "safetensors only); save the model with safe_serialization.") from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise CorruptFileError(path, f"transformers cannot load the model: {first}",
+                               _damaged_fix(path)) from None
+    except Exception as err:  # noqa: BLE001  safetensors' own error on a truncated file
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise CorruptFileError(path, "its safetensors weights are truncated or damaged",
+                               _damaged_fix(path)) from None
     if type(model).__name__ == "LibMoEForCausalLM":  # libmoe's own model saved by transformers
         model = model.model
     has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
@@ -84,9 +161,9 @@ def _load_transformers(path: Path, device: str | torch.device) -> LoadedModel:
     tokenizer = load_tokenizer(path if has_tokenizer else _find_tokenizer(path))
     config, step = {}, None
     if (path / "config.yaml").is_file():  # a checkpoint of a libmoe run
-        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        config = _read_config_yaml(path / "config.yaml", _damaged_fix(path))
     if (path / "checkpoint.json").is_file():
-        step = json.loads((path / "checkpoint.json").read_text()).get("step")
+        step = read_json_object(path / "checkpoint.json", _damaged_fix(path)).get("step")
     return LoadedModel(model.to(device).eval(), tokenizer, path, step, config)
 
 
@@ -162,13 +239,27 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         config_path = ckpt.parent.parent / "config.yaml"
     if not config_path.is_file():
         raise ValueError(f"{str(ckpt)!r} is not a libmoe checkpoint: no config.yaml beside it.")
-    config = yaml.safe_load(config_path.read_text()) or {}
-    if "model" not in config:
-        raise ValueError(f"{str(config_path)!r} has no model section; it is not a libmoe run config.")
-    model = MoETransformer(ModelConfig(**config["model"]))
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-    model.to(device).eval()
-    step = None
+    fix = _damaged_fix(ckpt)
+    config = _read_config_yaml(config_path, fix)
+    if not isinstance(config.get("model"), dict):
+        raise CorruptFileError(config_path, "no model section: not a libmoe run config", fix)
+    try:
+        model_config = ModelConfig(**config["model"])
+    except TypeError as err:  # an unknown or missing key
+        raise CorruptFileError(config_path, f"its model section is not a libmoe model: {err}", fix) from None
+    except ValueError as err:
+        raise CorruptFileError(config_path, f"its model section is invalid: {err}", fix) from None
+    info: dict[str, Any] = {}
     if (ckpt / "checkpoint.json").is_file():
-        step = json.loads((ckpt / "checkpoint.json").read_text()).get("step")
-    return LoadedModel(model, load_tokenizer(_find_tokenizer(ckpt)), ckpt, step, config)
+        info = read_json_object(ckpt / "checkpoint.json", fix)
+    tokenizer = load_tokenizer(_find_tokenizer(ckpt))  # a damaged tokenizer fails before the weights load
+    model = MoETransformer(model_config)
+    state = _load_weights(ckpt, info)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # missing / unexpected keys or shapes: not this config's weights
+        first = (str(err).strip().splitlines() or ["mismatch"])[0]
+        raise CorruptFileError(ckpt / "model.safetensors", f"its tensors do not fit the model in "
+                               f"{config_path.name} ({first.rstrip(':.')})", fix) from None
+    model.to(device).eval()
+    return LoadedModel(model, tokenizer, ckpt, info.get("step"), config)

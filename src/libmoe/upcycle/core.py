@@ -10,13 +10,14 @@ whose entries say why.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..files import write_json
 
 SHARED_ALGORITHMS = ("sharede_v2", "sharede_v3")
 EXACT_AT_INIT = ("smoe", "sigma_moe", "xmoe", "sharede_v2", "sharede_v3", "cosine",
@@ -236,11 +237,18 @@ def upcycle_checkpoint(source: str | Path, out: str | Path, algorithm: str, n_ex
     Returns upcycle.json's content, including the largest logit difference from the source."""
     from ..models import load_model
     from ..models.loading import _find_tokenizer, save_model_dir
+    from ..moe.layer import check_algorithm
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a directory for the upcycled model.")
     if (out / "config.yaml").is_file() and not overwrite:
         raise ValueError(f"{str(out)!r} already holds a model (config.yaml); pass --overwrite or a "
                          "new --out.")
+    check_algorithm(algorithm)  # the arguments before the source model loads
+    if n_experts < 1 or not 1 <= top_k <= n_experts:
+        raise ValueError(f"--n-experts {n_experts} --top-k {top_k}: give at least one expert and a "
+                         "top-k between 1 and the number of experts.")
     from ..train.hf_model import transformers_source
 
     hf_source = transformers_source(source)  # a transformers directory, Hub name or such a run
@@ -274,5 +282,5 @@ def upcycle_checkpoint(source: str | Path, out: str | Path, algorithm: str, n_ex
     }
     if not shared_only and algorithm in NOT_EXACT_AT_INIT:
         info["why_not_exact"] = NOT_EXACT_AT_INIT[algorithm]
-    (out / UPCYCLE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    write_json(out / UPCYCLE_FILE, info)
     return info

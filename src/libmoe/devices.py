@@ -1,0 +1,68 @@
+"""Device checks: a `--device` this machine lacks is refused in one line before anything loads.
+
+    from libmoe.devices import check_device
+    device = check_device(args.device)   # "cpu", "cuda", "cuda:1", "mps", ... or ValueError
+
+Commands that load a model (eval, analyze, ...) call it first, so `--device cuda` on a CPU-only
+build, `cuda:3` on a one-GPU machine or `mps` off a Mac fail before any file is read.
+Imports only torch: every layer may use it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Device types that run a model; torch also parses meta, lazy, ... which hold no computation.
+_ACCELERATORS = ("cuda", "mps", "xpu", "hpu", "mtia")
+
+
+def _count(kind: str) -> int:
+    """How many devices of `kind` this process can use (0 when its backend is absent)."""
+    if kind == "cuda":
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        return 1 if mps is not None and mps.is_available() else 0
+    backend = getattr(torch, kind, None)
+    try:
+        if backend is None or not backend.is_available():
+            return 0
+        return int(backend.device_count())
+    except (AttributeError, RuntimeError):
+        return 0
+
+
+def available_devices() -> list[str]:
+    """The devices this process can use: "cpu", then e.g. "cuda:0", "cuda:1", "mps"."""
+    found = ["cpu"]
+    for kind in _ACCELERATORS:
+        n = _count(kind)
+        found += [kind] if kind == "mps" and n else [f"{kind}:{i}" for i in range(n)]
+    return found
+
+
+def check_device(name: str | torch.device, flag: str = "--device") -> str:
+    """`name` as a torch device string when this machine has that device, else ValueError in one
+    sentence naming the device, what is available and the fix (`flag` names the option)."""
+    text = str(name).strip()
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{flag} {text!r} is not a torch device; give cpu, cuda, cuda:N or mps "
+                         f"(available here: {', '.join(available_devices())}).") from None
+    if device.type == "cpu":
+        return str(device)
+    if device.type not in _ACCELERATORS:
+        raise ValueError(f"{flag} {text!r} cannot run a model; give cpu, cuda, cuda:N or mps (available "
+                         f"here: {', '.join(available_devices())}).")
+    n = _count(device.type)
+    if n == 0:
+        why = ""
+        if device.type == "cuda" and not (torch.version.cuda or getattr(torch.version, "hip", None)):
+            why = " (this PyTorch is built without CUDA)"
+        raise ValueError(f"{flag} {text}: this machine has no {device.type} device{why}; use "
+                         f"{flag} cpu (available here: {', '.join(available_devices())}).")
+    if device.index is not None and device.index >= n:
+        raise ValueError(f"{flag} {text}: this machine has {n} {device.type} device(s), "
+                         f"{device.type}:0 to {device.type}:{n - 1}; choose one of them.")
+    return str(device)
