@@ -229,7 +229,7 @@ def test_out_that_is_a_file_is_refused(base, tmp_path, capsys):
 
 
 def test_sigterm_checkpoints_the_current_step_and_resume_is_exact(base, tmp_path, capsys):
-    args = [*base, "train.max_steps=30", "train.batch_size=16", "train.checkpoint_every=1000"]
+    args = [*base, "train.max_steps=30", "train.checkpoint_every=1000"]
     run = tmp_path / "split"
     proc = subprocess.Popen([sys.executable, "-m", "libmoe.cli", "train", "--out", str(run), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
