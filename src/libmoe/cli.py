@@ -323,27 +323,35 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> None:
     from .bench import run_bench
-    from .train.config import parse_override
+    from .bench.runner import failure_line
+    from .overrides import parse_override
 
     def split(text):
         return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
+    algorithms = split(args.algorithms)
+    if args.algorithms is not None and not algorithms:  # "" or ",": not "all eight"
+        raise ValueError(f"--algorithms {args.algorithms!r} names no algorithm; give comma-separated "
+                         "names (e.g. dense,smoe) or leave it out for the paper's eight.")
     slurm = {}
     for item in args.slurm_option or []:
         for key, value in parse_override(item).items():
             slurm[key] = value
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    results = run_bench(args.out, preset=args.preset, algorithms=split(args.algorithms),
+    results = run_bench(args.out, preset=args.preset, algorithms=algorithms,
                         seeds=args.seeds, data=args.data, tasks=split(args.tasks),
                         data_dir=args.data_dir, jobs=args.jobs, launcher=args.launcher,
                         nproc=args.nproc, slurm=slurm, overrides=list(args.items),
                         analysis=not args.no_analysis, regime=args.regime, compare=args.compare,
-                        studies=args.studies, log=log)
+                        studies=args.studies, log=log, overwrite=args.overwrite)
     from .bench.tables import markdown, score_table
 
     if results.get("regime") == "vlm":
         from .vlm.bench import score_table
     print(markdown(score_table(results)))
+    failed = failure_line(results, args.out)
+    if failed:  # the tables are written; the exit code and the last line say what failed
+        raise WorkFailed(failed)
 
 
 def _cmd_findings(args: argparse.Namespace) -> None:
@@ -431,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "stds, Fig. 11), droptop (Fig. 5), temperature (Table 7); all or none "
                    "(default: the preset's; the default preset runs all three)")
     p.add_argument("--out", default="bench", help="output directory (default: bench)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the runs in --out made with another config (and the old tables) "
+                   "instead of refusing them; runs with this config are kept and skipped")
     p.set_defaults(func=_cmd_bench)
     p = sub.add_parser(
         "findings", help="check the paper's claims on a bench output (rewrites its findings)",

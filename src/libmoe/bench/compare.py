@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis.plots import FigureInfo
+from ..files import read_json_object
 
 FIGURE = FigureInfo(
     "regime_comparison.png", "Routing stability by regime (expert change rate)",
@@ -115,7 +116,8 @@ def regime_comparison(results: dict[str, Any], out: str | Path,
     entries = [_entry(results, out)]
     if other is not None:
         other = Path(other)
-        entries.append(_entry(json.loads((other / "results.json").read_text()), other))
+        saved = read_json_object(other / "results.json", "give --compare a finished libmoe bench output")
+        entries.append(_entry(saved, other))
     labels = [e["regime"] for e in entries]
     if len(set(labels)) < len(labels):  # two benches of one regime: tell them apart by folder
         labels = [f"{e['regime']} ({Path(e['bench']).name})" for e in entries]
@@ -189,9 +191,9 @@ def plot_regime_comparison(comparison: dict[str, Any], path: str | Path) -> Path
     names = " vs ".join(e["label"] for e in entries)
     fig.suptitle(f"Routing stability by regime: {names} (SharedE-V2/V3 in bold)", fontsize=11)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    from .plots import save_figure
+
+    path = save_figure(fig, path)
     plt.close(fig)
     return path
 

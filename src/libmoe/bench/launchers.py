@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..errors import Interrupted
 from .runner import RunSpec, finished_row, run_one
 
 
@@ -150,6 +151,47 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _init_worker() -> None:
+    """Worker initializer: die with the bench (above); leave the terminal's process group, so that
+    Ctrl-C reaches the bench alone, which then sends each worker one SIGTERM; and take SIGTERM
+    outside training as an interruption (inside, the trainer checkpoints first)."""
+    import signal
+
+    _die_with_parent()
+    with contextlib.suppress(OSError):
+        os.setpgrp()
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _stop_pool(pool, futures: dict, rows: dict[str, dict], progress: Progress) -> None:
+    """The bench was interrupted: cancel the runs not started, send every worker SIGTERM (its
+    training checkpoints) and wait for the running ones to stop; their rows land in `rows`."""
+    import signal
+
+    from .runner import _signals_ignored
+
+    with _signals_ignored():
+        for future in futures:
+            future.cancel()
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            with contextlib.suppress(OSError):
+                os.kill(process.pid, signal.SIGTERM)
+        for future, spec in futures.items():
+            if future.cancelled() or spec.name in rows:
+                continue
+            try:
+                rows[spec.name] = future.result()
+            except Interrupted:
+                continue
+            except Exception as err:  # noqa: BLE001  the worker process itself died
+                rows[spec.name] = _failed(spec, err)
+            progress.finished(spec, rows[spec.name])
+
+
 def _run_pool(specs: list[RunSpec], jobs: int, progress: Progress) -> dict[str, dict]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -159,7 +201,7 @@ def _run_pool(specs: list[RunSpec], jobs: int, progress: Progress) -> dict[str, 
     progress.watch()
     try:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_die_with_parent) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker) as pool:
             futures = {}
             for spec in specs:
                 Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
@@ -169,16 +211,22 @@ def _run_pool(specs: list[RunSpec], jobs: int, progress: Progress) -> dict[str, 
             for spec in specs[:jobs]:
                 progress.started(spec)
             started = min(jobs, len(specs))
-            for future in as_completed(futures):
-                spec = futures[future]
-                try:
-                    rows[spec.name] = future.result()
-                except Exception as err:  # noqa: BLE001  the worker process itself died
-                    rows[spec.name] = _failed(spec, err)
-                progress.finished(spec, rows[spec.name])
-                if started < len(specs):
-                    progress.started(specs[started])
-                    started += 1
+            try:
+                for future in as_completed(futures):
+                    spec = futures[future]
+                    try:
+                        rows[spec.name] = future.result()
+                    except Interrupted:  # a worker got a signal of its own: stop the study
+                        raise KeyboardInterrupt(spec.name) from None
+                    except Exception as err:  # noqa: BLE001  the worker process itself died
+                        rows[spec.name] = _failed(spec, err)
+                    progress.finished(spec, rows[spec.name])
+                    if started < len(specs):
+                        progress.started(specs[started])
+                        started += 1
+            except KeyboardInterrupt:
+                _stop_pool(pool, futures, rows, progress)
+                raise
     finally:
         progress.stop()
     return rows

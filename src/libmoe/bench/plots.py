@@ -78,7 +78,17 @@ def plot_scores(results: dict[str, Any], path: str | Path) -> FigureInfo | None:
     fig.suptitle(f"libmoe bench ({results['preset']}, {results.get('regime', 'pretrain')} regime): "
                  "validation perplexity")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    save_figure(fig, path)
     plt.close(fig)
     return SCORES
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save a matplotlib figure as PNG atomically (a stopped bench never leaves half a file)."""
+    import io
+
+    from ..files import write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=130)
+    return write_bytes(path, buffer.getvalue())

@@ -21,11 +21,11 @@ regime (`regime: upcycle`), else from the regime's defaults.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..files import read_json, write_json
 from ..moe.options import did_you_mean
 
 if TYPE_CHECKING:
@@ -194,7 +194,7 @@ class UpcycleRegime(Regime):
         init = Path(spec.config["init"])
         stamp = {"source_hash": p["source_hash"], "upcycle": p.get("upcycle")}
         run_stamp = Path(spec.run_dir) / "bench_init.json"
-        if run_stamp.is_file() and json.loads(run_stamp.read_text()) != stamp:
+        if run_stamp.is_file() and _read_or_none(run_stamp) != stamp:
             from ..train.checkpoint import latest_checkpoint
 
             if latest_checkpoint(spec.run_dir) is not None:
@@ -204,21 +204,20 @@ class UpcycleRegime(Regime):
             from ..upcycle.core import UPCYCLE_FILE, upcycle_checkpoint
 
             init_stamp = init / "bench_init.json"
-            if not (init_stamp.is_file() and json.loads(init_stamp.read_text()) == stamp
+            if not (init_stamp.is_file() and _read_or_none(init_stamp) == stamp
                     and (init / UPCYCLE_FILE).is_file()):
                 u = dict(p["upcycle"])
                 upcycle_checkpoint(final, init, u.pop("algorithm"), u.pop("n_experts"), u.pop("top_k"),
                                    u.pop("layers"), u.pop("seed"), u.pop("router_init_std"),
                                    overwrite=True, **u)
-                init_stamp.write_text(json.dumps(stamp, indent=1) + "\n")
-            info = json.loads((init / UPCYCLE_FILE).read_text())
+                write_json(init_stamp, stamp, indent=1)
+            info = read_json(init / UPCYCLE_FILE)
             row["upcycle"] = {k: info.get(k) for k in ("source", "seed", "router_init_std",
                                                        "max_abs_logit_diff", "exact_at_init",
                                                        "why_not_exact") if k in info}
         row["init"] = str(init)
         row["init_ppl"] = _init_ppl(init, Path(spec.run_dir) / "bench_init_ppl.json", stamp)
-        run_stamp.parent.mkdir(parents=True, exist_ok=True)
-        run_stamp.write_text(json.dumps(stamp, indent=1) + "\n")
+        write_json(run_stamp, stamp, indent=1)
 
     def summary(self, preset: BenchPreset, support: list[dict[str, Any]]) -> dict[str, Any]:
         opts = self.options(preset)
@@ -249,18 +248,24 @@ class UpcycleRegime(Regime):
                 "compute-matched, as in sparse upcycling.")
 
 
+def _read_or_none(path: Path) -> Any:
+    """The JSON in `path`, or None when it is damaged (a stamp then counts as different)."""
+    try:
+        return read_json(path)
+    except ValueError:
+        return None
+
+
 def _init_ppl(init: Path, cache: Path, stamp: dict[str, Any]) -> float | None:
     """Validation perplexity of the init model on training's evaluation windows (cached)."""
-    if cache.is_file():
-        saved = json.loads(cache.read_text())
-        if saved.get("stamp") == stamp:
-            return saved["ppl"]
+    saved = _read_or_none(cache) if cache.is_file() else None
+    if isinstance(saved, dict) and saved.get("stamp") == stamp and "ppl" in saved:
+        return saved["ppl"]
     from ..eval.evaluator import validation_perplexity
     from ..models import load_model
 
     ppl = validation_perplexity(load_model(init), "run")["ppl"]
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"stamp": stamp, "ppl": ppl}) + "\n")
+    write_json(cache, {"stamp": stamp, "ppl": ppl}, indent=None)
     return ppl
 
 
@@ -277,11 +282,12 @@ class VLMRegime(Regime):
     def plan(self, ctx: PlanContext) -> list[list[RunSpec]]:
         raise ValueError("the vlm regime runs through libmoe.vlm.bench.run_vlm_bench.")
 
-    def run(self, out, preset, algorithms, seeds, jobs, compare, overrides, analysis, log, studies=None):
+    def run(self, out, preset, algorithms, seeds, jobs, compare, overrides, analysis, log, studies=None,
+            overwrite=False):
         from ..vlm.bench import run_vlm_bench
 
         return run_vlm_bench(out, preset, algorithms, seeds, jobs, compare, overrides, analysis, log,
-                             studies=studies)
+                             studies=studies, overwrite=overwrite)
 
     def describe(self, results: dict[str, Any]) -> str:
         return self.description + "."

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..analysis.plots import FigureInfo
 from ..analysis.report import CSS, TABLE_NOTE, _figure_html, _notes, _table, summary_rows
+from .outputs import HTML_MARK, write_output_text
 from .tables import cost_table, score_table
 
 REPORT_FILE = "report.html"
@@ -53,7 +54,7 @@ def write_bench_report(out: str | Path, results: dict[str, Any], analysis: dict[
              f"{get_regime(regime).describe(results)} {results['elapsed_s'] / 60:.1f} minutes on "
              f"{results['machine'].get('gpu') or str(results['machine']['cpus']) + ' CPU cores'}.")
     parts = [
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
+        f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">{HTML_MARK}",
         f"<title>libmoe bench: {html.escape(results['preset'])}</title><style>{CSS}</style></head><body>",
         f"<h1>libmoe bench: {html.escape(results['preset'])}</h1>",
         f"<p class=\"intro\">{html.escape(setup)}</p>",
@@ -92,6 +93,4 @@ def write_bench_report(out: str | Path, results: dict[str, Any], analysis: dict[
         items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
         parts.append(f"<h2>Notes</h2>\n<ul class=\"notes\">{items}</ul>")
     parts.append("</body></html>\n")
-    path = out / REPORT_FILE
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
+    return write_output_text(out, REPORT_FILE, "\n".join(parts))

@@ -14,12 +14,17 @@ held-out split plus every zero-shot task whose data is available) and timed for 
 ``OUT/analysis``; the tables (`results.json`, `results.md`, `results.csv`), the regime
 comparison (`compare`) and ``OUT/report.html`` come last.
 
-Robustness: a run whose `bench_run.json` says it finished with the same config is skipped; an
-interrupted one resumes from its newest checkpoint (`train(..., resume=True)`); a run that fails
-is recorded with its error and the others go on. Launchers: in this process (`--jobs 1`), in J
-worker processes (`--jobs J`, torch threads split between them), each training under `torchrun`
-with N processes (`--launcher torchrun --nproc N`), or as Slurm jobs through submitit
-(`--launcher slurm`).
+Robustness (docs/bench.md, "Guarantees"): everything knowable from the arguments is checked
+before any work (every run's config and model options; an `--out` holding files the bench did not
+write; a run in `--out` made with another config, unless `--overwrite`). A run whose
+`bench_run.json` says it finished with the same config is skipped; an interrupted one resumes from
+its newest checkpoint (`train(..., resume="auto")`); a run that fails is recorded with its error and
+the others go on. SIGTERM or SIGINT stops the study: the running runs checkpoint, finished runs are
+kept untouched, no table is written, and `Interrupted` says that rerunning resumes.
+
+Launchers: in this process (`--jobs 1`), in J worker processes (`--jobs J`, torch threads split
+between them), each training under `torchrun` with N processes (`--launcher torchrun --nproc N`),
+or as Slurm jobs through submitit (`--launcher slurm`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import Interrupted
+from ..files import read_json, write_json, write_text
+from .outputs import plain_json
 from .presets import PAPER_ALGORITHMS, BenchPreset, load_bench_preset
 
 RUN_FILE = "bench_run.json"
@@ -140,17 +149,98 @@ def plan_runs(out: str | Path, preset: BenchPreset, algorithms: list[str], seeds
     return [spec for stage in stages for spec in stage]
 
 
+# ----------------------------------------------------------------------------- checks before work
+
+
+def config_diff(saved: Any, wanted: Any, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs between two config dicts."""
+    if not (isinstance(saved, dict) and isinstance(wanted, dict)):
+        return [] if saved == wanted else [f"{prefix.rstrip('.') or 'config'}: {saved!r} -> {wanted!r}"]
+    out = []
+    for key in sorted(set(saved) | set(wanted), key=str):
+        a, b = saved.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _saved_row(run_dir: str | Path) -> dict[str, Any] | None:
+    """RUN/bench_run.json, or None when absent or unreadable (the run is then redone)."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        row = read_json(path)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def check_spec(spec: RunSpec) -> None:
+    """Everything about one run that is knowable without data: its config validates and its
+    model (every MoE layer's options) builds, on the meta device (no memory, no time)."""
+    from ..train.config import config_from_dict
+    from ..train.trainer import check_config
+
+    try:
+        check_config(config_from_dict(spec.config), spec.nproc if spec.launcher == "torchrun" else 1)
+    except ValueError as err:
+        raise ValueError(f"run {spec.name}: {err}") from None
+
+
+def stale_runs(specs: list[RunSpec]) -> list[tuple[RunSpec, list[str]]]:
+    """The runs of `specs` whose directory holds a run (started or finished) made with another
+    config, each with its differences (``key: old -> new``)."""
+    import yaml
+
+    stale = []
+    for spec in specs:
+        run = Path(spec.run_dir)
+        diff: list[str] = []
+        saved = run / "config.yaml"
+        if saved.is_file():
+            try:
+                old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+            except (yaml.YAMLError, UnicodeDecodeError):
+                old = None
+            if not isinstance(old, dict):
+                diff = [f"its {saved.name} is unreadable"]
+            else:
+                diff = [d for d in config_diff(old, spec.config) if not d.startswith("model.vocab_size:")]
+        else:
+            row = _saved_row(run)
+            if row and row.get("status") == "ok" and row.get("config_hash") != spec.config_hash:
+                diff = [f"config hash {row.get('config_hash')} -> {spec.config_hash}"]
+        stamp_file = run / "bench_init.json"
+        if spec.prepare and stamp_file.is_file():
+            try:
+                stamp = read_json(stamp_file)
+            except ValueError:
+                stamp = None
+            wanted = {"source_hash": spec.prepare.get("source_hash"), "upcycle": spec.prepare.get("upcycle")}
+            if stamp != wanted:
+                diff.append("the source model or upcycling it starts from")
+        if diff:
+            stale.append((spec, diff))
+    return stale
+
+
 # ----------------------------------------------------------------------------- one run
 
 
 def finished_row(spec: RunSpec) -> dict[str, Any] | None:
     """The saved row of a run that finished with this spec's config and evaluation, else None."""
-    path = Path(spec.run_dir) / RUN_FILE
-    if not path.is_file():
+    row = _saved_row(spec.run_dir)
+    if row is None:
         return None
-    row = json.loads(path.read_text())
     same = row.get("config_hash") == spec.config_hash and row.get("tasks") == spec.tasks
     return row if row.get("status") == "ok" and same else None
+
+
+def _write_row(run: Path, row: dict[str, Any]) -> None:
+    write_json(run / RUN_FILE, plain_json(row), indent=1)
 
 
 def run_one(spec: RunSpec, progress: bool | None = False) -> dict[str, Any]:
@@ -185,7 +275,7 @@ def run_one(spec: RunSpec, progress: bool | None = False) -> dict[str, Any]:
             if not spec.evaluate:
                 row.update(status="ok", step=summary["step"], train_time_s=summary["train_time_s"],
                            train_val_ppl=summary.get("val_ppl"))
-                (run / RUN_FILE).write_text(json.dumps(row, indent=1, default=str) + "\n")
+                _write_row(run, row)
                 return row
             results = _evaluate(spec)
             train_cfg = spec.config["train"]
@@ -199,12 +289,35 @@ def run_one(spec: RunSpec, progress: bool | None = False) -> dict[str, Any]:
                        latency_ms=inference_latency(run, spec.config))
             if spec.analysis:
                 _analyse(spec, row)
+        except (Interrupted, KeyboardInterrupt) as err:  # SIGTERM/SIGINT: not a failure; resumable
+            row.update(status="interrupted", error=f"{type(err).__name__}: {err}".rstrip(": "))
+            with _signals_ignored():
+                _write_row(run, row)
+            raise Interrupted(f"{spec.name} was interrupted; rerunning resumes it") from None
         except Exception as err:  # noqa: BLE001  one algorithm's failure must not stop the study
             row.update(status="failed", error=f"{type(err).__name__}: {err}",
                        traceback=traceback.format_exc(limit=8))
             print(f"bench: {spec.name} failed: {row['error']}", file=sys.stderr)
-    (run / RUN_FILE).write_text(json.dumps(row, indent=1, default=str) + "\n")
+    _write_row(run, row)
     return row
+
+
+@contextlib.contextmanager
+def _signals_ignored():
+    """SIGTERM and SIGINT held off while a few last files are written (main thread only)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in old:
+        signal.signal(s, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def _analyse_run(run_dir: str | Path, interventions: bool | list[str],
@@ -232,19 +345,12 @@ def _analyse(spec: RunSpec, row: dict[str, Any]) -> None:
 
 
 def _check_same_config(spec: RunSpec) -> None:
-    """Refuse to resume a run directory that holds another study's run."""
-    import yaml
-
-    from ..train.trainer import _config_diff
-
-    saved = Path(spec.run_dir) / "config.yaml"
-    if not saved.is_file():
-        return
-    diff = _config_diff(yaml.safe_load(saved.read_text()) or {}, spec.config)
-    diff = [d for d in diff if not d.startswith("model.vocab_size")]  # set from the tokenizer
-    if diff:
-        raise ValueError(f"{spec.run_dir} holds a run with another config ({'; '.join(diff[:4])}); "
-                         "give a new --out or delete that run.")
+    """Refuse to resume a run directory that holds another study's run (run_bench refuses this
+    up front; this guards `run_one` called on its own)."""
+    stale = stale_runs([spec])
+    if stale:
+        raise ValueError(f"{spec.run_dir} holds a run with another config ({'; '.join(stale[0][1][:4])}); "
+                         "give a new --out or pass --overwrite.")
 
 
 def _train(spec: RunSpec, progress: bool | None) -> dict[str, Any]:
@@ -255,15 +361,38 @@ def _train(spec: RunSpec, progress: bool | None) -> dict[str, Any]:
     if spec.launcher == "torchrun" and spec.nproc > 1:
         import yaml
 
+        from ..train.checkpoint import latest_checkpoint
+
         config_file = run / "bench_config.yaml"
-        config_file.write_text(yaml.safe_dump(spec.config, sort_keys=False))
+        write_text(config_file, yaml.safe_dump(spec.config, sort_keys=False))
+        # resume a run with a checkpoint; restart one that stopped before its first; else start
+        again = ["--resume"] if latest_checkpoint(run) is not None else \
+            ["--overwrite"] if (run / "config.yaml").is_file() else []
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={spec.nproc}", "-m", "libmoe", "train", str(config_file),
-               "--out", str(run), "--resume"]
+               "--out", str(run), *again]
         print("bench: " + " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, stdout=sys.stdout if spec.log_file is None else None)
-        return json.loads((run / "train_summary.json").read_text())
-    return train(config_from_dict(spec.config), run, resume=True, progress=progress)
+        _run_forwarding_signals(cmd, stdout=sys.stdout if spec.log_file is None else None)
+        return read_json(run / "train_summary.json")
+    return train(config_from_dict(spec.config), run, resume="auto", progress=progress)
+
+
+def _run_forwarding_signals(cmd: list[str], stdout=None) -> None:
+    """Run `cmd` (torchrun); when this process is interrupted, send the child SIGTERM (torchrun
+    passes it to its workers, whose training checkpoints) and wait for it, then re-raise."""
+    with subprocess.Popen(cmd, stdout=stdout) as proc:
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            with _signals_ignored():
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=600)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            raise
+    if code:
+        raise subprocess.CalledProcessError(code, cmd)
 
 
 def _evaluate(spec: RunSpec) -> dict[str, Any]:
@@ -274,28 +403,49 @@ def _evaluate(spec: RunSpec) -> dict[str, Any]:
     run = Path(spec.run_dir)
     path = run / "eval" / "results.json"
     windows = run / "eval" / VAL_WINDOWS_FILE
-    step = json.loads((run / "train_summary.json").read_text())["step"]
+    step = read_json(run / "train_summary.json")["step"]
     if path.is_file() and windows.is_file():
-        saved = json.loads(path.read_text())
-        config = saved.get("config", {})
-        if config.get("step") == step and config.get("bench_tasks") == spec.tasks:
+        try:
+            saved = read_json(path)
+        except ValueError:
+            saved = {}
+        config = saved.get("config", {}) if isinstance(saved, dict) else {}
+        if config.get("step") == step and config.get("bench_tasks") == spec.tasks and "results" in saved:
             return saved["results"]
     payload = evaluate_model(run, ["val_ppl"], val_tokens=spec.val_tokens, per_window=True)
     val = payload["results"]["val_ppl"]
     path.parent.mkdir(parents=True, exist_ok=True)
     seq_len = spec.config["train"].get("seq_len") or spec.config["model"]["max_seq_len"]
-    windows.write_text(json.dumps({"step": step, "tokens_per_window": seq_len, "ppl": val["ppl"],
-                                   "window_nll": val.pop("window_nll")}) + "\n")
+    write_json(windows, {"step": step, "tokens_per_window": seq_len, "ppl": val["ppl"],
+                         "window_nll": val.pop("window_nll")}, indent=None)
     by_limit: dict[int | None, list[str]] = {}
     for task in spec.tasks:
         by_limit.setdefault(spec.limits.get(task), []).append(task)
     for limit, names in by_limit.items():
         part = evaluate_model(run, names, spec.data_dir, limit)
         payload["results"].update(part["results"])
+        payload.setdefault("evaluated", {}).update(part.get("evaluated") or {})
     payload["config"].update(bench_tasks=spec.tasks, limits=spec.limits, step=step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1) + "\n")
+    _write_eval(path, plain_json(payload))
     return payload["results"]
+
+
+def _write_eval(path: Path, payload: dict[str, Any]) -> None:
+    """RUN/eval/results.json as `libmoe eval` keeps it: merged per task with what is there (tasks
+    evaluated earlier with `libmoe eval` stay). A file of an older bench, which `libmoe eval`
+    does not recognise, is replaced (its tasks are in this payload again)."""
+    from ..eval.results import write_results
+
+    try:
+        write_results(path, payload)
+    except ValueError:
+        try:
+            old = read_json(path)
+        except ValueError:
+            old = None
+        if not (isinstance(old, dict) and "bench_tasks" in (old.get("config") or {})):
+            raise
+        write_json(path, payload, indent=1)
 
 
 def inference_latency(run: str | Path, config: dict[str, Any], repeats: int = 10) -> float:
@@ -361,8 +511,7 @@ def analyse_runs(rows: list[dict[str, Any]], out: Path, interventions: bool | li
             log(f"bench: analysis of {row['name']} failed: {type(err).__name__}: {err}")
     fig_dir = out / "analysis" / "figures"
     figures = plot_all(results, fig_dir, init_std=init_std) if results or init_std else []
-    (out / "analysis").mkdir(parents=True, exist_ok=True)
-    (out / "analysis" / "metrics.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    write_json(out / "analysis" / "metrics.json", plain_json(results), indent=1)
     return results, figures
 
 
@@ -384,6 +533,7 @@ def run_bench(
     compare: str | Path | None = None,
     studies: str | list[str] | None = None,
     log: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """The whole study into `out`; returns results.json's content (see the module docstring).
     `preset` defaults to the regime's default preset ("default" for pretrain, "upcycle" for
@@ -391,12 +541,12 @@ def run_bench(
     regime) whose expert change rates the regime comparison sets beside this one's; `studies`
     (default: the preset's) the extra studies the findings need (libmoe.bench.studies:
     init-std, droptop, temperature). results.json's "findings" are the paper's claims checked on
-    this output (libmoe.findings)."""
-    from .compare import regime_comparison
+    this output (libmoe.findings). `overwrite` replaces the runs in `out` made with another
+    config (and the old tables) instead of refusing them. Failed runs are rows with their error
+    (`failure_line` sums them up); SIGTERM/SIGINT raise `Interrupted` (finished runs kept)."""
+    from .outputs import check_out_dir
     from .regimes import get_regime
-    from .report import write_bench_report
-    from .studies import interventions_of, parse_studies, preset_studies, summarise_studies
-    from .tables import aggregate, write_tables
+    from .studies import parse_studies, preset_studies
 
     if launcher not in LAUNCHERS:
         raise ValueError(f"--launcher {launcher!r}: choose one of {', '.join(LAUNCHERS)}.")
@@ -406,6 +556,10 @@ def run_bench(
     spec = load_bench_preset(preset)
     regime_name = regime or spec.regime
     the_regime = get_regime(regime_name)
+    if algorithms is not None and not list(algorithms):
+        raise ValueError("--algorithms names no algorithm; give comma-separated names (e.g. dense,smoe) "
+                         "or leave it out for the paper's eight.")
+    check_out_dir(out)
     if getattr(the_regime, "standalone", False):  # the vlm regime: its own pipeline, same outputs
         if spec.regime != regime_name:
             raise ValueError(f"--regime {regime_name} needs a {regime_name} bench preset (e.g. --preset "
@@ -414,13 +568,20 @@ def run_bench(
             raise ValueError(f"the {regime_name} regime evaluates its own held-out split; --launcher, "
                              "--data, --tasks and --data-dir are for the language-model regimes.")
         chosen = parse_studies(studies)
-        return the_regime.run(out, spec, algorithms, seeds, jobs, compare, list(overrides), analysis, log,
-                              studies=preset_studies(spec) if chosen is None else chosen)
+        with stop_on_signals():
+            try:
+                return the_regime.run(out, spec, algorithms, seeds, jobs, compare, list(overrides), analysis,
+                                      log, studies=preset_studies(spec) if chosen is None else chosen,
+                                      overwrite=overwrite)
+            except (Interrupted, KeyboardInterrupt):
+                raise Interrupted(f"bench interrupted: the finished runs are kept in {out}; rerun the same "
+                                  "command to resume (finished runs are skipped, stages continue from "
+                                  "their checkpoints).") from None
     if jobs is None:
         jobs = spec.jobs if launcher == "local" else 1
     if seeds < 1 or jobs < 1 or nproc < 1:
         raise ValueError("--seeds, --jobs and --nproc must be at least 1.")
-    algorithms = list(algorithms or PAPER_ALGORITHMS)
+    algorithms = list(PAPER_ALGORITHMS if algorithms is None else algorithms)
     if len(set(algorithms)) != len(algorithms):
         raise ValueError(f"--algorithms lists an algorithm twice: {','.join(algorithms)}.")
     if compare is not None and not (Path(compare) / "results.json").is_file():
@@ -432,9 +593,93 @@ def run_bench(
     chosen = parse_studies(studies)
     chosen = preset_studies(spec) if chosen is None else chosen
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     stages = plan_stages(out, spec, algorithms, seeds, data, list(overrides), task_names, data_dir,
                          launcher, nproc, analysis=analysis, regime=regime_name, studies=chosen)
+    every = [s for stage in stages for s in stage]
+    for s in every:  # e.g. model.top_k=9 with 8 experts: refused now, not after data preparation
+        check_spec(s)
+    stale = stale_runs(every)
+    if stale and not overwrite:
+        first, diff = stale[0]
+        more = f"; {len(stale) - 1} more run(s) differ too" if len(stale) > 1 else ""
+        raise ValueError(f"--out {str(out)!r} holds run {first.name} made with another config "
+                         f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}){more}; give a new "
+                         "--out, or pass --overwrite to replace the old study.")
+    out.mkdir(parents=True, exist_ok=True)
+    if stale:
+        from .outputs import remove_outputs, remove_run
+
+        for s, _ in stale:
+            remove_run(s.run_dir)
+        remove_outputs(out)
+        log(f"bench: --overwrite: removed {len(stale)} run(s) made with another config "
+            f"({', '.join(s.name for s, _ in stale)}) and the old tables")
+    from .outputs import start_manifest
+
+    start_manifest(out)
+    with stop_on_signals():
+        try:
+            return _run_study(out, preset, spec, regime_name, algorithms, seeds, stages, task_names,
+                              skipped_tasks, chosen, jobs, launcher, nproc, slurm, analysis, compare, log)
+        except (Interrupted, KeyboardInterrupt):
+            with _signals_ignored():
+                kept = sum(finished_row(s) is not None for s in every)
+            raise Interrupted(
+                f"bench interrupted: {kept} of {len(every)} run(s) finished and are kept in {out}; "
+                "rerun the same command to resume (finished runs are skipped, an interrupted run "
+                "continues from its checkpoint).") from None
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM (how clusters preempt jobs) stops the study as SIGINT does: a KeyboardInterrupt in
+    the main thread, outside training; inside training, the trainer's own handler checkpoints and
+    raises Interrupted. A SIGINT ignored by the caller (a background job) stays ignored."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s, handler in old.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def failure_line(results: dict[str, Any], out: str | Path) -> str | None:
+    """One line on the failed runs of a finished study (None when every run succeeded): how many
+    of how many, which, and where their errors are."""
+    failed = results.get("failed") or []
+    if not failed:
+        return None
+    total = results.get("n_runs") or len(results.get("runs") or []) or len(failed)
+    names = ", ".join(str(f.get("name")) for f in failed[:4]) + (", ..." if len(failed) > 4 else "")
+    return (f"{len(failed)} of {total} bench run(s) failed ({names}); the errors are in "
+            f"{Path(out) / 'results.md'} (Failed runs) and each run's {RUN_FILE}; rerunning retries them.")
+
+
+def _run_study(out: Path, preset: str, spec: BenchPreset, regime_name: str, algorithms: list[str],
+               seeds: int, stages: list[list[RunSpec]], task_names: list[str],
+               skipped_tasks: dict[str, str], chosen: list[str], jobs: int, launcher: str, nproc: int,
+               slurm: dict[str, Any] | None, analysis: bool, compare: str | Path | None,
+               log: Callable[[str], None]) -> dict[str, Any]:
+    """The work of `run_bench` once every check has passed."""
+    from .compare import regime_comparison
+    from .regimes import get_regime
+    from .report import write_bench_report
+    from .studies import interventions_of, summarise_studies
+    from .tables import aggregate, write_tables
+
+    the_regime = get_regime(regime_name)
     every = [s for stage in stages for s in stage]
     specs = [s for s in stages[-1] if s.role == "row"]
     study_specs = [s for s in stages[-1] if s.role == "study"]
@@ -482,6 +727,7 @@ def run_bench(
         "tasks": task_names, "skipped_tasks": skipped_tasks, "limits": specs[0].limits,
         "config": {k: v for k, v in specs[0].config.items()},
         "rows": table, "runs": [{k: v for k, v in r.items() if k != "traceback"} for r in rows],
+        "n_runs": len(every),
         "failed": [{"name": r["name"], "error": r.get("error")} for r in [*support, *rows, *study_rows]
                    if r.get("status") != "ok"],
         "studies": {"run": chosen, **study_results},

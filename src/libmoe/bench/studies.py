@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..files import write_json
 from ..moe.options import did_you_mean
 
 if TYPE_CHECKING:
@@ -116,9 +117,7 @@ def summarise_studies(out: Path, preset: BenchPreset,
             summary = summarise_init_std(dict(sorted(runs.items())), early,
                                          {"algorithm": opts["algorithm"], "steps": steps})
             summary["failed"] = [r["name"] for r in init if r["name"] not in done]
-            path = out / INIT_STD_DIR / INIT_STD_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(summary, indent=1) + "\n")
+            path = write_json(out / INIT_STD_DIR / INIT_STD_FILE, summary, indent=1)
             result["init_std"] = {"file": str(path.relative_to(out)), "early_steps": early,
                                   "early_balance": summary["early_balance"], "stds": summary["stds"],
                                   "algorithm": opts["algorithm"], "steps": steps}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -180,7 +179,11 @@ def results_csv(results: dict[str, Any]) -> str:
 
 
 def write_tables(out: str | Path, results: dict[str, Any]) -> None:
+    """results.json (strict JSON, stamped with its writer), results.md and results.csv, each
+    written atomically and recorded in the output's manifest (libmoe.bench.outputs)."""
+    from .outputs import MD_MARK, write_output_json, write_output_text
+
     out = Path(out)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    (out / "results.md").write_text(results_markdown(results))
-    (out / "results.csv").write_text(results_csv(results))
+    write_output_json(out, "results.json", results)
+    write_output_text(out, "results.md", MD_MARK + "\n" + results_markdown(results))
+    write_output_text(out, "results.csv", results_csv(results))

@@ -11,10 +11,17 @@ Outputs, as the other regimes: ``results.json`` (rows, runs, config, machine, el
 ``results.md`` / ``results.csv`` (Table 1 layout: one column per subtask, AVG, AVG rank; a cost
 table), ``report.html`` with the figures, and ``analysis/`` (the cross-run figures, the regime
 comparison when ``--compare`` names a bench of another regime).
+
+The guarantees of the language-model bench hold here too (docs/bench.md): the stages' configs and
+the algorithms are checked before any work, a stage or run in ``--out`` made with another config
+is refused (``--overwrite`` replaces it), a finished VIT run is skipped with its files untouched,
+every file is written atomically, and SIGTERM/SIGINT stop the study without writing tables.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import statistics
@@ -23,6 +30,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ..files import read_json, write_json
 
 RESULTS_FILE = "results.json"
 
@@ -103,7 +112,7 @@ def run_vlm_job(job: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(int(job["threads"]))
     run = Path(job["run"])
     row: dict[str, Any] = {"name": job["name"], "algorithm": job["algorithm"], "seed": job["seed"],
-                           "run": str(run), "status": "ok"}
+                           "run": str(run), "status": "ok", "job_hash": job_hash(job)}
     log = _file_log(run)
     try:
         summary = train_stage(job["stage"], run, init=job["init"], algorithm=job.get("vit_algorithm"),
@@ -121,9 +130,35 @@ def run_vlm_job(job: dict[str, Any]) -> dict[str, Any]:
             row["change_rate"] = statistics.fmean(rates) if rates else None
     except Exception as err:  # a failed run is a row with its error; the others go on
         row.update(status="failed", error=f"{type(err).__name__}: {err}")
-        (run / "bench.log").open("a").write(traceback.format_exc())
-    (run / "bench_run.json").write_text(json.dumps(row, indent=1) + "\n")
+        with (run / "bench.log").open("a") as f:
+            f.write(traceback.format_exc())
+    write_json(run / "bench_run.json", _plain(row), indent=1)
     return row
+
+
+def job_hash(job: dict[str, Any]) -> str:
+    """What makes a VIT run's result: the job without its thread count."""
+    payload = {k: v for k, v in job.items() if k != "threads"}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished_job(job: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved row of a run that finished this very job, else None."""
+    path = Path(job["run"]) / "bench_run.json"
+    if not path.is_file():
+        return None
+    try:
+        row = read_json(path)
+    except ValueError:
+        return None
+    ok = isinstance(row, dict) and row.get("status") == "ok" and row.get("job_hash") == job_hash(job)
+    return row if ok else None
+
+
+def _plain(value: Any) -> Any:
+    from ..bench.outputs import plain_json
+
+    return plain_json(value)
 
 
 def _file_log(run: Path) -> Callable[[str], None]:
@@ -137,12 +172,24 @@ def _file_log(run: Path) -> Callable[[str], None]:
 
 
 def _init_worker() -> None:
-    from ..bench.launchers import _die_with_parent
+    from ..bench.launchers import _init_worker as init
 
-    _die_with_parent()
+    init()
 
 
 def _run_jobs(jobs: list[dict[str, Any]], n_jobs: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    rows: dict[str, dict] = {}
+    for job in jobs:  # finished earlier with this very job: kept as they are
+        done = finished_job(job)
+        if done is not None:
+            rows[job["name"]] = dict(done, skipped=True)
+            log(f"{job['name']}: skipped (finished earlier)")
+    todo = [job for job in jobs if job["name"] not in rows]
+    rows.update({r["name"]: r for r in _run_todo(todo, n_jobs, log)})
+    return [rows[j["name"]] for j in jobs]
+
+
+def _run_todo(jobs: list[dict[str, Any]], n_jobs: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
     rows: dict[str, dict] = {}
     start = time.perf_counter()
     if n_jobs <= 1:
@@ -157,43 +204,91 @@ def _run_jobs(jobs: list[dict[str, Any]], n_jobs: int, log: Callable[[str], None
         context = mp.get_context("spawn")
         with ProcessPoolExecutor(n_jobs, mp_context=context, initializer=_init_worker) as pool:
             futures = {pool.submit(run_vlm_job, job): job for job in jobs}
-            for done, fut in enumerate(as_completed(futures), 1):
-                job = futures[fut]
-                try:
-                    row = fut.result()
-                except Exception as err:  # the worker died
-                    row = {"name": job["name"], "algorithm": job["algorithm"], "seed": job["seed"],
-                           "run": job["run"], "status": "failed", "error": f"{type(err).__name__}: {err}"}
-                rows[job["name"]] = row
-                elapsed = time.perf_counter() - start
-                eta = elapsed / done * (len(jobs) - done)
-                log(f"[{done}/{len(jobs)}] {job['name']}: {row['status']} ({elapsed:.0f} s, ETA {eta:.0f} s)")
+            try:
+                for done, fut in enumerate(as_completed(futures), 1):
+                    job = futures[fut]
+                    try:
+                        row = fut.result()
+                    except Exception as err:  # the worker died
+                        row = {"name": job["name"], "algorithm": job["algorithm"], "seed": job["seed"],
+                               "run": job["run"], "status": "failed",
+                               "error": f"{type(err).__name__}: {err}"}
+                    rows[job["name"]] = row
+                    elapsed = time.perf_counter() - start
+                    eta = elapsed / done * (len(jobs) - done)
+                    log(f"[{done}/{len(jobs)}] {job['name']}: {row['status']} ({elapsed:.0f} s, "
+                        f"ETA {eta:.0f} s)")
+            except KeyboardInterrupt:  # SIGTERM/SIGINT: stop the workers (they die with a row-less
+                _stop_workers(pool, futures)  # run, which the next call redoes) and stop
+                raise
     return [rows[j["name"]] for j in jobs]
+
+
+def _stop_workers(pool, futures) -> None:
+    import signal
+
+    from ..bench.runner import _signals_ignored
+
+    with _signals_ignored():
+        for future in futures:
+            future.cancel()
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            with contextlib.suppress(OSError):
+                os.kill(process.pid, signal.SIGTERM)
+        for future in futures:
+            with contextlib.suppress(BaseException):
+                future.exception()
 
 
 def run_vlm_bench(out: str | Path, preset, algorithms: list[str] | None = None, seeds: int = 1,
                   jobs: int | None = None, compare: str | Path | None = None, overrides: list[str] = (),
                   analysis: bool = True, log: Callable[[str], None] = print,
-                  studies: list[str] | None = None) -> dict[str, Any]:
+                  studies: list[str] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Run the VLM bench of `preset` (a BenchPreset with regime vlm) into `out`. `studies`: the
     intervention studies of each VIT run's analysis (droptop, temperature; default both);
-    init-std is a language-model pretraining study and is not run here."""
+    init-std is a language-model pretraining study and is not run here. `overwrite` replaces the
+    stages and runs in `out` made with another config instead of refusing them."""
+    from ..bench.outputs import check_out_dir, remove_outputs, remove_run, start_manifest
     from ..bench.studies import interventions_of
     from ..moe.layer import check_algorithm
     from .train import train_stage
 
     opts = _options(preset)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    algorithms = list(algorithms or DEFAULT_ALGORITHMS)
+    algorithms = list(DEFAULT_ALGORITHMS if algorithms is None else algorithms)
+    if not algorithms:
+        raise ValueError("--algorithms names no algorithm; give comma-separated names (e.g. dense,smoe).")
+    if len(set(algorithms)) != len(algorithms):
+        raise ValueError(f"--algorithms lists an algorithm twice: {','.join(algorithms)}.")
     for a in algorithms:
         check_algorithm(a)
-    start = time.perf_counter()
+    if seeds < 1 or (jobs is not None and jobs < 1):
+        raise ValueError("--seeds and --jobs must be at least 1.")
+    check_out_dir(out)
     vlm_preset = opts["vlm_preset"]
     common = _stage_overrides(opts, list(overrides))
+    staged = {k: list(v or []) for k, v in (opts["stage_overrides"] or {}).items()}
+    n_jobs = jobs or getattr(preset, "jobs", 1) or 1
+    threads = max(1, (os.cpu_count() or 1) // n_jobs)
+    chosen = ["droptop", "temperature"] if studies is None else list(studies)
+    job_list = _plan_jobs(out, opts, algorithms, seeds, vlm_preset, common, staged, threads, analysis,
+                          interventions_of(chosen))
+    stale = _stale_stages(out, opts, vlm_preset, common, staged, job_list)  # also checks every override
+    if stale and not overwrite:
+        name, diff = stale[0]
+        more = f"; {len(stale) - 1} more differ too" if len(stale) > 1 else ""
+        raise ValueError(f"--out {str(out)!r} holds {name} made with another config ({'; '.join(diff[:4])})"
+                         f"{more}; give a new --out, or pass --overwrite to replace the old study.")
+    out.mkdir(parents=True, exist_ok=True)
+    if stale:
+        for name, _ in stale:
+            remove_run(out / name)
+        remove_outputs(out)
+        log(f"vlm bench: --overwrite: removed {', '.join(n for n, _ in stale)} (made with another config)")
+    start_manifest(out)
+    start = time.perf_counter()
     log(f"vlm bench: preset {vlm_preset}, algorithms {', '.join(algorithms)}, {seeds} seed(s)")
     t0 = time.perf_counter()
-    staged = {k: list(v or []) for k, v in (opts["stage_overrides"] or {}).items()}
     pt = train_stage("pt", out / "source" / "pt", preset=vlm_preset, max_steps=opts["pt_steps"],
                      overrides=common + staged.get("pt", []), log=_file_log(out / "source" / "pt"))
     log(f"PT done: {pt['steps']} steps, {pt['train_time_s']:.0f} s training "
@@ -204,9 +299,35 @@ def run_vlm_bench(out: str | Path, preset, algorithms: list[str] | None = None, 
                       log=_file_log(out / "source" / "pft"))
     log(f"PFT done: {pft['steps']} steps, {pft['train_time_s']:.0f} s training, held-out synth_mme acc "
         f"{pft.get('synth_mme', {}).get('acc', float('nan')):.3f} ({time.perf_counter() - t0:.0f} s)")
-    n_jobs = jobs or getattr(preset, "jobs", 1) or 1
-    threads = max(1, (os.cpu_count() or 1) // n_jobs)
-    chosen = ["droptop", "temperature"] if studies is None else list(studies)
+    rows = _run_jobs(job_list, n_jobs, log)
+    results = {"regime": "vlm", "preset": preset.name, "description": preset.description,
+               "vlm_preset": vlm_preset, "algorithms": algorithms, "seeds": seeds,
+               "stages": {"pt": pt, "pft": pft}, "runs": rows, "n_runs": len(rows) + 2,
+               "rows": aggregate_rows(rows), "failed": [r for r in rows if r["status"] != "ok"],
+               "config": _stage_config(out), "machine": _machine(), "jobs": n_jobs,
+               "studies": {"run": [s for s in chosen if s != "init-std"]}}
+    if analysis:
+        from ..bench.compare import regime_comparison
+
+        results["regime_comparison"] = regime_comparison(results, out, compare)
+        write_cross_run_figures(out, rows)
+    results["elapsed_s"] = round(time.perf_counter() - start, 1)
+    from ..bench.runner import _findings
+
+    results["findings"] = _findings(out, results, log)
+    from ..bench.outputs import write_output_json
+
+    write_output_json(out, RESULTS_FILE, results)
+    write_vlm_tables(out, results)
+    write_vlm_report(out, results)
+    log(f"vlm bench finished in {results['elapsed_s'] / 60:.1f} min -> {out}")
+    return results
+
+
+def _plan_jobs(out: Path, opts: dict[str, Any], algorithms: list[str], seeds: int, vlm_preset: str,
+               common: list[str], staged: dict[str, list[str]], threads: int, analysis: bool,
+               interventions: list[str]) -> list[dict[str, Any]]:
+    """One job per algorithm and seed: VIT from the PFT checkpoint (dense: PFT trained on)."""
     job_list = []
     for seed in range(seeds):
         for algorithm in algorithms:
@@ -220,28 +341,63 @@ def run_vlm_bench(out: str | Path, preset, algorithms: list[str] | None = None, 
                               # the dense row continues PFT with VIT's hyperparameters and checkpoints
                               *(_vit_hparams(vlm_preset) if dense else ()), *staged.get("vit", [])],
                 "eval_tasks": opts["eval_tasks"], "threads": threads, "analysis": analysis,
-                "interventions": interventions_of(chosen)})
-    rows = _run_jobs(job_list, n_jobs, log)
-    results = {"regime": "vlm", "preset": preset.name, "description": preset.description,
-               "vlm_preset": vlm_preset, "algorithms": algorithms, "seeds": seeds,
-               "stages": {"pt": pt, "pft": pft}, "runs": rows,
-               "rows": aggregate_rows(rows), "failed": [r for r in rows if r["status"] != "ok"],
-               "config": _stage_config(out), "machine": _machine(), "jobs": n_jobs,
-               "studies": {"run": [s for s in chosen if s != "init-std"]}}
-    if analysis:
-        from ..bench.compare import regime_comparison
+                "interventions": interventions})
+    return job_list
 
-        results["regime_comparison"] = regime_comparison(results, out, compare)
-        write_cross_run_figures(out, rows)
-    results["elapsed_s"] = round(time.perf_counter() - start, 1)
-    from ..bench.runner import _findings
 
-    results["findings"] = _findings(out, results, log)
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
-    write_vlm_tables(out, results)
-    write_vlm_report(out, results)
-    log(f"vlm bench finished in {results['elapsed_s'] / 60:.1f} min -> {out}")
-    return results
+def _stale_stages(out: Path, opts: dict[str, Any], vlm_preset: str, common: list[str],
+                  staged: dict[str, list[str]], jobs: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """The stage and run directories in `out` (relative names) holding a run made with another
+    config than this study's, each with its differences. Resolving PT's config checks every
+    override up front; a stage after a changed one is stale too where it exists."""
+    import yaml
+
+    from ..bench.runner import config_diff
+    from .train import CONFIG_FILE, config_hash, stage_config
+
+    def saved(path: Path) -> dict[str, Any] | None:
+        try:
+            value = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            return None
+        return value if isinstance(value, dict) else {}
+
+    def diff(path: Path, cfg: dict[str, Any]) -> list[str] | None:
+        old = saved(path)
+        if old is None:
+            return None
+        return None if config_hash(old) == config_hash(cfg) else (config_diff(old, cfg) or ["config"])
+
+    stale: list[tuple[str, list[str]]] = []
+    pt_dir, pft_dir = out / "source" / "pt", out / "source" / "pft"
+    pt_cfg = stage_config("pt", vlm_preset, max_steps=opts["pt_steps"],
+                          overrides=common + staged.get("pt", []))
+    changed = diff(pt_dir, pt_cfg)
+    if changed is None and (pft_dir / CONFIG_FILE).is_file() and (pt_dir / CONFIG_FILE).is_file():
+        pft_cfg = stage_config("pft", init=str(pt_dir), max_steps=opts["pft_steps"],
+                               overrides=common + staged.get("pft", []))
+        changed_pft = diff(pft_dir, pft_cfg)
+        if changed_pft:
+            stale.append(("source/pft", changed_pft))
+    elif changed:
+        stale.append(("source/pt", changed))
+    later = [Path(j["run"]) for j in jobs] + ([] if stale and stale[0][0] == "source/pft" else [pft_dir])
+    if stale:  # a run that started from a changed stage is stale too
+        for path in later:
+            if (path / CONFIG_FILE).is_file():
+                stale.append((str(path.relative_to(out)), ["it starts from a changed earlier stage"]))
+        return stale
+    if (pft_dir / CONFIG_FILE).is_file():
+        for job in jobs:
+            run = Path(job["run"])
+            if not (run / CONFIG_FILE).is_file():
+                continue
+            cfg = stage_config(job["stage"], init=job["init"], algorithm=job.get("vit_algorithm"),
+                               max_steps=job["steps"], overrides=job["overrides"])
+            changed_run = diff(run, cfg)
+            if changed_run:
+                stale.append((str(run.relative_to(out)), changed_run))
+    return stale
 
 
 def _vit_hparams(vlm_preset: str) -> list[str]:
@@ -359,11 +515,13 @@ def write_vlm_tables(out: Path, results: dict[str, Any]) -> None:
         text.append(findings_markdown(results["findings"]))
     for f in results.get("failed") or []:
         text.append(f"- {f['name']} failed: {f.get('error')}")
-    (out / "results.md").write_text("\n".join(text) + "\n")
+    from ..bench.outputs import MD_MARK, write_output_text
+
+    write_output_text(out, "results.md", MD_MARK + "\n" + "\n".join(text) + "\n")
     buf = io.StringIO()
     table = score_table(results)
-    csv.writer(buf).writerows(table)
-    (out / "results.csv").write_text(buf.getvalue())
+    csv.writer(buf, lineterminator="\n").writerows(table)
+    write_output_text(out, "results.csv", buf.getvalue())
 
 
 def write_cross_run_figures(out: Path, rows: list[dict[str, Any]]) -> list:
@@ -380,7 +538,7 @@ def write_cross_run_figures(out: Path, rows: list[dict[str, Any]]) -> list:
                 runs[r["algorithm"] if r["seed"] == 0 else r["name"]] = m
     fig_dir = out / "analysis" / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    (out / "analysis" / "metrics.json").write_text(json.dumps(runs, indent=1) + "\n")
+    write_json(out / "analysis" / "metrics.json", _plain(runs), indent=1)
     figures = plot_all(runs, fig_dir) if runs else []
     if plot_subtask_routing(runs, fig_dir / SUBTASK_FIGURE.name):
         figures.insert(0, SUBTASK_FIGURE)
@@ -403,7 +561,9 @@ def write_vlm_report(out: Path, results: dict[str, Any]) -> Path:
              f"({st['pft']['train_time_s']:.0f} s) once; then VIT for every algorithm from the same PFT "
              f"checkpoint with the same data and budget (dense: PFT continued). "
              f"{results['elapsed_s'] / 60:.1f} minutes on {where}.")
-    parts = ["<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
+    from ..bench.outputs import HTML_MARK
+
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">{HTML_MARK}",
              f"<title>libmoe bench (vlm): {html.escape(results['preset'])}</title>",
              f"<style>{CSS}</style></head><body>",
              f"<h1>libmoe bench (vlm): {html.escape(results['preset'])}</h1>",
@@ -443,6 +603,6 @@ def write_vlm_report(out: Path, results: dict[str, Any]) -> Path:
                         for f in results["failed"])
         parts.append(f"<h2>Notes</h2><ul class=\"notes\">{items}</ul>")
     parts.append("</body></html>\n")
-    path = out / "report.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
+    from ..bench.outputs import write_output_text
+
+    return write_output_text(out, "report.html", "\n".join(parts))
