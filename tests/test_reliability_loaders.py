@@ -125,6 +125,26 @@ def test_damaged_config_checkpoint_json_and_tokenizer(run, capsys):
     assert not (run / "eval").exists()
 
 
+def test_damaged_transformers_directory(run, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    exported = tmp_path / "exported"
+    assert call(capsys, "export", run, "--out", exported)[0] == 0
+    (exported / "config.yaml").unlink()  # now read as a transformers directory, as from the Hub
+    args = ["eval", exported, "--tasks", "piqa", "--data-dir", EVAL_DIR, "--limit", "2"]
+    damages = (("config.json", "{\"model_type\": "), ("tokenizer.json", "[1"), ("model.safetensors", None))
+    for name, damage in damages:
+        saved = (exported / name).read_bytes()
+        if damage is None:
+            truncate(exported / name)
+        else:
+            (exported / name).write_text(damage)
+        code, err = call(capsys, *args)
+        assert code == 2, name
+        one_line(err, str(exported / name), "damaged", "again")
+        (exported / name).write_bytes(saved)
+    assert not (exported / "eval").exists()
+
+
 def test_damaged_routing_traces(run, capsys):
     trace = run / "checkpoints" / "step_2"
     (trace / "routing_trace.json").write_text("not json")

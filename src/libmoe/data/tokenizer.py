@@ -155,6 +155,12 @@ def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
         ) from err
     except Exception as err:  # noqa: BLE001  OSError, JSON and tokenizers errors on damaged files
         if path.is_dir() and any(path.iterdir()):
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                try:  # name the damaged file where one of transformers' JSON files is
+                    if (path / name).is_file():
+                        json.loads((path / name).read_text(encoding="utf-8"))
+                except (UnicodeDecodeError, ValueError):
+                    raise CorruptFileError(path / name, "not valid JSON", DAMAGED_FIX) from None
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise CorruptFileError(path, f"no tokenizer loads from it: {first}", DAMAGED_FIX) from None
         if isinstance(err, OSError) or not path.exists():

@@ -71,10 +71,14 @@ def _step_of(ckpt: Path) -> int:
 
 def _readable(ckpt: Path) -> bool:
     """Whether a checkpoint's model.safetensors at least has a whole header and all its bytes."""
+    return _readable_file(ckpt / "model.safetensors")
+
+
+def _readable_file(file: Path) -> bool:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        with safe_open(str(file), framework="pt") as f:
             f.keys()
         return True
     except Exception:  # noqa: BLE001  safetensors' own error type, OSError, ...
@@ -140,30 +144,32 @@ def _load_transformers(path: Path, device: str | torch.device) -> LoadedModel:
                          "transformers: pip install 'libmoe[hub]'.") from err
     import libmoe.upcycle.hf_saving  # noqa: F401  registers libmoe_upcycled with the Auto classes
 
+    fix = _damaged_fix(path)
+    read_json_object(path / "config.json", fix)  # names the file, unlike transformers' message
+    config, step = {}, None
+    if (path / "config.yaml").is_file():  # a checkpoint of a libmoe run
+        config = _read_config_yaml(path / "config.yaml", fix)
+    if (path / "checkpoint.json").is_file():
+        step = read_json_object(path / "checkpoint.json", fix).get("step")
+    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                       "tokenizer.model"))
+    tokenizer = load_tokenizer(path if has_tokenizer else _find_tokenizer(path))  # before the weights
+    weights = sorted(path.glob("*.safetensors"))
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
-        if not any(path.glob("*.safetensors")):
+        if not weights:
             raise FileNotFoundError(f"{str(path)!r} has no safetensors weights (libmoe reads "
                                     "safetensors only); save the model with safe_serialization.") from None
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise CorruptFileError(path, f"transformers cannot load the model: {first}",
-                               _damaged_fix(path)) from None
+        raise CorruptFileError(path, f"transformers cannot load the model: {first}", fix) from None
     except Exception as err:  # noqa: BLE001  safetensors' own error on a truncated file
         if type(err).__name__ != "SafetensorError":
             raise
-        raise CorruptFileError(path, "its safetensors weights are truncated or damaged",
-                               _damaged_fix(path)) from None
+        bad = [w for w in weights if not _readable_file(w)] or [path]
+        raise CorruptFileError(bad[0], "truncated or not a safetensors file", fix) from None
     if type(model).__name__ == "LibMoEForCausalLM":  # libmoe's own model saved by transformers
         model = model.model
-    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
-                                                       "tokenizer.model"))
-    tokenizer = load_tokenizer(path if has_tokenizer else _find_tokenizer(path))
-    config, step = {}, None
-    if (path / "config.yaml").is_file():  # a checkpoint of a libmoe run
-        config = _read_config_yaml(path / "config.yaml", _damaged_fix(path))
-    if (path / "checkpoint.json").is_file():
-        step = read_json_object(path / "checkpoint.json", _damaged_fix(path)).get("step")
     return LoadedModel(model.to(device).eval(), tokenizer, path, step, config)
 
 
