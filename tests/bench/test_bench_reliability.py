@@ -165,3 +165,25 @@ def test_sigterm_stops_the_study_and_a_rerun_resumes_it(tmp_path, cache, finishe
     smoe = read_json(out / "runs" / "smoe-s0" / "bench_run.json")
     assert smoe["status"] == "ok" and smoe["step"] == 30
     assert [r["status"] for r in read_json(out / "results.json")["rows"]] == ["ok", "ok"]
+
+
+def test_sigterm_reaches_the_worker_processes_which_checkpoint(tmp_path, cache, finished):
+    out = tmp_path / "pool"
+    cmd = [sys.executable, "-m", "libmoe.cli", *ARGS, "--jobs", "2", "--out", str(out),
+           f"data.cache_dir={cache}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs = [out / "runs" / name / "metrics.jsonl" for name in ("dense-s0", "smoe-s0")]
+    deadline = time.monotonic() + 240
+    while not all(p.is_file() for p in logs) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(p.is_file() for p in logs), proc.communicate()[1]  # both workers are training
+    proc.send_signal(signal.SIGTERM)  # to the bench alone: it forwards one SIGTERM to each worker
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert "bench interrupted" in err.strip().splitlines()[-1]
+    rows = [read_json(out / "runs" / name / "bench_run.json") for name in ("dense-s0", "smoe-s0")]
+    statuses = {r["status"] for r in rows}
+    assert statuses <= {"interrupted", "ok"} and "interrupted" in statuses
+    for row in rows:  # a worker stopped in training wrote a checkpoint at that step
+        assert row["status"] == "ok" or any((Path(row["run"]) / "checkpoints").iterdir())
+    assert not (out / "results.json").exists()
