@@ -187,3 +187,21 @@ def test_sigterm_reaches_the_worker_processes_which_checkpoint(tmp_path, cache, 
     for row in rows:  # a worker stopped in training wrote a checkpoint at that step
         assert row["status"] == "ok" or any((Path(row["run"]) / "checkpoints").iterdir())
     assert not (out / "results.json").exists()
+
+
+def test_the_vlm_bench_refuses_a_changed_config_and_skips_finished_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIBMOE_CACHE", str(tmp_path / "cache"))  # the synthetic dataset, not ~/.cache
+    out = tmp_path / "vlm"
+    common = dict(preset="vlm-micro", regime="vlm", algorithms=["smoe"], log=lambda _: None)
+    run_bench(out, **common)
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match=r"source/pt made with another config \(train.lr: 0.001 -> 0.5\)"):
+        run_bench(out, overrides=["train.lr=0.5"], **common)
+    with pytest.raises(ValueError, match="unknown VLM config key 'train.bogus'"):
+        run_bench(out, overrides=["train.bogus=1"], **common)
+    assert _snapshot(out) == before  # refused before any work: nothing rewritten
+    again = run_bench(out, **common)
+    assert again["runs"][0]["skipped"] and not again["failed"]
+    run = "runs/smoe-s0/bench_run.json"
+    assert _snapshot(out)[run] == before[run]  # the finished VIT run: untouched
+    assert read_json(out / "results.json")["libmoe"]["writer"] == "libmoe bench"

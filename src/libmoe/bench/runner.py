@@ -605,22 +605,40 @@ def run_bench(
         raise ValueError(f"--out {str(out)!r} holds run {first.name} made with another config "
                          f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}){more}; give a new "
                          "--out, or pass --overwrite to replace the old study.")
-    out.mkdir(parents=True, exist_ok=True)
-    if stale:
-        from .outputs import remove_outputs, remove_run
-
-        for s, _ in stale:
-            remove_run(s.run_dir)
-        remove_outputs(out)
-        log(f"bench: --overwrite: removed {len(stale)} run(s) made with another config "
-            f"({', '.join(s.name for s, _ in stale)}) and the old tables")
-    from .outputs import start_manifest
-
-    start_manifest(out)
+    specs = [s for s in stages[-1] if s.role == "row"]
+    study_specs = [s for s in stages[-1] if s.role == "study"]
+    budget = specs[0].config["train"]
+    support = f" after {len(every) - len(specs) - len(study_specs)} source run(s)" if \
+        len(every) > len(specs) + len(study_specs) else ""
+    extra = f" + {len(study_specs)} study run(s)" if study_specs else ""
+    log(f"bench: preset {preset} ({spec.description}); regime {regime_name}; {len(algorithms)} algorithm(s) "
+        f"x {seeds} seed(s) = {len(specs)} runs of {budget['max_steps']} steps x {budget['batch_size']} "
+        f"sequences{support}{extra}; studies: {', '.join(chosen) or 'none'}; tasks: "
+        f"{', '.join(task_names) or 'none'}"
+        + (f" (skipped: {', '.join(skipped_tasks)})" if skipped_tasks else "") + f" -> {out}")
     with stop_on_signals():
         try:
+            start = time.perf_counter()
+            if any(finished_row(s) is None for s in every):  # every run reads the same data: build it
+                from ..train.config import config_from_dict  # once, before --out is touched (a bad
+                from ..train.trainer import prepare_run_data  # data source writes nothing there)
+
+                prepare_run_data(config_from_dict(every[0].config), log=log)
+            out.mkdir(parents=True, exist_ok=True)
+            if stale:
+                from .outputs import remove_outputs, remove_run
+
+                for s, _ in stale:
+                    remove_run(s.run_dir)
+                remove_outputs(out)
+                log(f"bench: --overwrite: removed {len(stale)} run(s) made with another config "
+                    f"({', '.join(s.name for s, _ in stale)}) and the old tables")
+            from .outputs import start_manifest
+
+            start_manifest(out)
             return _run_study(out, preset, spec, regime_name, algorithms, seeds, stages, task_names,
-                              skipped_tasks, chosen, jobs, launcher, nproc, slurm, analysis, compare, log)
+                              skipped_tasks, chosen, jobs, launcher, nproc, slurm, analysis, compare, log,
+                              start)
         except (Interrupted, KeyboardInterrupt):
             with _signals_ignored():
                 kept = sum(finished_row(s) is not None for s in every)
@@ -671,7 +689,7 @@ def _run_study(out: Path, preset: str, spec: BenchPreset, regime_name: str, algo
                seeds: int, stages: list[list[RunSpec]], task_names: list[str],
                skipped_tasks: dict[str, str], chosen: list[str], jobs: int, launcher: str, nproc: int,
                slurm: dict[str, Any] | None, analysis: bool, compare: str | Path | None,
-               log: Callable[[str], None]) -> dict[str, Any]:
+               log: Callable[[str], None], start: float) -> dict[str, Any]:
     """The work of `run_bench` once every check has passed."""
     from .compare import regime_comparison
     from .regimes import get_regime
@@ -683,23 +701,8 @@ def _run_study(out: Path, preset: str, spec: BenchPreset, regime_name: str, algo
     every = [s for stage in stages for s in stage]
     specs = [s for s in stages[-1] if s.role == "row"]
     study_specs = [s for s in stages[-1] if s.role == "study"]
-    budget = specs[0].config["train"]
-    support = f" after {len(every) - len(specs) - len(study_specs)} source run(s)" if \
-        len(every) > len(specs) + len(study_specs) else ""
-    extra = f" + {len(study_specs)} study run(s)" if study_specs else ""
-    log(f"bench: preset {preset} ({spec.description}); regime {regime_name}; {len(algorithms)} algorithm(s) "
-        f"x {seeds} seed(s) = {len(specs)} runs of {budget['max_steps']} steps x {budget['batch_size']} "
-        f"sequences{support}{extra}; studies: {', '.join(chosen) or 'none'}; tasks: "
-        f"{', '.join(task_names) or 'none'}"
-        + (f" (skipped: {', '.join(skipped_tasks)})" if skipped_tasks else "") + f" -> {out}")
     from .launchers import Progress, duration, run_all
 
-    start = time.perf_counter()
-    if any(finished_row(s) is None for s in every):  # every run reads the same data: build it once
-        from ..train.config import config_from_dict
-        from ..train.trainer import prepare_run_data
-
-        prepare_run_data(config_from_dict(every[0].config), log=log)
     progress = Progress(every, log)
     done: dict[str, dict[str, Any]] = {}
     for stage in stages:
