@@ -1,4 +1,5 @@
-"""Command-line entry point: `libmoe <command>`. Thin: parses arguments, calls library functions."""
+"""Command-line entry point: `libmoe <command>`. Thin: parses arguments, calls library functions,
+maps their errors to the exit codes of libmoe.errors (one line on stderr, never a traceback)."""
 
 from __future__ import annotations
 
@@ -384,9 +385,60 @@ def _cmd_findings(args: argparse.Namespace) -> None:
         print(f"\n{f['id']} ({f['verdict'].replace('_', ' ')}): {f['why']}")
 
 
+DESCRIPTION = """\
+libmoe: a research library for sparse Mixture-of-Experts language models. Every routing algorithm
+of the LibMoE paper behind one layer, trained, evaluated and analysed under one identical budget.
+
+compare algorithms:
+  bench             the paper's fair comparison: train every algorithm, evaluate, analyse, tables
+  findings          check the paper's claims on a bench output
+  algorithms        list the registered MoE algorithms
+train and evaluate one model:
+  train             pretrain a language model (one algorithm, one seed); --resume continues it
+  prepare           tokenise and cache a run's data ahead of (multi-process) training
+  eval              zero-shot tasks and validation perplexity of a trained model
+  eval-table        the comparison table (scores, AVG, AVG rank) of several models
+look inside the routing:
+  analyze           routing analysis of a run: metrics, figures, report.html
+  analyze init-std  the router initialisation study
+reuse models:
+  upcycle           turn a dense model into an MoE (sparse upcycling)
+  export            write a directory that transformers' AutoModelForCausalLM loads
+vision-language models:
+  vlm               LLaVA-style sparse upcycling: train stages, evaluate, synthetic data
+
+Settings are changed with dotted section.key=value arguments (e.g. optim.lr=1e-3); an unknown key
+is refused with the nearest valid ones.
+e.g.  libmoe bench --preset micro --out bench-micro      (the whole pipeline in about 13 s)
+"""
+EPILOG = """\
+exit codes: 0 everything asked for was done; 1 some work failed (a bench run, a non-finite loss, an
+interruption; what finished is kept and the last line says what failed); 2 bad input (arguments,
+config, a missing or damaged file), refused before any work with one line naming the fix.
+documentation: README.md and docs/ (bench, training, evaluation, analysis, upcycling, vlm,
+findings, reliability) in the libmoe repository.
+"""
+
+
+class _TopHelp(argparse.RawDescriptionHelpFormatter):
+    """`libmoe --help`: the description lists the commands grouped, so argparse's own flat list of
+    them is left out."""
+
+    def _iter_indented_subactions(self, action):
+        if isinstance(action, argparse._SubParsersAction):
+            return iter(())
+        return super()._iter_indented_subactions(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="libmoe", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="libmoe", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=_TopHelp)
+    parser.add_argument("--version", action="version", version=f"libmoe {__version__}",
+                        help="print the installed libmoe version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of the commands above; `libmoe COMMAND --help` shows its options")
 
     from .vlm.cli import add_vlm_parser
 
@@ -658,17 +710,32 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.items = list(args.items) + extra
     try:
+        if allowed:  # a malformed override fails here, before any command starts work
+            from .overrides import parse_override
+
+            for item in args.items:
+                if "=" in item or args.command not in ("train", "prepare"):  # those take a CONFIG.yaml
+                    parse_override(item)
         args.func(args)
     except WorkFailed as err:  # some work failed; what finished is kept (exit 1)
-        print(f"libmoe: {err}", file=sys.stderr)
+        print(f"libmoe: {_one_line(err)}", file=sys.stderr)
         return EXIT_FAILED
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
-        print(f"libmoe: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
+            PermissionError) as err:
+        print(f"libmoe: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as err:  # the machine failed the work (disk full, I/O error): one line, exit 1
+        print(f"libmoe: {_one_line(err)}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:  # outside training (which checkpoints and raises Interrupted)
         print("libmoe: interrupted", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (a library's multi-line text joined)."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
 
 
 if __name__ == "__main__":

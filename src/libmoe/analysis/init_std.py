@@ -72,15 +72,17 @@ def init_std_study(
         raise ValueError(f"steps {steps} must be at least 1.")
     out = Path(out)
     early = early_steps or max(1, steps // 4)
-    runs: dict[float, Path] = {}
-    for i, std in enumerate(stds):
-        run = out / f"std_{std:g}"
+    configs = {}
+    for std in stds:  # every config resolved (an unknown override key refused) before any training
         flags = {"model": {"algorithm": algorithm, "moe_options": {"router_init_std": float(std)}},
                  "train": {"max_steps": steps, "log_every": 1, "checkpoint_every": steps,
                            "eval_every": steps}}
         if data:
             flags["data"] = {"source": data}
-        cfg = resolve_config([flags], list(overrides), preset=preset)
+        configs[std] = resolve_config([flags], list(overrides), preset=preset)
+    runs: dict[float, Path] = {}
+    for i, std in enumerate(stds):
+        run, cfg = out / f"std_{std:g}", configs[std]
         say(f"[{i + 1}/{len(stds)}] {algorithm} with router init std {std:g}: {steps} steps -> {run}")
         if (run / "train_summary.json").is_file():
             say("  finished before; reusing it")
