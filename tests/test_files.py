@@ -131,3 +131,12 @@ def test_the_cli_maps_errors_to_exit_codes(monkeypatch, capsys):
     assert run(CorruptFileError("a.json", "truncated", "rerun it"))[0] == 2
     assert run(PermissionError(13, "Permission denied")) == (2, "libmoe: error: [Errno 13] Permission denied")
     assert run(OSError(28, "No space left on device"))[0] == 1
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """mkstemp makes its temporary file 0600; the written file gets what open() gives."""
+    path = files.write_text(tmp_path / "results.md", "x\n")
+    plain = tmp_path / "plain.md"
+    plain.write_text("x\n")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    assert path.stat().st_mode & 0o044  # readable by others under the usual umask 022

@@ -87,7 +87,7 @@ def init_std_study(
         if (run / "train_summary.json").is_file():
             say("  finished before; reusing it")
         else:
-            train(cfg, run, resume=(run / "checkpoints").is_dir(), progress=False)
+            train(cfg, run, resume="auto", progress=False)
         runs[float(std)] = run
     result = summarise_init_std(runs, early, {"algorithm": algorithm, "preset": preset, "steps": steps})
     write_json(out / INIT_STD_FILE, result, indent=1)

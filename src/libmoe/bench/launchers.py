@@ -151,7 +151,7 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _init_worker() -> None:
+def init_worker() -> None:
     """Worker initializer: die with the bench (above); leave the terminal's process group, so that
     Ctrl-C reaches the bench alone, which then sends each worker one SIGTERM; and take SIGTERM
     outside training as an interruption (inside, the trainer checkpoints first)."""
@@ -172,9 +172,9 @@ def _stop_pool(pool, futures: dict, rows: dict[str, dict], progress: Progress) -
     training checkpoints) and wait for the running ones to stop; their rows land in `rows`."""
     import signal
 
-    from .runner import _signals_ignored
+    from .runner import signals_ignored
 
-    with _signals_ignored():
+    with signals_ignored():
         for future in futures:
             future.cancel()
         for process in list((getattr(pool, "_processes", None) or {}).values()):
@@ -201,7 +201,7 @@ def _run_pool(specs: list[RunSpec], jobs: int, progress: Progress) -> dict[str, 
     progress.watch()
     try:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=init_worker) as pool:
             futures = {}
             for spec in specs:
                 Path(spec.run_dir).mkdir(parents=True, exist_ok=True)

@@ -291,7 +291,7 @@ def run_one(spec: RunSpec, progress: bool | None = False) -> dict[str, Any]:
                 _analyse(spec, row)
         except (Interrupted, KeyboardInterrupt) as err:  # SIGTERM/SIGINT: not a failure; resumable
             row.update(status="interrupted", error=f"{type(err).__name__}: {err}".rstrip(": "))
-            with _signals_ignored():
+            with signals_ignored():
                 _write_row(run, row)
             raise Interrupted(f"{spec.name} was interrupted; rerunning resumes it") from None
         except Exception as err:  # noqa: BLE001  one algorithm's failure must not stop the study
@@ -303,7 +303,7 @@ def run_one(spec: RunSpec, progress: bool | None = False) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _signals_ignored():
+def signals_ignored():
     """SIGTERM and SIGINT held off while a few last files are written (main thread only)."""
     import threading
 
@@ -384,7 +384,7 @@ def _run_forwarding_signals(cmd: list[str], stdout=None) -> None:
         try:
             code = proc.wait()
         except KeyboardInterrupt:
-            with _signals_ignored():
+            with signals_ignored():
                 proc.send_signal(signal.SIGTERM)
                 try:
                     proc.wait(timeout=600)
@@ -640,7 +640,7 @@ def run_bench(
                               skipped_tasks, chosen, jobs, launcher, nproc, slurm, analysis, compare, log,
                               start)
         except (Interrupted, KeyboardInterrupt):
-            with _signals_ignored():
+            with signals_ignored():
                 kept = sum(finished_row(s) is not None for s in every)
             raise Interrupted(
                 f"bench interrupted: {kept} of {len(every)} run(s) finished and are kept in {out}; "

@@ -61,7 +61,6 @@ from .trace import record_routing, save_trace
 
 __all__ = ["RUN_FILES", "check_config", "check_run_dir", "evaluate", "load_run_config", "model_hash",
            "prepare_run_data", "run_hash", "train"]
-_config_diff = config_diff  # the bench's name for it
 
 
 def flops_per_token(cfg: RunConfig, active_params: int) -> int:

@@ -172,7 +172,7 @@ def _file_log(run: Path) -> Callable[[str], None]:
 
 
 def _init_worker() -> None:
-    from ..bench.launchers import _init_worker as init
+    from ..bench.launchers import init_worker as init
 
     init()
 
@@ -227,9 +227,9 @@ def _run_todo(jobs: list[dict[str, Any]], n_jobs: int, log: Callable[[str], None
 def _stop_workers(pool, futures) -> None:
     import signal
 
-    from ..bench.runner import _signals_ignored
+    from ..bench.runner import signals_ignored
 
-    with _signals_ignored():
+    with signals_ignored():
         for future in futures:
             future.cancel()
         for process in list((getattr(pool, "_processes", None) or {}).values()):
