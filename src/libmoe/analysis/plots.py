@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..files import write_bytes
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -97,8 +99,18 @@ def _figure(width: float = 7.0, height: float = 4.0) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
+def save_figure(fig: Figure, path: str | Path, **savefig: Any) -> Path:
+    """Write `fig` as `path` (its format from the suffix) atomically: rendered in memory first, so
+    an interrupted run never leaves a truncated figure in place of the previous one."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", **savefig)
+    return write_bytes(path, buffer.getvalue())
+
+
 def _save(fig: Figure, path: str | Path) -> bool:
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    save_figure(fig, path, dpi=DPI, bbox_inches="tight")
     fig.clear()
     return True
 

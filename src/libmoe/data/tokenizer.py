@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
-from ..files import CorruptFileError
+from ..files import CorruptFileError, write_bytes, write_json
 
 SPM_FILE = "tokenizer.model"
 META_FILE = "tokenizer.json"
@@ -54,9 +54,8 @@ class SentencePieceTokenizer:
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / SPM_FILE).write_bytes(self.proto)
-        meta = {"kind": "sentencepiece", "vocab_size": self.vocab_size}
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_bytes(directory / SPM_FILE, self.proto)
+        write_json(directory / META_FILE, {"kind": "sentencepiece", "vocab_size": self.vocab_size})
 
 
 class HFTokenizer:

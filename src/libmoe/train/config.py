@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .. import overrides
+from ..files import write_text
 from ..models.config import ModelConfig, load_preset
 from ..moe.options import check_choice, check_number
 
@@ -124,7 +125,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _hints(cls: type) -> dict[str, Any]:

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..files import write_json
+
 TARGETS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
@@ -123,7 +125,7 @@ def export_model(path_or_model: str | Path | nn.Module, to: str, out: str | Path
             "shared_expert_width": shape.shared_width, "max_abs_logit_diff": reloaded,
             "max_abs_logit_diff_before_saving": diff, "tolerance": TOLERANCE,
             "probe": f"{tuple(tokens.shape)} random tokens, seed 0", "tokenizer": tokenizer}
-    (out / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    write_json(out / EXPORT_FILE, info)
     if reloaded > TOLERANCE:
         raise ValueError(f"{out}: the reloaded {NAMES[to]} model's logits differ from the source's by "
                          f"{reloaded:.3g} (> {TOLERANCE:g}); do not use it. Please report this as a bug.")

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 
+from ..files import write_json
 from .hf import moe_aux_loss, upcycle_hf_model
 
 
@@ -192,5 +193,5 @@ def upcycle_transformers(source: str, out: str | Path, algorithm: str, n_experts
             and kwargs.get("capacity_factor") is None}
     if algorithm in NOT_EXACT_AT_INIT:
         info["why_not_exact"] = NOT_EXACT_AT_INIT[algorithm]
-    (out / UPCYCLE_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    write_json(out / UPCYCLE_FILE, json.loads(json.dumps(info, default=str)))
     return info

@@ -11,7 +11,6 @@ VLM views of the paper's Section 5:
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from ..analysis import metrics as M
 from ..analysis.analyze import METRICS_FILE, display_name, run_traces, training_dynamics
 from ..analysis.interventions import intervention_plan, run_interventions, write_units
 from ..analysis.trace import Trace
+from ..files import write_json
 
 
 def is_vlm_run(path: str | Path) -> bool:
@@ -148,7 +148,7 @@ def analyze_vlm_run(run: str | Path, out: str | Path | None = None, device: str 
         else:
             result["skipped"]["interventions"] = "turned off (--no-interventions)"
     out.mkdir(parents=True, exist_ok=True)
-    (out / METRICS_FILE).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out / METRICS_FILE, result, indent=1)
     if figures:
         write_vlm_figures(out, {display_name(result): result})
     say(f"analysis of {run} in {time.perf_counter() - start:.1f} s -> {out}")

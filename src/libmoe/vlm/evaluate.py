@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..files import write_json
 from ..moe.options import did_you_mean
 
 VLM_TASKS = ("synth_mme", "synth_open")
@@ -192,7 +192,6 @@ def evaluate_run(run: str | Path, tasks: list[str] = ("synth_mme",), data: str |
                            subtasks=(cfg.get("data") or {}).get("subtasks"), limit=limit, log=log)
     payload = {"results": results, "run": str(run), "step": meta.get("step")}
     out = Path(out) if out is not None else cfg_dir / "eval" / "results.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=1) + "\n")
+    write_json(out, payload, indent=1)
     log(f"wrote {out}")
     return payload

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..files import write_json
 from ..upcycle.hf import UpcycledMLP
 
 VLM_FILE = "vlm.json"
@@ -303,7 +304,7 @@ def save_vlm(model: LibMoEVLM, tokenizer, directory: str | Path, extra: dict[str
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"format": "libmoe-vlm", "model": model.spec, "aux_combine": model.aux_combine, **(extra or {})}
-    (directory / VLM_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    write_json(directory / VLM_FILE, meta, indent=1)
     save_file(model_state(model), str(directory / MODEL_FILE), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(directory))
     return directory

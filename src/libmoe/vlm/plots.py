@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..analysis.plots import save_figure
+
 
 def _layer_mean(by_layer: dict[str, dict[str, float | None]]) -> dict[str, float]:
     """{label: mean over layers} of {layer: {label: value}}."""
@@ -67,6 +69,6 @@ def plot_subtask_routing(runs: dict[str, dict[str, Any]], path: str | Path) -> b
     handles, names_ = axes[0].get_legend_handles_labels()
     fig.legend(handles, names_, loc="lower center", ncol=min(len(names), 8), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return True
