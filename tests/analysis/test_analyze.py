@@ -67,6 +67,21 @@ def test_metrics_follow_from_the_runs_traces_and_interventions_from_its_validati
     assert saved["eae"] == pytest.approx(result["eae"])
 
 
+
+def test_an_analysis_carries_its_runs_identity_and_is_reused_only_for_that_run(runs, tmp_path):
+    from libmoe.analysis.analyze import load_analysis
+
+    run = tmp_path / "smoe"
+    shutil.copytree(runs / "smoe", run)
+    result = analyze_run(run, run / "analysis", figures=False, interventions=False)
+    checkpoint = json.loads((run / "checkpoints" / "step_8" / "checkpoint.json").read_text())
+    assert result["run_hash"] == checkpoint["run_hash"] and len(result["run_hash"]) == 16
+    assert load_analysis(run)["run_hash"] == result["run_hash"]
+    written = json.loads((run / "analysis" / "metrics.json").read_text())
+    written["run_hash"] = "0" * 16  # an analysis left by another run in this directory
+    (run / "analysis" / "metrics.json").write_text(json.dumps(written))
+    assert load_analysis(run) is None  # recomputed, never reused for the wrong run
+
 def test_a_final_model_without_a_trace_gets_one_recorded_from_its_probe_set(runs, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(runs / "smoe", run)

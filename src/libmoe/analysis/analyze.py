@@ -14,7 +14,7 @@ from ..eval.evaluator import run_data_available
 from ..files import read_json_object, write_json
 from . import metrics as M
 from .interventions import intervention_plan, intervention_study, write_units
-from .trace import TRACE_TENSORS, RoutingRecorder, Trace, check_one_run, list_traces
+from .trace import TRACE_TENSORS, RoutingRecorder, Trace, check_one_run, list_traces, trace_meta
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
@@ -194,7 +194,8 @@ def analyze_run(
                       step=final.step, n_experts=final.meta.get("n_experts"),
                       top_k=final.meta.get("top_k"),
                       n_slots=[final.n_slots(l) for l in range(final.n_layers)],
-                      layers=final.meta.get("layers"), n_tokens=final.n_tokens, labels=final.labels)
+                      layers=final.meta.get("layers"), n_tokens=final.n_tokens, labels=final.labels,
+                      run_hash=next((t.meta["run_hash"] for t in traces if t.meta.get("run_hash")), None))
         result.update(M.trace_metrics(final))
         result.update(training_dynamics(traces))
         result["expert_similarity"] = M.expert_similarity(loaded.model)
@@ -258,6 +259,12 @@ def load_analysis(run: str | Path) -> dict[str, Any] | None:
     traces = list_traces(run)
     if traces and traces[-1][0] != result.get("step"):
         return None  # the run trained further since
+    try:
+        current = trace_meta(traces[-1][1]).get("run_hash") if traces else None
+    except ValueError:  # a damaged trace: the caller's analysis names it
+        return None
+    if current != result.get("run_hash"):
+        return None  # written for another run in this directory (or before run_hash existed)
     return result
 
 
