@@ -167,19 +167,25 @@ def init_worker() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+def signal_workers(pool, futures) -> None:
+    """Cancel the `futures` of a ProcessPoolExecutor not started yet and send each of its worker
+    processes one SIGTERM (a worker in training checkpoints, then raises Interrupted)."""
+    import signal
+
+    for future in futures:
+        future.cancel()
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(OSError):
+            os.kill(process.pid, signal.SIGTERM)
+
+
 def _stop_pool(pool, futures: dict, rows: dict[str, dict], progress: Progress) -> None:
     """The bench was interrupted: cancel the runs not started, send every worker SIGTERM (its
     training checkpoints) and wait for the running ones to stop; their rows land in `rows`."""
-    import signal
-
     from .runner import signals_ignored
 
     with signals_ignored():
-        for future in futures:
-            future.cancel()
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
-            with contextlib.suppress(OSError):
-                os.kill(process.pid, signal.SIGTERM)
+        signal_workers(pool, futures)
         for future, spec in futures.items():
             if future.cancelled() or spec.name in rows:
                 continue

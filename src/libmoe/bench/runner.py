@@ -46,6 +46,7 @@ from typing import Any
 
 from ..errors import Interrupted
 from ..files import read_json, write_json, write_text
+from ..train import config_diff
 from .outputs import plain_json
 from .presets import PAPER_ALGORITHMS, BenchPreset, load_bench_preset
 
@@ -152,21 +153,7 @@ def plan_runs(out: str | Path, preset: BenchPreset, algorithms: list[str], seeds
 # ----------------------------------------------------------------------------- checks before work
 
 
-def config_diff(saved: Any, wanted: Any, prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every dotted key whose value differs between two config dicts."""
-    if not (isinstance(saved, dict) and isinstance(wanted, dict)):
-        return [] if saved == wanted else [f"{prefix.rstrip('.') or 'config'}: {saved!r} -> {wanted!r}"]
-    out = []
-    for key in sorted(set(saved) | set(wanted), key=str):
-        a, b = saved.get(key), wanted.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
-
-
-def _saved_row(run_dir: str | Path) -> dict[str, Any] | None:
+def saved_row(run_dir: str | Path) -> dict[str, Any] | None:
     """RUN/bench_run.json, or None when absent or unreadable (the run is then redone)."""
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
@@ -210,7 +197,7 @@ def stale_runs(specs: list[RunSpec]) -> list[tuple[RunSpec, list[str]]]:
             else:
                 diff = [d for d in config_diff(old, spec.config) if not d.startswith("model.vocab_size:")]
         else:
-            row = _saved_row(run)
+            row = saved_row(run)
             if row and row.get("status") == "ok" and row.get("config_hash") != spec.config_hash:
                 diff = [f"config hash {row.get('config_hash')} -> {spec.config_hash}"]
         stamp_file = run / "bench_init.json"
@@ -232,7 +219,7 @@ def stale_runs(specs: list[RunSpec]) -> list[tuple[RunSpec, list[str]]]:
 
 def finished_row(spec: RunSpec) -> dict[str, Any] | None:
     """The saved row of a run that finished with this spec's config and evaluation, else None."""
-    row = _saved_row(spec.run_dir)
+    row = saved_row(spec.run_dir)
     if row is None:
         return None
     same = row.get("config_hash") == spec.config_hash and row.get("tasks") == spec.tasks

@@ -7,7 +7,7 @@
 
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, verify_checkpoint
 from .config import DataConfig, OptimConfig, RunConfig, TrainConfig, config_from_dict, resolve_config
-from .rundir import run_hash
+from .rundir import config_diff, run_hash
 from .trace import TRACE_META, TRACE_TENSORS, record_routing, save_trace
 from .trainer import load_run_config, prepare_run_data, train
 
@@ -18,6 +18,7 @@ __all__ = [
     "OptimConfig",
     "RunConfig",
     "TrainConfig",
+    "config_diff",
     "config_from_dict",
     "latest_checkpoint",
     "list_checkpoints",

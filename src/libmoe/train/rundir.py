@@ -43,15 +43,17 @@ def run_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """'key: old -> new' for every leaf that differs between nested dicts a and b."""
+def config_diff(saved: Any, wanted: Any, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs between two config dicts."""
+    if not (isinstance(saved, dict) and isinstance(wanted, dict)):
+        return [] if saved == wanted else [f"{prefix.rstrip('.') or 'config'}: {saved!r} -> {wanted!r}"]
     out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += config_diff(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
+    for key in sorted(set(saved) | set(wanted), key=str):
+        a, b = saved.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
 
 

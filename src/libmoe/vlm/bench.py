@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..files import read_json, write_json
+from ..files import write_json
 
 RESULTS_FILE = "results.json"
 
@@ -144,14 +144,10 @@ def job_hash(job: dict[str, Any]) -> str:
 
 def finished_job(job: dict[str, Any]) -> dict[str, Any] | None:
     """The saved row of a run that finished this very job, else None."""
-    path = Path(job["run"]) / "bench_run.json"
-    if not path.is_file():
-        return None
-    try:
-        row = read_json(path)
-    except ValueError:
-        return None
-    ok = isinstance(row, dict) and row.get("status") == "ok" and row.get("job_hash") == job_hash(job)
+    from ..bench.runner import saved_row
+
+    row = saved_row(job["run"])
+    ok = row is not None and row.get("status") == "ok" and row.get("job_hash") == job_hash(job)
     return row if ok else None
 
 
@@ -225,16 +221,11 @@ def _run_todo(jobs: list[dict[str, Any]], n_jobs: int, log: Callable[[str], None
 
 
 def _stop_workers(pool, futures) -> None:
-    import signal
-
+    from ..bench.launchers import signal_workers
     from ..bench.runner import signals_ignored
 
     with signals_ignored():
-        for future in futures:
-            future.cancel()
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
-            with contextlib.suppress(OSError):
-                os.kill(process.pid, signal.SIGTERM)
+        signal_workers(pool, futures)
         for future in futures:
             with contextlib.suppress(BaseException):
                 future.exception()
@@ -352,7 +343,7 @@ def _stale_stages(out: Path, opts: dict[str, Any], vlm_preset: str, common: list
     override up front; a stage after a changed one is stale too where it exists."""
     import yaml
 
-    from ..bench.runner import config_diff
+    from ..train import config_diff
     from .train import CONFIG_FILE, config_hash, stage_config
 
     def saved(path: Path) -> dict[str, Any] | None:
