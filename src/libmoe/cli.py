@@ -324,7 +324,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> None:
     from .bench import run_bench
-    from .bench.runner import failure_line
+    from .bench.safety import failure_line
     from .overrides import parse_override
 
     def split(text):

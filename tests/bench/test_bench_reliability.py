@@ -205,3 +205,13 @@ def test_the_vlm_bench_refuses_a_changed_config_and_skips_finished_runs(tmp_path
     run = "runs/smoe-s0/bench_run.json"
     assert _snapshot(out)[run] == before[run]  # the finished VIT run: untouched
     assert read_json(out / "results.json")["libmoe"]["writer"] == "libmoe bench"
+
+
+def test_failure_line_counts_and_names_the_failed_runs(tmp_path):
+    from libmoe.bench.safety import failure_line
+
+    assert failure_line({"runs": [{}, {}], "failed": []}, tmp_path) is None
+    failed = [{"name": f"algo{i}-s0"} for i in range(6)]
+    line = failure_line({"n_runs": 8, "failed": failed}, tmp_path)
+    assert line.startswith("6 of 8 bench run(s) failed (algo0-s0, algo1-s0, algo2-s0, algo3-s0, ...)")
+    assert str(tmp_path / "results.md") in line and "\n" not in line

@@ -182,7 +182,7 @@ def signal_workers(pool, futures) -> None:
 def _stop_pool(pool, futures: dict, rows: dict[str, dict], progress: Progress) -> None:
     """The bench was interrupted: cancel the runs not started, send every worker SIGTERM (its
     training checkpoints) and wait for the running ones to stop; their rows land in `rows`."""
-    from .runner import signals_ignored
+    from .safety import signals_ignored
 
     with signals_ignored():
         signal_workers(pool, futures)

@@ -144,7 +144,7 @@ def job_hash(job: dict[str, Any]) -> str:
 
 def finished_job(job: dict[str, Any]) -> dict[str, Any] | None:
     """The saved row of a run that finished this very job, else None."""
-    from ..bench.runner import saved_row
+    from ..bench.safety import saved_row
 
     row = saved_row(job["run"])
     ok = row is not None and row.get("status") == "ok" and row.get("job_hash") == job_hash(job)
@@ -222,7 +222,7 @@ def _run_todo(jobs: list[dict[str, Any]], n_jobs: int, log: Callable[[str], None
 
 def _stop_workers(pool, futures) -> None:
     from ..bench.launchers import signal_workers
-    from ..bench.runner import signals_ignored
+    from ..bench.safety import signals_ignored
 
     with signals_ignored():
         signal_workers(pool, futures)
