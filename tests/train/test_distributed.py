@@ -58,3 +58,35 @@ def test_fsdp_two_processes_match_one_and_resume(single, tmp_path):
     got = losses(tmp_path / "fsdp")
     assert [s for s, _ in got] == [s for s, _ in expected]
     assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-5)
+
+
+def test_sigterm_to_a_torchrun_job_stops_every_rank_at_one_step_with_a_checkpoint(single, tmp_path):
+    """SIGTERM to the whole job (as Slurm sends it; torchrun forwards it to its workers again):
+    every rank agrees on the step (a non-blocking vote each step), one checkpoint of that step is
+    written, the job exits non-zero, and --resume continues it under torchrun."""
+    import signal
+    import time
+
+    cfg, _ = single
+    run = tmp_path / "ddp"
+    args = [a for a in overrides(cfg) if not a.startswith(("train.max_steps", "train.checkpoint_every"))]
+    args += ["train.max_steps=400", "train.checkpoint_every=1000", "train.eval_every=1000"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "libmoe", "train", *args, "--out", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        rows = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
+        if len(rows) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out[-2000:] + err[-2000:]
+    steps = sorted(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
+    assert len(steps) == 1 and 3 <= steps[0] < 400, (steps, err[-2000:])
+    assert f"interrupted by SIGTERM at step {steps[0]}" in out + err
+    resumed = torchrun(*args, "--out", str(run), "--resume", "--stop-after", str(steps[0] + 2))
+    assert f"step_{steps[0] + 2}" in resumed.stdout + resumed.stderr

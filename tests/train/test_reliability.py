@@ -267,6 +267,19 @@ def test_the_first_signal_sets_a_flag_and_a_second_acts_at_once():
     assert signal.getsignal(signal.SIGINT) is previous
 
 
+def test_a_repeated_sigterm_cannot_kill_the_checkpoint_being_written():
+    """Slurm signals every process and torchrun forwards the signal again: the second SIGTERM is
+    ignored while training checkpoints; the previous handler is back once training exits."""
+    previous = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)  # would end this test process if it were not ignored
+        time.sleep(0.01)
+        assert signals.name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
 def test_resume_refuses_changed_settings_unless_allowed_and_records_them(base, tmp_path, capsys):
     run = tmp_path / "run"
     train(config(base, "train.max_steps=4", "train.checkpoint_every=1000"), run, stop_after=2,
@@ -293,3 +306,29 @@ def test_resume_on_a_directory_without_a_run_is_refused(base, tmp_path):
     code, _, err = cli("train", "--out", tmp_path / "empty", "--resume", *base)
     assert code == 2 and "no run in" in one_line(err) and "drop --resume" in err
     assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_an_allowed_seed_change_keeps_the_runs_identity_so_its_traces_analyse(base, tmp_path):
+    from libmoe.analysis.analyze import run_traces
+
+    run = tmp_path / "run"
+    train(config(base, "train.max_steps=4", "train.checkpoint_every=2"), run, stop_after=2, progress=False)
+    train(config(base, "train.max_steps=4", "train.checkpoint_every=2", "train.seed=7"), run,
+          resume=True, allow_config_change=True, progress=False)
+    infos = [strict((p / "checkpoint.json").read_text()) for p in (run / "checkpoints").iterdir()]
+    hashes = {info["run_hash"] for info in infos}
+    assert len(hashes) == 1
+    assert [t.step for t in run_traces(run)] == [2, 4]  # one run: not refused as a mix of two
+
+
+def test_a_checkpoint_whose_trace_was_moved_away_still_resumes(finished, tmp_path):
+    from libmoe.train import verify_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    newest = run / "checkpoints" / "step_4"
+    for trace in newest.glob("routing_trace.*"):  # what analyze advises for a damaged trace
+        trace.rename(tmp_path / trace.name)
+    assert verify_checkpoint(newest) is None
+    (newest / "optimizer.pt").write_bytes(b"garbage")
+    assert verify_checkpoint(newest) == "optimizer.pt does not match its checksum"

@@ -78,3 +78,13 @@ def test_check_run_dir_refusals(tmp_path):
         check_run_dir(tmp_path / "run", False, False)
     check_run_dir(tmp_path / "run", False, True)
     check_run_dir(tmp_path / "run", True, False)
+
+
+def test_clear_run_leaves_a_directory_without_a_run_alone(tmp_path):
+    (tmp_path / "analysis").mkdir()
+    (tmp_path / "analysis" / "notes.md").write_text("mine")
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "my_results.json").write_text("{}")
+    clear_run(tmp_path)  # --overwrite on a directory that never held a run
+    assert (tmp_path / "analysis" / "notes.md").read_text() == "mine"
+    assert (tmp_path / "eval" / "my_results.json").is_file()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -100,6 +101,33 @@ def cpu_group(info: DistInfo):
     if dist.get_backend() == "gloo":
         return dist.group.WORLD
     return dist.new_group(backend="gloo")
+
+
+class StepVote:
+    """Whether a flag is set on any process, agreed on every step without blocking the step: each
+    `poll` starts a non-blocking all-reduce of this process's flag (on `group`, a CPU group) and
+    returns the previous poll's agreed answer, so every process learns it at the same step, one
+    step late. `close` waits for the last reduction (every process must call it)."""
+
+    def __init__(self, info: DistInfo, group=None):
+        self.info, self.group = info, group
+        self.pending: tuple[Any, torch.Tensor] | None = None
+
+    def poll(self, flag: bool) -> bool:
+        if not self.info.enabled:
+            return flag
+        agreed = self.close()
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        self.pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True), t)
+        return agreed
+
+    def close(self) -> bool:
+        if self.pending is None:
+            return False
+        work, t = self.pending
+        self.pending = None
+        work.wait()
+        return bool(t.item())
 
 
 def any_rank(flag: bool, info: DistInfo, group=None) -> bool:

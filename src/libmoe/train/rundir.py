@@ -86,7 +86,11 @@ def check_resumable(out: Path) -> None:
 
 
 def clear_run(out: Path) -> None:
-    """Remove every file of the run in `out` (RUN_FILES); files libmoe did not write stay."""
+    """Remove every file of the run in `out` (RUN_FILES); files libmoe did not write stay, and a
+    directory holding no run (no config.yaml, no checkpoints/) is left as it is: an `eval/` or
+    `analysis/` folder there is the user's, not an old run's."""
+    if not ((out / "config.yaml").is_file() or (out / "checkpoints").is_dir()):
+        return
     for name in RUN_FILES:
         path = out / name
         if path.is_dir() and not path.is_symlink():

@@ -23,8 +23,10 @@ from .distributed import DistInfo, all_reduce_min
 
 class StopSignals:
     """SIGTERM and SIGINT set a flag instead of killing training; the loop checkpoints at the end
-    of the step and stops. The first signal puts the previous handlers back, so a second one acts
-    at once. Installed only in the main thread (Python delivers signals there)."""
+    of the step and stops. After the first signal a second Ctrl-C acts at once (the previous SIGINT
+    handler is back), while a repeated SIGTERM is ignored until training exits: Slurm signals every
+    process of a job and torchrun forwards the signal to its workers again, and neither must kill
+    the checkpoint being written. Installed only in the main thread (Python delivers signals there)."""
 
     def __init__(self):
         self.name: str | None = None
@@ -38,7 +40,10 @@ class StopSignals:
 
     def _handle(self, signum: int, frame) -> None:
         self.name = self.name or signal.Signals(signum).name
-        self._restore()
+        if signal.SIGINT in self.saved:
+            signal.signal(signal.SIGINT, self.saved[signal.SIGINT] or signal.SIG_DFL)
+        if signal.SIGTERM in self.saved:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def _restore(self) -> None:
         for sig, handler in self.saved.items():

@@ -34,8 +34,8 @@ from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, veri
 from .config import RunConfig, config_from_dict, load_yaml
 from .distributed import (
     DistInfo,
+    StepVote,
     all_reduce_sum,
-    any_rank,
     barrier,
     cpu_group,
     init_distributed,
@@ -391,6 +391,7 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool | str, overwr
     init_state = None
     if init is not None and ckpt is None and not hf:
         init_state = _init_weights(init, cfg, data.tokenizer_hash)
+    resumed_identity = ckpt["info"].get("run_hash") if ckpt is not None else None
     if ckpt is not None:
         saved_cfg = ckpt["info"].get("model_config", {})
         if ckpt["info"].get("model_hash") != model_hash(cfg):
@@ -470,7 +471,7 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool | str, overwr
         f"{world} process(es) on {info.device}, batch {tc.batch_size} x {seq_len} tokens "
         f"({accum} micro-batch(es) of {micro} per process), "
         f"{'fp32' if amp_dtype is None else amp_dtype}")
-    identity = run_hash(cfg)
+    identity = resumed_identity or run_hash(cfg)  # kept across --allow-config-change
     info_json = {"model_hash": model_hash(cfg), "tokenizer_hash": data.tokenizer_hash,
                  "run_hash": identity, "model_config": cfg.model.to_dict(),
                  "algorithm": cfg.model.algorithm}
@@ -479,7 +480,6 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool | str, overwr
     if hf:  # each checkpoint is also a transformers directory
         extra_files["config.json"] = raw.config_json()
     guard = FiniteGuard(info, cfg)
-    flag_group = cpu_group(info)
 
     def checkpoint(step: int) -> Path:
         guard.check(step, model, saved_step)  # never a checkpoint of diverged weights
@@ -520,6 +520,8 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool | str, overwr
     with contextlib.ExitStack() as stack:
         stack.callback(logger.close)
         signals = stack.enter_context(StopSignals())
+        vote = StepVote(info, cpu_group(info))  # the signal flag, agreed without blocking a step
+        stack.callback(vote.close)
         while step < tc.max_steps:
             t_step = time.perf_counter()
             set_training_progress(raw, step / tc.max_steps)
@@ -561,8 +563,9 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool | str, overwr
             if step % tc.eval_every == 0 or step == tc.max_steps:
                 val_loss = validate(step)
             stop = stop_after is not None and step >= stop_after and step < tc.max_steps
-            # Every process stops at the same step: the signal flag is agreed on each step.
-            interrupted = any_rank(signals.name is not None, info, flag_group) and step < tc.max_steps
+            # Every process stops at the same step: the signal flag is agreed on each step (the
+            # answer arrives one step late, so the reduction overlaps the next step's compute).
+            interrupted = vote.poll(signals.name is not None) and step < tc.max_steps
             if step % tc.checkpoint_every == 0 or step == tc.max_steps or stop or interrupted:
                 path = checkpoint(step)
                 saved_step = step
