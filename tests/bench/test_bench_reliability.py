@@ -92,11 +92,23 @@ def test_an_out_holding_files_the_bench_did_not_write_is_refused(finished, tmp_p
     assert "results.md" in line and "did not write" in line
     assert [p.name for p in foreign.iterdir()] == ["results.md"]
     assert (foreign / "results.md").read_text() == "# my own notes\n"
-    # A results.md edited by hand in a bench output is no longer the bench's either.
+    # A results.md edited by hand in a bench output is no longer the bench's either, even with
+    # its mark still in place (notes appended): the manifest's hash tells.
     out = _copy(finished, tmp_path)
     (out / "results.md").write_text("# rewritten by hand\n")
     assert main([*ARGS, "--out", str(out)]) == 2
     assert "results.md" in _one_line(capsys.readouterr().err)
+    out = _copy(finished, tmp_path / "appended")
+    with (out / "results.md").open("a") as f:
+        f.write("\nMy notes on this study.\n")
+    assert main([*ARGS, "--out", str(out)]) == 2
+    assert "results.md" in _one_line(capsys.readouterr().err)
+    assert (out / "results.md").read_text().endswith("My notes on this study.\n")
+    out = _copy(finished, tmp_path / "checked")  # `libmoe findings` rewrites the outputs it checks
+    assert main(["findings", str(out)]) == 0
+    # still the bench's (and a moved data cache is no reason to refuse a study)
+    assert main([*ARGS, "--out", str(out)]) == 0
+    capsys.readouterr()
     # ... while the bench's own outputs (recognised by their marks and the manifest) are fine.
     (out / "results.md").unlink()
     (out / MANIFEST).unlink()

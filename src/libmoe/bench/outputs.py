@@ -90,9 +90,12 @@ def plain_json(value: Any) -> Any:
 
 
 def _is_ours(out: Path, name: str, hashes: dict[str, Any]) -> bool:
+    """Whether OUT/`name` is as the bench (or `libmoe findings`) last wrote it: its hash in the
+    manifest when one is recorded (a file edited since, e.g. notes appended to results.md, is the
+    user's now), else its mark or an earlier libmoe version's layout."""
     path = out / name
-    if hashes.get(name) and hashes[name] == sha256(path):
-        return True
+    if hashes.get(name):
+        return hashes[name] == sha256(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):

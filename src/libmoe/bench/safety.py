@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from .runner import RunSpec
 
 RUN_FILE = "bench_run.json"
+# Keys whose change leaves a run what it was: the vocabulary the tokenizer fixes, where the data
+# cache lives (a finished run is then re-evaluated, not refused).
+NOT_A_DIFFERENCE = ("model.vocab_size:", "data.cache_dir:")
 
 
 def saved_row(run_dir: str | Path) -> dict[str, Any] | None:
@@ -61,7 +64,7 @@ def stale_runs(specs: list[RunSpec]) -> list[tuple[RunSpec, list[str]]]:
             if not isinstance(old, dict):
                 diff = [f"its {saved.name} is unreadable"]
             else:
-                diff = [d for d in config_diff(old, spec.config) if not d.startswith("model.vocab_size:")]
+                diff = [d for d in config_diff(old, spec.config) if not d.startswith(NOT_A_DIFFERENCE)]
         else:
             row = saved_row(run)
             if row and row.get("status") == "ok" and row.get("config_hash") != spec.config_hash:

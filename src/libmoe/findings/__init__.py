@@ -14,12 +14,11 @@ the end of a study; `libmoe findings BENCH_DIR` recomputes them for an existing 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..files import read_json_object, write_json
+from ..files import read_json_object
 from . import checks as _checks  # noqa: F401  registers the claims
 from .inputs import Bench, read_bench_results
 from .registry import FINDINGS, Finding, check, finding
@@ -115,9 +114,10 @@ def write_findings(bench_dir: str | Path, findings: list[dict[str, Any]] | None 
     findings = check_findings(out, results=results) if findings is None else findings
     results["findings"] = findings
     if results.get("regime") == "vlm":
+        from ..bench.outputs import write_output_json
         from ..vlm.bench import write_vlm_report, write_vlm_tables
 
-        write_json(out / "results.json", json.loads(json.dumps(results, default=str)), indent=1)
+        write_output_json(out, "results.json", results)  # the bench's manifest records it
         write_vlm_tables(out, results)
         write_vlm_report(out, results)
     else:
