@@ -11,6 +11,7 @@ earlier libmoe versions, recognisable by their layout, are accepted. Every file 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,7 @@ def remove_outputs(out: str | Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    with _quiet():
+    with contextlib.suppress(OSError):
         (out / "analysis").rmdir()
 
 
@@ -169,13 +170,5 @@ def remove_run(run_dir: str | Path) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
-    with _quiet():
+    with contextlib.suppress(OSError):
         run.rmdir()
-
-
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)

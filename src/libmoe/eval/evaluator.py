@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from .scoring import LMScorer
 from .tasks import Doc, Task, check_limit, get_task, load_records, local_file
 
@@ -122,7 +123,7 @@ def evaluate_model(model: str | Path, tasks: list[str], data_dir: str | Path | N
     checkpoint (see `libmoe.eval.results`)."""
     from ..devices import check_device
     from ..models import load_model
-    from .results import libmoe_version, provenance, utc_now
+    from .results import provenance, utc_now
 
     check_evaluation(tasks, limit, batch_size, val_tokens)
     device = check_device(device)
@@ -148,7 +149,7 @@ def evaluate_model(model: str | Path, tasks: list[str], data_dir: str | Path | N
     results.update(evaluate_tasks(scorer, names, data_dir, limit, log))
     config = {"model": str(model), "checkpoint": str(loaded.checkpoint), "step": loaded.step,
               "tasks": list(tasks), "limit": limit, "data_dir": None if data_dir is None else str(data_dir),
-              "batch_size": batch_size, "val_tokens": val_tokens, "libmoe_version": libmoe_version()}
+              "batch_size": batch_size, "val_tokens": val_tokens, "libmoe_version": __version__}
     done = utc_now()
     return {"results": results, "evaluated": {t: provenance(config, t, done) for t in results},
             "config": config}

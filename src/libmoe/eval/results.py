@@ -20,19 +20,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from ..files import CorruptFileError, read_json_object, write_json
 
 RESULTS_FILE = "results.json"
-
-
-def libmoe_version() -> str:
-    """The installed libmoe's version (package metadata: no import of the top-level package)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("libmoe")
-    except PackageNotFoundError:  # running from a source tree that is not installed
-        return "unknown"
 
 
 def utc_now() -> str:
@@ -85,7 +76,7 @@ def provenance(config: dict[str, Any], task: str, time: str | None = None) -> di
     model checkpoint, and the settings that shaped its numbers."""
     keys = ["step", "checkpoint", "model", "batch_size"]
     keys += ["val_tokens"] if task == "val_ppl" else ["limit", "data_dir"]
-    entry = {"time": time or utc_now(), "libmoe_version": config.get("libmoe_version") or libmoe_version()}
+    entry = {"time": time or utc_now(), "libmoe_version": config.get("libmoe_version") or __version__}
     entry.update({k: config.get(k) for k in keys})
     return entry
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..overrides import did_you_mean  # noqa: F401  (one near-match hint for every name)
 from .dispatch import DISPATCH_BACKENDS
 from .experts import ACTIVATIONS
 
@@ -27,12 +27,6 @@ def check_number(name: str, value: Any, low: float | None = None, strict: bool =
         if low is not None:
             what += f" {'>' if strict else '>='} {low}"
         raise ValueError(f"{name}={value!r} is not valid; it must be {what}.")
-
-
-def did_you_mean(name: Any, valid) -> str:
-    """' Did you mean a, b?' for the valid names closest to `name`, or '' when none is close."""
-    near = difflib.get_close_matches(str(name), list(valid), n=3)
-    return f" Did you mean {', '.join(near)}?" if near else ""
 
 
 def unknown_option_error(name: str, valid: list[str], algorithm: str) -> ValueError:
