@@ -252,6 +252,18 @@ def test_cli_train_writes_a_run(data, tmp_path, capsys, env):
     assert (out / "metrics.jsonl").is_file() and (out / "summary.json").is_file()
 
 
+
+def test_overwrite_replaces_the_run_and_keeps_the_users_files(data, tmp_path, capsys, env):
+    out = tmp_path / "pt"
+    args = ["vlm", "train", "--stage", "pt", "--preset", PRESET, "--data", str(data), "--out", str(out),
+            "--device", "cpu", "train.tensorboard=false"]
+    assert main([*args, "--max-steps", "2"]) == 0
+    (out / "my_notes.md").write_text("mine")
+    assert main([*args, "--max-steps", "1", "--overwrite"]) == 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_1"]  # the old run is gone
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+    assert (out / "my_notes.md").read_text() == "mine"
+
 def test_overrides_parse_exponent_floats():
     from libmoe.vlm.presets import apply_overrides
 

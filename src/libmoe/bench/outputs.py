@@ -24,10 +24,10 @@ OUTPUT_FILES = ("results.json", "results.md", "results.csv", "report.html")
 WRITER = "libmoe bench"
 MD_MARK = f"<!-- written by {WRITER} {__version__}; rerunning the bench rewrites this file -->"
 HTML_MARK = f'<meta name="generator" content="{WRITER} {__version__}">'
-# Per-run files of a bench run directory besides the trainer's (train.trainer.RUN_FILES):
-# what `--overwrite` may remove from a run it redoes.
-RUN_ENTRIES = ("eval", "analysis", "traces", "bench_run.json", "bench.log", "bench_config.yaml",
-               "bench_init.json", "bench_init_ppl.json", "summary.json", "config_changes.jsonl")
+# Per-run files of a bench run directory besides a run's own (train.rundir.RUN_FILES, which
+# include eval/, analysis/ and traces/): what `--overwrite` may remove from a run it redoes.
+RUN_ENTRIES = ("bench_run.json", "bench.log", "bench_config.yaml", "bench_init.json",
+               "bench_init_ppl.json", "summary.json")
 
 
 def writer_stamp() -> dict[str, Any]:
@@ -161,14 +161,9 @@ def remove_outputs(out: str | Path) -> None:
 def remove_run(run_dir: str | Path) -> None:
     """Remove what libmoe wrote in one run directory (the trainer's files and the bench's);
     anything else is left where it is, and the directory goes when it is empty."""
-    from ..train.trainer import RUN_FILES
+    from ..train.rundir import RUN_FILES, remove_entries
 
     run = Path(run_dir)
-    for name in (*RUN_FILES, *RUN_ENTRIES):
-        path = run / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+    remove_entries(run, (*RUN_FILES, *RUN_ENTRIES))
     with contextlib.suppress(OSError):
         run.rmdir()

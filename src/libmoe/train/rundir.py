@@ -89,10 +89,14 @@ def clear_run(out: Path) -> None:
     """Remove every file of the run in `out` (RUN_FILES); files libmoe did not write stay, and a
     directory holding no run (no config.yaml, no checkpoints/) is left as it is: an `eval/` or
     `analysis/` folder there is the user's, not an old run's."""
-    if not ((out / "config.yaml").is_file() or (out / "checkpoints").is_dir()):
-        return
-    for name in RUN_FILES:
-        path = out / name
+    if (out / "config.yaml").is_file() or (out / "checkpoints").is_dir():
+        remove_entries(out, RUN_FILES)
+
+
+def remove_entries(directory: Path, names: tuple[str, ...]) -> None:
+    """Remove the files and folders `names` of `directory` (a link is removed, not followed)."""
+    for name in names:
+        path = Path(directory) / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():

@@ -480,15 +480,14 @@ def _save(out, step, model, tokenizer, opt, cfg, rng, elapsed, probe, save_check
 
 
 def _check_run_dir(out: Path, cfg: dict[str, Any], overwrite: bool) -> None:
-    import shutil
+    from ..train.rundir import RUN_FILES, remove_entries
 
     path = out / CONFIG_FILE
     if not path.is_file():
         out.mkdir(parents=True, exist_ok=True)
         return
-    if overwrite:
-        shutil.rmtree(out)
-        out.mkdir(parents=True)
+    if overwrite:  # every file of the old run (a run directory's and the stage's summary), not yours
+        remove_entries(out, (*RUN_FILES, "summary.json"))
         return
     try:
         old = load_yaml(path, "run config")
