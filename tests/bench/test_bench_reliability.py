@@ -128,10 +128,11 @@ def test_an_out_holding_files_the_bench_did_not_write_is_refused(finished, tmp_p
     (["--algorithms", "dense,smoee"], "Did you mean smoe"),
 ])
 def test_mistakes_in_the_arguments_are_refused_up_front_and_write_nothing(tmp_path, capsys, args, expect):
-    out = tmp_path / "never"
-    assert main([*ARGS, "--out", str(out), *args]) == 2
+    out, cache = tmp_path / "never", tmp_path / "fresh-cache"
+    assert main([*ARGS, "--out", str(out), f"data.cache_dir={cache}", *args]) == 2
     assert expect in _one_line(capsys.readouterr().err)
     assert not out.exists()
+    assert not cache.exists()  # refused before any data preparation
 
 
 def test_a_bench_whose_runs_all_fail_exits_1_and_its_last_line_counts_them(tmp_path, capsys, monkeypatch,

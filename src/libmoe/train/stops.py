@@ -3,7 +3,8 @@
 `StopSignals` turns SIGTERM/SIGINT into a flag the loop checks at the end of each step (it then
 writes a checkpoint and raises `libmoe.errors.Interrupted`); `FiniteGuard` notes the first step
 whose loss was not finite without a host sync per step, and `check` raises `WorkFailed` with one
-line before anything diverged is logged as good or saved.
+line at the next log row, validation or checkpoint: that metrics row is written (its non-finite
+values as null, a record of the divergence) but no checkpoint or summary of diverged weights.
 """
 
 from __future__ import annotations
