@@ -238,6 +238,37 @@ def test_interrupted_vit_resumes_exactly(runs, tmp_path):
                     overrides=FAST + ["train.log_every=1"])
 
 
+
+def test_sigterm_checkpoints_the_current_vit_step_and_the_rerun_is_exact(runs, tmp_path, monkeypatch):
+    """SIGTERM mid-stage: a checkpoint of the current step and Interrupted (not a killed process);
+    the same call then continues to the uninterrupted run's weights."""
+    import os
+    import signal
+
+    from libmoe.errors import Interrupted
+
+    real, calls = vlm_train.make_batch, []
+
+    def make_batch(*args, **kwargs):  # SIGTERM arrives during the third step
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    b = tmp_path / "vit"
+    args = dict(init=str(runs["root"] / "pft"), algorithm="smoe", device="cpu", overrides=FAST,
+                log=lambda _: None)
+    monkeypatch.setattr(vlm_train, "make_batch", make_batch)
+    with pytest.raises(Interrupted, match="interrupted by SIGTERM at step 3"):
+        train_stage("vit", b, **args)
+    assert [p.name for p in list_checkpoints(b)] == ["step_1", "step_2", "step_3"]
+    assert not (b / "summary.json").exists()
+    monkeypatch.setattr(vlm_train, "make_batch", real)
+    train_stage("vit", b, **args)
+    want, got = _final(runs["root"] / "vit"), _final(b)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+
 # -- the command line ----------------------------------------------------------------------------------------
 def test_cli_train_writes_a_run(data, tmp_path, capsys, env):
     out = tmp_path / "cli-pt"

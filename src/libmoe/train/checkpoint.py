@@ -172,3 +172,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         "state": _load_torch(path / STATE_FILE, path),
         "info": read_json_object(info_file, _fix(path)),
     }
+
+
+def newest_intact_checkpoint(run_dir: str | Path, say=print) -> tuple[Path, dict[str, Any]]:
+    """The newest intact checkpoint of a run and its contents (`load_checkpoint`); each damaged
+    newer one is named with the reason it was skipped. A ValueError when none is intact."""
+    root = Path(run_dir)
+    skipped = []
+    for path in reversed(list_checkpoints(root)):
+        reason = verify_checkpoint(path)
+        if reason is None:
+            try:
+                return path, load_checkpoint(path)
+            except CorruptFileError as err:
+                reason = f"{err.path.name} is damaged"
+        say(f"resume: skipping damaged checkpoint {path} ({reason})")
+        skipped.append(f"{path.name}: {reason}")
+    raise ValueError(f"no intact checkpoint in {str(root / 'checkpoints')!r} ({'; '.join(skipped)}); "
+                     "start the run again with --overwrite.")

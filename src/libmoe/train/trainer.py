@@ -27,14 +27,15 @@ from torch import nn
 
 from ..data.packed import PackedData, SequenceSampler, prepare_data, probe_set, validation_windows
 from ..errors import Interrupted
-from ..files import CorruptFileError, read_json_object, write_json, write_text
+from ..files import read_json_object, write_json, write_text
 from ..models import MoETransformer, count_parameters
 from ..moe import attach_bias_balancing, set_training_progress
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, newest_intact_checkpoint, save_checkpoint
 from .config import RunConfig, config_from_dict, load_yaml
 from .distributed import (
     DistInfo,
     StepVote,
+    all_reduce_max,
     all_reduce_sum,
     barrier,
     cpu_group,
@@ -138,21 +139,27 @@ def check_config(cfg: RunConfig, world_size: int = 1, hf: bool = False) -> tuple
     return local, micro, local // micro
 
 
-def _select_checkpoint(out: Path, say) -> tuple[Path, dict[str, Any]]:
-    """The newest intact checkpoint of `out` and its contents; each damaged newer one is named
-    with the reason it was skipped. A ValueError when none is intact."""
-    skipped = []
-    for path in reversed(list_checkpoints(out)):
-        reason = verify_checkpoint(path)
-        if reason is None:
-            try:
-                return path, load_checkpoint(path)
-            except CorruptFileError as err:
-                reason = f"{err.path.name} is damaged"
-        say(f"resume: skipping damaged checkpoint {path} ({reason})")
-        skipped.append(f"{path.name}: {reason}")
-    raise ValueError(f"no intact checkpoint in {str(out / 'checkpoints')!r} ({'; '.join(skipped)}); "
-                     "start the run again with --overwrite.")
+def _agreed_checkpoint(out: Path, info: DistInfo, group, say) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to resume from: rank 0 picks the newest intact one (verifying checksums once,
+    naming each damaged newer one) and every other rank loads that same step."""
+    if not info.enabled:
+        return newest_intact_checkpoint(out, say)
+    chosen, error = -1, None
+    if info.is_main:
+        try:
+            path, ckpt = newest_intact_checkpoint(out, say)
+            chosen = int(path.name.removeprefix("step_"))
+        except ValueError as err:  # every rank must still take part in the agreement below
+            error = err
+    step = int(all_reduce_max(torch.tensor([chosen]), info, group).item())
+    if error is not None:
+        raise error
+    if step < 0:
+        raise ValueError(f"no intact checkpoint in {str(out / 'checkpoints')!r} (rank 0 found none).")
+    if info.is_main:
+        return path, ckpt
+    path = out / "checkpoints" / f"step_{step}"
+    return path, load_checkpoint(path)
 
 
 def _apply_optim_settings(opt: torch.optim.Optimizer, sched, cfg: RunConfig,
@@ -364,12 +371,13 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool | str, overwr
     local, micro, accum = check_config(cfg, world, hf)
     seq_len = cfg.seq_len
 
+    flags = cpu_group(info)  # small host-side agreements: the resume step, the preemption vote
     # A resumed run: its newest intact checkpoint, and the settings it may not change. Checked
     # before the data are prepared and before anything is written to `out`.
     ckpt_path, ckpt, changes = None, None, []
     if resume and list_checkpoints(out):
         read_metrics(out / "metrics.jsonl")  # a damaged row (not a torn last line) is refused now
-        ckpt_path, ckpt = _select_checkpoint(out, say)
+        ckpt_path, ckpt = _agreed_checkpoint(out, info, flags, say)
         changes = resume_changes(saved_config(ckpt_path, out), cfg, ckpt["state"]["step"],
                                  allow_config_change)
     elif resume:
@@ -520,7 +528,7 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool | str, overwr
     with contextlib.ExitStack() as stack:
         stack.callback(logger.close)
         signals = stack.enter_context(StopSignals())
-        vote = StepVote(info, cpu_group(info))  # the signal flag, agreed without blocking a step
+        vote = StepVote(info, flags)  # the signal flag, agreed without blocking a step
         stack.callback(vote.close)
         while step < tc.max_steps:
             t_step = time.perf_counter()

@@ -17,6 +17,7 @@ command resumes from the newest checkpoint; a different config in the same direc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -33,7 +34,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from ..errors import WorkFailed
+from ..errors import Interrupted, WorkFailed
 from ..files import CorruptFileError, write_json, write_text
 from ..overrides import did_you_mean, load_yaml
 from .model import LibMoEVLM, build_vlm, load_vlm, model_state, save_vlm
@@ -325,8 +326,9 @@ def train_stage(stage: str, out: str | Path, preset: str = "cpu-tiny", data: str
                 overrides: list[str] = (), device: str = "auto", overwrite: bool = False,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run one stage into `out` (resuming it if interrupted); returns its summary."""
-    from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from ..train.checkpoint import list_checkpoints, newest_intact_checkpoint, save_checkpoint
     from ..train.metrics import MetricsLogger, load_summary
+    from ..train.stops import StopSignals
 
     cfg = stage_config(stage, preset, data, init, algorithm, max_steps, overrides)
     dev = _device(device)  # a device this machine lacks is refused before the run directory exists
@@ -355,9 +357,8 @@ def train_stage(stage: str, out: str | Path, preset: str = "cpu-tiny", data: str
     start, elapsed = 0, 0.0
     rng = random.Random(int(tcfg["seed"]))
     torch.manual_seed(int(tcfg["seed"]))
-    latest = latest_checkpoint(out)
-    if latest is not None:
-        ck = load_checkpoint(latest)
+    if list_checkpoints(out):  # the newest intact one: a damaged newer one is named and skipped
+        latest, ck = newest_intact_checkpoint(out, log)
         from .model import load_state
 
         load_state(model, ck["model"])
@@ -381,7 +382,9 @@ def train_stage(stage: str, out: str | Path, preset: str = "cpu-tiny", data: str
     counts = [torch.zeros(m.moe.router.n_slots if hasattr(m.moe.router, "n_slots") else m.moe.n_experts)
               for m in layers]
     t_log, tokens_since, window = time.perf_counter(), 0, []
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(logger.close)
+        signals = stack.enter_context(StopSignals())  # SIGTERM/SIGINT: checkpoint this step, stop
         for step in range(start, total):
             e, pos = epoch_of(step), step % steps_per_epoch
             if pos == 0 or not order:
@@ -427,12 +430,15 @@ def train_stage(stage: str, out: str | Path, preset: str = "cpu-tiny", data: str
                         c.zero_()
                 logger.log(row)
                 t_log, tokens_since, window = now, 0, []
-            if done in ckpt_steps:
+            interrupted = signals.name is not None and done < total
+            if done in ckpt_steps or interrupted:
                 if not all(bool(torch.isfinite(p).all()) for p in params):
                     raise WorkFailed(_non_finite(out, done, "the weights are not finite", tcfg))
                 _save(out, done, model, tokenizer, opt, cfg, rng, elapsed, probe, save_checkpoint)
-    finally:
-        logger.close()
+            if interrupted:
+                raise Interrupted(f"interrupted by {signals.name} at step {done} of {out}; checkpoint "
+                                  f"written to {out / 'checkpoints' / f'step_{done}'}; rerun the same "
+                                  "command to continue.")
     summary = {"stage": stage, "steps": total, "train_time_s": round(elapsed, 2), "out": str(out)}
     if tcfg.get("eval_at_end") and isinstance(folder, Path) and (folder / "mme.json").is_file():
         from .evaluate import evaluate_vlm
