@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..files import CorruptFileError, read_json_object, sha256, write_json, write_text
+from .distributed import DistInfo, all_reduce_max
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -190,3 +191,26 @@ def newest_intact_checkpoint(run_dir: str | Path, say=print) -> tuple[Path, dict
         skipped.append(f"{path.name}: {reason}")
     raise ValueError(f"no intact checkpoint in {str(root / 'checkpoints')!r} ({'; '.join(skipped)}); "
                      "start the run again with --overwrite.")
+
+
+def agreed_checkpoint(out: Path, info: DistInfo, group, say) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to resume from: rank 0 picks the newest intact one (verifying checksums once,
+    naming each damaged newer one) and every other rank loads that same step."""
+    if not info.enabled:
+        return newest_intact_checkpoint(out, say)
+    chosen, error = -1, None
+    if info.is_main:
+        try:
+            path, ckpt = newest_intact_checkpoint(out, say)
+            chosen = int(path.name.removeprefix("step_"))
+        except ValueError as err:  # every rank must still take part in the agreement below
+            error = err
+    step = int(all_reduce_max(torch.tensor([chosen]), info, group).item())
+    if error is not None:
+        raise error
+    if step < 0:
+        raise ValueError(f"no intact checkpoint in {str(out / 'checkpoints')!r} (rank 0 found none).")
+    if info.is_main:
+        return path, ckpt
+    path = out / "checkpoints" / f"step_{step}"
+    return path, load_checkpoint(path)

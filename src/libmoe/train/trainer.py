@@ -30,12 +30,11 @@ from ..errors import Interrupted
 from ..files import read_json_object, write_json, write_text
 from ..models import MoETransformer, count_parameters
 from ..moe import attach_bias_balancing, set_training_progress
-from .checkpoint import list_checkpoints, load_checkpoint, newest_intact_checkpoint, save_checkpoint
+from .checkpoint import agreed_checkpoint, list_checkpoints, save_checkpoint
 from .config import RunConfig, config_from_dict, load_yaml
 from .distributed import (
     DistInfo,
     StepVote,
-    all_reduce_max,
     all_reduce_sum,
     barrier,
     cpu_group,
@@ -137,29 +136,6 @@ def check_config(cfg: RunConfig, world_size: int = 1, hf: bool = False) -> tuple
         with torch.device("meta"):
             MoETransformer(cfg.model)  # every model and MoE option error, before the data is built
     return local, micro, local // micro
-
-
-def _agreed_checkpoint(out: Path, info: DistInfo, group, say) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint to resume from: rank 0 picks the newest intact one (verifying checksums once,
-    naming each damaged newer one) and every other rank loads that same step."""
-    if not info.enabled:
-        return newest_intact_checkpoint(out, say)
-    chosen, error = -1, None
-    if info.is_main:
-        try:
-            path, ckpt = newest_intact_checkpoint(out, say)
-            chosen = int(path.name.removeprefix("step_"))
-        except ValueError as err:  # every rank must still take part in the agreement below
-            error = err
-    step = int(all_reduce_max(torch.tensor([chosen]), info, group).item())
-    if error is not None:
-        raise error
-    if step < 0:
-        raise ValueError(f"no intact checkpoint in {str(out / 'checkpoints')!r} (rank 0 found none).")
-    if info.is_main:
-        return path, ckpt
-    path = out / "checkpoints" / f"step_{step}"
-    return path, load_checkpoint(path)
 
 
 def _apply_optim_settings(opt: torch.optim.Optimizer, sched, cfg: RunConfig,
@@ -377,7 +353,7 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool | str, overwr
     ckpt_path, ckpt, changes = None, None, []
     if resume and list_checkpoints(out):
         read_metrics(out / "metrics.jsonl")  # a damaged row (not a torn last line) is refused now
-        ckpt_path, ckpt = _agreed_checkpoint(out, info, flags, say)
+        ckpt_path, ckpt = agreed_checkpoint(out, info, flags, say)
         changes = resume_changes(saved_config(ckpt_path, out), cfg, ckpt["state"]["step"],
                                  allow_config_change)
     elif resume:
