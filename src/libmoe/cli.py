@@ -90,12 +90,8 @@ def _run_config(args: argparse.Namespace, resume: bool = False):
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from .train import train
-    from .train.trainer import check_run_dir
 
-    if args.stop_after is not None and args.stop_after < 1:
-        raise ValueError(f"--stop-after {args.stop_after} must be a step of at least 1.")
     cfg, out = _run_config(args, resume=args.resume)
-    check_run_dir(out, args.resume, args.overwrite)
     summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite,
                     stop_after=args.stop_after, init=args.init,
                     allow_config_change=args.allow_config_change)
@@ -123,9 +119,7 @@ def _val_tokens(text: str) -> int | str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from .devices import check_device
     from .eval import evaluate_model
-    from .eval.evaluator import check_evaluation
     from .eval.results import read_existing, results_path, write_results
     from .eval.table import results_table
 
@@ -134,12 +128,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         raise ValueError("--tasks is empty; name at least one task (e.g. piqa,val_ppl).")
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     val_tokens = _val_tokens(args.val_tokens)
-    check_evaluation(tasks, args.limit, args.batch_size, val_tokens)  # before anything loads
-    device = check_device(args.device)
     out = results_path(args.out, args.model)
     read_existing(out)  # a damaged or foreign results file is refused now, not after the work
     payload = evaluate_model(args.model, tasks, args.data_dir, args.limit, args.batch_size,
-                             device, val_tokens, log=log)
+                             args.device, val_tokens, log=log)  # its arguments checked before loading
     merged, kept = write_results(out, payload)
     print(results_table(payload["results"]))
     if kept:

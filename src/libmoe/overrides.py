@@ -138,30 +138,43 @@ def key_hint(key: str, valid: list[str]) -> str:
     return f" Valid keys of {section}: {', '.join(mine)}."
 
 
-def load_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+def load_yaml(path: str | Path, what: str = "config file", fix: str | None = None) -> dict[str, Any]:
     """The mapping in the YAML file `path` ({} when empty); FileNotFoundError when absent, a
-    one-line ValueError naming the file when it is not a YAML mapping with text keys."""
+    one-line ValueError naming the file when it is not a YAML mapping with text keys. With `fix`
+    (a file libmoe wrote, such as a run's config.yaml), that error is a CorruptFileError saying
+    what to do."""
+    from .files import CorruptFileError
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist.")
+
+    def refuse(problem: str, message: str) -> ValueError:
+        if fix is not None:
+            return CorruptFileError(path, problem, fix)
+        return ValueError(f"{what} {str(path)!r} {message}")
+
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
-        raise ValueError(f"{what} {str(path)!r} is not UTF-8 text; give a YAML file.") from None
+        raise refuse("not UTF-8 text", "is not UTF-8 text; give a YAML file.") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"{what} {str(path)!r} is not valid YAML ({_yaml_problem(err)}).") from None
+        problem = f"not valid YAML ({_yaml_problem(err)})"
+        raise refuse(problem, f"is {problem}.") from None
     except (ValueError, TypeError, OverflowError, RecursionError) as err:  # e.g. a date 2020-13-45
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{what} {str(path)!r} is not valid YAML ({first}).") from None
+        problem = f"not valid YAML ({first})"
+        raise refuse(problem, f"is {problem}.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{what} {str(path)!r} must hold a mapping of sections, not a "
-                         f"{type(data).__name__}.")
+        kind = type(data).__name__
+        raise refuse(f"a YAML {kind}, not a mapping of sections",
+                     f"must hold a mapping of sections, not a {kind}.")
     bad = _non_text_key(data)
     if bad is not None:
-        raise ValueError(f"{what} {str(path)!r} has the key {bad!r}, which is not text; keys are names "
-                         "such as optim or lr.")
+        raise refuse(f"the key {bad!r} is not text",
+                     f"has the key {bad!r}, which is not text; keys are names such as optim or lr.")
     return data
 
 

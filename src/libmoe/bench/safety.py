@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..files import read_json
+from ..overrides import load_yaml
 from ..train import config_diff
 
 if TYPE_CHECKING:
@@ -49,8 +50,6 @@ def check_spec(spec: RunSpec) -> None:
 def stale_runs(specs: list[RunSpec]) -> list[tuple[RunSpec, list[str]]]:
     """The runs of `specs` whose directory holds a run (started or finished) made with another
     config, each with its differences (``key: old -> new``)."""
-    import yaml
-
     stale = []
     for spec in specs:
         run = Path(spec.run_dir)
@@ -58,10 +57,10 @@ def stale_runs(specs: list[RunSpec]) -> list[tuple[RunSpec, list[str]]]:
         saved = run / "config.yaml"
         if saved.is_file():
             try:
-                old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-            except (yaml.YAMLError, UnicodeDecodeError):
+                old = load_yaml(saved)
+            except ValueError:
                 old = None
-            if not isinstance(old, dict):
+            if old is None:
                 diff = [f"its {saved.name} is unreadable"]
             else:
                 diff = [d for d in config_diff(old, spec.config) if not d.startswith(NOT_A_DIFFERENCE)]

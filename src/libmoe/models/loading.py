@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..files import CorruptFileError, read_json_object, sha256
+from ..overrides import load_yaml
 from .config import ModelConfig
 from .transformer import MoETransformer
 
@@ -34,20 +35,6 @@ class LoadedModel:
     checkpoint: Path
     step: int | None
     config: dict[str, Any]  # the run's resolved config as saved ({} for a transformers directory)
-
-
-def _read_config_yaml(path: Path, fix: str) -> dict[str, Any]:
-    """A run's config.yaml as a dict; CorruptFileError when it is not a YAML mapping."""
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CorruptFileError(path, f"not valid YAML: {first}", fix) from None
-    if config is None:
-        return {}
-    if not isinstance(config, dict):
-        raise CorruptFileError(path, f"a YAML {type(config).__name__}, not a mapping of sections", fix)
-    return config
 
 
 def _damaged_fix(ckpt: Path) -> str:
@@ -148,7 +135,7 @@ def _load_transformers(path: Path, device: str | torch.device) -> LoadedModel:
     read_json_object(path / "config.json", fix)  # names the file, unlike transformers' message
     config, step = {}, None
     if (path / "config.yaml").is_file():  # a checkpoint of a libmoe run
-        config = _read_config_yaml(path / "config.yaml", fix)
+        config = load_yaml(path / "config.yaml", "config", fix)
     if (path / "checkpoint.json").is_file():
         step = read_json_object(path / "checkpoint.json", fix).get("step")
     has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
@@ -246,7 +233,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     if not config_path.is_file():
         raise ValueError(f"{str(ckpt)!r} is not a libmoe checkpoint: no config.yaml beside it.")
     fix = _damaged_fix(ckpt)
-    config = _read_config_yaml(config_path, fix)
+    config = load_yaml(config_path, "config", fix)
     if not isinstance(config.get("model"), dict):
         raise CorruptFileError(config_path, "no model section: not a libmoe run config", fix)
     try:

@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..files import CorruptFileError, dumps, write_text
+from ..files import dumps, write_text
+from ..overrides import load_yaml
 from .checkpoint import list_checkpoints
 from .config import RunConfig, config_from_dict
 
@@ -118,14 +117,7 @@ def saved_config(checkpoint: Path, out: Path) -> dict[str, Any]:
     """The config a checkpoint was trained with (its own config.yaml, else the run's)."""
     for path in (checkpoint / "config.yaml", out / "config.yaml"):
         if path.is_file():
-            try:
-                values = yaml.safe_load(path.read_text())
-            except (yaml.YAMLError, UnicodeDecodeError):
-                values = None
-            if not isinstance(values, dict):
-                raise CorruptFileError(path, "not a YAML mapping",
-                                       "restore it or start again with --overwrite")
-            return values
+            return load_yaml(path, "config", "restore it or start again with --overwrite")
     return {}
 
 

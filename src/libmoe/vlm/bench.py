@@ -341,17 +341,16 @@ def _stale_stages(out: Path, opts: dict[str, Any], vlm_preset: str, common: list
     """The stage and run directories in `out` (relative names) holding a run made with another
     config than this study's, each with its differences. Resolving PT's config checks every
     override up front; a stage after a changed one is stale too where it exists."""
-    import yaml
 
+    from ..overrides import load_yaml
     from ..train import config_diff
     from .train import CONFIG_FILE, config_hash, stage_config
 
     def saved(path: Path) -> dict[str, Any] | None:
         try:
-            value = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            return load_yaml(path / CONFIG_FILE)
+        except (OSError, ValueError):  # absent or unreadable: nothing to compare
             return None
-        return value if isinstance(value, dict) else {}
 
     def diff(path: Path, cfg: dict[str, Any]) -> list[str] | None:
         old = saved(path)
