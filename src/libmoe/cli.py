@@ -423,7 +423,7 @@ class _TopHelp(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = argparse.ArgumentParser(prog="libmoe", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=_TopHelp)

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from ..version import __version__
 from ..files import dumps, read_json, sha256, write_json, write_text
 
 MANIFEST = ".libmoe-bench"

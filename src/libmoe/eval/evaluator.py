@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from ..version import __version__
 from .scoring import LMScorer
 from .tasks import Doc, Task, check_limit, get_task, load_records, local_file
 

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from ..version import __version__
 from ..files import CorruptFileError, read_json_object, write_json
 
 RESULTS_FILE = "results.json"
