@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..version import __version__
 from ..files import dumps, read_json, sha256, write_json, write_text
+from ..version import __version__
 
 MANIFEST = ".libmoe-bench"
 OUTPUT_FILES = ("results.json", "results.md", "results.csv", "report.html")

@@ -20,8 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..version import __version__
 from ..files import CorruptFileError, read_json_object, write_json
+from ..version import __version__
 
 RESULTS_FILE = "results.json"
 
