@@ -1,0 +1,203 @@
+"""The architecture rules that import-linter cannot state (docs/architecture.md):
+
+- no package takes a private (`_name`) function, class or module from another package;
+- a function-level import is only for an optional heavy dependency, each with its reason below,
+  never to break an import cycle (the layers contract in pyproject.toml keeps out the cycles).
+
+Plus the layers and the light-import contracts themselves, checked by running `lint-imports`.
+The source is read with Python's ast; nothing is imported.
+"""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = SRC / "libmoe"
+
+# What may be imported inside a function, and why: each is optional or slow to import, and only
+# some commands need it. A libmoe module that imports one of these at its top counts as heavy too.
+HEAVY = {
+    "transformers": "seconds to import; optional ([hub], [bench], [vlm]); only HF models and export need it",
+    "tokenizers": "comes with transformers (optional); only Hub tokenizers need it",
+    "huggingface_hub": "comes with transformers/datasets (optional); only Hub downloads need it",
+    "datasets": "seconds to import; optional ([hub]); only Hub corpora and task files need it",
+    "lm_eval": "optional ([harness]); only the lm-evaluation-harness bridge needs it",
+    "lmms_eval": "optional ([lmms]); only the lmms-eval bridge needs it",
+    "matplotlib": "a third of a second to import; only figures need it",
+    "PIL": "optional ([vlm]); only image data needs it",
+    "sklearn": "optional ([vlm]); only the VLM's synthetic data needs it",
+    "skimage": "optional ([vlm]); only the VLM's synthetic data needs it",
+    "submitit": "optional ([slurm]); only `--launcher slurm` needs it",
+    "resource": "POSIX only; peak-memory readings fall back without it",
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def resolve(path: Path, node: ast.ImportFrom) -> str:
+    """The absolute module a `from ... import` names."""
+    if not node.level:
+        return node.module or ""
+    package = module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    base = package[: len(package) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def is_module(name: str) -> bool:
+    rel = Path(*name.split("."))
+    return (SRC / rel).with_suffix(".py").exists() or (SRC / rel / "__init__.py").exists()
+
+
+def imported_modules(path: Path, node: ast.Import | ast.ImportFrom) -> list[str]:
+    """The modules an import statement loads (`from pkg import submodule` names the submodule)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    base = resolve(path, node)
+    subs = [f"{base}.{alias.name}" for alias in node.names if is_module(f"{base}.{alias.name}")]
+    return subs or [base]
+
+
+def with_parents(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def sources() -> dict[str, tuple[Path, ast.Module]]:
+    return {module_name(p): (p, ast.parse(p.read_text(), str(p))) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def function_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    found = []
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found += [n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    return list({id(n): n for n in found}.values())
+
+
+def top_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Imports that run when the module is imported (not inside functions or `if TYPE_CHECKING`)."""
+    found: list[ast.Import | ast.ImportFrom] = []
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                found.append(node)
+            elif isinstance(node, ast.If):
+                if "TYPE_CHECKING" not in ast.unparse(node.test):
+                    visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                for block in (node.body, node.orelse, node.finalbody, *[h.body for h in node.handlers]):
+                    visit(block)
+            elif isinstance(node, (ast.With, ast.ClassDef)):
+                visit(node.body)
+
+    visit(tree.body)
+    return found
+
+
+def heavy_modules(modules: dict[str, tuple[Path, ast.Module]]) -> set[str]:
+    """libmoe modules whose import (at their top, transitively) loads a HEAVY dependency."""
+    deps = {name: {m for node in top_level_imports(tree) for mod in imported_modules(path, node)
+                   for m in with_parents(mod)}
+            for name, (path, tree) in modules.items()}
+    heavy = {name for name, d in deps.items() if any(m.split(".")[0] in HEAVY for m in d)}
+    changed = True
+    while changed:
+        changed = False
+        for name, d in deps.items():
+            if name not in heavy and d & heavy:
+                heavy.add(name)
+                changed = True
+    return heavy
+
+
+def package_of(module: str) -> str:
+    """`libmoe.train.trainer` -> "train"; `libmoe.files` -> "files"; `libmoe` -> ""."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_no_private_imports_across_packages():
+    offences = []
+    for name, (path, tree) in sources().items():
+        mine = package_of(name)
+        if not mine:  # the root package installs its own private helpers
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            targets = imported_modules(path, node)
+            names = [a.name for a in node.names] if isinstance(node, ast.ImportFrom) else []
+            for target in targets:
+                if not target.startswith("libmoe") or package_of(target) == mine:
+                    continue
+                bad = [p for p in target.split(".") if private(p)] + [n for n in names if private(n)]
+                if bad:
+                    offences.append(f"{path.relative_to(SRC)}:{node.lineno} takes {', '.join(bad)} "
+                                    f"from {target}")
+    assert not offences, "private names used across packages (make them public there):\n" + \
+        "\n".join(offences)
+
+
+def test_function_level_imports_are_only_for_heavy_dependencies():
+    modules = sources()
+    heavy = heavy_modules(modules)
+    offences = []
+    for path, tree in modules.values():
+        for node in function_imports(tree):
+            for target in imported_modules(path, node):
+                if target.split(".")[0] in HEAVY or target in heavy:
+                    continue
+                offences.append(f"{path.relative_to(SRC)}:{node.lineno} imports {target} inside a function")
+    assert not offences, ("function-level imports of light modules (move them to the module's top; "
+                          "heavy ones are listed in HEAVY with their reason):\n" + "\n".join(offences))
+
+
+def test_heavy_reasons_are_stated():
+    assert all(len(reason) > 20 for reason in HEAVY.values())
+
+
+def test_the_rule_checkers_see_what_they_should():
+    """The checkers above on a known sample: a light import inside a function is caught; a heavy
+    one (and a libmoe module that imports a heavy one at its top) is not."""
+    code = ast.parse("import json\ndef f():\n    import matplotlib\n    import json as j\n")
+    found = function_imports(code)
+    assert [ast.unparse(n) for n in found] == ["import matplotlib", "import json as j"]
+    assert [ast.unparse(n) for n in top_level_imports(code)] == ["import json"]
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import transformers\n")
+    assert [ast.unparse(n) for n in top_level_imports(tree)] == ["from typing import TYPE_CHECKING"]
+    assert private("_cell") and not private("__version__") and not private("cell")
+    assert package_of("libmoe.bench.runner") == "bench" and package_of("libmoe") == ""
+    init = PACKAGE / "bench" / "__init__.py"
+    assert resolve(init, ast.parse("from ..files import x").body[0]) == "libmoe.files"
+    assert resolve(PACKAGE / "bench" / "runner.py", ast.parse("from .tables import x").body[0]) == \
+        "libmoe.bench.tables"
+
+
+def test_import_linter_contracts_are_kept():
+    """The layers and light-import contracts of pyproject.toml (also in the README's test line)."""
+    lint = shutil.which("lint-imports")
+    assert lint, "import-linter is part of the [test] extra: pip install -e '.[test]'"
+    result = subprocess.run([lint], cwd=SRC.parent, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+if __name__ == "__main__":  # a quick listing while refactoring: python tests/test_architecture.py
+    sys.exit(pytest.main([__file__, "-q"]))
