@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from libmoe.analysis.trace import list_traces
 from libmoe.models import MoETransformer
 from libmoe.moe import ALGORITHMS
+from libmoe.moe.trace import list_traces
 from libmoe.train import latest_checkpoint, list_checkpoints, load_checkpoint, train
 from libmoe.train.trainer import build_optimizer, flops_per_token, lr_lambda
 

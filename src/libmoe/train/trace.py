@@ -1,5 +1,5 @@
 """Routing traces of a fixed probe set, saved beside each checkpoint. The format and the recorder
-live in `libmoe.analysis.trace` (the analysis tools read what training writes)."""
+live in `libmoe.moe.trace` (the analysis tools read what training writes)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..analysis.trace import TRACE_META, TRACE_TENSORS, RoutingRecorder, Trace
+from ..moe.trace import TRACE_META, TRACE_TENSORS, RoutingRecorder, Trace, routed_layers
 
 __all__ = ["TRACE_META", "TRACE_TENSORS", "record_routing", "save_trace"]
 
@@ -26,9 +26,8 @@ def record_routing(model: nn.Module, tokens: Tensor, domain: Tensor | None = Non
 
 
 def has_routing(model: nn.Module) -> bool:
-    from ..moe import MoELayer
-
-    return any(isinstance(m, MoELayer) for m in model.modules())
+    """Whether `model` holds MoE layers (a dense model has no routing to trace)."""
+    return bool(routed_layers(model))
 
 
 def save_trace(
