@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from .experts import Experts
 from .options import MoEOptions, check_number, did_you_mean, unknown_option_error
-from .routers import REGISTRY, ExpertChoiceRouter, Router, Routing
+from .registry import REGISTRY
+from .routers import ExpertChoiceRouter, Router, Routing
 
 
 @dataclass

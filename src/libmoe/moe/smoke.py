@@ -8,7 +8,7 @@ import time
 import torch
 
 from .layer import build_moe, set_training_progress, update_bias_balancing
-from .routers import REGISTRY
+from .registry import REGISTRY
 
 
 def smoke_train(
