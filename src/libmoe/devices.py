@@ -5,12 +5,19 @@
 
 Commands that load a model (eval, analyze, ...) call it first, so `--device cuda` on a CPU-only
 build, `cuda:3` on a one-GPU machine or `mps` off a Mac fail before any file is read.
+
+`DistInfo` (this process's rank, world size and device) and `all_reduce_sum` live here too, so
+that evaluation sums over processes the way training does without importing training
+(`libmoe.train.distributed` sets the process group up and re-exports them).
 Imports only torch: every layer may use it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.distributed as dist
 
 # Device types that run a model; torch also parses meta, lazy, ... which hold no computation.
 _ACCELERATORS = ("cuda", "mps", "xpu", "hpu", "mtia")
@@ -66,3 +73,29 @@ def check_device(name: str | torch.device, flag: str = "--device") -> str:
         raise ValueError(f"{flag} {text}: this machine has {n} {device.type} device(s), "
                          f"{device.type}:0 to {device.type}:{n - 1}; choose one of them.")
     return str(device)
+
+
+@dataclass
+class DistInfo:
+    """This process's place in a torchrun job (rank, world size, local rank) and its device; the
+    defaults are one process on the CPU."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """`t` summed over every process, in place (unchanged for one process); returns `t`."""
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

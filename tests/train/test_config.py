@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from libmoe.models.config import ModelConfig
-from libmoe.train.config import (
+from libmoe.models.run_config import (
     DataConfig,
     OptimConfig,
     RunConfig,

@@ -2,12 +2,14 @@
 
 Log-likelihood scoring with the harness's request semantics (`LMScorer`), a registry of the
 paper's tasks and more in the harness's formats (`TASKS`, `get_task`), user-defined YAML tasks
-(`load_task_file`), metrics (`evaluate_tasks`, `evaluate_model`), the paper's comparison table
-(`libmoe.eval.table`) and the harness model ``libmoe`` (`libmoe.eval.harness`). See
-docs/evaluation.md.
+(`load_task_file`), metrics (`evaluate_tasks`, `evaluate_model`), validation perplexity (the one
+computation training and evaluation share: `validation_loss`, `validation_perplexity`), the
+paper's comparison table (`libmoe.eval.table`) and the harness model ``libmoe``
+(`libmoe.eval.harness`). See docs/evaluation.md.
 """
 
-from .evaluator import evaluate_model, evaluate_tasks, score_task, validation_perplexity
+from .evaluator import check_evaluation, evaluate_model, evaluate_tasks, score_task
+from .perplexity import run_data_available, validation_loss, validation_perplexity
 from .scoring import LMScorer
 from .tasks import TASKS, Doc, Task, get_task, load_records, register_task
 from .yaml_tasks import load_task_file
@@ -17,12 +19,15 @@ __all__ = [
     "Doc",
     "LMScorer",
     "Task",
+    "check_evaluation",
     "evaluate_model",
     "evaluate_tasks",
     "get_task",
     "load_records",
     "load_task_file",
     "register_task",
+    "run_data_available",
     "score_task",
+    "validation_loss",
     "validation_perplexity",
 ]

@@ -20,7 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..devices import check_device
+from ..models import load_model
 from ..version import __version__
+from .perplexity import run_data_available, validation_perplexity
+from .results import provenance, utc_now
 from .scoring import LMScorer
 from .tasks import Doc, Task, check_limit, get_task, load_records, local_file
 
@@ -121,10 +125,6 @@ def evaluate_model(model: str | Path, tasks: list[str], data_dir: str | Path | N
     names, local data files, `limit`, `batch_size`, `val_tokens` and `device` are checked before
     the model loads. The payload's "evaluated" gives each task's time, libmoe version and model
     checkpoint (see `libmoe.eval.results`)."""
-    from ..devices import check_device
-    from ..models import load_model
-    from .results import provenance, utc_now
-
     check_evaluation(tasks, limit, batch_size, val_tokens)
     device = check_device(device)
     names = [t for t in tasks if t != "val_ppl"]
@@ -170,54 +170,5 @@ def check_evaluation(tasks: list[str] | None, limit: int | None = None, batch_si
         raise ValueError(f"--val-tokens {val_tokens!r}: give 'run', 'all' or a positive number of tokens.")
 
 
-def validation_perplexity(loaded, tokens: int | str = "run", batch_size: int = 16,
-                          log: Callable[[str], None] | None = None, per_window: bool = False) -> dict:
-    """Perplexity on the run's own held-out split (its data config; cached after training):
-    {"loss", "ppl", "tokens"}, exp of the mean next-token cross-entropy. `tokens`: "run" (the
-    first train.eval_tokens, the windows training evaluates, so the number equals the run's
-    logged val_ppl), "all" (the whole split) or a count. `per_window` adds "window_nll", each
-    window's mean cross-entropy (windows of train.seq_len tokens, in split order)."""
-    from ..data.packed import validation_windows
-    from ..train.config import config_from_dict
-    from ..train.distributed import DistInfo
-    from ..train.trainer import evaluate, prepare_run_data
-
-    if not loaded.config:
-        raise ValueError(f"val_ppl needs a libmoe run's data config, which {loaded.checkpoint} has "
-                         "not; evaluate perplexity on a task instead.")
-    cfg = config_from_dict(loaded.config)
-    if tokens == "run":
-        max_tokens = cfg.train.eval_tokens
-    elif tokens == "all":
-        max_tokens = None
-    elif isinstance(tokens, int) and tokens > 0:
-        max_tokens = tokens
-    else:
-        raise ValueError(f"validation tokens {tokens!r}: give 'run', 'all' or a positive count.")
-    source = cfg.data.source
-    if not run_data_available(loaded.config) and not Path(source).is_absolute():
-        raise FileNotFoundError(f"val_ppl needs the run's data, data.source {source!r}, a path relative to "
-                                "the directory the run was trained from; run `libmoe eval` from there.")
-    data = prepare_run_data(cfg, log=log or (lambda _: None))
-    windows = validation_windows(data.val, cfg.seq_len, max_tokens)
-    device = next(loaded.model.parameters()).device
-    out = evaluate(loaded.model, windows, batch_size, DistInfo(device=device), _no_autocast, per_window)
-    loss, each = out if per_window else (out, None)
-    result = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(windows.shape[0]) * cfg.seq_len}
-    if each is not None:
-        result["window_nll"] = each
-    return result
-
-
-def run_data_available(config: dict) -> bool:
-    """Whether a run config's data source can be read from here (a path source must exist;
-    embedded, slimpajama and hf: sources always can, perhaps by downloading)."""
-    source = str((config.get("data") or {}).get("source", "embedded"))
-    is_path = source not in ("embedded", "slimpajama") and not source.startswith("hf:")
-    return not is_path or Path(source).exists()
-
-
-def _no_autocast():
-    import contextlib
-
-    return contextlib.nullcontext()
+__all__ = ["check_evaluation", "evaluate_model", "evaluate_tasks", "run_data_available", "score_task",
+           "task_docs", "validation_perplexity"]

@@ -1,8 +1,15 @@
-"""Language models built from `libmoe.moe` layers: config, presets, the Transformer, counting.
+"""Language models built from `libmoe.moe` layers: config, presets, the Transformer, counting,
+and reading what training writes (run configs, checkpoints, model directories).
 
     from libmoe.models import build_model, count_parameters
     model = build_model(preset="paper-158m", algorithm="smoe")
     total, active = count_parameters(model)     # ~158M, ~36M
+
+Every model class libmoe defines lives here: `MoETransformer`; with transformers installed
+`libmoe.models.hf` (LibMoEForCausalLM), `libmoe.models.hf_upcycled` (upcycled transformers
+models) and `libmoe.models.transformers_lm` (a transformers model behind the trainer's interface).
+The run config schema is `libmoe.models.run_config`, the checkpoint format
+`libmoe.models.checkpoints`.
 """
 
 from __future__ import annotations
@@ -12,8 +19,32 @@ from typing import Any
 from torch import nn
 
 from ..moe import DenseFFN, MoELayer, moe_layers
+from .checkpoints import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    newest_intact_checkpoint,
+    verify_checkpoint,
+)
 from .config import PRESETS, ModelConfig, model_config
-from .loading import LoadedModel, load_model, resolve_checkpoint
+from .loading import (
+    LoadedModel,
+    find_tokenizer,
+    is_transformers_dir,
+    load_model,
+    resolve_checkpoint,
+    save_model_dir,
+)
+from .run_config import (
+    DataConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    config_from_dict,
+    load_run_config,
+    prepare_run_data,
+    resolve_config,
+)
 from .transformer import LMOutput, MoETransformer
 
 
@@ -39,13 +70,29 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 __all__ = [
     "PRESETS",
+    "DataConfig",
     "LMOutput",
     "LoadedModel",
     "ModelConfig",
     "MoETransformer",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
     "build_model",
+    "config_from_dict",
     "count_parameters",
+    "find_tokenizer",
+    "is_transformers_dir",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
     "load_model",
+    "load_run_config",
     "model_config",
+    "newest_intact_checkpoint",
+    "prepare_run_data",
     "resolve_checkpoint",
+    "resolve_config",
+    "save_model_dir",
+    "verify_checkpoint",
 ]

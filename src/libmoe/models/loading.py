@@ -24,6 +24,7 @@ from torch import nn
 
 from ..files import CorruptFileError, read_json_object, sha256
 from ..overrides import load_yaml
+from .checkpoints import latest_checkpoint, list_checkpoints
 from .config import ModelConfig
 from .transformer import MoETransformer
 
@@ -42,8 +43,6 @@ def _damaged_fix(ckpt: Path) -> str:
     if ckpt.parent.name != "checkpoints":
         return ("write this model directory again with the command that made it (libmoe upcycle, "
                 "libmoe export or libmoe train)")
-    from ..train.checkpoint import list_checkpoints
-
     step = _step_of(ckpt)
     earlier = [c for c in list_checkpoints(ckpt.parent.parent) if _step_of(c) < step and _readable(c)]
     if earlier:
@@ -94,11 +93,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no model at {str(path)!r}: give a run or checkpoint directory.")
-    if (path / "model.safetensors").is_file() or _is_transformers_dir(path):
+    if (path / "model.safetensors").is_file() or is_transformers_dir(path):
         return path
     if (path / "config.yaml").is_file():
-        from ..train.checkpoint import latest_checkpoint
-
         ckpt = latest_checkpoint(path)
         if ckpt is None:
             raise FileNotFoundError(f"run {str(path)!r} has no checkpoint yet (checkpoints/step_N).")
@@ -108,7 +105,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
                      "transformers model directory (config.json).")
 
 
-def _is_transformers_dir(path: Path) -> bool:
+def is_transformers_dir(path: Path) -> bool:
     """A transformers model directory: config.json, and either no libmoe config.yaml (an exported
     or Hub model) or a model other than libmoe's MoETransformer (a checkpoint of a run that trains
     a transformers model, e.g. an upcycled Llama)."""
@@ -140,7 +137,7 @@ def _load_transformers(path: Path, device: str | torch.device) -> LoadedModel:
         step = read_json_object(path / "checkpoint.json", fix).get("step")
     has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
                                                        "tokenizer.model"))
-    tokenizer = load_tokenizer(path if has_tokenizer else _find_tokenizer(path))  # before the weights
+    tokenizer = load_tokenizer(path if has_tokenizer else find_tokenizer(path))  # before the weights
     weights = sorted(path.glob("*.safetensors"))
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
@@ -160,7 +157,9 @@ def _load_transformers(path: Path, device: str | torch.device) -> LoadedModel:
     return LoadedModel(model.to(device).eval(), tokenizer, path, step, config)
 
 
-def _find_tokenizer(ckpt: Path) -> Path:
+def find_tokenizer(ckpt: Path) -> Path:
+    """The tokenizer directory of checkpoint or model directory `ckpt`: its own tokenizer/, else
+    its run's (two levels up); FileNotFoundError when neither exists."""
     for candidate in (ckpt / "tokenizer", ckpt.parent.parent / "tokenizer"):
         if candidate.is_dir():
             return candidate
@@ -225,7 +224,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     from ..data.tokenizer import load_tokenizer
 
     ckpt = resolve_checkpoint(path)
-    if _is_transformers_dir(ckpt):
+    if is_transformers_dir(ckpt):
         return _load_transformers(ckpt, device)
     config_path = ckpt / "config.yaml"
     if not config_path.is_file():
@@ -245,7 +244,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     info: dict[str, Any] = {}
     if (ckpt / "checkpoint.json").is_file():
         info = read_json_object(ckpt / "checkpoint.json", fix)
-    tokenizer = load_tokenizer(_find_tokenizer(ckpt))  # a damaged tokenizer fails before the weights load
+    tokenizer = load_tokenizer(find_tokenizer(ckpt))  # a damaged tokenizer fails before the weights load
     model = MoETransformer(model_config)
     state = _load_weights(ckpt, info)
     try:
@@ -256,3 +255,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
                                f"{config_path.name} ({first.rstrip(':.')})", fix) from None
     model.to(device).eval()
     return LoadedModel(model, tokenizer, ckpt, info.get("step"), config)
+
+
+# The names these had before they became public (other packages' callers move to the public ones).
+_find_tokenizer = find_tokenizer
+_is_transformers_dir = is_transformers_dir

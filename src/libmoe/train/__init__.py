@@ -1,15 +1,25 @@
-"""Pretraining: run config, the training loop, checkpoints with routing traces, torchrun.
+"""Pretraining: the training loop, checkpoints with routing traces, torchrun. The run config and
+reading checkpoints back live in `libmoe.models` and are re-exported here.
 
     from libmoe.train import resolve_config, train
     cfg = resolve_config(preset="micro", overrides=["model.algorithm=smoe", "train.max_steps=20"])
     summary = train(cfg, "runs/micro-smoe")
 """
 
-from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, verify_checkpoint
-from .config import DataConfig, OptimConfig, RunConfig, TrainConfig, config_from_dict, resolve_config
+from ..models.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, verify_checkpoint
+from ..models.run_config import (
+    DataConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    config_from_dict,
+    load_run_config,
+    prepare_run_data,
+    resolve_config,
+)
 from .rundir import config_diff, run_hash
 from .trace import TRACE_META, TRACE_TENSORS, record_routing, save_trace
-from .trainer import load_run_config, prepare_run_data, train
+from .trainer import train
 
 __all__ = [
     "TRACE_META",

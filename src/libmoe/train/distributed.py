@@ -9,28 +9,16 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..devices import DistInfo, all_reduce_sum
 
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
+__all__ = ["DistInfo", "StepVote", "all_reduce_max", "all_reduce_min", "all_reduce_sum", "any_rank",
+           "barrier", "cpu_group", "init_distributed", "pick_device", "shutdown", "wrap_model"]
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -73,12 +61,6 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Mo
 
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
-
-
-def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 def all_reduce_max(t: torch.Tensor, info: DistInfo, group=None) -> torch.Tensor:

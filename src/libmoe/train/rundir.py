@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from ..files import dumps, write_text
+from ..models.checkpoints import list_checkpoints
+from ..models.run_config import RunConfig, config_from_dict
 from ..overrides import load_yaml
-from .checkpoint import list_checkpoints
-from .config import RunConfig, config_from_dict
 
 # Everything the trainer and the commands that work on a run write into its directory.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard", "tokenizer",

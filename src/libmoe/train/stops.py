@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import WorkFailed
-from .config import RunConfig
+from ..models.run_config import RunConfig
 from .distributed import DistInfo, all_reduce_min
 
 

@@ -20,18 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-from ..data.packed import PackedData, SequenceSampler, prepare_data, probe_set, validation_windows
+from ..data.packed import SequenceSampler, probe_set, validation_windows
 from ..errors import Interrupted
+from ..eval.perplexity import validation_loss
 from ..files import read_json_object, write_json, write_text
 from ..models import MoETransformer, count_parameters
+from ..models.run_config import RunConfig, load_run_config, load_yaml, prepare_run_data
 from ..moe import attach_bias_balancing, set_training_progress
 from .checkpoint import agreed_checkpoint, list_checkpoints, save_checkpoint
-from .config import RunConfig, config_from_dict, load_yaml
 from .distributed import (
     DistInfo,
     StepVote,
@@ -61,6 +61,8 @@ from .trace import record_routing, save_trace
 
 __all__ = ["RUN_FILES", "check_config", "check_run_dir", "evaluate", "load_run_config", "model_hash",
            "prepare_run_data", "run_hash", "train"]
+
+evaluate = validation_loss  # its name here before it moved to libmoe.eval.perplexity
 
 
 def flops_per_token(cfg: RunConfig, active_params: int) -> int:
@@ -103,19 +105,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
             return torch.bfloat16
         return None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def prepare_run_data(cfg: RunConfig, log=print) -> PackedData:
-    """The packed, cached data of a run config (built on first use; `libmoe prepare` runs just
-    this, e.g. before a multi-process job on a large stream)."""
-    d = cfg.data
-    return prepare_data(
-        d.source, tokenizer=d.tokenizer, vocab_size=cfg.model.vocab_size, seq_len=cfg.seq_len,
-        val_fraction=d.val_fraction, min_val_tokens=d.min_val_tokens,
-        max_doc_chars=d.max_doc_chars, split_seed=d.split_seed, shard_tokens=d.shard_tokens,
-        max_train_tokens=d.max_train_tokens, tokenizer_chars=d.tokenizer_chars,
-        hub=d.hub or None, cache_dir=d.cache_dir, log=log,
-    )
 
 
 def check_config(cfg: RunConfig, world_size: int = 1, hf: bool = False) -> tuple[int, int, int]:
@@ -181,39 +170,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, windows: torch.Tensor, batch_size: int, info: DistInfo,
-             autocast, per_window: bool = False) -> float | tuple[float, list[float]]:
-    """Mean next-token cross-entropy over `windows` [n, L+1], split over processes (padded so
-    every process runs the same number of forwards, as FSDP requires). With `per_window`, also
-    each window's mean cross-entropy in window order (the unit of the findings' bootstrap)."""
-    was_training = model.training
-    model.eval()
-    n = len(windows)
-    per_rank = math.ceil(n / info.world_size)
-    mine = torch.arange(info.rank * per_rank, (info.rank + 1) * per_rank)
-    total = torch.zeros(2, dtype=torch.float64)
-    each = torch.zeros(per_rank * info.world_size, dtype=torch.float64) if per_window else None
-    for start in range(0, per_rank, batch_size):
-        idx = mine[start : start + batch_size]
-        valid = idx < n
-        batch = windows[idx.clamp(max=n - 1)].to(info.device)
-        with autocast():
-            logits = model(batch[:, :-1]).logits
-        ce = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")
-        total[0] += float((ce.sum(1).cpu() * valid).sum())
-        total[1] += float(valid.sum()) * ce.shape[1]
-        if each is not None:
-            each[idx] = ce.double().mean(1).cpu() * valid
-    all_reduce_sum(total, info)
-    model.train(was_training)
-    loss = float(total[0] / total[1])
-    if each is None:
-        return loss
-    all_reduce_sum(each, info)  # each window is filled by exactly one process
-    return loss, each[:n].tolist()
 
 
 class _Window:
@@ -490,7 +446,7 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool | str, overwr
 
     def validate(step: int) -> float:
         guard.check(step, saved=saved_step)
-        val_loss = evaluate(model, val_windows, micro, info, autocast)
+        val_loss = validation_loss(model, val_windows, micro, info, autocast)
         logger.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
         return val_loss
 
@@ -571,11 +527,3 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool | str, overwr
     if info.is_main:
         write_json(out / "train_summary.json", summary)
     return summary
-
-
-def load_run_config(run_dir: str | Path) -> RunConfig:
-    """The resolved config saved in a run directory."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} holds no run (no config.yaml).")
-    return config_from_dict(load_yaml(path))
