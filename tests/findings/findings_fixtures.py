@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from libmoe.analysis.trace import Trace
+from libmoe.moe.trace import Trace
 
 MOE = ["smoe", "sigma_moe", "xmoe", "sharede_v2", "sharede_v3", "moe_plus_plus", "tc_moe"]
 

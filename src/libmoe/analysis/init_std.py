@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ..files import CorruptFileError, read_json_object, write_json
+from ..train import resolve_config, train
+from .runs import write_figures_and_report
 
 INIT_STD_FILE = "init_std.json"
 DEFAULT_STDS = (0.02, 0.04, 0.06)
@@ -60,8 +62,6 @@ def init_std_study(
     """Train `algorithm` once per router init std (same seed, data order and config otherwise)
     into OUT/std_<s>, then write OUT/init_std.json and its figure. Finished runs are reused.
     `early_steps` (default a quarter of the steps) is the window of the early-balance summary."""
-    from ..train import resolve_config, train
-
     say = log or print
     if not stds:
         raise ValueError("give at least one router init std.")
@@ -91,8 +91,6 @@ def init_std_study(
         runs[float(std)] = run
     result = summarise_init_std(runs, early, {"algorithm": algorithm, "preset": preset, "steps": steps})
     write_json(out / INIT_STD_FILE, result, indent=1)
-    from .analyze import write_figures_and_report
-
     write_figures_and_report(out, {}, init_std=result, title=f"Router initialisation study ({algorithm})")
     for key, value in result["early_balance"].items():
         ppl = result["final_val_ppl"][key]

@@ -1,5 +1,7 @@
 """Inference-time routing interventions: DropTop-n and router temperature (ALGORITHMS.md 3),
-each re-running validation perplexity and chosen evaluation tasks against the unperturbed model."""
+each re-running an evaluation against the unperturbed model. `run_interventions` works on any
+model whose MoE layers (`libmoe.moe.MoELayer` modules) it finds, given an evaluation function;
+`intervention_study` is the language model's (validation perplexity and evaluation tasks)."""
 
 from __future__ import annotations
 
@@ -11,14 +13,19 @@ from typing import Any
 
 from torch import nn
 
+from ..eval.evaluator import evaluate_tasks, validation_perplexity
+from ..eval.scoring import LMScorer
+from ..eval.tasks import get_task
+from ..files import write_json
+from ..moe import MoELayer
+from ..moe.routers import ExpertChoiceRouter
+
 DROPTOP = ((1, "DropTop1"), (2, "DropTop1&2"))
 TEMPERATURES = (0.1, 1.0, 10.0)
 UNITS_FILE = "intervention_units.json"  # RUN/analysis/: per-unit metrics of each measurement
 
 
 def _routers(model: nn.Module) -> list[nn.Module]:
-    from ..moe import MoELayer
-
     return [m.router for m in model.modules() if isinstance(m, MoELayer)]
 
 
@@ -27,8 +34,6 @@ def routing_intervention(model: nn.Module, drop_top: int = 0, temperature: float
     """Within the block every router of `model` skips its `drop_top` best slots (DropTop-n: ranks
     n+1..n+k, renormalised) and divides its logits by `temperature` (times its trained
     temperature, so 1 is the model as trained). Restored on exit."""
-    from ..moe.routers import ExpertChoiceRouter
-
     routers = _routers(model)
     if not routers:
         raise ValueError("the model has no MoE router to intervene on (a dense model).")
@@ -72,8 +77,6 @@ def write_units(out: str | Path, per_unit: dict[str, dict[str, list[float]]], un
                 **meta: Any) -> Path:
     """OUT/intervention_units.json: each measurement's per-unit metrics (validation windows for a
     language model, questions for a VLM), the input of the findings' bootstrap."""
-    from ..files import write_json
-
     return write_json(Path(out) / UNITS_FILE, {"unit": unit, **meta, "runs": per_unit}, indent=None)
 
 
@@ -107,10 +110,6 @@ def intervention_study(
     on the run's own validation split when asked, plus `tasks`), and for each perturbation its
     metrics and their delta (perturbed minus baseline). `per_unit`, when given, receives
     {measurement name: {"val_nll": each validation window's loss}} (the findings' bootstrap)."""
-    from ..eval.evaluator import evaluate_tasks, validation_perplexity
-    from ..eval.scoring import LMScorer
-    from ..eval.tasks import get_task
-
     say = log or (lambda _: None)
     shown_tasks = ["val_ppl"] + [get_task(t).name for t in tasks]  # a group's mean, not its members
     scorer = LMScorer(loaded.model, loaded.tokenizer, batch_size=batch_size)

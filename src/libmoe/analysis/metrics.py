@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .trace import Trace
+from ..moe import MoELayer
+from ..moe.trace import Trace
 
 
 def selections(idx: Tensor) -> Tensor:
@@ -231,8 +232,6 @@ def by_label(trace: Trace, fn) -> dict[str, dict[str, Any]]:
 
 def expert_similarity(model: nn.Module) -> dict[str, float]:
     """Mean pairwise cosine similarity of the experts' flattened output weights W2_e, per MoE layer."""
-    from ..moe import MoELayer
-
     out = {}
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     for l, layer in enumerate(layers):

@@ -7,11 +7,14 @@ Figures are built on `matplotlib.figure.Figure` (no pyplot state), so they work 
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ..files import write_bytes
 
@@ -102,8 +105,6 @@ def _figure(width: float = 7.0, height: float = 4.0) -> Figure:
 def save_figure(fig: Figure, path: str | Path, **savefig: Any) -> Path:
     """Write `fig` as `path` (its format from the suffix) atomically: rendered in memory first, so
     an interrupted run never leaves a truncated figure in place of the previous one."""
-    import io
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", **savefig)
     return write_bytes(path, buffer.getvalue())
@@ -141,8 +142,6 @@ def _layer_axis(ax: Axes, layers: list[int]) -> None:
 
 def _heatmap(ax: Axes, matrix: list[list[float]], rows: list[str], cols: list[str], **kw: Any):
     """imshow with row/column tick labels; returns the image for a colourbar."""
-    import numpy as np
-
     data = np.array([[np.nan if _num(v) is None else v for v in row] for row in matrix], dtype=float)
     im = ax.imshow(data, aspect="auto", interpolation="nearest", **kw)
     ax.set_xticks(range(len(cols)), cols, rotation=90 if len(cols) > 8 else 0, fontsize=7)

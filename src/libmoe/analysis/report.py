@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..files import write_text
 from .plots import FigureInfo, _mean, _num
 
 MISSING = "–"
@@ -123,8 +124,9 @@ def format_cell(value: Any, fmt: str) -> str:
     return format(int(value) if fmt == "d" else value, fmt) if fmt != "s" else str(value)
 
 
-def _table(rows: list[dict]) -> str:
-    """Summary table; analysis columns that no run has are left out."""
+def summary_table_html(rows: list[dict]) -> str:
+    """The HTML summary table of `summary_rows(runs)`; analysis columns that no run has are left
+    out."""
     cols = [c for i, c in enumerate(COLUMNS) if i < 3 or any(r[c[0]] is not None for r in rows)]
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in cols)
     body = []
@@ -141,7 +143,9 @@ def figure_anchor(name: str) -> str:
     return "fig-" + Path(name).stem.replace("_", "-")
 
 
-def _figure_html(info: FigureInfo, figure_dir: Path) -> str:
+def figure_html(info: FigureInfo, figure_dir: Path) -> str:
+    """A figure of `figure_dir` embedded in HTML (heading with its anchor, the PNG inline, caption);
+    FileNotFoundError when it was not drawn."""
     path = figure_dir / info.name
     if not path.is_file():
         raise FileNotFoundError(f"figure {path} is missing; run plots.plot_all into {figure_dir} first.")
@@ -152,7 +156,7 @@ def _figure_html(info: FigureInfo, figure_dir: Path) -> str:
             f"<figcaption>{html.escape(info.caption)}</figcaption></figure>")
 
 
-def _notes(runs: dict[str, dict], notes: list[str] | None) -> list[str]:
+def report_notes(runs: dict[str, dict], notes: list[str] | None) -> list[str]:
     """Caller notes, then each run's skipped analyses with their reasons."""
     out = list(notes or [])
     for name, m in runs.items():
@@ -175,12 +179,15 @@ def write_report(path: str | Path, runs: dict[str, dict], figures: list[FigureIn
     ]
     if runs:  # a study's report (init-std) has figures only
         parts += [f"<p class=\"intro\">{html.escape(intro)}</p>", "<h2>Summary</h2>",
-                  _table(summary_rows(runs)), f"<p class=\"table-note\">{html.escape(TABLE_NOTE)}</p>"]
-    parts += [_figure_html(info, Path(figure_dir)) for info in figures]
-    if all_notes := _notes(runs, notes):
+                  summary_table_html(summary_rows(runs)),
+                  f"<p class=\"table-note\">{html.escape(TABLE_NOTE)}</p>"]
+    parts += [figure_html(info, Path(figure_dir)) for info in figures]
+    if all_notes := report_notes(runs, notes):
         items = "".join(f"<li>{html.escape(n)}</li>" for n in all_notes)
         parts.append(f"<h2>Notes</h2>\n<ul class=\"notes\">{items}</ul>")
     parts.append("</body></html>\n")
-    from ..files import write_text
-
     return write_text(path, "\n".join(parts))
+
+
+# The names bench and vlm.bench used before they were public; kept until they switch (issue 20).
+_figure_html, _notes, _table = figure_html, report_notes, summary_table_html

@@ -21,7 +21,7 @@ import torch
 from ..analysis import metrics as M
 from ..analysis.analyze import METRICS_FILE, display_name, run_traces, training_dynamics
 from ..analysis.interventions import intervention_plan, run_interventions, write_units
-from ..analysis.trace import Trace
+from ..moe.trace import Trace
 from ..files import write_json
 
 

@@ -1,6 +1,6 @@
 """Routing traces of a VLM: what every MoE layer (vision MLPs in depth order, then the connector)
 chose for the patches of a labelled set of images, in the on-disk format of
-`libmoe.analysis.trace` (so `libmoe analyze` and every routing metric read it). A "token" is one
+`libmoe.moe.trace` (so `libmoe analyze` and every routing metric read it). A "token" is one
 patch of the base grid: `tokens` and `position` hold the patch index, `label` the image's subtask.
 With S2 the vision layers are recorded on the 1x pass (the crops of larger scales are other
 patches); CLIP's CLS token is left out.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..analysis.trace import Trace
+from ..moe.trace import Trace
 from .model import LibMoEVLM
 
 
