@@ -1,0 +1,7 @@
+"""`python -m libmoe.cli`, as `libmoe`."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
