@@ -11,8 +11,9 @@ pytest.importorskip("transformers")
 from libmoe.moe import REGISTRY  # noqa: E402
 from libmoe.upcycle.core import EXACT_AT_INIT, NOT_EXACT_AT_INIT, SHARED_ALGORITHMS  # noqa: E402
 from libmoe.upcycle.hf import find_mlps  # noqa: E402
-from libmoe.vlm.model import IMAGE_TOKEN, MODEL_FILE, build_vlm, load_vlm, save_vlm  # noqa: E402
+from libmoe.vlm.model import IMAGE_TOKEN, MODEL_FILE, build_vlm  # noqa: E402
 from libmoe.vlm.presets import load_vlm_preset  # noqa: E402
+from libmoe.vlm.saving import load_vlm, save_vlm  # noqa: E402
 from libmoe.vlm.text import encode_conversation, word_tokenizer  # noqa: E402
 from libmoe.vlm.upcycle import parameter_report, upcycle_vlm  # noqa: E402
 

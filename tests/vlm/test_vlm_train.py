@@ -12,8 +12,8 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 import libmoe.vlm.train as vlm_train  # noqa: E402
-from libmoe.moe.trace import Trace  # noqa: E402
 from libmoe.cli import main  # noqa: E402
+from libmoe.moe.trace import Trace  # noqa: E402
 from libmoe.train.checkpoint import list_checkpoints  # noqa: E402
 from libmoe.vlm.model import MODEL_FILE, model_state  # noqa: E402
 from libmoe.vlm.synth import SUBTASK_GROUPS, SUBTASKS, write_synth_dataset  # noqa: E402

@@ -7,27 +7,49 @@ VLM views of the paper's Section 5:
 - ``router_margin``: per MoE layer in depth order, vision layers then the connector (Fig. 8 right);
 - ``expert_change_rate``: between consecutive VIT checkpoints (Fig. 3; 20/40/60/80/100%);
 - ``droptop`` / ``temperature``: synth_mme accuracy with DropTop1, DropTop1&2 and tau 0.1 / 10 (Fig. 5).
+
+The VLM's run kind (`VLM_RUN_KIND`, `libmoe.analysis.kinds`): `import libmoe.vlm` registers it, and
+the ``libmoe.run_kinds`` entry point ``vlm = "libmoe.vlm.analysis:VLM_RUN_KIND"`` lets
+`libmoe analyze` and `libmoe.analysis.analyze_run` find it without importing libmoe.vlm first.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
+from ..analysis import (
+    METRICS_FILE,
+    AnalysisOptions,
+    RunKind,
+    display_name,
+    intervention_plan,
+    run_interventions,
+    run_traces,
+    training_dynamics,
+    write_figures_and_report,
+    write_units,
+)
 from ..analysis import metrics as M
-from ..analysis.analyze import METRICS_FILE, display_name, run_traces, training_dynamics
-from ..analysis.interventions import intervention_plan, run_interventions, write_units
-from ..moe.trace import Trace
 from ..files import write_json
+from ..moe.trace import Trace
+from .data import probe_images
+from .evaluate import evaluate_vlm
+from .plots import plot_subtask_routing
+from .saving import load_vlm
+from .stages import load_stage_config, resolve_data
+from .synth import SUBTASK_GROUPS
+from .trace import record_vlm_trace
 
 
 def is_vlm_run(path: str | Path) -> bool:
-    import yaml
-
+    """Whether `path` is a `libmoe vlm train` run or checkpoint (vlm.json, or config.yaml's kind)."""
     path = Path(path)
     if (path / "vlm.json").is_file():
         return True
@@ -36,15 +58,11 @@ def is_vlm_run(path: str | Path) -> bool:
 
 
 def _groups(names: list[str]) -> dict[str, str]:
-    from .synth import SUBTASK_GROUPS
-
     return {n: SUBTASK_GROUPS.get(n, "other") for n in names}
 
 
 def group_trace(trace: Trace) -> Trace:
     """The trace relabelled by task group (perception, reading, ...)."""
-    from dataclasses import replace
-
     groups = _groups(trace.labels)
     names = sorted(set(groups.values()))
     mapping = torch.tensor([names.index(groups[n]) for n in trace.labels], dtype=torch.long)
@@ -66,9 +84,6 @@ def vlm_interventions(model, tokenizer, template: str, folder, tasks: list[str],
                       per_unit: dict[str, dict[str, list[float]]] | None = None) -> dict[str, Any]:
     """DropTop-n and router-temperature studies on the VLM evaluation (the analysis format);
     `per_unit` receives {measurement: {"TASK/correct": 1.0 or 0.0 per question}}."""
-    from ..analysis.interventions import intervention_plan
-    from .evaluate import evaluate_vlm
-
     say = log or (lambda _: None)
 
     def measure(name: str) -> dict[str, float]:
@@ -89,10 +104,6 @@ def analyze_vlm_run(run: str | Path, out: str | Path | None = None, device: str 
                     interventions: bool | list[str] = True, limit: int | None = None, figures: bool = True,
                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Analyse a VLM run (see the module docstring) into `out` (default RUN/analysis)."""
-    from .evaluate import evaluate_vlm
-    from .model import load_vlm
-    from .train import load_stage_config, probe_images, resolve_data
-
     say = log or (lambda _: None)
     run = Path(run)
     out = Path(out) if out is not None else run / "analysis"
@@ -117,8 +128,6 @@ def analyze_vlm_run(run: str | Path, out: str | Path | None = None, device: str 
             probe = probe_images(folder, model.pixel_size, per_subtask)
             if probe is None:
                 raise FileNotFoundError(f"{run} has no routing trace and {folder} no held-out images.")
-            from .trace import record_vlm_trace
-
             say("recording a routing trace of the held-out images (the final model has none)")
             traces.append(record_vlm_trace(model, *probe, step=meta.get("step")))
         final = traces[-1]
@@ -157,9 +166,6 @@ def analyze_vlm_run(run: str | Path, out: str | Path | None = None, device: str 
 
 def write_vlm_figures(out: str | Path, runs: dict[str, dict[str, Any]]) -> Path:
     """The standard analysis figures and report plus the VLM subtask figure."""
-    from ..analysis.analyze import write_figures_and_report
-    from .plots import plot_subtask_routing
-
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     extra = plot_subtask_routing(runs, out / "figures" / "vlm_subtask_routing.png")
@@ -169,3 +175,13 @@ def write_vlm_figures(out: str | Path, runs: dict[str, dict[str, Any]]) -> Path:
         notes.append("figures/vlm_subtask_routing.png: allocation entropy per subtask (Fig. 6), weight "
                      "entropy per task group (Fig. 7) and router margin per layer (Fig. 8 right).")
     return write_figures_and_report(out, runs, title="libmoe VLM routing analysis", notes=notes)
+
+
+def analyze_vlm_kind(run: Path, out: Path | None, options: AnalysisOptions) -> dict[str, Any]:
+    """`analyze_vlm_run` with `libmoe analyze`'s options (a VLM run takes no --tasks or --val-tokens)."""
+    return analyze_vlm_run(run, out, device=options.device, interventions=options.interventions,
+                           limit=options.limit, figures=options.figures, log=options.log)
+
+
+VLM_RUN_KIND = RunKind("vlm", is_vlm_run, analyze_vlm_kind,
+                       "libmoe vlm train runs: vision MoE layers on held-out images by subtask, MME scoring")

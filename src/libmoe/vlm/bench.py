@@ -105,7 +105,7 @@ def run_vlm_job(job: dict[str, Any]) -> dict[str, Any]:
 
     from .analysis import analyze_vlm_run
     from .evaluate import evaluate_run
-    from .model import load_vlm
+    from .saving import load_vlm
     from .train import train_stage
 
     if job.get("threads"):

@@ -17,6 +17,7 @@ import re
 import shutil
 import zipfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -303,3 +304,29 @@ def load_image(path: str | os.PathLike, size: int, mean=SIGLIP_MEAN, std=SIGLIP_
     mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return ((x - mean) / std).contiguous()
+
+
+@lru_cache(maxsize=65536)
+def cached_image(path: str, size: int) -> torch.Tensor:
+    """`load_image`, remembered: training reads each image once per epoch, evaluation once per
+    answer."""
+    return load_image(path, size)
+
+
+def probe_images(folder, size: int, per_subtask: int) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
+    """Held-out images (the MME split), up to `per_subtask` per category, for routing traces."""
+    if not isinstance(folder, Path) or not (folder / "mme.json").is_file():
+        return None
+    rows, seen, counts = load_mme(folder / "mme.json"), set(), {}
+    chosen: list[tuple[str, str]] = []
+    for r in rows:
+        cat = r["category"]
+        if r["image"] in seen or counts.get(cat, 0) >= per_subtask:
+            continue
+        seen.add(r["image"])
+        counts[cat] = counts.get(cat, 0) + 1
+        chosen.append((r["image"], cat))
+    names = sorted(counts)
+    pixels = torch.stack([cached_image(img, size) for img, _ in chosen])
+    labels = torch.tensor([names.index(c) for _, c in chosen])
+    return pixels, labels, names

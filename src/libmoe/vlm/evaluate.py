@@ -23,7 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from ..files import write_json
-from ..moe.options import did_you_mean
+from ..overrides import did_you_mean
+from .data import cached_image, load_mme, load_open
+from .saving import load_vlm
+from .stages import load_stage_config, resolve_data
+from .text import answer_ids, pad_right, prompt_ids
 
 VLM_TASKS = ("synth_mme", "synth_open")
 TASK_FILES = {"synth_mme": "mme.json", "synth_open": "open.json"}
@@ -38,9 +42,6 @@ def _batches(items: list, size: int):
 def answer_logprobs(model, tokenizer, template: str, rows: list[dict], answers: list[str],
                     batch_size: int = 32) -> torch.Tensor:
     """[len(rows), len(answers)] summed log-probabilities of each answer after each row's prompt."""
-    from .text import answer_ids, pad_right, prompt_ids
-    from .train import _image
-
     device = next(model.parameters()).device
     n_img = model.n_image_tokens
     ans = [answer_ids(tokenizer, a, template) for a in answers]
@@ -48,7 +49,7 @@ def answer_logprobs(model, tokenizer, template: str, rows: list[dict], answers: 
     pad = tokenizer.pad_token_id
     for start, chunk in zip(range(0, len(rows), batch_size), _batches(rows, batch_size)):
         prompts = [prompt_ids(tokenizer, r["question"], template, n_img) for r in chunk]
-        pixels = torch.stack([_image(r["image"], model.pixel_size) for r in chunk]).to(device)
+        pixels = torch.stack([cached_image(r["image"], model.pixel_size) for r in chunk]).to(device)
         for j, a in enumerate(ans):
             ids, mask = pad_right([p + a for p in prompts], pad)
             logits = model(ids.to(device), pixels, mask.to(device)).logits.float()
@@ -89,14 +90,11 @@ def _normalise(text: str) -> str:
 def greedy_answers(model, tokenizer, template: str, rows: list[dict], max_new_tokens: int = 4,
                    batch_size: int = 32) -> list[str]:
     """Greedy continuations (at most `max_new_tokens`, stopping at the end-of-answer token)."""
-    from .text import pad_right, prompt_ids
-    from .train import _image
-
     device = next(model.parameters()).device
     stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")} - {None}
     answers = []
     for chunk in _batches(rows, batch_size):
-        pixels = torch.stack([_image(r["image"], model.pixel_size) for r in chunk]).to(device)
+        pixels = torch.stack([cached_image(r["image"], model.pixel_size) for r in chunk]).to(device)
         seqs = [prompt_ids(tokenizer, r["question"], template, model.n_image_tokens) for r in chunk]
         new = [[] for _ in chunk]
         for _ in range(max_new_tokens):
@@ -134,8 +132,6 @@ def evaluate_vlm(model, tokenizer, template: str, folder: str | Path, tasks: lis
                  log: Callable[[str], None] | None = None, per_question: bool = False) -> dict[str, Any]:
     """{task: metrics} on the held-out files of the dataset `folder`; `per_question` adds
     "correct", 1.0 or 0.0 per question in file order (the findings' bootstrap)."""
-    from .data import load_mme, load_open
-
     folder = Path(folder)
     results = {}
     model.eval()
@@ -179,9 +175,6 @@ def evaluate_run(run: str | Path, tasks: list[str] = ("synth_mme",), data: str |
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """`libmoe vlm eval`: evaluate a VLM run (its newest checkpoint) or checkpoint; writes
     {"results": {...}} to `out` (default RUN/eval/results.json)."""
-    from .model import load_vlm
-    from .train import load_stage_config, resolve_data
-
     model, tokenizer, meta = load_vlm(run, device=device)
     run = Path(run)
     cfg_dir = run if (run / "config.yaml").is_file() else run.parent.parent

@@ -37,11 +37,22 @@ dataset in the cache (written on first use).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import SIGLIP_MEAN, SIGLIP_STD
+from .model import IMAGE_TOKEN
+from .saving import load_vlm
+from .stages import load_stage_config, resolve_data
+from .text import TEMPLATES, _ids, answer_ids, pad_right, prompt_ids
 
 MODEL_NAME = "libmoe_vlm"
 CLASS_PATH = "libmoe.vlm.lmms.LibMoEVLMLmms"
@@ -57,7 +68,8 @@ def tasks_path() -> Path:
 
 
 def lmms_eval_models():
-    """The ``lmms_eval.models`` entry point: the manifest of `libmoe_vlm` (imports nothing heavy)."""
+    """The ``lmms_eval.models`` entry point: the manifest of `libmoe_vlm` (the adapter class itself is
+    built only when lmms-eval asks for it)."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return [ModelManifest(model_id=MODEL_NAME, simple_class_path=CLASS_PATH)]
@@ -83,8 +95,6 @@ def synth_dir() -> Path:
         folder = Path(env).expanduser()
         where = f"{SYNTH_ENV}={env}"
     else:
-        from .train import resolve_data
-
         data = dict(_run_data or {})
         source = str(data.get("source", "synth"))
         if _run_data and source == "synth":
@@ -102,11 +112,7 @@ def synth_dir() -> Path:
 def image_tensor(image, size: int, mean=None, std=None):
     """A PIL image as `libmoe.vlm.data.load_image` returns a file: float32 [3, size, size], RGB,
     bicubic-resized, ``(x - mean) / std`` (SigLIP's 0.5 / 0.5 by default)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from .data import SIGLIP_MEAN, SIGLIP_STD
+    from PIL import Image  # optional ([vlm]): only image inputs need it
 
     im = image.convert("RGB")
     if im.size != (size, size):
@@ -131,8 +137,6 @@ def patch_lmms_eval() -> None:
     - `simple_evaluate` imports ``filelock._api``, which filelock 4 no longer has (ModuleNotFoundError
       before any task runs): with filelock >= 4 that step (a cross-class singleton patch for
       filelock 3.16+) is skipped."""
-    import importlib.util
-
     try:
         import lmms_eval.evaluator as ev
     except ImportError:  # pragma: no cover - only called with lmms-eval installed
@@ -179,11 +183,6 @@ class _LibMoEVLMAdapter:
                  max_batch_size: int | None = None, max_new_tokens: int = 128, template: str | None = None,
                  dtype: str | None = None, **kwargs) -> None:
         super().__init__()
-        import torch
-
-        from .model import load_vlm
-        from .train import load_stage_config
-
         global _run_data
         unknown = {k: v for k, v in kwargs.items() if v is not None}
         if unknown:
@@ -261,9 +260,6 @@ class _LibMoEVLMAdapter:
 
     def _prompt(self, context: str, n_images: int) -> list[int]:
         """Ids of the prompt: the run's template around `context`, `n_images` expanded <image>s."""
-        from .model import IMAGE_TOKEN
-        from .text import TEMPLATES, _ids, prompt_ids
-
         n_tok = self._model.n_image_tokens
         found = context.count(IMAGE_TOKEN)
         if n_images == 0:
@@ -279,8 +275,6 @@ class _LibMoEVLMAdapter:
         return prompt_ids(self._tokenizer, context, self.template, n_tok)
 
     def _pixels(self, images: list):
-        import torch
-
         if not images:
             return None
         size = self._model.pixel_size
@@ -288,10 +282,6 @@ class _LibMoEVLMAdapter:
         return torch.stack([image_tensor(im, size) for im in images]).to(self._device, dtype)
 
     def _forward(self, seqs: list[list[int]], images: list):
-        import torch
-
-        from .text import pad_right
-
         pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         ids, mask = pad_right(seqs, pad)
         with torch.no_grad():
@@ -300,11 +290,6 @@ class _LibMoEVLMAdapter:
     # -- lmms API --
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         """(summed log-probability of the continuation, is it the greedy continuation) per request."""
-        import torch
-        import torch.nn.functional as F
-
-        from .text import answer_ids
-
         items = []
         for req in requests:
             args = req.args

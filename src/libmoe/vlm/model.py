@@ -14,21 +14,19 @@ patch of the base grid), so batches are plain padded id tensors (padding on the 
 
 A model directory holds ``vlm.json`` (the resolved sub-model configs, so it loads without the
 Hub), ``model.safetensors`` (tied weights stored once) and the tokenizer. After VIT upcycling
-``vlm.json`` also records the MoE settings and `load_vlm` rebuilds the MoE layers before loading.
+``vlm.json`` also records the MoE settings and `load_vlm` (`libmoe.vlm.saving`) rebuilds the MoE
+layers before loading.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..files import write_json
 from ..upcycle.hf import UpcycledMLP
 
 VLM_FILE = "vlm.json"
@@ -295,53 +293,3 @@ def load_state(model: LibMoEVLM, state: dict[str, Tensor]) -> None:
     if missing or result.unexpected_keys:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected "
                          f"{result.unexpected_keys[:5]} (was it written by another preset or stage?).")
-
-
-def save_vlm(model: LibMoEVLM, tokenizer, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write vlm.json, model.safetensors and the tokenizer into `directory`."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "libmoe-vlm", "model": model.spec, "aux_combine": model.aux_combine, **(extra or {})}
-    write_json(directory / VLM_FILE, meta, indent=1)
-    save_file(model_state(model), str(directory / MODEL_FILE), metadata={"format": "pt"})
-    tokenizer.save_pretrained(str(directory))
-    return directory
-
-
-def is_vlm_dir(path: str | Path) -> bool:
-    return (Path(path) / VLM_FILE).is_file()
-
-
-def load_vlm(directory: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer, meta) of a VLM directory: a checkpoint, or a run (its newest checkpoint)."""
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
-
-    directory = resolve_model_dir(directory)
-    meta = json.loads((directory / VLM_FILE).read_text())
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    spec = meta["model"]
-    model = LibMoEVLM(spec)
-    if spec.get("moe"):
-        from .upcycle import upcycle_vlm
-
-        upcycle_vlm(model, **spec["moe"], copy_weights=False)
-    model.aux_combine = meta.get("aux_combine", model.aux_combine)
-    load_state(model, load_file(str(directory / MODEL_FILE)))
-    return model.to(device).eval(), tokenizer, meta
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A directory holding vlm.json: `path` itself, or the newest checkpoint of the run `path`."""
-    from ..train.checkpoint import latest_checkpoint
-
-    path = Path(path)
-    if is_vlm_dir(path):
-        return path
-    ckpt = latest_checkpoint(path)
-    if ckpt is not None and is_vlm_dir(ckpt):
-        return ckpt
-    raise FileNotFoundError(f"{path} is not a libmoe VLM run or checkpoint (no {VLM_FILE} in it or in its "
-                            "newest checkpoint); train one with `libmoe vlm train`.")

@@ -32,6 +32,8 @@ textures tinted in their natural colours) so that a small model trained briefly 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import io
 import json
 import re
 from collections.abc import Callable, Iterable
@@ -40,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..overrides import did_you_mean
 
 SUBTASKS: tuple[str, ...] = (
     "existence", "colour", "count", "position", "texture", "ocr", "digits", "arithmetic",
@@ -258,8 +262,6 @@ def _position(rng, size, split, state) -> _Example:
 def _package_file(package: str, *parts: str) -> Path | None:
     """A data file shipped inside an installed `package`, located without importing the package (importing
     scikit-learn or scikit-image costs seconds); None when the package or the file is missing."""
-    import importlib.util
-
     spec = importlib.util.find_spec(package)
     for root in (spec.submodule_search_locations or []) if spec else []:
         path = Path(root, *parts)
@@ -400,8 +402,6 @@ def resolve_subtasks(subtasks: str | Iterable[str] | None) -> list[str]:
     for name in names:
         key = _ALIASES.get(str(name).strip().lower(), str(name).strip().lower())
         if key not in SUBTASKS:
-            from libmoe.moe.options import did_you_mean
-
             raise ValueError(f"unknown synth subtask {name!r}.{did_you_mean(name, SUBTASKS)} "
                              f"Valid subtasks: {', '.join(SUBTASKS)}.")
         chosen.add(key)
@@ -411,8 +411,6 @@ def resolve_subtasks(subtasks: str | Iterable[str] | None) -> list[str]:
 
 
 def _png_bytes(image) -> bytes:
-    import io
-
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=6)
     return buf.getvalue()

@@ -15,6 +15,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+
 from .model import IMAGE_TOKEN
 
 TEMPLATES = {
@@ -121,8 +123,6 @@ def answer_ids(tokenizer, answer: str, template: str) -> list[int]:
 
 def pad_right(seqs: list[list[int]], value: int):
     """(ids [B, L] long, attention mask [B, L] long) of `seqs` padded on the right with `value`."""
-    import torch
-
     L = max(map(len, seqs))
     ids = torch.full((len(seqs), L), value, dtype=torch.long)
     mask = torch.zeros_like(ids)

@@ -28,9 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..moe import REGISTRY, build_moe
+from ..moe.layer import check_algorithm
 from ..upcycle.core import SHARED_ALGORITHMS, copy_into_experts
 from ..upcycle.hf import PLAIN_ACTIVATIONS, find_mlps, mlp_weights
-from .model import LibMoEVLM, VLMMoE
+from .model import LibMoEVLM, VLMMoE, build_vlm
+from .presets import load_vlm_preset
 
 AUX_COMBINE = ("sum", "mean")
 
@@ -50,9 +53,6 @@ def upcycle_vlm(model: LibMoEVLM, algorithm: str, n_experts: int = 6, top_k: int
     """Upcycle `model` in place (see the module docstring) and record the settings in
     `model.spec["moe"]`, so a saved model rebuilds its MoE layers. `copy_weights=False` builds the
     layers only (loading a checkpoint overwrites them)."""
-    from ..moe import REGISTRY, build_moe
-    from ..moe.layer import check_algorithm
-
     check_algorithm(algorithm)
     if algorithm == "dense":
         raise ValueError("algorithm 'dense' has no router; VIT with a dense model is the PFT stage "
@@ -119,9 +119,6 @@ def parameter_report(preset: str | dict[str, Any], algorithm: str = "smoe",
     "connector_moe", "lm", "total"}. On "meta" nothing is allocated or downloaded (the preset holds
     the architecture dims); for paper-phi35-siglip this is the paper's Table 3 (1.752B, 0.099B,
     3.821B, 5.67B)."""
-    from .model import build_vlm
-    from .presets import load_vlm_preset
-
     p = load_vlm_preset(preset) if isinstance(preset, str) else preset
     model = build_vlm(p["model"], None, device=device)
     moe = dict(p.get("moe") or {})
