@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -383,8 +384,6 @@ def f_temperature(bench: Bench) -> dict:
 
 
 def _other_bench(bench: Bench, entry: dict) -> Bench | None:
-    from pathlib import Path
-
     path = Path(str(entry.get("bench")))
     if path.resolve() == bench.dir.resolve() or entry.get("regime") == bench.regime:
         return bench

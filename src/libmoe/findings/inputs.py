@@ -14,6 +14,7 @@ path second, so a moved or merged output is judged on what it holds.
 
 from __future__ import annotations
 
+import json
 import math
 from functools import cached_property
 from pathlib import Path
@@ -22,8 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..analysis.trace import Trace, list_traces
+from ..analysis.init_std import INIT_STD_FILE
 from ..files import CorruptFileError, read_json, read_json_object
+from ..moe.trace import Trace, list_traces
+
+# Where a bench output keeps the router init-std study (its `studies/init_std/init_std.json`; the
+# bench writes it, the findings read it).
+INIT_STD_DIR = Path("studies") / "init_std"
 
 # What every bench output's results.json holds (pretraining, upcycling and VLM regimes alike):
 # the checks read the runs; rewriting the tables and report needs the rest too.
@@ -163,8 +169,6 @@ class Bench:
 
     @cached_property
     def init_std(self) -> dict[str, Any] | None:
-        from ..bench.studies import load_init_std
-
         return load_init_std(self.dir)
 
     def figure(self, name: str | None) -> str | None:
@@ -173,6 +177,12 @@ class Bench:
             return None
         path = self.dir / "analysis" / "figures" / name
         return str(path.relative_to(self.dir)) if path.is_file() else None
+
+
+def load_init_std(out: str | Path) -> dict[str, Any] | None:
+    """OUT/studies/init_std/init_std.json of a bench output, None when the study did not run."""
+    path = Path(out) / INIT_STD_DIR / INIT_STD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def sequence_ids(trace: Trace) -> Tensor:
