@@ -451,17 +451,9 @@ def write_synth_dataset(
         raise ValueError(f"digits: sklearn's load_digits() has only {_N_DIGITS} images; ask for at most that "
                          f"many in all (n_per_task + n_test_per_task = {n_train + n_test})")
     log = log or (lambda _line: None)
-
     out = Path(out)
-    folders = {split: out / "images" / split for split in ("train", "test")}
-    pattern = re.compile(rf"^({'|'.join(SUBTASKS)})_\d+\.png$")
-    for folder in folders.values():
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.iterdir():  # earlier runs' images, so the folder holds exactly this dataset
-            if pattern.match(stale.name):
-                stale.unlink()
-
-    pt, instruct, mme, open_qs = [], [], [], []
+    _clear_images(out)
+    files: dict[str, list[dict]] = {"pt.json": [], "instruct.json": [], "mme.json": [], "open.json": []}
     seen: set[bytes] = set()
     for name in names:
         k = SUBTASKS.index(name)
@@ -469,56 +461,25 @@ def write_synth_dataset(
         if name == "texture":
             state["sources"] = _texture_sources()
         for split, n in (("train", n_train), ("test", n_test)):
-            rng = np.random.default_rng([seed, k, 0 if split == "train" else 1])
+            # The test split's generator is seeded [seed, 2, 1] for every subtask: the first version
+            # reused `k` as the instruct turn index (0..2) before seeding it. Kept, so the dataset (and
+            # every result on it) stays the same for a given VERSION.
+            rng = np.random.default_rng([seed, k, 0] if split == "train" else [seed, 2, 1])
             for i in range(n):
-                for _ in range(_MAX_REDRAWS):
-                    ex = _GENERATORS[name](rng, size, split, state)
-                    ex.image = ex.image.convert("RGB")
-                    digest = hashlib.sha256(ex.image.tobytes()).digest()
-                    if digest not in seen:
-                        seen.add(digest)
-                        break
-                else:  # pragma: no cover - the generators have far more distinct images than asked for
-                    raise RuntimeError(f"{name}: no new distinct image after {_MAX_REDRAWS} tries")
+                ex = _distinct_example(name, rng, size, split, state, seen)
                 rel = f"images/{split}/{name}_{i}.png"
                 (out / rel).write_bytes(_png_bytes(ex.image))
                 image_id = f"{name}_{split}_{i}"
                 if split == "train":
-                    pt.append({"id": image_id, "image": rel, "conversations": [
-                        {"from": "human", "value": "<image>\n" + _pick(rng, CAPTION_PROMPTS)},
-                        {"from": "gpt", "value": ex.caption}], "subtask": name})
-                    turns = [(ex.yes + YES_NO_SUFFIX, "Yes"), (ex.no + YES_NO_SUFFIX, "No"),
-                             (ex.open_q + OPEN_SUFFIX, ex.open_a)]
-                    conversations = []
-                    for k, j in enumerate(rng.permutation(len(turns))):
-                        question, answer = turns[int(j)]
-                        if not multi_turn:
-                            instruct.append({"id": f"{image_id}_q{k}", "image": rel, "subtask": name,
-                                             "conversations": [
-                                                 {"from": "human", "value": "<image>\n" + question},
-                                                 {"from": "gpt", "value": answer}]})
-                            continue
-                        conversations += [{"from": "human", "value": ("<image>\n" if not conversations
-                                                                      else "") + question},
-                                          {"from": "gpt", "value": answer}]
-                    if multi_turn:
-                        instruct.append({"id": image_id, "image": rel, "conversations": conversations,
-                                         "subtask": name})
+                    files["pt.json"].append(_caption_record(ex, rel, image_id, name, rng))
+                    files["instruct.json"] += _instruct_records(ex, rel, image_id, name, rng, multi_turn)
                 else:
-                    pair = [(ex.yes, "Yes"), (ex.no, "No")]
-                    if rng.random() < 0.5:
-                        pair.reverse()
-                    for j, (question, answer) in enumerate(pair):
-                        mme.append({"question_id": f"{image_id}_{j}", "image": rel,
-                                    "question": question + YES_NO_SUFFIX, "answer": answer,
-                                    "category": name, "pair": image_id})
-                    open_qs.append({"question_id": image_id, "image": rel,
-                                    "question": ex.open_q + OPEN_SUFFIX, "answer": ex.open_a,
-                                    "category": name})
+                    files["mme.json"] += _mme_pair(ex, rel, image_id, name, rng)
+                    files["open.json"].append({"question_id": image_id, "image": rel,
+                                               "question": ex.open_q + OPEN_SUFFIX, "answer": ex.open_a,
+                                               "category": name})
         log(f"synth: {name} ({SUBTASK_GROUPS[name]}): {n_train} train + {n_test} test images, "
             f"{2 * n_train} + {2 * n_test} yes/no questions, half answered Yes")
-
-    files = {"pt.json": pt, "instruct.json": instruct, "mme.json": mme, "open.json": open_qs}
     for filename, records in files.items():
         _dump(out / filename, records)
     manifest = {
@@ -531,3 +492,64 @@ def write_synth_dataset(
     }
     _dump(out / "dataset.json", manifest)
     return manifest
+
+
+def _clear_images(out: Path) -> None:
+    """OUT/images/{train,test}, without earlier runs' images: the folders hold exactly this dataset."""
+    pattern = re.compile(rf"^({'|'.join(SUBTASKS)})_\d+\.png$")
+    for split in ("train", "test"):
+        folder = out / "images" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.iterdir():
+            if pattern.match(stale.name):
+                stale.unlink()
+
+
+def _distinct_example(name: str, rng: np.random.Generator, size: int, split: str, state: dict[str, Any],
+                      seen: set[bytes]) -> _Example:
+    """A new example of subtask `name` whose RGB image no earlier example of the dataset has."""
+    for _ in range(_MAX_REDRAWS):
+        ex = _GENERATORS[name](rng, size, split, state)
+        ex.image = ex.image.convert("RGB")
+        digest = hashlib.sha256(ex.image.tobytes()).digest()
+        if digest not in seen:
+            seen.add(digest)
+            return ex
+    raise RuntimeError(f"{name}: no new distinct image after {_MAX_REDRAWS} tries")  # pragma: no cover
+
+
+def _caption_record(ex: _Example, rel: str, image_id: str, name: str, rng: np.random.Generator) -> dict:
+    """The PT record of a training image: a caption prompt and its caption."""
+    return {"id": image_id, "image": rel, "conversations": [
+        {"from": "human", "value": "<image>\n" + _pick(rng, CAPTION_PROMPTS)},
+        {"from": "gpt", "value": ex.caption}], "subtask": name}
+
+
+def _instruct_records(ex: _Example, rel: str, image_id: str, name: str, rng: np.random.Generator,
+                      multi_turn: bool) -> list[dict]:
+    """The instruct records of a training image: its yes, no and open question in a random order, one
+    record each, or one three-turn record with `multi_turn`."""
+    turns = [(ex.yes + YES_NO_SUFFIX, "Yes"), (ex.no + YES_NO_SUFFIX, "No"),
+             (ex.open_q + OPEN_SUFFIX, ex.open_a)]
+    records, conversations = [], []
+    for t, j in enumerate(rng.permutation(len(turns))):
+        question, answer = turns[int(j)]
+        if not multi_turn:
+            records.append({"id": f"{image_id}_q{t}", "image": rel, "subtask": name, "conversations": [
+                {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]})
+            continue
+        conversations += [{"from": "human", "value": ("<image>\n" if not conversations else "") + question},
+                          {"from": "gpt", "value": answer}]
+    if multi_turn:
+        records.append({"id": image_id, "image": rel, "conversations": conversations, "subtask": name})
+    return records
+
+
+def _mme_pair(ex: _Example, rel: str, image_id: str, name: str, rng: np.random.Generator) -> list[dict]:
+    """The two MME questions of a test image (answered Yes and No), in a random order."""
+    pair = [(ex.yes, "Yes"), (ex.no, "No")]
+    if rng.random() < 0.5:
+        pair.reverse()
+    return [{"question_id": f"{image_id}_{j}", "image": rel, "question": question + YES_NO_SUFFIX,
+             "answer": answer, "category": name, "pair": image_id}
+            for j, (question, answer) in enumerate(pair)]
