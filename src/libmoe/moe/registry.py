@@ -94,6 +94,13 @@ class AlgorithmRegistry(MutableMapping[str, AlgorithmSpec]):
             finally:
                 self._loading = False
 
+    def refresh(self) -> None:
+        """Load the plugins again now: entry points installed and LIBMOE_PLUGINS modules named
+        since the first lookup (a long-lived session, tests). Loaded ones stay as they are."""
+        with self._lock:
+            self._loaded = False
+            self._load()
+
     def add(self, spec: AlgorithmSpec) -> None:
         """Register `spec` without loading the plugins first (register_algorithm's insertion)."""
         old = self._specs.get(spec.name)
