@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ..devices import check_device
-from ..eval.evaluator import check_evaluation
-from ..eval.tasks import get_task, local_file
+from ..eval import check_evaluation, get_task
+from ..eval.tasks import local_file
 from ..moe.trace import TRACE_TENSORS, check_one_run, list_traces
 from .kinds import AnalysisOptions, find_run_kind
 from .lm import LM_RUN_KIND, record_probe_trace, record_task_trace

@@ -13,9 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from ..eval.evaluator import evaluate_tasks, validation_perplexity
-from ..eval.scoring import LMScorer
-from ..eval.tasks import get_task
+from ..eval import LMScorer, evaluate_tasks, get_task, validation_perplexity
 from ..files import write_json
 from ..moe import MoELayer
 from ..moe.routers import ExpertChoiceRouter

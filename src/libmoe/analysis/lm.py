@@ -13,15 +13,11 @@ from typing import Any
 import torch
 
 from ..data.packed import probe_set
-from ..eval.evaluator import run_data_available, validation_perplexity
-from ..eval.scoring import LMScorer
-from ..eval.tasks import get_task, load_records
+from ..eval import LMScorer, get_task, load_records, run_data_available, validation_perplexity
 from ..files import write_json
-from ..models import load_model
+from ..models import config_from_dict, load_model, prepare_run_data
 from ..moe import MoELayer
 from ..moe.trace import RoutingRecorder, Trace
-from ..train.config import config_from_dict
-from ..train.trainer import prepare_run_data
 from . import metrics as M
 from .interventions import intervention_plan, intervention_study, write_units
 from .kinds import DEFAULT_KIND, AnalysisOptions, RunKind, declared_kind

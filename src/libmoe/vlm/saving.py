@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..files import write_json
-from ..train.checkpoint import latest_checkpoint
+from ..models import latest_checkpoint
 from .model import MODEL_FILE, VLM_FILE, LibMoEVLM, load_state, model_state
 from .upcycle import upcycle_vlm
 

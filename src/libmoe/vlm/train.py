@@ -34,8 +34,9 @@ from torch import Tensor
 from ..devices import check_device
 from ..errors import Interrupted, WorkFailed
 from ..files import CorruptFileError, write_json, write_text
+from ..models import latest_checkpoint, list_checkpoints, newest_intact_checkpoint
 from ..overrides import load_yaml
-from ..train.checkpoint import latest_checkpoint, list_checkpoints, newest_intact_checkpoint, save_checkpoint
+from ..train.checkpoint import save_checkpoint
 from ..train.metrics import MetricsLogger, load_summary
 from ..train.rundir import RUN_FILES, remove_entries
 from ..train.stops import StopSignals
