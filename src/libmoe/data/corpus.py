@@ -20,36 +20,18 @@ Files that are not valid UTF-8 are skipped and counted in `Corpus.skipped`, neve
 from __future__ import annotations
 
 import json
+import pydoc_data.topics
 import sysconfig
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from .documents import Corpus, Document
+from .hub import HUB_ALIASES, hub_name, load_hub_corpus
 
-@dataclass(frozen=True)
-class Document:
-    text: str
-    domain: str
-    source: str
-
-
-@dataclass
-class Corpus:
-    documents: list[Document]
-    skipped: list[str] = field(default_factory=list)
-
-    @property
-    def domains(self) -> list[str]:
-        """Domain labels in first-seen order."""
-        return list(dict.fromkeys(d.domain for d in self.documents))
-
-    def __len__(self) -> int:
-        return len(self.documents)
+__all__ = ["Corpus", "Document", "embedded_corpus", "load_corpus", "split_documents"]
 
 
 def embedded_corpus() -> Corpus:
     """Python's documentation topics (prose) and standard-library sources (code); see module doc."""
-    import pydoc_data.topics
-
     docs = [
         Document(text, "python_docs", f"pydoc_data.topics:{name}")
         for name, text in sorted(pydoc_data.topics.topics.items())
@@ -98,8 +80,6 @@ def load_corpus(source: str | Path = "embedded", *, hub_options: dict | None = N
     """Load documents with domain labels from `source` (see the module docstring). `hub_options`
     are keyword arguments for `load_hub_corpus` (``split``, ``max_documents``, ...) and apply only
     to ``"hf:NAME"`` and alias sources."""
-    from .hub import HUB_ALIASES, hub_name, load_hub_corpus
-
     name = str(source)
     path = Path(source)
     dataset = hub_name(name)

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePath
 from typing import Any
 
-from .corpus import Corpus, Document
+from .documents import Corpus, Document
 
 HUB_ALIASES: dict[str, dict[str, Any]] = {
     "slimpajama": dict(name="cerebras/SlimPajama-627B", domain_field="meta.redpajama_set_name"),

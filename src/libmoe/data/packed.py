@@ -36,7 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .corpus import Corpus, Document, load_corpus, split_documents
+from .corpus import load_corpus, split_documents
+from .documents import Corpus, Document
+from .hub import hub_name, iter_hub_documents
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1
@@ -165,8 +167,6 @@ def prepare_data(
     `tokenizer_chars` characters of training documents, validation takes the first documents until
     it holds min_val_tokens and then each document with probability val_fraction, and reading stops
     at `max_train_tokens` training tokens (or the end of the stream, or hub max_documents)."""
-    from .hub import hub_name
-
     settings = dict(format=FORMAT_VERSION, tokenizer=tokenizer,
                     vocab_size=vocab_size if tokenizer == "train" else None,
                     val_fraction=val_fraction, min_val_tokens=min_val_tokens,
@@ -322,8 +322,6 @@ def _build_corpus(corpus: Corpus, source: str, settings: dict, tmp: Path, seq_le
 
 def _build_stream(dataset: str, hub: dict, settings: dict, tmp: Path, log) -> dict:
     """One pass over a Hub stream; see prepare_data."""
-    from .hub import iter_hub_documents
-
     docs = (piece for doc in iter_hub_documents(dataset, **hub)
             for piece in split_documents(Corpus([doc]), settings["max_doc_chars"]).documents)
     rng = random.Random(settings["split_seed"])

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
+import sentencepiece as spm
+
 from ..files import CorruptFileError, write_bytes, write_json
 
 SPM_FILE = "tokenizer.model"
@@ -35,8 +37,6 @@ class SentencePieceTokenizer:
     """A trained SentencePiece model (`tokenizer.model`); ids in [0, vocab_size)."""
 
     def __init__(self, model_proto: bytes):
-        import sentencepiece as spm
-
         self.proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.vocab_size = self.sp.get_piece_size()
@@ -93,8 +93,6 @@ def train_tokenizer(
     byte_fallback: unseen characters become their UTF-8 bytes, so decode(encode(t)) == t for any
     text; split_digits: numbers are spelled digit by digit. Deterministic for a given input.
     """
-    import sentencepiece as spm
-
     if vocab_size < 300:
         raise ValueError(
             f"vocab_size={vocab_size} is too small: byte fallback alone needs 256 pieces plus "

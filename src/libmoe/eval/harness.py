@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (fills the registry first: it is filled lazily only when empty)
+import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import MODEL_REGISTRY, register_model
 
@@ -29,8 +30,6 @@ from .scoring import LMScorer
 
 
 def _device(requested: str | None) -> str:
-    import torch
-
     if requested and not (requested.startswith("cuda") and not torch.cuda.is_available()):
         return requested
     if requested:

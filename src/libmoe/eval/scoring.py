@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 
 class LMScorer:
@@ -81,8 +82,6 @@ class LMScorer:
 
     def _score_chunks(self, pairs: Sequence[tuple[list[int], list[int]]],
                       desc: str | None) -> list[tuple[float, bool]]:
-        from tqdm import tqdm
-
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         rows = []  # (request, inputs + the last target, continuation length)
         for i, (ctx, cont) in enumerate(pairs):
@@ -140,8 +139,6 @@ class LMScorer:
                        desc: str | None = None) -> list[str]:
         """Greedy continuations of each context, cut at the first of `until` (see the module
         docstring); `max_gen_toks` (default 256) bounds the new tokens."""
-        from tqdm import tqdm
-
         outputs = []
         was_training = self.model.training
         self.model.eval()

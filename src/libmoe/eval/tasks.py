@@ -15,49 +15,16 @@ from __future__ import annotations
 import ast
 import json
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..files import CorruptFileError
+from ..moe.options import did_you_mean
+from .registry import TASKS, Doc, Task, register_task
+from .yaml_tasks import load_task_file
 
-
-@dataclass
-class Doc:
-    context: str
-    choices: list[str]  # continuations without the leading delimiter (or contexts, see below)
-    gold: int = 0
-    # Set for multiple-input tasks: `choices` are then alternative contexts, each followed by
-    # this one continuation (the harness's doc_to_text returning an index, e.g. WinoGrande).
-    continuation: str | None = None
-
-
-@dataclass
-class Task:
-    name: str
-    hub: tuple[str, str | None]  # (dataset, config)
-    split: str
-    kind: str  # "multiple_choice", "greedy_word", "rolling" or "group"
-    to_doc: Callable[[dict[str, Any]], Doc] | None  # None for groups
-    delimiter: str = " "
-    group: list[str] | None = None  # a group task: the mean of these tasks' metrics
-    local_path: str | None = None  # under --data-dir; default "<name>.<split>.jsonl"
-    data_file: Path | None = None  # a fixed file (user-defined YAML tasks), whatever --data-dir
-
-    def requests(self, doc: Doc) -> list[tuple[str, str]]:
-        """The (context, continuation) log-likelihood requests of one document, one per choice."""
-        if doc.continuation is not None:
-            return [(c, self.delimiter + doc.continuation) for c in doc.choices]
-        return [(doc.context, self.delimiter + c) for c in doc.choices]
-
-
-TASKS: dict[str, Task] = {}
-
-
-def register_task(task: Task) -> Task:
-    TASKS[task.name] = task
-    return task
+__all__ = ["BLIMP_PARADIGMS", "TASKS", "Doc", "Task", "check_limit", "get_task", "load_records", "local_file",
+           "register_task"]
 
 
 def _hellaswag_preprocess(text: str) -> str:
@@ -202,12 +169,8 @@ register_task(Task("openbookqa", ("allenai/openbookqa", "main"), "test", "multip
 def get_task(name: str) -> Task:
     """A registered task by name, or a user-defined task from a YAML file's path."""
     if name.endswith((".yaml", ".yml")) and name not in TASKS:
-        from .yaml_tasks import load_task_file
-
         return load_task_file(name)
     if name not in TASKS:
-        from ..moe.options import did_you_mean
-
         known = sorted(t for t in TASKS if not t.startswith("blimp_"))
         raise ValueError(f"unknown task {name!r}.{did_you_mean(name, TASKS)} Known tasks: "
                          f"{', '.join(known)}, blimp_<paradigm> ({len(BLIMP_PARADIGMS)} of them), "

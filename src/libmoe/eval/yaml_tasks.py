@@ -28,9 +28,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import yaml
 
-from .tasks import TASKS, Doc, Task
+from .registry import TASKS, Doc, Task
 
 KINDS = {"multiple_choice": "multiple_choice", "loglikelihood": "greedy_word",
          "loglikelihood_rolling": "rolling"}
@@ -43,8 +44,6 @@ KNOWN = USED | IGNORED
 
 
 def _environment():
-    import jinja2
-
     # As the harness's: undefined fields are errors, trailing newlines kept, a regex filter.
     env = jinja2.Environment(loader=jinja2.BaseLoader(), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
@@ -61,8 +60,6 @@ class _Templates:
         self.env = _environment()
 
     def _render(self, template: str, record: dict[str, Any]) -> str:
-        import jinja2
-
         try:
             return self.env.from_string(template).render(**record)
         except jinja2.TemplateError as err:

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..moe.layer import check_algorithm
 from ..moe.options import check_number, did_you_mean
 
@@ -109,8 +111,6 @@ def preset_file(name: str) -> Path:
 
 def load_preset(name: str) -> dict[str, Any]:
     """The sections of preset `name` as plain dicts."""
-    import yaml
-
     path = preset_file(name)
     if not path.is_file():
         raise ValueError(

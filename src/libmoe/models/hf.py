@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..moe import Router
 from .config import ModelConfig
-from .transformer import MoETransformer
+from .transformer import MoETransformer, rotary_tables
 
 
 class LibMoEConfig(PretrainedConfig):
@@ -91,9 +92,6 @@ class LibMoEForCausalLM(PreTrainedModel, GenerationMixin):
 def _restore_buffers(model: MoETransformer) -> None:
     """Recompute the non-persistent buffers (rotary tables, routers' constants), which
     transformers' meta-device loading leaves uninitialised."""
-    from ..moe import Router
-    from .transformer import rotary_tables
-
     cfg = model.config
     cos, sin = rotary_tables(cfg.max_seq_len, cfg.rope_dim, cfg.rope_base)
     model.rope_cos.copy_(cos)
@@ -127,4 +125,5 @@ def write_hf_config(directory: str | Path, cfg: ModelConfig) -> Path:
     config.save_pretrained(str(directory))
     return Path(directory) / "config.json"
 
-register_auto()  # importing this module is enough (libmoe._auto imports it once transformers loads)
+
+register_auto()  # importing this module is enough (libmoe.models.auto imports it when transformers loads)

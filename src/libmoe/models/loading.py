@@ -13,16 +13,20 @@ Face causal LM) loads through ``AutoModelForCausalLM``. Weights are read with sa
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 from torch import nn
 
-from ..files import CorruptFileError, read_json_object, sha256
+from ..data.hf_tokenizer import write_transformers_tokenizer
+from ..data.tokenizer import load_tokenizer
+from ..files import CorruptFileError, read_json_object, sha256, write_bytes, write_text
 from ..overrides import load_yaml
 from .checkpoints import latest_checkpoint, list_checkpoints
 from .config import ModelConfig
@@ -61,8 +65,6 @@ def _readable(ckpt: Path) -> bool:
 
 
 def _readable_file(file: Path) -> bool:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(file), framework="pt") as f:
             f.keys()
@@ -119,14 +121,12 @@ def is_transformers_dir(path: Path) -> bool:
 
 
 def _load_transformers(path: Path, device: str | torch.device) -> LoadedModel:
-    from ..data.tokenizer import load_tokenizer
-
     try:
         from transformers import AutoModelForCausalLM
     except ImportError as err:
         raise ValueError(f"{str(path)!r} is a transformers model directory; loading it needs "
                          "transformers: pip install 'libmoe[hub]'.") from err
-    import libmoe.upcycle.hf_saving  # noqa: F401  registers libmoe_upcycled with the Auto classes
+    from . import hf_upcycled  # noqa: F401  (imports transformers) registers libmoe_upcycled
 
     fix = _damaged_fix(path)
     read_json_object(path / "config.json", fix)  # names the file, unlike transformers' message
@@ -176,13 +176,6 @@ def save_model_dir(out: str | Path, model: MoETransformer, run_config: dict[str,
     libmoe.data.hf_tokenizer), so that AutoTokenizer and AutoModelForCausalLM (after `import
     libmoe`) load the directory alone. Each file is written atomically. `log` (default: stderr)
     gets one line when transformers' files are skipped."""
-    import sys
-
-    from safetensors.torch import save
-
-    from ..data.hf_tokenizer import write_transformers_tokenizer
-    from ..files import write_bytes, write_text
-
     out, tokenizer_dir = Path(out), Path(tokenizer_dir)
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -193,7 +186,7 @@ def save_model_dir(out: str | Path, model: MoETransformer, run_config: dict[str,
         write_bytes(out / "tokenizer" / file.relative_to(tokenizer_dir), file.read_bytes())
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
     try:
-        from .hf import LibMoEConfig
+        from .hf import LibMoEConfig  # imports transformers
     except ImportError:  # transformers is optional; libmoe reads the directory without it
         for name in ("config.json", "generation_config.json", *tokenizer_files):  # an older export's
             (out / name).unlink(missing_ok=True)
@@ -221,8 +214,6 @@ def save_model_dir(out: str | Path, model: MoETransformer, run_config: dict[str,
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """The model of a run (newest checkpoint) or checkpoint directory, in eval mode, with its
     tokenizer; see the module docstring."""
-    from ..data.tokenizer import load_tokenizer
-
     ckpt = resolve_checkpoint(path)
     if is_transformers_dir(ckpt):
         return _load_transformers(ckpt, device)

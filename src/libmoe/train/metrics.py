@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from ..files import CorruptFileError, dumps, write_text
 
@@ -91,7 +92,7 @@ class MetricsLogger:
         truncate_metrics(self.path, start_step)
         self.file = self.path.open("a")
         if tensorboard:
-            try:
+            try:  # imports tensorboard (seconds; optional in practice): only when a run logs to it
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
@@ -101,8 +102,6 @@ class MetricsLogger:
         if progress is None:
             progress = sys.stderr.isatty()
         if progress:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def eta(self, step: int) -> float:

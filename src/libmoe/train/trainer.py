@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import resource
 import shutil
 import time
 from dataclasses import replace
@@ -23,13 +24,25 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
-from ..data.packed import SequenceSampler, probe_set, validation_windows
+from ..data.packed import SequenceSampler, probe_set, tokenizer_fingerprint, validation_windows
 from ..errors import Interrupted
 from ..eval.perplexity import validation_loss
 from ..files import read_json_object, write_json, write_text
-from ..models import MoETransformer, count_parameters
+from ..models import MoETransformer, count_parameters, find_tokenizer, resolve_checkpoint
 from ..models.run_config import RunConfig, load_run_config, load_yaml, prepare_run_data
+from ..models.transformers_lm import (
+    TransformersLM,
+    load_transformers,
+    transformers_run_config,
+    transformers_source,
+)
 from ..moe import attach_bias_balancing, set_training_progress
 from .checkpoint import agreed_checkpoint, list_checkpoints, save_checkpoint
 from .distributed import (
@@ -42,7 +55,6 @@ from .distributed import (
     shutdown,
     wrap_model,
 )
-from .hf_model import TransformersLM, load_transformers, transformers_run_config, transformers_source
 from .metrics import MetricsLogger, load_summary, read_metrics
 from .rundir import (
     RUN_FILES,
@@ -141,20 +153,12 @@ def _apply_optim_settings(opt: torch.optim.Optimizer, sched, cfg: RunConfig,
 
 def _state_dicts(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Full (unsharded) model and optimizer state, keyed by parameter name, on every rank."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return (get_model_state_dict(model, options=options),
             get_optimizer_state_dict(model, opt, options=options))
 
 
 def _load_optimizer(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
     set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
 
 
@@ -217,8 +221,6 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process: CUDA allocations on a GPU, the resident set size on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -245,7 +247,7 @@ def train(
     of this model directory, run or checkpoint (e.g. an upcycled model) instead of a random init;
     its model config and tokenizer must be the run's. A transformers causal LM (directory or Hub
     name, e.g. `libmoe upcycle`'s output for a Hub model) is trained as it is, with its own
-    tokenizer; see libmoe.train.hf_model.
+    tokenizer; see libmoe.models.transformers_lm.
 
     Failures: bad settings raise ValueError before any data is prepared or anything is written;
     a non-finite loss raises WorkFailed without writing a checkpoint; SIGTERM/SIGINT write a
@@ -261,7 +263,7 @@ def train(
     init = init if init is not None else cfg.init
     if init is None and resume and (out / "config.yaml").is_file():  # the run keeps its init
         init = load_yaml(out / "config.yaml").get("init")
-    hf = False  # whether the model trained is a transformers model (libmoe.train.hf_model)
+    hf = False  # whether the model trained is a transformers model (libmoe.models.transformers_lm)
     if init is not None:
         source = transformers_source(init)
         hf = source is not None
@@ -277,9 +279,6 @@ def train(
 
 def _init_weights(init: str | Path, cfg: RunConfig, tokenizer_hash: str) -> dict[str, torch.Tensor]:
     """The state dict of model directory `init`, checked against the run's model and tokenizer."""
-    from ..data.packed import tokenizer_fingerprint
-    from ..models.loading import _find_tokenizer, resolve_checkpoint
-
     path = resolve_checkpoint(init)
     saved = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
     if saved.get("model") is None:
@@ -288,7 +287,7 @@ def _init_weights(init: str | Path, cfg: RunConfig, tokenizer_hash: str) -> dict
         diff = "; ".join(config_diff(saved["model"], cfg.model.to_dict()))
         raise ValueError(f"--init {str(init)!r} holds a different model than this config ({diff}); "
                          "leave the model section to the init directory's config.")
-    if tokenizer_fingerprint(_find_tokenizer(path)) != tokenizer_hash:
+    if tokenizer_fingerprint(find_tokenizer(path)) != tokenizer_hash:
         raise ValueError(f"--init {str(init)!r} was trained with another tokenizer than this run's data "
                          "(data.source or data.tokenizer differ); use the init directory's data config.")
     return load_file(str(path / "model.safetensors"))

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from ..files import write_json
+from ..models import MoETransformer, find_tokenizer, load_model, save_model_dir
+from ..models.transformers_lm import transformers_source
+from ..models.upcycled import SHARED_ALGORITHMS, copy_into_experts
+from ..moe.layer import check_algorithm
 
-SHARED_ALGORITHMS = ("sharede_v2", "sharede_v3")
 EXACT_AT_INIT = ("smoe", "sigma_moe", "xmoe", "sharede_v2", "sharede_v3", "cosine",
                  "perturbed_cosine", "hyper")
 NOT_EXACT_AT_INIT = {
@@ -33,76 +35,7 @@ NOT_EXACT_AT_INIT = {
 UPCYCLE_FILE = "upcycle.json"
 
 
-def copy_into_experts(experts, w1: Tensor, w2: Tensor, w3: Tensor | None = None,
-                      generator: torch.Generator | None = None, noise_std: float = 0.0,
-                      reinit_fraction: float = 0.0, *, b1: Tensor | None = None,
-                      b2: Tensor | None = None, b3: Tensor | None = None) -> None:
-    """Make every expert of `experts` (w1 [E, D, M], w2 [E, M, D], w3) the dense FFN
-    (w1 [D, M], w2 [M, D], w3 [D, M] when gated; biases b1, b3 [M] and b2 [D] when it has them).
-    `noise_std` adds N(0, noise_std * std(W)) to each copy; `reinit_fraction` re-draws that share
-    of each expert's hidden units from N(mean(W), std(W)) of the dense weights (Drop-Upcycling).
-    Both draw from `generator` and touch the weights only: biases are copied as they are. Experts
-    with biases take a dense FFN without them as zero biases; the reverse is refused."""
-    pairs = [("w1", w1), ("w2", w2), ("w3", w3)]
-    for name, w in pairs:
-        target = getattr(experts, name)
-        if (target is None) != (w is None):
-            raise ValueError(f"the dense FFN {'has' if w is not None else 'has no'} {name} (gate) but "
-                             f"the MoE experts {'do not' if target is None else 'do'}; give the MoE "
-                             "layer the source's activation (e.g. swiglu for gated MLPs).")
-        if target is not None and tuple(target.shape[1:]) != tuple(w.shape):
-            raise ValueError(f"expert {name} has shape {tuple(target.shape[1:])} but the dense FFN's "
-                             f"is {tuple(w.shape)}; expert_dim must equal the dense FFN width.")
-    biases = [("b1", b1), ("b2", b2), ("b3", b3)]
-    if getattr(experts, "b1", None) is None:
-        given = [name for name, b in biases if b is not None]
-        if given:
-            raise ValueError(f"the dense FFN has biases ({', '.join(given)}) but the MoE experts do "
-                             "not; build the MoE layer with expert_bias=True.")
-        biases = []
-    else:
-        biases = [(name, b) for name, b in biases if getattr(experts, name) is not None]
-    for name, b in biases:
-        target = getattr(experts, name)
-        if b is not None and tuple(target.shape[1:]) != tuple(b.shape):
-            raise ValueError(f"expert bias {name} has shape {tuple(target.shape[1:])} but the dense "
-                             f"FFN's is {tuple(b.shape)}; expert_dim must equal the dense FFN width.")
-    with torch.no_grad():
-        for name, b in biases:
-            target = getattr(experts, name)
-            if b is None:
-                target.zero_()
-            else:
-                target.copy_(b.to(target).expand_as(target))
-        for name, w in pairs:
-            target = getattr(experts, name)
-            if target is None:
-                continue
-            target.copy_(w.to(target).expand_as(target))
-            if noise_std > 0:
-                noise = torch.randn(target.shape, generator=generator) * (noise_std * w.float().std())
-                target.add_(noise.to(target))
-        if reinit_fraction > 0:
-            M = experts.expert_dim
-            n = round(reinit_fraction * M)
-            for e in range(experts.n_experts):
-                units = torch.randperm(M, generator=generator)[:n]
-                for name, w in pairs:
-                    if w is None:
-                        continue
-                    rows = name == "w2"  # w2 [M, D] holds hidden units as rows, w1/w3 [D, M] as columns
-                    shape = (n, w.shape[1]) if rows else (w.shape[0], n)
-                    draw = (torch.randn(shape, generator=generator) * w.float().std() + w.float().mean())
-                    target = getattr(experts, name)[e]
-                    if rows:
-                        target[units.to(target.device), :] = draw.to(target)
-                    else:
-                        target[:, units.to(target.device)] = draw.to(target)
-
-
 def _dense_source(model, what: str):
-    from ..models import MoETransformer
-
     if not isinstance(model, MoETransformer):
         raise ValueError(f"{what} needs a libmoe MoETransformer; got {type(model).__name__}.")
     if model.config.algorithm != "dense":
@@ -113,8 +46,6 @@ def _dense_source(model, what: str):
 
 def _build(cfg, seed: int):
     """A fresh MoETransformer of `cfg`, every random init (routers in layer order) from `seed`."""
-    from ..models import MoETransformer
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return MoETransformer(cfg)
@@ -129,8 +60,6 @@ def upcycle_model(source, algorithm: str, n_experts: int, top_k: int, layers: li
     layer by layer (they differ, runs reproduce). Shared-expert algorithms use E - 1 routed copies
     plus the dense FFN as one shared expert (top_k counts it), mixed 0.5/0.5. `options` are MoE
     options (e.g. balance_coef). Everything outside the upcycled FFNs is copied unchanged."""
-    from ..moe.layer import check_algorithm
-
     cfg = _dense_source(source, "upcycling")
     check_algorithm(algorithm)
     if algorithm == "dense":
@@ -235,10 +164,6 @@ def upcycle_checkpoint(source: str | Path, out: str | Path, algorithm: str, n_ex
     A transformers source (a local directory or a Hub name) is upcycled by
     `hf_saving.upcycle_transformers` into a directory AutoModelForCausalLM loads.
     Returns upcycle.json's content, including the largest logit difference from the source."""
-    from ..models import load_model
-    from ..models.loading import _find_tokenizer, save_model_dir
-    from ..moe.layer import check_algorithm
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a directory for the upcycled model.")
@@ -249,13 +174,11 @@ def upcycle_checkpoint(source: str | Path, out: str | Path, algorithm: str, n_ex
     if n_experts < 1 or not 1 <= top_k <= n_experts:
         raise ValueError(f"--n-experts {n_experts} --top-k {top_k}: give at least one expert and a "
                          "top-k between 1 and the number of experts.")
-    from ..train.hf_model import transformers_source
-
     hf_source = transformers_source(source)  # a transformers directory, Hub name or such a run
     if hf_source is not None:
         if shared_only:
             raise ValueError("--shared-only (SharedE-Upcyc) needs a libmoe dense run as the source.")
-        from .hf_saving import upcycle_transformers
+        from .hf_saving import upcycle_transformers  # imports transformers
 
         return upcycle_transformers(hf_source, out, algorithm, n_experts, top_k, layers=layers,
                                     seed=seed, router_init_std=router_init_std, noise_std=noise_std,
@@ -270,7 +193,7 @@ def upcycle_checkpoint(source: str | Path, out: str | Path, algorithm: str, n_ex
                               noise_std, reinit_fraction, **options)
     cfg = model.config
     diff = max_logit_difference(loaded.model, model, cfg.vocab_size, min(cfg.max_seq_len, 64))
-    save_model_dir(out, model, loaded.config, _find_tokenizer(loaded.checkpoint))
+    save_model_dir(out, model, loaded.config, find_tokenizer(loaded.checkpoint))
     info = {
         "source": str(loaded.checkpoint), "source_step": loaded.step,
         "method": "sharede_upcyc" if shared_only else "upcycle", "algorithm": algorithm,

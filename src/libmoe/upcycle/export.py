@@ -42,7 +42,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..files import write_json
+from ..data.hf_tokenizer import is_libmoe_sentencepiece, write_transformers_tokenizer
+from ..files import write_bytes, write_json
+from ..models import MoETransformer, load_model, resolve_checkpoint
+from ..models.upcycled import UpcycledMLP
+from ..moe import MoELayer, TopKRouter
 
 TARGETS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -155,8 +159,6 @@ def refuse_unless_exact(model: nn.Module, to: str) -> None:
 def differences(model: nn.Module, to: str) -> list[str]:
     """Why `model` (a transformers model with UpcycledMLP layers) does not map exactly onto `to`;
     empty when it does."""
-    from .hf import UpcycledMLP
-
     cfg, kind = model.config, model.config.model_type
     if kind not in SOURCES:
         return [f"its source architecture {type(model).__name__} (model_type {kind!r}) has no "
@@ -207,9 +209,6 @@ def differences(model: nn.Module, to: str) -> list[str]:
 
 
 def _layer_differences(moe: nn.Module, cfg: Any) -> list[str]:
-    from ..moe.layer import MoELayer
-    from ..moe.routers import TopKRouter
-
     alg = moe.algorithm
     if not isinstance(moe, MoELayer) or alg not in ("smoe", "sharede_v2"):
         return [f"algorithm {alg!r}: {WHY_NOT.get(alg, 'its router is not a softmax top-k router')} "
@@ -269,8 +268,6 @@ def _native_refusal(config: Any, to: str) -> ValueError:
 def _load_source(path_or_model, to: str) -> tuple[nn.Module, str, Path | None]:
     """(transformers model with UpcycledMLP layers, a description of where it came from, the
     directory holding its tokenizer files or None). libmoe's own models are refused here."""
-    from ..models.transformer import MoETransformer
-
     if isinstance(path_or_model, nn.Module):
         model = path_or_model
         inner = getattr(model, "model", None)
@@ -281,18 +278,14 @@ def _load_source(path_or_model, to: str) -> tuple[nn.Module, str, Path | None]:
             model = inner
         _check_upcycled(model, type(path_or_model).__name__)
         return model, type(path_or_model).__name__, None
-    from ..models.loading import resolve_checkpoint
-
     ckpt = resolve_checkpoint(path_or_model)
     config_json = ckpt / "config.json"
     model_type = json.loads(config_json.read_text()).get("model_type") if config_json.is_file() else None
     if model_type in (None, "libmoe"):  # a libmoe run, checkpoint or exported model directory
-        from ..models import load_model
-
         raise _native_refusal(load_model(ckpt).model.config, to)
     from transformers import AutoModelForCausalLM
 
-    from . import hf_saving  # noqa: F401  registers libmoe_upcycled with the Auto classes
+    from ..models import hf_upcycled  # noqa: F401  (imports transformers) registers libmoe_upcycled
 
     model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
     if type(model).__name__ == "LibMoEUpcycledForCausalLM":
@@ -302,8 +295,6 @@ def _load_source(path_or_model, to: str) -> tuple[nn.Module, str, Path | None]:
 
 
 def _check_upcycled(model: nn.Module, what: str) -> None:
-    from .hf import UpcycledMLP
-
     if not hasattr(model, "config") or not any(isinstance(m, UpcycledMLP) for m in model.modules()):
         raise ValueError(f"{what} has no upcycled MoE layers; export takes a model written by "
                          "`libmoe upcycle` from a transformers model (or a checkpoint of its training run).")
@@ -320,9 +311,6 @@ def _tokenizer_dir(ckpt: Path) -> Path | None:
 def _copy_tokenizer(tokenizer_dir: Path | None, out: Path) -> bool:
     """The tokenizer in transformers' format at `out`'s top level: a transformers tokenizer's files
     copied, a SentencePiece tokenizer libmoe trained converted (libmoe.data.hf_tokenizer)."""
-    from ..data.hf_tokenizer import is_libmoe_sentencepiece, write_transformers_tokenizer
-    from ..files import write_bytes
-
     if tokenizer_dir is None:
         return False
     if is_libmoe_sentencepiece(tokenizer_dir):  # its tokenizer.json is libmoe's, not transformers'
@@ -338,8 +326,6 @@ def _copy_tokenizer(tokenizer_dir: Path | None, out: Path) -> bool:
 
 def _upcycled(model: nn.Module) -> dict[int, nn.Module]:
     """{decoder layer index: its UpcycledMLP}."""
-    from .hf import UpcycledMLP
-
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         return {}
