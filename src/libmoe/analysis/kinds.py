@@ -89,7 +89,12 @@ def load_entry_points() -> None:
         return
     _entry_points_loaded = True
     for ep in entry_points(group=RUN_KINDS_GROUP):
-        register_run_kind(ep.load())
+        try:
+            kind = ep.load()
+        except Exception as err:  # a broken plugin is named, not a bare traceback from its import
+            raise ImportError(f"the run kind {ep.name!r} ({ep.value}, entry-point group {RUN_KINDS_GROUP}) "
+                              f"failed to load: {err}") from err
+        register_run_kind(kind)
 
 
 def run_kinds() -> dict[str, RunKind]:

@@ -1,5 +1,6 @@
 """Vision-language sparse upcycling (the paper's LLaVA-style pipeline): model, presets, data, stages,
-evaluation and analysis. See docs/vlm.md.
+evaluation and analysis. The VLM bench regime is the bench's (`libmoe.bench.run_vlm_bench`). See
+docs/vlm.md.
 
     from libmoe.vlm import parameter_report, train_stage
     parameter_report("paper-phi35-siglip")    # Table 3, on the meta device (no download)
@@ -11,9 +12,6 @@ dependencies are imported only where used.
 """
 
 from __future__ import annotations
-
-import importlib
-from typing import Any
 
 from ..analysis import register_run_kind
 from .analysis import VLM_RUN_KIND, analyze_vlm_run
@@ -46,7 +44,6 @@ __all__ = [
     "load_vlm_preset",
     "parameter_report",
     "record_vlm_trace",
-    "run_vlm_bench",
     "save_vlm",
     "score_mme",
     "stage_config",
@@ -55,10 +52,3 @@ __all__ = [
     "write_synth_dataset",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    # run_vlm_bench lives in libmoe.vlm.bench, which imports the bench (a layer above vlm) and moves
-    # there (issue 20); until then it is looked up by name rather than imported by this package.
-    if name == "run_vlm_bench":
-        return importlib.import_module(".bench", __name__).run_vlm_bench
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
