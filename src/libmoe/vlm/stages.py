@@ -31,6 +31,7 @@ TRAIN_DEFAULTS = {"lr": 1e-3, "batch_size": 32, "max_steps": None, "epochs": 1, 
 
 
 def cache_dir() -> Path:
+    """Where libmoe caches generated data: $LIBMOE_CACHE, else ~/.cache/libmoe."""
     return Path(os.environ.get("LIBMOE_CACHE", Path.home() / ".cache" / "libmoe"))
 
 

@@ -65,8 +65,13 @@ __all__ = ["CONFIG_FILE", "DEFAULT_CHECKPOINTS", "INIT_STAGE", "STAGE_FILES", "T
            "StageRun", "build_stage_model", "cache_dir", "config_hash", "load_stage_config", "make_batch",
            "probe_images", "resolve_data", "setup_stage", "stage_config", "stage_records", "train_stage"]
 
+
+# -- batches ---------------------------------------------------------------------------------------
 @dataclass
 class Batch:
+    """A training batch: right-padded ids, labels (-100 where not trained on) and mask [B, L], the
+    images [N, 3, S, S] in text order (None without images), and the number of real tokens."""
+
     input_ids: Tensor
     labels: Tensor
     attention_mask: Tensor
