@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from libmoe.bench import run_vlm_bench
 from libmoe.bench.presets import load_bench_preset
-from libmoe.vlm.bench import aggregate_rows, run_vlm_bench
+from libmoe.bench.regimes.vlm import aggregate_rows
 
 
 @pytest.fixture(scope="module")

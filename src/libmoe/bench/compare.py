@@ -21,8 +21,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..analysis.plots import FigureInfo
+from ..analysis import FigureInfo
 from ..files import read_json_object
+from .plots import save_figure
 
 FIGURE = FigureInfo(
     "regime_comparison.png", "Routing stability by regime (expert change rate)",
@@ -191,8 +192,6 @@ def plot_regime_comparison(comparison: dict[str, Any], path: str | Path) -> Path
     names = " vs ".join(e["label"] for e in entries)
     fig.suptitle(f"Routing stability by regime: {names} (SharedE-V2/V3 in bold)", fontsize=11)
     fig.tight_layout()
-    from .plots import save_figure
-
     path = save_figure(fig, path)
     plt.close(fig)
     return path

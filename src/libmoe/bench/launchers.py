@@ -5,18 +5,24 @@ Training under torchrun is chosen per run inside `runner.run_one`."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..errors import Interrupted
-from .runner import RunSpec, finished_row, run_one
+from .runner import finished_row, run_one
+from .safety import signals_ignored
+from .spec import RunSpec
 
 
 def _last_step(run_dir: str | Path) -> int:
@@ -37,7 +43,7 @@ class Progress:
 
     def __init__(self, specs: list[RunSpec], log: Callable[[str], None]):
         self.specs, self.log = specs, log
-        self.total_steps = sum(s.config["train"]["max_steps"] for s in specs)
+        self.total_steps = sum(s.max_steps or 0 for s in specs)  # a run of unknown length counts 0
         self.start = time.perf_counter()
         self.done: dict[str, dict] = {}
         self.active: set[str] = set()
@@ -48,13 +54,13 @@ class Progress:
     def steps_now(self) -> int:
         steps = 0
         for s in self.specs:
-            limit = s.config["train"]["max_steps"]
+            limit = s.max_steps or 0
             steps += limit if s.name in self.done else min(limit, _last_step(s.run_dir))
         return steps
 
     def eta(self) -> str:
         steps = self.steps_now()
-        fresh = steps - sum(min(v, s.config["train"]["max_steps"]) for s, v in
+        fresh = steps - sum(min(v, s.max_steps or 0) for s, v in
                             zip(self.specs, self._base.values()))
         elapsed = time.perf_counter() - self.start
         if fresh <= 0 or elapsed < 1:
@@ -83,7 +89,7 @@ class Progress:
         def loop():
             while not stop.wait(every):
                 runs = ", ".join(f"{n} step {_last_step(self._spec(n).run_dir)}/"
-                                 f"{self._spec(n).config['train']['max_steps']}" for n in sorted(self.active))
+                                 f"{self._spec(n).max_steps or '?'}" for n in sorted(self.active))
                 if runs:
                     self.log(f"bench: {runs} | {len(self.done)}/{len(self.specs)} done | ETA {self.eta()}")
 
@@ -98,6 +104,7 @@ class Progress:
 
 
 def duration(seconds: float) -> str:
+    """`seconds` as "1h02m" or "3m07s"."""
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
         f"{seconds // 60}m{seconds % 60:02d}s"
@@ -144,9 +151,6 @@ def _die_with_parent() -> None:
     """Worker initializer: on Linux, ask the kernel to end this worker when the bench process
     dies (a killed bench must not leave trainings running)."""
     if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
@@ -155,8 +159,6 @@ def init_worker() -> None:
     """Worker initializer: die with the bench (above); leave the terminal's process group, so that
     Ctrl-C reaches the bench alone, which then sends each worker one SIGTERM; and take SIGTERM
     outside training as an interruption (inside, the trainer checkpoints first)."""
-    import signal
-
     _die_with_parent()
     with contextlib.suppress(OSError):
         os.setpgrp()
@@ -170,8 +172,6 @@ def init_worker() -> None:
 def signal_workers(pool, futures) -> None:
     """Cancel the `futures` of a ProcessPoolExecutor not started yet and send each of its worker
     processes one SIGTERM (a worker in training checkpoints, then raises Interrupted)."""
-    import signal
-
     for future in futures:
         future.cancel()
     for process in list((getattr(pool, "_processes", None) or {}).values()):
@@ -182,8 +182,6 @@ def signal_workers(pool, futures) -> None:
 def _stop_pool(pool, futures: dict, rows: dict[str, dict], progress: Progress) -> None:
     """The bench was interrupted: cancel the runs not started, send every worker SIGTERM (its
     training checkpoints) and wait for the running ones to stop; their rows land in `rows`."""
-    from .safety import signals_ignored
-
     with signals_ignored():
         signal_workers(pool, futures)
         for future, spec in futures.items():
@@ -199,9 +197,6 @@ def _stop_pool(pool, futures: dict, rows: dict[str, dict], progress: Progress) -
 
 
 def _run_pool(specs: list[RunSpec], jobs: int, progress: Progress) -> dict[str, dict]:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
     threads = max(1, (os.cpu_count() or 1) // max(1, min(jobs, len(specs))))  # a lone run takes every core
     rows = {}
     progress.watch()

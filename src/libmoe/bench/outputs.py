@@ -12,11 +12,17 @@ earlier libmoe versions, recognisable by their layout, are accepted. Every file 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import platform
 import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..files import dumps, read_json, sha256, write_json, write_text
+from ..train.rundir import RUN_FILES, remove_entries
 from ..version import __version__
 
 MANIFEST = ".libmoe-bench"
@@ -103,8 +109,6 @@ def _is_ours(out: Path, name: str, hashes: dict[str, Any]) -> bool:
         return False
     if name == "results.json":
         try:
-            import json
-
             value = json.loads(text)
         except ValueError:
             return False
@@ -161,9 +165,16 @@ def remove_outputs(out: str | Path) -> None:
 def remove_run(run_dir: str | Path) -> None:
     """Remove what libmoe wrote in one run directory (the trainer's files and the bench's);
     anything else is left where it is, and the directory goes when it is empty."""
-    from ..train.rundir import RUN_FILES, remove_entries
-
     run = Path(run_dir)
     remove_entries(run, (*RUN_FILES, *RUN_ENTRIES))
     with contextlib.suppress(OSError):
         run.rmdir()
+
+
+def machine_info() -> dict[str, Any]:
+    """results.json's "machine": Python, torch, CPUs and threads, platform, and the GPU if any."""
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info

@@ -3,11 +3,13 @@ runs' metrics.jsonl, seed 0) beside the final held-out perplexity (mean and std 
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
-from ..analysis.plots import FigureInfo
+from ..analysis import FigureInfo
+from ..files import write_bytes
 
 SCORES = FigureInfo(
     "bench_ppl.png", "Validation perplexity by algorithm",
@@ -85,10 +87,6 @@ def plot_scores(results: dict[str, Any], path: str | Path) -> FigureInfo | None:
 
 def save_figure(fig, path: str | Path) -> Path:
     """Save a matplotlib figure as PNG atomically (a stopped bench never leaves half a file)."""
-    import io
-
-    from ..files import write_bytes
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=130)
     return write_bytes(path, buffer.getvalue())

@@ -38,10 +38,11 @@ class BenchPreset:
     regime_options: dict[str, Any] = field(default_factory=dict)  # the regime's, when it is this one
 
     def override_list(self) -> list[str]:
-        return [f"{k}={_yaml_value(v)}" for k, v in self.overrides.items()]
+        return [f"{k}={yaml_value(v)}" for k, v in self.overrides.items()]
 
 
-def _yaml_value(value: Any) -> str:
+def yaml_value(value: Any) -> str:
+    """`value` as the text of a `key=value` override (YAML flow style: 0.5, [a, b], {k: v})."""
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 

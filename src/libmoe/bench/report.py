@@ -7,15 +7,26 @@ import html
 from pathlib import Path
 from typing import Any
 
-from ..analysis.plots import FigureInfo
-from ..analysis.report import CSS, TABLE_NOTE, _figure_html, _notes, _table, summary_rows
+from ..analysis import (
+    CSS,
+    TABLE_NOTE,
+    FigureInfo,
+    figure_html,
+    report_notes,
+    summary_rows,
+    summary_table_html,
+)
+from ..findings import findings_html
+from .compare import FIGURE, comparison_table
 from .outputs import HTML_MARK, write_output_text
+from .plots import plot_scores
 from .tables import cost_table, score_table
 
 REPORT_FILE = "report.html"
 
 
-def _html_table(table: list[list[str]]) -> str:
+def html_table(table: list[list[str]]) -> str:
+    """A header row and rows of cells as the report's HTML table (numbers right-aligned)."""
     head, *body = table
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     rows = []
@@ -26,14 +37,12 @@ def _html_table(table: list[list[str]]) -> str:
     return f'<div class="table-wrap"><table><tr>{th}</tr>\n' + "\n".join(rows) + "</table></div>"
 
 
-def _comparison_html(out: Path, comparison: dict[str, Any] | None) -> list[str]:
+def comparison_html(out: Path, comparison: dict[str, Any] | None) -> list[str]:
     """The regime comparison: figure and table (this bench's change rates alone without
     --compare)."""
-    from .compare import FIGURE, comparison_table
-
     if not comparison or not comparison.get("figure"):
         return []
-    parts = [_figure_html(FIGURE, out / "analysis" / "figures"), _html_table(comparison_table(comparison))]
+    parts = [figure_html(FIGURE, out / "analysis" / "figures"), html_table(comparison_table(comparison))]
     if len(comparison["regimes"]) == 1:
         parts.append("<p class=\"table-note\">This bench's change rates alone; <code>--compare "
                      "OTHER_BENCH</code> (a bench of the other regime) sets them beside another's.</p>")
@@ -45,50 +54,46 @@ def _comparison_html(out: Path, comparison: dict[str, Any] | None) -> list[str]:
 
 
 def write_bench_report(out: str | Path, results: dict[str, Any], analysis: dict[str, dict],
-                       figures: list[FigureInfo]) -> Path:
-    from .regimes import get_regime
-
+                       figures: list[FigureInfo], describe: str) -> Path:
+    """OUT/report.html of a language-model bench (see the module docstring); `describe`: the
+    regime's setup sentence (`Regime.describe`)."""
     out = Path(out)
     regime = results.get("regime", "pretrain")
     setup = (f"Preset {results['preset']}: {results['description']}. Regime {regime}: "
-             f"{get_regime(regime).describe(results)} {results['elapsed_s'] / 60:.1f} minutes on "
+             f"{describe} {results['elapsed_s'] / 60:.1f} minutes on "
              f"{results['machine'].get('gpu') or str(results['machine']['cpus']) + ' CPU cores'}.")
     parts = [
         f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">{HTML_MARK}",
         f"<title>libmoe bench: {html.escape(results['preset'])}</title><style>{CSS}</style></head><body>",
         f"<h1>libmoe bench: {html.escape(results['preset'])}</h1>",
         f"<p class=\"intro\">{html.escape(setup)}</p>",
-        "<h2>Scores (paper Table 2 layout)</h2>", _html_table(score_table(results)),
+        "<h2>Scores (paper Table 2 layout)</h2>", html_table(score_table(results)),
         "<p class=\"table-note\">Validation perplexity on the held-out split; task scores in % "
         "(acc_norm where reported); AVG = mean over tasks, AVG Rank = mean rank over tasks (1 = best)"
         + ("; mean ± std over seeds" if results["seeds"] > 1 else "") + ".</p>",
-        "<h2>Cost (paper Tables 14/15 style)</h2>", _html_table(cost_table(results)),
+        "<h2>Cost (paper Tables 14/15 style)</h2>", html_table(cost_table(results)),
         "<p class=\"table-note\">Training time is the training loop's wall time (periodic validation "
         "and checkpoints included); peak memory is the process's (CUDA allocations on a GPU, "
         "resident set on a CPU); latency is the median time of one forward pass of one sequence at "
         "batch 1.</p>",
     ]
-    from .plots import plot_scores
-
     scores = plot_scores(results, out / "analysis" / "figures" / "bench_ppl.png")
     if results.get("findings"):
-        from ..findings import findings_html
-
         embedded = {info.name for info in figures} | ({scores.name} if scores is not None else set())
         if (out / "analysis" / "figures" / "regime_comparison.png").is_file() and \
                 (results.get("regime_comparison") or {}).get("figure"):
             embedded.add("regime_comparison.png")
         parts.append(findings_html(results["findings"], embedded))
     if scores is not None:
-        parts.append(_figure_html(scores, out / "analysis" / "figures"))
+        parts.append(figure_html(scores, out / "analysis" / "figures"))
     if analysis:
-        parts += ["<h2>Routing summary</h2>", _table(summary_rows(analysis)),
+        parts += ["<h2>Routing summary</h2>", summary_table_html(summary_rows(analysis)),
                   f"<p class=\"table-note\">{html.escape(TABLE_NOTE)}</p>"]
-    parts += _comparison_html(out, results.get("regime_comparison"))
-    parts += [_figure_html(info, out / "analysis" / "figures") for info in figures]
+    parts += comparison_html(out, results.get("regime_comparison"))
+    parts += [figure_html(info, out / "analysis" / "figures") for info in figures]
     notes = [f"{f['name']} failed: {f['error']}" for f in results.get("failed", [])]
     notes += [f"task {name} not run: {why}" for name, why in (results.get("skipped_tasks") or {}).items()]
-    notes = _notes(analysis, notes)
+    notes = report_notes(analysis, notes)
     if notes:
         items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
         parts.append(f"<h2>Notes</h2>\n<ul class=\"notes\">{items}</ul>")

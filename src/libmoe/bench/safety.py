@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..files import read_json
+from ..models import config_from_dict
 from ..overrides import load_yaml
 from ..train import config_diff
+from ..train.trainer import check_config
 
 if TYPE_CHECKING:
     from .runner import RunSpec
@@ -38,9 +41,6 @@ def saved_row(run_dir: str | Path) -> dict[str, Any] | None:
 def check_spec(spec: RunSpec) -> None:
     """Everything about one run that is knowable without data: its config validates and its
     model (every MoE layer's options) builds, on the meta device (no memory, no time)."""
-    from ..train.config import config_from_dict
-    from ..train.trainer import check_config
-
     try:
         check_config(config_from_dict(spec.config), spec.nproc if spec.launcher == "torchrun" else 1)
     except ValueError as err:
@@ -85,8 +85,6 @@ def stale_runs(specs: list[RunSpec]) -> list[tuple[RunSpec, list[str]]]:
 @contextlib.contextmanager
 def signals_ignored():
     """SIGTERM and SIGINT held off while a few last files are written (main thread only)."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -105,8 +103,6 @@ def stop_on_signals():
     """SIGTERM (how clusters preempt jobs) stops the study as SIGINT does: a KeyboardInterrupt in
     the main thread, outside training; inside training, the trainer's own handler checkpoints and
     raises Interrupted. A SIGINT ignored by the caller (a background job) stays ignored."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -17,20 +17,23 @@ list (``none`` turns every study off).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..analysis import INIT_STD_FILE, summarise_init_std
 from ..files import write_json
+from ..findings import INIT_STD_DIR, load_init_std
 from ..moe.options import did_you_mean
 
 if TYPE_CHECKING:
     from .presets import BenchPreset
     from .regimes import PlanContext
-    from .runner import RunSpec
+    from .spec import RunSpec
+
+__all__ = ["INIT_STD_DEFAULTS", "INIT_STD_DIR", "STUDIES", "init_std_options", "interventions_of",
+           "load_init_std", "parse_studies", "plan_init_std", "preset_studies", "summarise_studies"]
 
 STUDIES = ("init-std", "droptop", "temperature")
-INIT_STD_DIR = Path("studies") / "init_std"
 INIT_STD_DEFAULTS: dict[str, Any] = {
     "stds": [0.02, 0.04, 0.06],  # the paper's (Fig. 11)
     "algorithm": "smoe",
@@ -102,8 +105,6 @@ def summarise_studies(out: Path, preset: BenchPreset,
                       rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(results.json's "studies": what each study that ran found; the init-std summary, also
     written to OUT/studies/init_std/init_std.json, or None)."""
-    from ..analysis.init_std import INIT_STD_FILE, summarise_init_std
-
     done = {r["name"]: r for r in rows if r.get("status") == "ok"}
     init = [r for r in rows if r["name"].startswith("init_std-")]
     result: dict[str, Any] = {}
@@ -124,11 +125,3 @@ def summarise_studies(out: Path, preset: BenchPreset,
         else:
             result["init_std"] = {"failed": [r["name"] for r in init]}
     return result, summary
-
-
-def load_init_std(out: Path) -> dict[str, Any] | None:
-    """OUT/studies/init_std/init_std.json, None when the study did not run."""
-    from ..analysis.init_std import INIT_STD_FILE
-
-    path = Path(out) / INIT_STD_DIR / INIT_STD_FILE
-    return json.loads(path.read_text()) if path.is_file() else None

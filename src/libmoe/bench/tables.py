@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..eval.table import LABELS, comparison_rows
+from ..findings import findings_markdown, markdown_table
+from .compare import comparison_table
+from .outputs import MD_MARK, write_output_json, write_output_text
 
 COST = [("params_total", "Params (total)"), ("params_active", "Params (active)"),
         ("train_time_s", "Train time (s)"), ("tokens_per_s", "Train tokens/s"),
@@ -68,7 +71,8 @@ def aggregate(runs: list[dict[str, Any]], tasks: list[str]) -> list[dict[str, An
     return out
 
 
-def _cell(row: dict, key: str, digits: int = 2, suffix: str = "") -> str:
+def cell(row: dict, key: str, digits: int = 2, suffix: str = "") -> str:
+    """`row[key]` with `digits` decimals (and " ± std" when `row` has `key_std`); "—" when missing."""
     value = row.get(key)
     if value is None:
         return "—"
@@ -79,11 +83,13 @@ def _cell(row: dict, key: str, digits: int = 2, suffix: str = "") -> str:
     return text + suffix
 
 
-def _num(value: float | None, digits: int = 2) -> str:
+def num(value: float | None, digits: int = 2) -> str:
+    """`value` with `digits` decimals; "—" when missing."""
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def _params(n: float | None) -> str:
+def param_count(n: float | None) -> str:
+    """A parameter count in millions ("12.34M") or billions ("1.234B"); "—" when missing."""
     if n is None:
         return "—"
     return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
@@ -98,9 +104,9 @@ def score_table(results: dict[str, Any]) -> list[list[str]]:
     body = []
     for r in results["rows"]:
         name = r["algorithm"] + (" (failed)" if r["status"] == "failed" else "")
-        cells = [name, _cell(r, "ppl")] + [_cell(r, t) for t in tasks]
+        cells = [name, cell(r, "ppl")] + [cell(r, t) for t in tasks]
         if tasks:
-            cells += [_cell(r, "avg"), _cell(r, "avg_rank")]
+            cells += [cell(r, "avg"), cell(r, "avg_rank")]
         body.append(cells)
     return [head, *body]
 
@@ -109,17 +115,15 @@ def cost_table(results: dict[str, Any]) -> list[list[str]]:
     head = ["Algorithm", *[label for _, label in COST]]
     body = []
     for r in results["rows"]:
-        body.append([r["algorithm"], _params(r["params_total"]), _params(r["params_active"]),
-                     _cell(r, "train_time_s", 1), _cell(r, "tokens_per_s", 0), _cell(r, "peak_mem_mb", 0),
-                     _cell(r, "latency_ms", 2)])
+        body.append([r["algorithm"], param_count(r["params_total"]), param_count(r["params_active"]),
+                     cell(r, "train_time_s", 1), cell(r, "tokens_per_s", 0), cell(r, "peak_mem_mb", 0),
+                     cell(r, "latency_ms", 2)])
     return [head, *body]
 
 
 def markdown(table: list[list[str]]) -> str:
-    head, *body = table
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(lines)
+    """A header row and rows of cells as a Markdown table (first column left, the others right)."""
+    return markdown_table(table)
 
 
 def results_markdown(results: dict[str, Any]) -> str:
@@ -132,8 +136,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     source = results.get("source") or {}
     if source.get("status") == "ok":
         lines += ["", f"Every run started from the dense source {source.get('run')} "
-                  f"({source.get('step')} steps, held-out perplexity {_num(source.get('ppl'))}, "
-                  f"{_num(source.get('train_time_s'), 0)} s of training, not in the cost table)."]
+                  f"({source.get('step')} steps, held-out perplexity {num(source.get('ppl'))}, "
+                  f"{num(source.get('train_time_s'), 0)} s of training, not in the cost table)."]
     lines += ["", "## Scores (paper Table 2 layout)", "",
              "Validation perplexity on the held-out split; task scores are accuracy in % "
              "(acc_norm where a task reports it); AVG is the mean over tasks and AVG Rank the mean "
@@ -145,14 +149,10 @@ def results_markdown(results: dict[str, Any]) -> str:
              "sequence (batch 1).", "", markdown(cost_table(results))]
     comparison = results.get("regime_comparison") or {}
     if comparison.get("algorithms"):
-        from .compare import comparison_table
-
         lines += ["", "## Routing stability by regime", "",
                   f"{comparison['metric']}. Figure: {comparison.get('figure')}.", "",
                   markdown(comparison_table(comparison))]
     if results.get("findings"):
-        from ..findings import findings_markdown
-
         lines += ["", findings_markdown(results["findings"]).rstrip("\n")]
     if results.get("failed"):
         lines += ["", "## Failed runs", ""] + [f"- {f['name']}: {f['error']}" for f in results["failed"]]
@@ -181,8 +181,6 @@ def results_csv(results: dict[str, Any]) -> str:
 def write_tables(out: str | Path, results: dict[str, Any]) -> None:
     """results.json (strict JSON, stamped with its writer), results.md and results.csv, each
     written atomically and recorded in the output's manifest (libmoe.bench.outputs)."""
-    from .outputs import MD_MARK, write_output_json, write_output_text
-
     out = Path(out)
     write_output_json(out, "results.json", results)
     write_output_text(out, "results.md", MD_MARK + "\n" + results_markdown(results))

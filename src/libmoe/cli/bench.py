@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 
 from ..bench import BENCH_PRESETS, PAPER_ALGORITHMS, REGIMES, run_bench
+from ..bench.regimes.vlm import score_table as vlm_score_table
 from ..bench.safety import failure_line
 from ..bench.tables import markdown, score_table
 from ..errors import WorkFailed
 from ..overrides import parse_override
-from ..vlm.bench import score_table as vlm_score_table
 from .common import add_plugin_option, log, split_list, takes_overrides
 
 

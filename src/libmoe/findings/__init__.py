@@ -1,8 +1,10 @@
 """Paper findings as checks: which of the LibMoE paper's claims a bench output reproduces.
 
-    from libmoe.findings import check_findings, write_findings
+    from libmoe.findings import check_findings
     findings = check_findings("bench/")  # [{"id", "claim", "paper_ref", "measured", "verdict", ...}]
-    write_findings("bench/")             # ...into results.json, results.md and report.html
+
+    from libmoe.bench import write_findings
+    write_findings("bench/")             # ...into its results.json, results.md and report.html
 
 Every claim is one registered function over the bench output directory (`registry.finding`,
 the claims in `checks`); it reads only the output's files (`inputs`), so an edited, moved or
@@ -10,22 +12,28 @@ merged output is judged on what it holds. Verdicts: reproduced, not_reproduced, 
 not_applicable; the statistics (a bootstrap over validation windows / probe sequences with one
 seed, a t interval over seeds with several) are in `stats`. `libmoe bench` checks every claim at
 the end of a study; `libmoe findings BENCH_DIR` recomputes them for an existing output.
+
+The findings sit below the bench: they read a bench output's files and render their own sections
+(`findings_markdown`, `findings_html`); rewriting a bench output's tables and report with the
+verdicts is the bench's (`libmoe.bench.write_findings`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import html
 from pathlib import Path
 from typing import Any
 
-from ..files import read_json_object
+from ..analysis.report import figure_anchor
+from ..overrides import did_you_mean
 from . import checks as _checks  # noqa: F401  registers the claims
-from .inputs import Bench, read_bench_results
+from .inputs import INIT_STD_DIR, Bench, load_init_std, read_bench_results
 from .registry import FINDINGS, Finding, check, finding
 from .stats import VERDICTS
 
-__all__ = ["FINDINGS", "VERDICTS", "Bench", "Finding", "check_findings", "check_ids", "finding",
-           "findings_html", "findings_markdown", "findings_table", "write_findings"]
+__all__ = ["FINDINGS", "INIT_STD_DIR", "VERDICTS", "Bench", "Finding", "check_findings", "check_ids",
+           "finding", "findings_html", "findings_markdown", "findings_table", "load_init_std",
+           "markdown_table", "read_bench_results"]
 
 
 def check_findings(bench_dir: str | Path, only: list[str] | None = None,
@@ -40,8 +48,6 @@ def check_findings(bench_dir: str | Path, only: list[str] | None = None,
 def check_ids(ids: list[str]) -> list[str]:
     """`ids` when every one names a registered finding, else ValueError in one line with the
     nearest ids (checked before any file is read)."""
-    from ..overrides import did_you_mean
-
     if not ids:
         raise ValueError(f"no finding ids given; choose from {', '.join(FINDINGS)}.")
     for name in ids:
@@ -62,17 +68,23 @@ def findings_table(findings: list[dict[str, Any]]) -> list[list[str]]:
     return table
 
 
+def markdown_table(table: list[list[str]]) -> str:
+    """A header row and rows of cells as a Markdown table (first column left, the others right)."""
+    head, *body = table
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
 def findings_markdown(findings: list[dict[str, Any]]) -> str:
     """The "Paper findings" section of results.md (table, then each claim's method)."""
-    from ..bench.tables import markdown
-
     table = findings_table(findings)
     for row in table[1:]:
         row[4] = f"[{Path(row[4]).name}]({row[4]})" if row[4] else ""
     lines = ["## Paper findings", "",
              "Each claim of the paper checked on this output (`libmoe.findings`; `libmoe findings DIR` "
              "recomputes them). ✓ reproduced, ✗ contradicted, ? inconclusive per part.", "",
-             markdown(table), ""]
+             markdown_table(table), ""]
     lines += [f"- **{f['id']}** ({f['verdict'].replace('_', ' ')}): {f['why']}" for f in findings]
     return "\n".join(lines) + "\n"
 
@@ -80,10 +92,6 @@ def findings_markdown(findings: list[dict[str, Any]]) -> str:
 def findings_html(findings: list[dict[str, Any]], embedded: set[str] = frozenset()) -> str:
     """The "Paper findings" section of report.html: the table (a figure embedded in the report
     is linked to its heading, another to its file) and each claim's method."""
-    import html
-
-    from ..analysis.report import figure_anchor
-
     head = "".join(f"<th>{h}</th>" for h in ("Claim", "Paper", "Measured here", "Verdict", "Figure"))
     rows = []
     for f in findings:
@@ -103,38 +111,3 @@ def findings_html(findings: list[dict[str, Any]], embedded: set[str] = frozenset
             "contradicted, ? inconclusive.</p>\n"
             f'<div class="table-wrap"><table><tr>{head}</tr>\n' + "\n".join(rows) + "</table></div>\n"
             f'<ul class="why">{why}</ul>')
-
-
-def write_findings(bench_dir: str | Path, findings: list[dict[str, Any]] | None = None,
-                   log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Check the claims on `bench_dir` (unless `findings` are given) and rewrite its results.json,
-    results.md and report.html with them; returns the findings."""
-    out = Path(bench_dir)
-    results = read_bench_results(out / "results.json", full=True)  # refused before anything is rewritten
-    findings = check_findings(out, results=results) if findings is None else findings
-    results["findings"] = findings
-    if results.get("regime") == "vlm":
-        from ..bench.outputs import write_output_json
-        from ..vlm.bench import write_vlm_report, write_vlm_tables
-
-        write_output_json(out, "results.json", results)  # the bench's manifest records it
-        write_vlm_tables(out, results)
-        write_vlm_report(out, results)
-    else:
-        from ..analysis.plots import plot_all
-        from ..bench.report import write_bench_report
-        from ..bench.studies import load_init_std
-        from ..bench.tables import write_tables
-
-        path = out / "analysis" / "metrics.json"
-        analysis = read_json_object(path, "rerun `libmoe bench` with the same --out to analyse it "
-                                    "again") if path.is_file() else {}
-        init_std = load_init_std(out)
-        figures = (plot_all(analysis, out / "analysis" / "figures", init_std=init_std)
-                   if analysis or init_std else [])
-        write_tables(out, results)
-        write_bench_report(out, results, analysis, figures)
-    if log:
-        for f in findings:
-            log(f"{f['id']}: {f['verdict']} — {f['measured'].get('summary', '')}")
-    return findings

@@ -1,0 +1,156 @@
+"""The regime interface of `libmoe bench` and what a regime plans from (`PlanContext`).
+
+A regime says how the runs of a study start and what its tables show; the runner, launchers,
+resuming and skipping, findings, studies and output files are shared (`libmoe.bench.runner`,
+`libmoe.bench.study`). Its methods, by when they run:
+
+- before any work: `check_request` (the arguments this regime cannot honour), `plan` (the study
+  as stages of RunSpecs: each stage runs after the one before, the last holds the table's rows),
+  `check_spec` (what is knowable about one run without data), `stale_runs` (runs in --out made
+  with another config) and `prepare_data` (data every run reads, built once);
+- in the process that trains a run: `stamp` (what a finished run's saved row must match to be
+  skipped), `prepare` (e.g. upcycle the source model), `train` and `evaluate` (fill the row);
+- after the runs: `results` (results.json's content, the cross-run analysis and figures),
+  `write_outputs` (tables and report), `rewrite_outputs` (the same for an existing output, e.g.
+  with new findings), `score_table` and `describe` (the report's setup sentence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ...models import RunConfig, resolve_config
+from ...overrides import did_you_mean
+from ..presets import BenchPreset
+from ..spec import RunSpec
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ...analysis import FigureInfo
+    from ..study import Study
+
+
+@dataclass
+class PlanContext:
+    """What every regime plans from: the preset, the study's shape and the evaluation."""
+
+    out: Path
+    preset: BenchPreset
+    regime: str
+    algorithms: list[str]
+    seeds: int
+    common: list[str]  # overrides of every run: the preset's, --data, the user's key=value
+    tasks: list[str] = field(default_factory=list)
+    limits: dict[str, int | None] = field(default_factory=dict)
+    data_dir: str | None = None
+    launcher: str = "local"
+    nproc: int = 1
+    threads: int | None = None
+    analysis: bool = True
+    source_overrides: list[str] = field(default_factory=list)  # the user's `source.KEY=VALUE`, for
+    # the runs the rows start from (the upcycle regime's dense source)
+    interventions: bool | list[str] = True  # the intervention studies of each run's analysis
+    jobs: int = 1  # runs at a time (a regime may split the threads between them)
+
+    def resolve(self, *extra: str) -> RunConfig:
+        """The RunConfig of the preset's training preset with the common and `extra` overrides."""
+        return resolve_config(overrides=[*self.common, *extra], preset=self.preset.train_preset)
+
+    def spec(self, name: str, algorithm: str, seed: int, run_dir: str | Path, config: dict[str, Any],
+             **fields: Any) -> RunSpec:
+        """A RunSpec of this study (evaluation, launcher and regime filled in)."""
+        common = dict(tasks=list(self.tasks), limits=dict(self.limits), data_dir=self.data_dir,
+                      val_tokens=self.preset.val_tokens, launcher=self.launcher, nproc=self.nproc,
+                      threads=self.threads, analysis=self.analysis,
+                      interventions=self.interventions, regime=self.regime)
+        return RunSpec(name, algorithm, seed, str(run_dir), config, **{**common, **fields})
+
+
+class Regime:
+    """A training regime of the bench (see the module docstring). Subclasses set the class
+    attributes and implement `plan`, `train`, `evaluate`, `results`, `write_outputs` and
+    `score_table`; the other methods have defaults."""
+
+    name: ClassVar[str]
+    default_preset: ClassVar[str]  # the preset `--regime NAME` uses without --preset
+    description: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]] = {}  # regime_options and their defaults
+    studies: ClassVar[tuple[str, ...]] = ("droptop", "temperature")  # the extra studies it can run
+
+    def options(self, preset: BenchPreset) -> dict[str, Any]:
+        """The preset's regime_options over the defaults (a preset of another regime: the defaults)."""
+        given = preset.regime_options if preset.regime == self.name else {}
+        unknown = set(given) - set(self.defaults)
+        if unknown:
+            key = sorted(unknown)[0]
+            raise ValueError(f"bench preset {preset.name}: regime_options {sorted(unknown)} are not "
+                             f"options of the {self.name} regime.{did_you_mean(key, list(self.defaults))} "
+                             f"Valid: {', '.join(self.defaults) or 'none'}.")
+        return {**self.defaults, **given}
+
+    # ------------------------------------------------------------------ before any work
+
+    def check_request(self, preset: BenchPreset, launcher: str, data: str | None, tasks: list[str] | None,
+                      data_dir: str | Path | None) -> None:
+        """Refuse the arguments this regime cannot honour (ValueError), before anything is read."""
+
+    def plan(self, ctx: PlanContext) -> list[list[RunSpec]]:
+        """Stages of runs; the last one is the table's rows (role "row")."""
+        raise NotImplementedError
+
+    def check_spec(self, spec: RunSpec) -> None:
+        """Everything about one run knowable without data (ValueError naming the run)."""
+
+    def stale_runs(self, specs: list[RunSpec]) -> list[tuple[RunSpec, list[str]]]:
+        """The runs of `specs` whose directory holds a run made with another config, each with
+        its differences."""
+        return []
+
+    def prepare_data(self, specs: list[RunSpec], log: Callable[[str], None]) -> None:
+        """Build what every run reads, once, before --out is touched (a bad source writes nothing)."""
+
+    # ------------------------------------------------------------------ one run
+
+    def stamp(self, spec: RunSpec) -> dict[str, Any]:
+        """What a run's saved row (RUN/bench_run.json) must hold to count as this run finished."""
+        return {"config_hash": spec.config_hash}
+
+    def prepare(self, spec: RunSpec, row: dict[str, Any]) -> None:
+        """Before `spec` trains, in the process that trains it; may add keys to its row."""
+
+    def train(self, spec: RunSpec, progress: bool | None) -> dict[str, Any]:
+        """Train (or resume) the run; its training summary."""
+        raise NotImplementedError
+
+    def evaluate(self, spec: RunSpec, summary: dict[str, Any], row: dict[str, Any]) -> None:
+        """Fill the row of a trained run (status "ok" and its numbers)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the study's outputs
+
+    def results(self, study: Study) -> tuple[dict[str, Any], dict[str, dict], list[FigureInfo]]:
+        """(results.json's content but for the shared "elapsed_s" and "findings", with the figures
+        a finding links to drawn; the cross-run routing analysis {name: metrics}; the figures for
+        the report)."""
+        raise NotImplementedError
+
+    def write_outputs(self, out: Path, results: dict[str, Any], analysis: dict[str, dict],
+                      figures: list[FigureInfo]) -> None:
+        """results.json, results.md, results.csv and report.html (libmoe.bench.outputs)."""
+        raise NotImplementedError
+
+    def rewrite_outputs(self, out: Path, results: dict[str, Any]) -> None:
+        """Write the tables and report of an existing output again from its files (e.g. with new
+        findings)."""
+        self.write_outputs(out, results, {}, [])
+
+    def score_table(self, results: dict[str, Any]) -> list[list[str]]:
+        """The scores as a header row and rows of cells (what `libmoe bench` prints)."""
+        raise NotImplementedError
+
+    def describe(self, results: dict[str, Any]) -> str:
+        """The report's setup sentence about how the runs were trained."""
+        return self.description + "."

@@ -1,0 +1,275 @@
+"""`libmoe bench`: the paper's fair comparison of MoE algorithms as one command, in any regime.
+
+    from libmoe.bench import run_bench
+    results = run_bench("bench/default", preset="default", data_dir="../shared/data/eval")
+
+For each algorithm and seed, one run directory ``OUT/runs/<algorithm>-s<seed>`` is trained the same
+way but for the algorithm and the seed, so every algorithm sees the same data order, token budget,
+schedule and evaluation. How the runs start and what they are is the regime's
+(`libmoe.bench.regimes`: from a random init, upcycled from one dense source run, or a VLM's VIT
+from one PFT checkpoint); a regime plans the runs as stages, each stage running after the one
+before. Each run is trained, evaluated and timed where it runs (`runner.run_one`), and
+`bench_run.json` records its row. The regime then lays out results.json, the tables and
+``OUT/report.html``; the paper's findings are checked on the output (`libmoe.findings`).
+
+`run_bench` in four named steps: `plan_study` (every check knowable from the arguments, before any
+work: the runs' configs and models, an `--out` holding files the bench did not write, a run in
+`--out` made with another config unless `--overwrite`), `prepare_out` (the data every run reads,
+built once; the old study's runs removed with --overwrite; the output's manifest), `run_stages`
+(stage after stage through the launchers; a run whose source failed fails without trying) and
+`finish_study` (results, findings, tables, report). A finished run is skipped, an interrupted one
+resumes from its newest checkpoint, a failed one is a row with its error and the others go on.
+SIGTERM or SIGINT stop the study: finished runs are kept, no table is written, and `Interrupted`
+says that rerunning resumes. Launchers: in this process (`--jobs 1`), in J worker processes
+(`--jobs J`), each training under `torchrun` with N processes (`--launcher torchrun --nproc N`), or
+as Slurm jobs through submitit (`--launcher slurm`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import Interrupted
+from .launchers import Progress, duration, run_all
+from .outputs import check_out_dir, remove_outputs, remove_run, start_manifest
+from .presets import PAPER_ALGORITHMS, BenchPreset, load_bench_preset
+from .regimes import Regime, get_regime
+from .runner import available_tasks, blocked_row, finished_row, plan_stages
+from .safety import signals_ignored, stop_on_signals
+from .spec import RunSpec
+from .studies import parse_studies, preset_studies
+from .verdicts import check_study_findings
+
+LAUNCHERS = ("local", "torchrun", "slurm")
+
+
+@dataclass
+class Study:
+    """One bench study: what was asked, the planned stages, and the rows of the runs so far."""
+
+    out: Path
+    preset: str  # the bench preset's name
+    bench_preset: BenchPreset
+    regime: Regime
+    algorithms: list[str]
+    seeds: int
+    stages: list[list[RunSpec]]
+    tasks: list[str]
+    skipped_tasks: dict[str, str]
+    studies: list[str]
+    jobs: int
+    launcher: str
+    nproc: int
+    slurm: dict[str, Any] | None
+    analysis: bool
+    compare: str | Path | None
+    log: Callable[[str], None]
+    start: float = 0.0
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)  # {run name: its row}
+
+    @property
+    def every(self) -> list[RunSpec]:
+        return [s for stage in self.stages for s in stage]
+
+    @property
+    def row_specs(self) -> list[RunSpec]:
+        """The table's runs (the last stage's rows)."""
+        return [s for s in self.stages[-1] if s.role == "row"]
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return [self.done[s.name] for s in self.row_specs]
+
+    @property
+    def support(self) -> list[dict[str, Any]]:
+        """The rows of the stages before the table's (e.g. the dense source)."""
+        return [self.done[s.name] for stage in self.stages[:-1] for s in stage]
+
+    @property
+    def study_rows(self) -> list[dict[str, Any]]:
+        """The rows of the extra studies' runs (libmoe.bench.studies)."""
+        return [self.done[s.name] for s in self.stages[-1] if s.role == "study"]
+
+
+def run_bench(
+    out: str | Path,
+    preset: str | None = None,
+    algorithms: list[str] | None = None,
+    seeds: int = 1,
+    data: str | None = None,
+    tasks: list[str] | None = None,
+    data_dir: str | Path | None = None,
+    jobs: int | None = None,
+    launcher: str = "local",
+    nproc: int = 1,
+    slurm: dict[str, Any] | None = None,
+    overrides: list[str] = (),
+    analysis: bool = True,
+    regime: str | None = None,
+    compare: str | Path | None = None,
+    studies: str | list[str] | None = None,
+    log: Callable[[str], None] = print,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """The whole study into `out`; returns results.json's content (see the module docstring).
+    `preset` defaults to the regime's default preset ("default" for pretrain, "upcycle" for
+    upcycle, "vlm" for vlm), `regime` to the preset's; `compare` names another bench output (of
+    another regime) whose expert change rates the regime comparison sets beside this one's;
+    `studies` (default: the preset's) the extra studies the findings need (libmoe.bench.studies:
+    init-std, droptop, temperature). results.json's "findings" are the paper's claims checked on
+    this output (libmoe.findings). `overwrite` replaces the runs in `out` made with another
+    config (and the old tables) instead of refusing them. Failed runs are rows with their error
+    (`failure_line` sums them up); SIGTERM/SIGINT raise `Interrupted` (finished runs kept)."""
+    study, stale = plan_study(out, preset, algorithms, seeds, data, tasks, data_dir, jobs, launcher, nproc,
+                              slurm, list(overrides), analysis, regime, compare, studies, log)
+    if stale and not overwrite:
+        first, diff = stale[0]
+        more = f"; {len(stale) - 1} more run(s) differ too" if len(stale) > 1 else ""
+        raise ValueError(f"--out {str(study.out)!r} holds run {first.name} made with another config "
+                         f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}){more}; give a new "
+                         "--out, or pass --overwrite to replace the old study.")
+    log_plan(study)
+    with stop_on_signals():
+        try:
+            study.start = time.perf_counter()
+            prepare_out(study, [s for s, _ in stale])
+            run_stages(study)
+            return finish_study(study)
+        except (Interrupted, KeyboardInterrupt):
+            with signals_ignored():
+                kept = sum(finished_row(s) is not None for s in study.every)
+            raise Interrupted(
+                f"bench interrupted: {kept} of {len(study.every)} run(s) finished and are kept in "
+                f"{study.out}; rerun the same command to resume (finished runs are skipped, an "
+                "interrupted run continues from its checkpoint).") from None
+
+
+def plan_study(out: str | Path, preset: str | None, algorithms: list[str] | None, seeds: int,
+               data: str | None, tasks: list[str] | None, data_dir: str | Path | None, jobs: int | None,
+               launcher: str, nproc: int, slurm: dict[str, Any] | None, overrides: list[str],
+               analysis: bool, regime: str | None, compare: str | Path | None,
+               studies: str | list[str] | None,
+               log: Callable[[str], None]) -> tuple[Study, list[tuple[RunSpec, list[str]]]]:
+    """Check every argument and plan the study, before any work (nothing is written); returns it
+    with the runs in `out` made with another config (each with its differences)."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"--launcher {launcher!r}: choose one of {', '.join(LAUNCHERS)}.")
+    if regime is not None:
+        get_regime(regime)  # an unknown name fails before anything else
+    preset = preset or get_regime(regime or "pretrain").default_preset
+    spec = load_bench_preset(preset)
+    the_regime = get_regime(regime or spec.regime)
+    if algorithms is not None and not list(algorithms):
+        raise ValueError("--algorithms names no algorithm; give comma-separated names (e.g. dense,smoe) "
+                         "or leave it out for the paper's eight.")
+    check_out_dir(out)
+    the_regime.check_request(spec, launcher, data, tasks, data_dir)
+    if jobs is None:
+        jobs = spec.jobs if launcher == "local" else 1
+    if seeds < 1 or jobs < 1 or nproc < 1:
+        raise ValueError("--seeds, --jobs and --nproc must be at least 1.")
+    algorithms = list(PAPER_ALGORITHMS if algorithms is None else algorithms)
+    if len(set(algorithms)) != len(algorithms):
+        raise ValueError(f"--algorithms lists an algorithm twice: {','.join(algorithms)}.")
+    if compare is not None and not (Path(compare) / "results.json").is_file():
+        raise FileNotFoundError(f"--compare {compare}: no results.json there; give a libmoe bench output.")
+    task_names, skipped_tasks = available_tasks(spec.tasks if tasks is None else tasks, data_dir)
+    if tasks is not None and skipped_tasks:  # asked for by name: say so rather than drop them
+        raise FileNotFoundError("; ".join(f"{t}: {why}" for t, why in skipped_tasks.items()))
+    chosen = parse_studies(studies)
+    chosen = [s for s in (preset_studies(spec) if chosen is None else chosen) if s in the_regime.studies]
+    out = Path(out)
+    stages = plan_stages(out, spec, algorithms, seeds, data, overrides, task_names, data_dir, launcher, nproc,
+                         analysis=analysis, regime=the_regime.name, studies=chosen, jobs=jobs)
+    study = Study(out, preset, spec, the_regime, algorithms, seeds, stages, task_names, skipped_tasks, chosen,
+                  jobs, launcher, nproc, slurm, analysis, compare, log)
+    for s in study.every:  # e.g. model.top_k=9 with 8 experts: refused now, not after data preparation
+        get_regime(s.regime).check_spec(s)
+    return study, the_regime.stale_runs(study.every)
+
+
+def log_plan(study: Study) -> None:
+    """One line: the preset, the regime, the runs and their budget, the studies and the tasks."""
+    specs, every = study.row_specs, study.every
+    n_study = len(study.stages[-1]) - len(specs)
+    n_support = len(every) - len(specs) - n_study
+    budget = specs[0].config.get("train") or {}
+    steps = f" of {specs[0].max_steps if specs[0].max_steps is not None else '?'} steps" + (
+        f" x {budget['batch_size']} sequences" if "batch_size" in budget else "")
+    support = f" after {n_support} source run(s)" if n_support else ""
+    extra = f" + {n_study} study run(s)" if n_study else ""
+    skipped = f" (skipped: {', '.join(study.skipped_tasks)})" if study.skipped_tasks else ""
+    study.log(f"bench: preset {study.preset} ({study.bench_preset.description}); regime {study.regime.name}; "
+              f"{len(study.algorithms)} algorithm(s) x {study.seeds} seed(s) = {len(specs)} runs{steps}"
+              f"{support}{extra}; studies: {', '.join(study.studies) or 'none'}; tasks: "
+              f"{', '.join(study.tasks) or 'none'}{skipped} -> {study.out}")
+
+
+def prepare_out(study: Study, stale: list[RunSpec]) -> None:
+    """Build the data every run reads (once, before `out` is touched: a bad data source writes
+    nothing there), remove the runs made with another config and the old tables (--overwrite),
+    and mark `out` as a bench output."""
+    if any(finished_row(s) is None for s in study.every):
+        study.regime.prepare_data(study.every, study.log)
+    study.out.mkdir(parents=True, exist_ok=True)
+    if stale:
+        for s in stale:
+            remove_run(s.run_dir)
+        remove_outputs(study.out)
+        study.log(f"bench: --overwrite: removed {len(stale)} run(s) made with another config "
+                  f"({', '.join(s.name for s in stale)}) and the old tables")
+    start_manifest(study.out)
+
+
+def run_stages(study: Study) -> None:
+    """Every stage's runs through the launcher, stage after stage, into `study.done`; a run whose
+    source failed fails without trying."""
+    progress = Progress(study.every, study.log)
+    for stage in study.stages:
+        ready = []
+        for s in stage:
+            bad = [study.done[n] for n in s.needs if study.done.get(n, {}).get("status") != "ok"]
+            if bad:
+                study.done[s.name] = blocked_row(s, bad[0])
+                progress.finished(s, study.done[s.name])
+            else:
+                ready.append(s)
+        rows = run_all(ready, study.jobs, study.launcher, study.slurm, study.out / "slurm", study.log,
+                       progress)
+        study.done.update({r["name"]: r for r in rows})
+
+
+def finish_study(study: Study) -> dict[str, Any]:
+    """results.json's content from the rows (the regime's layout), the findings checked on it,
+    then the tables and the report."""
+    results, analysis, figures = study.regime.results(study)
+    results["elapsed_s"] = time.perf_counter() - study.start
+    results["findings"] = check_study_findings(study.out, results, study.log)
+    study.regime.write_outputs(study.out, results, analysis, figures)
+    rows = study.rows
+    ok = sum(r.get("status") == "ok" for r in rows)
+    out = study.out
+    study.log(f"bench: {ok}/{len(rows)} runs ok in {duration(results['elapsed_s'])}; wrote "
+              f"{out / 'results.md'}, {out / 'results.csv'}, {out / 'results.json'} and "
+              f"{out / 'report.html'}")
+    return results
+
+
+def run_vlm_bench(out: str | Path, preset: BenchPreset, algorithms: list[str] | None = None, seeds: int = 1,
+                  jobs: int | None = None, compare: str | Path | None = None, overrides: list[str] = (),
+                  analysis: bool = True, log: Callable[[str], None] = print,
+                  studies: list[str] | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """`run_bench` in the vlm regime with the bench preset given as a BenchPreset (regime vlm)."""
+    return run_bench(out, preset=preset.name, algorithms=algorithms, seeds=seeds, jobs=jobs,
+                     overrides=list(overrides), analysis=analysis, regime="vlm", compare=compare,
+                     studies=studies, log=log, overwrite=overwrite)
+
+
+def score_table(results: dict[str, Any]) -> list[list[str]]:
+    """The scores of a bench's results (results.json's content) as its regime lays them out: a
+    header row and rows of cells (see `libmoe.bench.tables.markdown`)."""
+    return get_regime(results.get("regime") or "pretrain").score_table(results)
