@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from .files import CorruptFileError
+
 # A number as people type it: 3, -2, 0.5, .5, 1e-4, 2.5E+3 (YAML 1.1 reads the exponent forms
 # without a dot as strings; words such as "nan" or "inf" stay strings, YAML's .nan/.inf are floats).
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -143,8 +145,6 @@ def load_yaml(path: str | Path, what: str = "config file", fix: str | None = Non
     one-line ValueError naming the file when it is not a YAML mapping with text keys. With `fix`
     (a file libmoe wrote, such as a run's config.yaml), that error is a CorruptFileError saying
     what to do."""
-    from .files import CorruptFileError
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist.")
