@@ -187,7 +187,3 @@ def write_report(path: str | Path, runs: dict[str, dict], figures: list[FigureIn
         parts.append(f"<h2>Notes</h2>\n<ul class=\"notes\">{items}</ul>")
     parts.append("</body></html>\n")
     return write_text(path, "\n".join(parts))
-
-
-# The names bench and vlm.bench used before they were public; kept until they switch (issue 20).
-_figure_html, _notes, _table = figure_html, report_notes, summary_table_html
