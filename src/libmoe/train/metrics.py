@@ -20,6 +20,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+try:  # a dependency; without it (a broken install) runs log to metrics.jsonl only
+    from torch.utils.tensorboard import SummaryWriter
+except ImportError:
+    SummaryWriter = None
+
+from ..devices import DistInfo, all_reduce_sum
 from ..files import CorruptFileError, dumps, write_text
 
 
@@ -92,11 +98,9 @@ class MetricsLogger:
         truncate_metrics(self.path, start_step)
         self.file = self.path.open("a")
         if tensorboard:
-            try:  # imports tensorboard (seconds; optional in practice): only when a run logs to it
-                from torch.utils.tensorboard import SummaryWriter
-
+            if SummaryWriter is not None:
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
-            except ImportError:
+            else:
                 print("libmoe: tensorboard is not installed; logging to metrics.jsonl only "
                       "(pip install tensorboard)", file=sys.stderr)
         if progress is None:
@@ -162,3 +166,47 @@ class MetricsLogger:
             self.writer.close()
         if self.bar is not None:
             self.bar.close()
+
+
+class StepWindow:
+    """Sums since the last metrics row, kept on the device (no host sync per step): LM loss, aux
+    loss and terms, per-layer selection counts, steps and their seconds; `row` reduces them over
+    processes into one metrics.jsonl row."""
+
+    def __init__(self, info: DistInfo):
+        self.info = info
+        self.steps = 0
+        self.loss: torch.Tensor | float = 0.0
+        self.aux_loss: torch.Tensor | float = 0.0
+        self.aux: dict[str, torch.Tensor] = {}
+        self.counts: list[torch.Tensor] = []
+        self.elapsed = 0.0  # seconds in training steps (evaluation and checkpoints excluded)
+
+    def add(self, output, weight: float) -> None:
+        """Add one micro-batch's LMOutput, weighted (1 / micro-batches per step)."""
+        with torch.no_grad():
+            self.loss = self.loss + output.loss.detach().double() * weight
+            self.aux_loss = self.aux_loss + output.aux_loss.detach().double() * weight
+            for name, value in output.aux.items():
+                self.aux[name] = self.aux.get(name, 0.0) + value.detach().double() * weight
+            if not self.counts:
+                self.counts = [torch.zeros(r.probs.shape[-1], dtype=torch.float64,
+                                           device=r.probs.device) for r in output.routing]
+            for c, r in zip(self.counts, output.routing):
+                ids = r.topk_idx.reshape(-1)
+                c += torch.bincount(ids[ids >= 0], minlength=c.numel())
+
+    def row(self, step: int, tokens_per_step: int) -> dict[str, Any]:
+        """The metrics row of the window ending at `step` (a collective: every process calls it)."""
+        elapsed = self.elapsed
+        device = self.info.device
+        stats = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                             for v in [self.loss, self.aux_loss, *self.aux.values()]])
+        stats = all_reduce_sum(stats, self.info).cpu() / (self.info.world_size * self.steps)
+        row = {"step": step, "loss": float(stats[0]), "aux_loss": float(stats[1])}
+        row.update({f"aux_{name}": float(v) for name, v in zip(self.aux, stats[2:])})
+        row["tokens_per_s"] = self.steps * tokens_per_step / elapsed
+        row["step_time_s"] = elapsed / self.steps
+        row["load"] = [{"layer": l, **load_summary(all_reduce_sum(c, self.info).cpu())}
+                       for l, c in enumerate(self.counts)]
+        return row
