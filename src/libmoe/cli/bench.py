@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..bench import BENCH_PRESETS, PAPER_ALGORITHMS, REGIMES, run_bench
-from ..bench.regimes.vlm import score_table as vlm_score_table
-from ..bench.safety import failure_line
-from ..bench.tables import markdown, score_table
+from ..bench import BENCH_PRESETS, PAPER_ALGORITHMS, REGIMES, failure_line, markdown, run_bench, score_table
 from ..errors import WorkFailed
 from ..overrides import parse_override
 from .common import add_plugin_option, log, split_list, takes_overrides
@@ -85,8 +82,7 @@ def run(args: argparse.Namespace) -> None:
                         nproc=args.nproc, slurm=slurm, overrides=list(args.items),
                         analysis=not args.no_analysis, regime=args.regime, compare=args.compare,
                         studies=args.studies, log=log, overwrite=args.overwrite)
-    table = vlm_score_table if results.get("regime") == "vlm" else score_table
-    print(markdown(table(results)))
+    print(markdown(score_table(results)))  # as the study's regime lays its scores out
     failed = failure_line(results, args.out)
     if failed:  # the tables are written; the exit code and the last line say what failed
         raise WorkFailed(failed)

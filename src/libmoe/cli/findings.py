@@ -6,8 +6,7 @@ import argparse
 import json
 import sys
 
-from .. import bench
-from ..bench.tables import markdown
+from ..bench import markdown, write_findings
 from ..findings import FINDINGS, check_findings, check_ids, findings_table
 from .common import add_plugin_option
 
@@ -43,7 +42,7 @@ def run(args: argparse.Namespace) -> None:
     if args.dry_run or only:
         findings = check_findings(args.bench, only)
     else:
-        findings = bench.write_findings(args.bench)
+        findings = write_findings(args.bench)
         print(f"rewrote the findings in {args.bench}/results.json, results.md and report.html",
               file=sys.stderr)
     if args.json:

@@ -6,10 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from ..models import resolve_checkpoint
+from ..models import resolve_checkpoint, resolve_config
+from ..models.transformers_lm import transformers_source
 from ..overrides import load_yaml
-from ..train import resolve_config
-from ..train.hf_model import transformers_source
 
 
 def upcycle_source_config(model_dir: Path) -> Path | None:
