@@ -17,9 +17,10 @@ from ..models.run_config import (
     prepare_run_data,
     resolve_config,
 )
+from .checkpoint import agreed_checkpoint, newest_intact_checkpoint, save_checkpoint
 from .rundir import config_diff, run_hash
 from .trace import TRACE_META, TRACE_TENSORS, record_routing, save_trace
-from .trainer import train
+from .trainer import check_config, train
 
 __all__ = [
     "TRACE_META",
@@ -28,16 +29,20 @@ __all__ = [
     "OptimConfig",
     "RunConfig",
     "TrainConfig",
+    "agreed_checkpoint",
+    "check_config",
     "config_diff",
     "config_from_dict",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "load_run_config",
+    "newest_intact_checkpoint",
     "prepare_run_data",
     "record_routing",
     "resolve_config",
     "run_hash",
+    "save_checkpoint",
     "save_trace",
     "train",
     "verify_checkpoint",
