@@ -236,7 +236,7 @@ def load_plugins(modules: Sequence[str]) -> None:
         import_plugin(module, "--plugin")
         if module not in known:
             known.append(module)
-    if known:
+    if modules:
         os.environ[PLUGINS_ENV] = ",".join(known)
 
 
