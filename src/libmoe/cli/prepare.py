@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..models import prepare_run_data
-from ..train.trainer import check_config
+from ..train import check_config
 from .common import add_plugin_option, takes_overrides
 from .run_config import run_config
 
