@@ -24,7 +24,7 @@ from ..errors import Interrupted
 from ..eval import get_task
 from ..eval.tasks import local_file
 from ..files import write_json
-from ..moe.layer import check_algorithm
+from ..moe import check_algorithm
 from .outputs import plain_json
 from .presets import BenchPreset
 from .regimes import PlanContext, get_regime

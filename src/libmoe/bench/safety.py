@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ..files import read_json
 from ..models import config_from_dict
 from ..overrides import load_yaml
-from ..train import config_diff
-from ..train.trainer import check_config
+from ..train import check_config, config_diff
 
 if TYPE_CHECKING:
     from .runner import RunSpec
