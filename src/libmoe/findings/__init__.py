@@ -24,7 +24,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from ..analysis.report import figure_anchor
+from ..analysis import figure_anchor
 from ..overrides import did_you_mean
 from . import checks as _checks  # noqa: F401  registers the claims
 from .inputs import INIT_STD_DIR, Bench, load_init_std, read_bench_results

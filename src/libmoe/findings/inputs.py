@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..analysis.init_std import INIT_STD_FILE
+from ..analysis import INIT_STD_FILE
 from ..files import CorruptFileError, read_json, read_json_object
 from ..moe.trace import Trace, list_traces
 
