@@ -7,14 +7,14 @@ import argparse
 import math
 from pathlib import Path
 
-from ..analysis.analyze import (
+from ..analysis import (
     analyze_run,
     check_analysis,
+    init_std_study,
     load_analysis,
     unique_names,
     write_figures_and_report,
 )
-from ..analysis.init_std import init_std_study
 from ..files import read_json_object
 from .common import add_plugin_option, log, takes_overrides, val_tokens
 

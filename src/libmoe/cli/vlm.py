@@ -7,12 +7,10 @@ import json
 from pathlib import Path
 
 from ..devices import check_device
-from ..vlm.evaluate import check_tasks, evaluate_run
+from ..vlm import VLM_PRESETS, evaluate_run, parameter_report, train_stage, write_synth_dataset
+from ..vlm.evaluate import check_tasks
 from ..vlm.lmms import tasks_path
-from ..vlm.presets import STAGE_HELP, VLM_PRESETS
-from ..vlm.synth import write_synth_dataset
-from ..vlm.train import train_stage
-from ..vlm.upcycle import parameter_report
+from ..vlm.presets import STAGE_HELP
 from .common import add_plugin_option, log, split_list, takes_overrides
 
 
