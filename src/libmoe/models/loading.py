@@ -246,8 +246,3 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
                                f"{config_path.name} ({first.rstrip(':.')})", fix) from None
     model.to(device).eval()
     return LoadedModel(model, tokenizer, ckpt, info.get("step"), config)
-
-
-# The names these had before they became public (other packages' callers move to the public ones).
-_find_tokenizer = find_tokenizer
-_is_transformers_dir = is_transformers_dir
