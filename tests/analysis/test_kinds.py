@@ -3,12 +3,14 @@
 import pytest
 
 import libmoe.analysis.kinds as kinds
+import libmoe.vlm as vlm  # registers the VLM's kind (as the entry point does once installed)
 from libmoe.analysis import LM_RUN_KIND, RunKind, analyze_run, find_run_kind, register_run_kind
 
 
 @pytest.fixture
 def registry(monkeypatch):
-    """A private copy of the registry, so a test's kinds do not outlive it."""
+    """A private copy of the registry (entry points loaded first), so a test's kinds do not outlive it."""
+    kinds.run_kinds()
     monkeypatch.setattr(kinds, "_KINDS", dict(kinds._KINDS))
     return kinds._KINDS
 
@@ -44,8 +46,6 @@ def test_a_declared_kind_nobody_registered_is_refused(tmp_path, registry):
 
 
 def test_the_vlm_registers_its_kind(tmp_path):
-    import libmoe.vlm as vlm
-
     assert kinds.run_kinds()["vlm"] is vlm.VLM_RUN_KIND
     (tmp_path / "config.yaml").write_text("kind: vlm\nstage: vit\n")
     assert find_run_kind(tmp_path, default=LM_RUN_KIND) is vlm.VLM_RUN_KIND
