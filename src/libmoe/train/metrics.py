@@ -20,11 +20,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-try:  # a dependency; without it (a broken install) runs log to metrics.jsonl only
-    from torch.utils.tensorboard import SummaryWriter
-except ImportError:
-    SummaryWriter = None
-
 from ..devices import DistInfo, all_reduce_sum
 from ..files import CorruptFileError, dumps, write_text
 
@@ -98,9 +93,11 @@ class MetricsLogger:
         truncate_metrics(self.path, start_step)
         self.file = self.path.open("a")
         if tensorboard:
-            if SummaryWriter is not None:
+            try:  # imports tensorboard (half a second): only runs that log to it pay for it
+                from torch.utils.tensorboard import SummaryWriter
+
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
-            else:
+            except ImportError:
                 print("libmoe: tensorboard is not installed; logging to metrics.jsonl only "
                       "(pip install tensorboard)", file=sys.stderr)
         if progress is None:
