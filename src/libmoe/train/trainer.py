@@ -73,43 +73,6 @@ __all__ = ["RUN_FILES", "build_optimizer", "check_config", "check_run_dir", "eva
 evaluate = validation_loss  # its name here before it moved to libmoe.eval.perplexity
 
 
-def flops_per_token(cfg: RunConfig, active_params: int) -> int:
-    """Training FLOPs per token: 6 x active non-embedding parameters plus attention's
-    12 x layers x heads x head_dim x sequence length (the PaLM appendix B estimate)."""
-    m = cfg.model
-    return int(6 * (active_params - m.vocab_size * m.d_model)
-               + 12 * m.n_layers * m.n_heads * m.head_dim * cfg.seq_len)
-
-
-def check_config(cfg: RunConfig, world_size: int = 1, hf: bool = False) -> tuple[int, int, int]:
-    """Everything about `cfg` knowable without data, checked before any work: batch divisibility,
-    sequence length and the model itself (built on the meta device, so no memory is used).
-    Returns (sequences per process, micro-batch size, micro-batches per step)."""
-    tc = cfg.train
-    if tc.batch_size % world_size:
-        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the "
-                         f"{world_size} processes.")
-    local = tc.batch_size // world_size
-    micro = tc.micro_batch_size or local
-    if local % micro:
-        raise ValueError(f"train.micro_batch_size={micro} must divide the per-process batch {local}.")
-    if cfg.seq_len > cfg.model.max_seq_len:
-        raise ValueError(f"train.seq_len={cfg.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}.")
-    if not hf:
-        with torch.device("meta"):
-            MoETransformer(cfg.model)  # every model and MoE option error, before the data is built
-    return local, micro, local // micro
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA allocations on a GPU, the resident set size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource  # POSIX only
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def train(
     cfg: RunConfig,
     out: str | Path,
@@ -163,22 +126,106 @@ def train(
         shutdown(info)
 
 
-def _init_weights(init: str | Path, cfg: RunConfig, tokenizer_hash: str) -> dict[str, torch.Tensor]:
-    """The state dict of model directory `init`, checked against the run's model and tokenizer."""
-    path = resolve_checkpoint(init)
-    saved = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
-    if saved.get("model") is None:
-        raise ValueError(f"--init {str(init)!r} has no libmoe config.yaml beside its weights.")
-    if model_hash(replace(cfg, model=type(cfg.model)(**saved["model"]))) != model_hash(cfg):
-        diff = "; ".join(config_diff(saved["model"], cfg.model.to_dict()))
-        raise ValueError(f"--init {str(init)!r} holds a different model than this config ({diff}); "
-                         "leave the model section to the init directory's config.")
-    if tokenizer_fingerprint(find_tokenizer(path)) != tokenizer_hash:
-        raise ValueError(f"--init {str(init)!r} was trained with another tokenizer than this run's data "
-                         "(data.source or data.tokenizer differ); use the init directory's data config.")
-    return load_file(str(path / "model.safetensors"))
+def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool | str, overwrite: bool,
+           stop_after: int | None, progress: bool | None, init: str | Path | None,
+           hf: bool, allow_config_change: bool) -> dict[str, Any]:
+    say = print if info.is_main else (lambda *_: None)
+    tc = cfg.train
+    local, micro, accum = check_config(cfg, info.world_size, hf)
+    flags = cpu_group(info)  # small host-side agreements: the resume step, the preemption vote
 
-# --- setup -----------------------------------------------------------------------------------
+    # Setup, checked before anything is written to `out`: the checkpoint, the data, the init weights.
+    resumed = resume_point(cfg, out, info, flags, resume, allow_config_change, say)
+    data, cfg = run_data(cfg, info, hf, say)
+    init_state = None
+    if init is not None and resumed is None and not hf:
+        init_state = init_weights(init, cfg, data.tokenizer_hash)
+    if resumed is not None:
+        check_resume_fits(resumed, cfg, data)
+    write_run_dir(out, cfg, data, resumed, overwrite, info, say)
+
+    # The model, optimizer, schedule and data position (restored when resuming).
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    raw, total_params, active_params = build_model(cfg, info, hf, init, resumed, init_state, say)
+    model = wrap_model(raw, info, tc.parallel)
+    opt = build_optimizer(model, cfg)
+    attach_bias_balancing(raw, opt)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    sampler = SequenceSampler(data.train, cfg.seq_len, seed=tc.seed)
+    step, saved_step, earlier_time = 0, None, 0.0
+    identity = (resumed.ckpt["info"].get("run_hash") if resumed else None) or run_hash(cfg)
+    if resumed is not None:  # the identity is kept across --allow-config-change
+        step, earlier_time = restore(resumed, model, opt, sched, sampler, cfg)
+        saved_step = step
+        say(f"resume: continuing from {resumed.path} (step {step})")
+        resumed = None  # frees the checkpoint's tensors
+    if step >= tc.max_steps and (out / "train_summary.json").is_file():
+        say(f"resume: {out} already finished its {tc.max_steps} steps")
+        return dict(read_json_object(out / "train_summary.json"), rank=info.rank)
+    run = start_run(cfg, out, info, data, raw, model, opt, sched, sampler, (local, micro, accum), identity,
+                    active_params, hf, step, saved_step, earlier_time)
+    say(f"model: {cfg.model.algorithm}, {total_params / 1e6:.2f}M parameters "
+        f"({active_params / 1e6:.2f}M active), {run.flops_per_token / 1e6:.1f} MFLOPs/token; "
+        f"{info.world_size} process(es) on {info.device}, batch {tc.batch_size} x {cfg.seq_len} tokens "
+        f"({accum} micro-batch(es) of {micro} per process), {run.precision_name}")
+
+    val_loss, stopped_early = train_loop(run, flags, stop_after, progress)
+    summary = {
+        "step": run.step, "max_steps": tc.max_steps, "stopped_early": stopped_early,
+        "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)) if val_loss == val_loss else None,
+        "train_time_s": run.elapsed(), "peak_mem_mb": peak_memory_mb(info.device),
+        "params_total": total_params, "params_active": active_params,
+        "algorithm": cfg.model.algorithm, "rank": info.rank,
+    }
+    if info.is_main:
+        write_json(out / "train_summary.json", summary)
+    return summary
+
+
+def train_loop(run: TrainRun, flags, stop_after: int | None, progress: bool | None) -> tuple[float, bool]:
+    """Train `run` to train.max_steps (or `stop_after`, or a signal): the step, then at their
+    intervals the metrics row, validation and a checkpoint. Returns (the last validation loss,
+    whether it stopped early at `stop_after`); a signal writes a checkpoint and raises Interrupted."""
+    cfg, info = run.cfg, run.info
+    tc = cfg.train
+    run.logger = MetricsLogger(run.out, tc.max_steps, run.step, enabled=info.is_main,
+                               tensorboard=tc.tensorboard, progress=progress)
+    window = StepWindow(info)
+    run.start_time = time.perf_counter()
+    val_loss = float("nan")
+    run.model.train()
+    stopped_early = False
+    with contextlib.ExitStack() as stack:
+        stack.callback(run.logger.close)
+        signals = stack.enter_context(StopSignals())
+        vote = StepVote(info, flags)  # the signal flag, agreed without blocking a step
+        stack.callback(vote.close)
+        while run.step < tc.max_steps:
+            lr, grad_norm = run.train_step(window)
+            step = run.step
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                run.log_window(window, lr, grad_norm)
+                window = StepWindow(info)
+            if step % tc.eval_every == 0 or step == tc.max_steps:
+                val_loss = run.validate()
+            stop = stop_after is not None and step >= stop_after and step < tc.max_steps
+            # Every process stops at the same step: the signal flag is agreed on each step (the
+            # answer arrives one step late, so the reduction overlaps the next step's compute).
+            interrupted = vote.poll(signals.name is not None) and step < tc.max_steps
+            if step % tc.checkpoint_every == 0 or step == tc.max_steps or stop or interrupted:
+                path = run.checkpoint()
+            if interrupted:
+                raise Interrupted(f"interrupted by {signals.name or 'a signal to another process'} at "
+                                  f"step {step}; checkpoint written to {path}; continue with --resume.")
+            if stop:
+                run.logger.message(f"stopped after step {step} (--stop-after); continue with --resume")
+                stopped_early = True
+                break
+    return val_loss, stopped_early
+
+
+# --- setup: what `_train` calls before the loop ---------------------------------------------
 
 
 @dataclass
@@ -221,6 +268,22 @@ def run_data(cfg: RunConfig, info: DistInfo, hf: bool, say) -> tuple[PackedData,
         raise ValueError(f"the tokenizer has {vocab} pieces but model.vocab_size="
                          f"{cfg.model.vocab_size}; raise model.vocab_size.")
     return data, cfg
+
+
+def init_weights(init: str | Path, cfg: RunConfig, tokenizer_hash: str) -> dict[str, torch.Tensor]:
+    """The state dict of model directory `init`, checked against the run's model and tokenizer."""
+    path = resolve_checkpoint(init)
+    saved = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
+    if saved.get("model") is None:
+        raise ValueError(f"--init {str(init)!r} has no libmoe config.yaml beside its weights.")
+    if model_hash(replace(cfg, model=type(cfg.model)(**saved["model"]))) != model_hash(cfg):
+        diff = "; ".join(config_diff(saved["model"], cfg.model.to_dict()))
+        raise ValueError(f"--init {str(init)!r} holds a different model than this config ({diff}); "
+                         "leave the model section to the init directory's config.")
+    if tokenizer_fingerprint(find_tokenizer(path)) != tokenizer_hash:
+        raise ValueError(f"--init {str(init)!r} was trained with another tokenizer than this run's data "
+                         "(data.source or data.tokenizer differ); use the init directory's data config.")
+    return load_file(str(path / "model.safetensors"))
 
 
 def check_resume_fits(resumed: Resumed, cfg: RunConfig, data: PackedData) -> None:
@@ -314,103 +377,41 @@ def start_run(cfg: RunConfig, out: Path, info: DistInfo, data: PackedData, raw: 
     )
 
 
-# --- the loop --------------------------------------------------------------------------------
+# --- sizes and limits --------------------------------------------------------------------
 
 
-def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool | str, overwrite: bool,
-           stop_after: int | None, progress: bool | None, init: str | Path | None,
-           hf: bool, allow_config_change: bool) -> dict[str, Any]:
-    say = print if info.is_main else (lambda *_: None)
+def check_config(cfg: RunConfig, world_size: int = 1, hf: bool = False) -> tuple[int, int, int]:
+    """Everything about `cfg` knowable without data, checked before any work: batch divisibility,
+    sequence length and the model itself (built on the meta device, so no memory is used).
+    Returns (sequences per process, micro-batch size, micro-batches per step)."""
     tc = cfg.train
-    local, micro, accum = check_config(cfg, info.world_size, hf)
-    flags = cpu_group(info)  # small host-side agreements: the resume step, the preemption vote
-
-    # Setup, checked before anything is written to `out`: the checkpoint, the data, the init weights.
-    resumed = resume_point(cfg, out, info, flags, resume, allow_config_change, say)
-    data, cfg = run_data(cfg, info, hf, say)
-    init_state = None
-    if init is not None and resumed is None and not hf:
-        init_state = _init_weights(init, cfg, data.tokenizer_hash)
-    if resumed is not None:
-        check_resume_fits(resumed, cfg, data)
-    write_run_dir(out, cfg, data, resumed, overwrite, info, say)
-
-    # The model, optimizer, schedule and data position (restored when resuming).
-    torch.manual_seed(tc.seed)
-    random.seed(tc.seed)
-    raw, total_params, active_params = build_model(cfg, info, hf, init, resumed, init_state, say)
-    model = wrap_model(raw, info, tc.parallel)
-    opt = build_optimizer(model, cfg)
-    attach_bias_balancing(raw, opt)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    sampler = SequenceSampler(data.train, cfg.seq_len, seed=tc.seed)
-    step, saved_step, earlier_time = 0, None, 0.0
-    identity = (resumed.ckpt["info"].get("run_hash") if resumed else None) or run_hash(cfg)
-    if resumed is not None:  # the identity is kept across --allow-config-change
-        step, earlier_time = restore(resumed, model, opt, sched, sampler, cfg)
-        saved_step = step
-        say(f"resume: continuing from {resumed.path} (step {step})")
-        resumed = None  # frees the checkpoint's tensors
-    if step >= tc.max_steps and (out / "train_summary.json").is_file():
-        say(f"resume: {out} already finished its {tc.max_steps} steps")
-        return dict(read_json_object(out / "train_summary.json"), rank=info.rank)
-    run = start_run(cfg, out, info, data, raw, model, opt, sched, sampler, (local, micro, accum), identity,
-                    active_params, hf, step, saved_step, earlier_time)
-    say(f"model: {cfg.model.algorithm}, {total_params / 1e6:.2f}M parameters "
-        f"({active_params / 1e6:.2f}M active), {run.flops_per_token / 1e6:.1f} MFLOPs/token; "
-        f"{info.world_size} process(es) on {info.device}, batch {tc.batch_size} x {cfg.seq_len} tokens "
-        f"({accum} micro-batch(es) of {micro} per process), {run.precision_name}")
-
-    val_loss, stopped_early = train_loop(run, flags, stop_after, progress)
-    summary = {
-        "step": run.step, "max_steps": tc.max_steps, "stopped_early": stopped_early,
-        "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)) if val_loss == val_loss else None,
-        "train_time_s": run.elapsed(), "peak_mem_mb": peak_memory_mb(info.device),
-        "params_total": total_params, "params_active": active_params,
-        "algorithm": cfg.model.algorithm, "rank": info.rank,
-    }
-    if info.is_main:
-        write_json(out / "train_summary.json", summary)
-    return summary
+    if tc.batch_size % world_size:
+        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the "
+                         f"{world_size} processes.")
+    local = tc.batch_size // world_size
+    micro = tc.micro_batch_size or local
+    if local % micro:
+        raise ValueError(f"train.micro_batch_size={micro} must divide the per-process batch {local}.")
+    if cfg.seq_len > cfg.model.max_seq_len:
+        raise ValueError(f"train.seq_len={cfg.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}.")
+    if not hf:
+        with torch.device("meta"):
+            MoETransformer(cfg.model)  # every model and MoE option error, before the data is built
+    return local, micro, local // micro
 
 
-def train_loop(run: TrainRun, flags, stop_after: int | None, progress: bool | None) -> tuple[float, bool]:
-    """Train `run` to train.max_steps (or `stop_after`, or a signal): the step, then at their
-    intervals the metrics row, validation and a checkpoint. Returns (the last validation loss,
-    whether it stopped early at `stop_after`); a signal writes a checkpoint and raises Interrupted."""
-    cfg, info = run.cfg, run.info
-    tc = cfg.train
-    run.logger = MetricsLogger(run.out, tc.max_steps, run.step, enabled=info.is_main,
-                               tensorboard=tc.tensorboard, progress=progress)
-    window = StepWindow(info)
-    run.start_time = time.perf_counter()
-    val_loss = float("nan")
-    run.model.train()
-    stopped_early = False
-    with contextlib.ExitStack() as stack:
-        stack.callback(run.logger.close)
-        signals = stack.enter_context(StopSignals())
-        vote = StepVote(info, flags)  # the signal flag, agreed without blocking a step
-        stack.callback(vote.close)
-        while run.step < tc.max_steps:
-            lr, grad_norm = run.train_step(window)
-            step = run.step
-            if step % tc.log_every == 0 or step == tc.max_steps:
-                run.log_window(window, lr, grad_norm)
-                window = StepWindow(info)
-            if step % tc.eval_every == 0 or step == tc.max_steps:
-                val_loss = run.validate()
-            stop = stop_after is not None and step >= stop_after and step < tc.max_steps
-            # Every process stops at the same step: the signal flag is agreed on each step (the
-            # answer arrives one step late, so the reduction overlaps the next step's compute).
-            interrupted = vote.poll(signals.name is not None) and step < tc.max_steps
-            if step % tc.checkpoint_every == 0 or step == tc.max_steps or stop or interrupted:
-                path = run.checkpoint()
-            if interrupted:
-                raise Interrupted(f"interrupted by {signals.name or 'a signal to another process'} at "
-                                  f"step {step}; checkpoint written to {path}; continue with --resume.")
-            if stop:
-                run.logger.message(f"stopped after step {step} (--stop-after); continue with --resume")
-                stopped_early = True
-                break
-    return val_loss, stopped_early
+def flops_per_token(cfg: RunConfig, active_params: int) -> int:
+    """Training FLOPs per token: 6 x active non-embedding parameters plus attention's
+    12 x layers x heads x head_dim x sequence length (the PaLM appendix B estimate)."""
+    m = cfg.model
+    return int(6 * (active_params - m.vocab_size * m.d_model)
+               + 12 * m.n_layers * m.n_heads * m.head_dim * cfg.seq_len)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, the resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource  # POSIX only
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
