@@ -37,6 +37,8 @@ HEAVY = {
     "submitit": "optional ([slurm]); only `--launcher slurm` needs it",
     "resource": "POSIX only; peak-memory readings fall back without it",
     "torch.utils.tensorboard": "half a second to import (tensorboard); only a training run's logger needs it",
+    "torch.distributed.fsdp": "0.4 s to import (DTensor); only `train.parallel=fsdp` runs need it",
+    "torch.distributed.checkpoint": "0.4 s to import (DTensor); only saving and resuming checkpoints need it",
 }
 
 

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from ..devices import DistInfo, all_reduce_sum
@@ -51,6 +50,8 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Mo
     if not info.enabled:
         return model
     if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard  # heavy: 0.4 s, only FSDP runs pay it
+
         # Blocks return routing records that hold views (top-k ids and weights); nothing modifies
         # them in place, which is the case this warning is about.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")

@@ -12,12 +12,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 
 from ..models.run_config import RunConfig
 
@@ -80,6 +74,13 @@ def autocast_factory(dtype: torch.dtype | None, device: torch.device) -> Callabl
 
 def full_state_dicts(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Full (unsharded) model and optimizer state, keyed by parameter name, on every rank."""
+    # heavy: 0.4 s (it loads DTensor); only checkpoints pay it, not `import libmoe.train`
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return (get_model_state_dict(model, options=options),
             get_optimizer_state_dict(model, opt, options=options))
@@ -87,6 +88,11 @@ def full_state_dicts(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict
 
 def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
     """Load a `full_state_dicts` optimizer state into `opt` (sharded as `model` is)."""
+    from torch.distributed.checkpoint.state_dict import (  # heavy: see full_state_dicts
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
     set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
 
 
