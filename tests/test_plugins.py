@@ -97,8 +97,10 @@ def cache(tmp_path_factory):
 
 @pytest.fixture
 def registry(monkeypatch):
-    """REGISTRY as it was after the test: its plugin algorithms and their modules removed."""
-    monkeypatch.delenv(PLUGINS_ENV, raising=False)
+    """REGISTRY as it was after the test: its plugin algorithms and their modules removed, and
+    LIBMOE_PLUGINS as it was (setenv first, so monkeypatch restores it even when it was unset)."""
+    monkeypatch.setenv(PLUGINS_ENV, "")
+    monkeypatch.delenv(PLUGINS_ENV)
     before, modules = list(REGISTRY), set(sys.modules)
     yield REGISTRY
     for name in [n for n in list(REGISTRY) if n not in before]:
