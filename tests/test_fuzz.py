@@ -16,9 +16,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from libmoe.models.run_config import RunConfig, config_from_dict
 from libmoe.overrides import check_keys, load_yaml, parse_override, parse_value
 from libmoe.train import resolve_config
-from libmoe.train.config import RunConfig, config_from_dict
 
 # A fixed seed and a modest budget keep the file at about 15 s; LIBMOE_FUZZ_EXAMPLES=2000 explores more.
 EXAMPLES = int(os.environ.get("LIBMOE_FUZZ_EXAMPLES", "60"))

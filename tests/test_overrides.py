@@ -97,7 +97,7 @@ def test_load_yaml(tmp_path):
 
 
 def test_train_config_parse_override_is_the_shared_one():
-    from libmoe.train import config
+    from libmoe.models import run_config as config
 
     assert config.parse_override("optim.lr=1e-4") == overrides.parse_override("optim.lr=1e-4")
     assert config.parse_override("a.b=[1e-3]") == {"a": {"b": [1e-3]}}

@@ -73,8 +73,8 @@ def test_rerun_skips_finished_runs_and_an_interrupted_run_resumes_exactly(micro,
     assert [r["ppl"] for r in again["rows"]] == [r["ppl"] for r in results["rows"]]
 
     # Interrupt a copy of the smoe run after step 15, then let the bench finish it.
+    from libmoe.models.run_config import config_from_dict
     from libmoe.train import train
-    from libmoe.train.config import config_from_dict
 
     spec = next(s for s in bench_runner.plan_runs(
         tmp_path / "b", load_bench_preset("micro"), ["smoe"], 1,

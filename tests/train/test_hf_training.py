@@ -1,4 +1,4 @@
-"""Training upcycled transformers models with libmoe's trainer (libmoe.train.hf_model)."""
+"""Training upcycled transformers models with libmoe's trainer (libmoe.models.transformers_lm)."""
 
 import json
 
