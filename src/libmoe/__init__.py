@@ -1,6 +1,6 @@
 """libmoe: a research library for sparse Mixture-of-Experts language models."""
 
-from .models import auto
+from . import auto
 from .moe import ALGORITHMS, build_moe
 from .version import __version__
 

@@ -126,4 +126,4 @@ def write_hf_config(directory: str | Path, cfg: ModelConfig) -> Path:
     return Path(directory) / "config.json"
 
 
-register_auto()  # importing this module is enough (libmoe.models.auto imports it when transformers loads)
+register_auto()  # importing this module is enough (libmoe.auto imports it when transformers loads)

@@ -131,4 +131,4 @@ def register_auto() -> None:
         AutoModelForCausalLM.register(LibMoEUpcycledConfig, LibMoEUpcycledForCausalLM)
 
 
-register_auto()  # importing this module is enough (libmoe.models.auto imports it when transformers loads)
+register_auto()  # importing this module is enough (libmoe.auto imports it when transformers loads)

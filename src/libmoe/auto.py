@@ -1,12 +1,13 @@
 """Registers libmoe's transformers classes with the Auto classes once transformers loads them.
 
 `import libmoe` must not import transformers (seconds), yet `AutoModelForCausalLM.from_pretrained`
-of a libmoe directory must work afterwards. So `install()` (called by ``libmoe/__init__``) sets a
-one-shot import hook (``_libmoe_lm_eval.after_import``, from the start-up hook module installed
-with libmoe) that waits for ``transformers.models.auto.modeling_auto`` and, once it has run,
-imports `HF_MODULES`, each of which registers its classes with the Auto classes when imported
-(`libmoe.models.hf.register_auto`, `libmoe.models.hf_upcycled.register_auto`). If transformers is
-already imported, that happens at once.
+of a libmoe directory must work afterwards. This module sits at the bottom layer and imports no
+other libmoe module, so `import libmoe` loads only itself, `libmoe.moe` and torch. `install()`
+(called by ``libmoe/__init__``) sets a one-shot import hook (``_libmoe_lm_eval.after_import``,
+from the start-up hook module installed with libmoe) that waits for
+``transformers.models.auto.modeling_auto`` and, once it has run, imports `HF_MODULES`, each of
+which registers its classes with the Auto classes when imported (`libmoe.models.hf.register_auto`,
+`libmoe.models.hf_upcycled.register_auto`). If transformers is already imported, that happens at once.
 """
 
 from __future__ import annotations
