@@ -49,3 +49,19 @@ def test_the_vlm_registers_its_kind(tmp_path):
     assert kinds.run_kinds()["vlm"] is vlm.VLM_RUN_KIND
     (tmp_path / "config.yaml").write_text("kind: vlm\nstage: vit\n")
     assert find_run_kind(tmp_path, default=LM_RUN_KIND) is vlm.VLM_RUN_KIND
+
+
+def test_a_broken_run_kind_entry_point_is_refused_at_every_lookup(tmp_path, registry, monkeypatch):
+    """A kind whose entry point fails to load is one ValueError naming it, at every lookup until
+    it loads; never a kind that silently goes missing after the first failure."""
+    from importlib.metadata import EntryPoint
+
+    broken = EntryPoint("mine", "no_such_package.kinds:KIND", kinds.RUN_KINDS_GROUP)
+    monkeypatch.setattr(kinds, "entry_points", lambda group: [broken])
+    monkeypatch.setattr(kinds, "_entry_points_loaded", False)
+    for _ in range(2):
+        with pytest.raises(kinds.RunKindError, match="'mine'.*no_such_package"):
+            kinds.run_kinds()
+    assert issubclass(kinds.RunKindError, ValueError)  # the CLI's one line and exit 2
+    monkeypatch.setattr(kinds, "entry_points", lambda group: [])
+    assert "vlm" in kinds.run_kinds() and kinds._entry_points_loaded  # loads once it can

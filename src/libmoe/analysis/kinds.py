@@ -82,19 +82,25 @@ def register_run_kind(kind: RunKind) -> RunKind:
     return kind
 
 
+class RunKindError(ValueError):
+    """A declared run kind could not be loaded (one line: the entry point, the error; exit 2)."""
+
+
 def load_entry_points() -> None:
-    """Register the kinds other packages declare in the `libmoe.run_kinds` entry-point group (once)."""
+    """Register the kinds other packages declare in the `libmoe.run_kinds` entry-point group, once
+    they all load; a broken one is a RunKindError at every lookup until it is fixed (never a kind
+    that silently goes missing)."""
     global _entry_points_loaded
     if _entry_points_loaded:
         return
-    _entry_points_loaded = True
     for ep in entry_points(group=RUN_KINDS_GROUP):
         try:
             kind = ep.load()
         except Exception as err:  # a broken plugin is named, not a bare traceback from its import
-            raise ImportError(f"the run kind {ep.name!r} ({ep.value}, entry-point group {RUN_KINDS_GROUP}) "
-                              f"failed to load: {err}") from err
+            raise RunKindError(f"the run kind {ep.name!r} ({ep.value}, entry-point group "
+                               f"{RUN_KINDS_GROUP}) failed to load: {err}") from err
         register_run_kind(kind)
+    _entry_points_loaded = True
 
 
 def run_kinds() -> dict[str, RunKind]:
