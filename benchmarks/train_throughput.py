@@ -2,7 +2,7 @@
 
 One training step is exactly the trainer's: forward of the language model on a batch of real
 tokens, cross-entropy plus every MoE layer's aux loss, backward, gradient clipping, AdamW step
-(`libmoe.train.trainer.build_optimizer`). Batches come from the packed data of `--data` (prepared
+(`libmoe.train.optim.build_optimizer`). Batches come from the packed data of `--data` (prepared
 once and cached), the same windows for every model.
 
 All models are built first; then they run round-robin, `--warmup` untimed rounds and `--rounds`
@@ -29,7 +29,7 @@ from torch import nn
 from libmoe.data.packed import SequenceSampler, prepare_data
 from libmoe.models import MoETransformer, count_parameters
 from libmoe.train import resolve_config
-from libmoe.train.trainer import build_optimizer
+from libmoe.train.optim import build_optimizer
 
 PAPER = ["dense", "smoe", "sigma_moe", "xmoe", "sharede_v2", "sharede_v3", "moe_plus_plus", "tc_moe"]
 SHARED_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpus"

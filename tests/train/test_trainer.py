@@ -12,7 +12,8 @@ from libmoe.models import MoETransformer
 from libmoe.moe import ALGORITHMS
 from libmoe.moe.trace import list_traces
 from libmoe.train import latest_checkpoint, list_checkpoints, load_checkpoint, train
-from libmoe.train.trainer import build_optimizer, flops_per_token, lr_lambda
+from libmoe.train.optim import build_optimizer, lr_lambda
+from libmoe.train.trainer import flops_per_token
 
 
 def rows(run):

@@ -28,10 +28,9 @@ from torch import nn
 
 from ..data.packed import PackedData, SequenceSampler, probe_set, tokenizer_fingerprint, validation_windows
 from ..errors import Interrupted
-from ..eval.perplexity import validation_loss
 from ..files import read_json_object, write_json, write_text
 from ..models import MoETransformer, count_parameters, find_tokenizer, resolve_checkpoint
-from ..models.run_config import RunConfig, load_run_config, load_yaml, prepare_run_data
+from ..models.run_config import RunConfig, load_yaml, prepare_run_data
 from ..models.transformers_lm import (
     TransformersLM,
     load_transformers,
@@ -53,7 +52,6 @@ from .optim import (
     set_rng_state,
 )
 from .rundir import (
-    RUN_FILES,
     check_resumable,
     check_run_dir,
     clear_run,
@@ -66,11 +64,7 @@ from .rundir import (
 )
 from .stops import FiniteGuard, StopSignals
 
-__all__ = ["RUN_FILES", "build_optimizer", "check_config", "check_run_dir", "evaluate", "flops_per_token",
-           "load_run_config", "lr_lambda", "model_hash", "prepare_run_data", "resolve_precision", "run_hash",
-           "train"]
-
-evaluate = validation_loss  # its name here before it moved to libmoe.eval.perplexity
+__all__ = ["check_config", "flops_per_token", "peak_memory_mb", "train", "train_loop"]
 
 
 def train(
