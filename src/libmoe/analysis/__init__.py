@@ -27,6 +27,7 @@ from .interventions import (
 )
 from .kinds import RUN_KINDS_GROUP, AnalysisOptions, RunKind, find_run_kind, register_run_kind, run_kinds
 from .lm import LM_RUN_KIND
+from .metrics import selections, token_change, token_margin, token_weight_entropy
 from .plots import FIGURES, FigureInfo, plot_all, save_figure
 from .report import (
     CSS,
@@ -82,9 +83,13 @@ __all__ = [
     "run_kinds",
     "run_traces",
     "save_figure",
+    "selections",
     "summarise_init_std",
     "summary_rows",
     "summary_table_html",
+    "token_change",
+    "token_margin",
+    "token_weight_entropy",
     "training_dynamics",
     "unique_names",
     "write_figures_and_report",

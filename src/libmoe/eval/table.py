@@ -22,6 +22,7 @@ from .tasks import TASKS
 PAPER_ORDER = ["lambada_openai", "blimp", "cbt", "hellaswag", "piqa", "arc_easy", "race",
                "social_i_qa", "commonsense_qa"]
 ORDER = PAPER_ORDER + ["arc_challenge", "winogrande", "boolq", "openbookqa"]
+# Each task's column heading in the comparison tables (the paper's spelling).
 LABELS = {"lambada_openai": "LAMBADA", "blimp": "BLiMP", "cbt": "CBT", "hellaswag": "HellaSwag",
           "piqa": "PIQA", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "race": "RACE",
           "social_i_qa": "SIQA", "commonsense_qa": "CommonsenseQA", "winogrande": "WinoGrande",
@@ -129,6 +130,7 @@ def _fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
 
 
 def comparison_markdown(tasks: list[str], rows: list[dict[str, Any]]) -> str:
+    """The comparison rows (comparison_rows) as a Markdown table: model, PPL, tasks, AVG, AVG rank."""
     has_ppl = any(r["ppl"] is not None for r in rows)
     head = ["Model"] + (["PPL ↓"] if has_ppl else []) + [LABELS.get(t, t) for t in tasks]
     head += ["AVG ↑", "AVG Rank ↓"]
@@ -142,6 +144,7 @@ def comparison_markdown(tasks: list[str], rows: list[dict[str, Any]]) -> str:
 
 
 def comparison_csv(tasks: list[str], rows: list[dict[str, Any]]) -> str:
+    """The comparison rows (comparison_rows) as CSV text: model, ppl, tasks, avg, avg_rank."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["model", "ppl", *tasks, "avg", "avg_rank"])

@@ -7,9 +7,12 @@ and reading what training writes (run configs, checkpoints, model directories).
 
 Every model class libmoe defines lives here: `MoETransformer`; with transformers installed
 `libmoe.models.hf` (LibMoEForCausalLM), `libmoe.models.hf_upcycled` (upcycled transformers
-models) and `libmoe.models.transformers_lm` (a transformers model behind the trainer's interface).
-The run config schema is `libmoe.models.run_config`, the checkpoint format
-`libmoe.models.checkpoints`.
+models) and `TransformersLM` (`libmoe.models.transformers_lm`: a transformers model behind the
+trainer's interface). The run config schema is `libmoe.models.run_config`, the checkpoint format
+`libmoe.models.checkpoints`, the upcycled MLP layer of a transformers model
+`libmoe.models.upcycled` (`UpcycledMLP`, `upcycle_hf_model`). `hf` and `hf_upcycled` import
+transformers at their top, so they are not re-exported here; the other modules import it only
+when a transformers model is loaded.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from torch import nn
 
 from ..moe import DenseFFN, MoELayer, moe_layers
 from .checkpoints import (
+    INFO_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -42,10 +49,25 @@ from .run_config import (
     TrainConfig,
     config_from_dict,
     load_run_config,
+    load_yaml,
     prepare_run_data,
     resolve_config,
 )
 from .transformer import LMOutput, MoETransformer
+from .transformers_lm import TransformersLM, load_transformers, transformers_run_config, transformers_source
+from .upcycled import (
+    GATED_ACTIVATIONS,
+    MLP_KINDS,
+    PLAIN_ACTIVATIONS,
+    SHARED_ALGORITHMS,
+    DenseMLP,
+    UpcycledMLP,
+    copy_into_experts,
+    find_mlps,
+    mlp_weights,
+    moe_aux_loss,
+    upcycle_hf_model,
+)
 
 
 def build_model(preset: str = "micro", algorithm: str = "smoe", **overrides: Any) -> MoETransformer:
@@ -69,18 +91,31 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 __all__ = [
+    "GATED_ACTIVATIONS",
+    "INFO_FILE",
+    "MLP_KINDS",
+    "MODEL_FILE",
+    "OPTIMIZER_FILE",
+    "PLAIN_ACTIVATIONS",
     "PRESETS",
+    "SHARED_ALGORITHMS",
+    "STATE_FILE",
     "DataConfig",
+    "DenseMLP",
     "LMOutput",
     "LoadedModel",
-    "ModelConfig",
     "MoETransformer",
+    "ModelConfig",
     "OptimConfig",
     "RunConfig",
     "TrainConfig",
+    "TransformersLM",
+    "UpcycledMLP",
     "build_model",
     "config_from_dict",
+    "copy_into_experts",
     "count_parameters",
+    "find_mlps",
     "find_tokenizer",
     "is_transformers_dir",
     "latest_checkpoint",
@@ -88,11 +123,18 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "load_run_config",
+    "load_transformers",
+    "load_yaml",
+    "mlp_weights",
     "model_config",
+    "moe_aux_loss",
     "newest_intact_checkpoint",
     "prepare_run_data",
     "resolve_checkpoint",
     "resolve_config",
     "save_model_dir",
+    "transformers_run_config",
+    "transformers_source",
+    "upcycle_hf_model",
     "verify_checkpoint",
 ]

@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 
 from ..files import CorruptFileError, read_json_object, sha256
 
+# The files of a checkpoint directory (step_N/): the model weights, the optimizer state, the
+# trainer's state, and checkpoint.json (the files' checksums, which verify_checkpoint compares).
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.pt"

@@ -38,6 +38,7 @@ GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
 PLAIN_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
                      "relu": "relu", "silu": "silu", "swish": "silu"}
 MLP_KINDS = "gate_proj/up_proj/down_proj, gate_up_proj/down_proj, c_fc/c_proj or fc1/fc2"
+"""The MLP layouts find_mlps recognises (for error messages)."""
 
 
 def copy_into_experts(experts, w1: Tensor, w2: Tensor, w3: Tensor | None = None,

@@ -6,6 +6,8 @@
 
 ALGORITHMS and REGISTRY are live: they include routers registered later, with register_algorithm or
 as plugins (entry points `libmoe.algorithms`, modules in LIBMOE_PLUGINS; docs/plugins.md).
+Routing traces (`Trace`, `RoutingRecorder`, `list_traces`: `libmoe.moe.trace`) are what training
+records and the analysis reads.
 """
 
 from .dispatch import DISPATCH_BACKENDS, run_experts
@@ -21,7 +23,7 @@ from .layer import (
     set_training_progress,
     update_bias_balancing,
 )
-from .options import MoEOptions
+from .options import MoEOptions, check_choice, check_number
 from .registry import (
     ALGORITHMS,
     ENTRY_POINT_GROUP,
@@ -32,32 +34,53 @@ from .registry import (
     load_plugins,
     register_algorithm,
 )
-from .routers import Router, Routing, TopKRouter
+from .routers import ExpertChoiceRouter, Router, Routing, TopKRouter
+from .trace import (
+    TRACE_META,
+    TRACE_TENSORS,
+    RoutingRecorder,
+    Trace,
+    check_one_run,
+    list_traces,
+    routed_layers,
+    trace_meta,
+)
 
 __all__ = [
     "ACTIVATIONS",
     "ALGORITHMS",
     "DISPATCH_BACKENDS",
     "ENTRY_POINT_GROUP",
+    "PLUGINS_ENV",
+    "REGISTRY",
+    "TRACE_META",
+    "TRACE_TENSORS",
     "AlgorithmSpec",
     "DenseFFN",
+    "ExpertChoiceRouter",
     "Experts",
     "MoELayer",
     "MoEOptions",
     "MoEOutput",
-    "PLUGINS_ENV",
     "PluginError",
-    "REGISTRY",
     "Router",
     "Routing",
+    "RoutingRecorder",
     "TopKRouter",
+    "Trace",
     "attach_bias_balancing",
     "build_moe",
     "check_algorithm",
+    "check_choice",
+    "check_number",
+    "check_one_run",
+    "list_traces",
     "load_plugins",
     "moe_layers",
     "register_algorithm",
+    "routed_layers",
     "run_experts",
     "set_training_progress",
+    "trace_meta",
     "update_bias_balancing",
 ]

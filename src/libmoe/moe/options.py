@@ -11,6 +11,7 @@ from .experts import ACTIVATIONS
 
 
 def check_choice(name: str, value: Any, choices: tuple) -> None:
+    """Raise ValueError unless value is one of `choices` (the message lists them)."""
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}.")
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..files import CorruptFileError, read_json_object, sha256, write_bytes, write_json
 from .layer import MoELayer
 
+# A trace's two files (in a checkpoint directory): the routing tensors and their metadata.
 TRACE_TENSORS = "routing_trace.safetensors"
 TRACE_META = "routing_trace.json"
 

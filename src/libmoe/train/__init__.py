@@ -18,16 +18,21 @@ from ..models.run_config import (
     resolve_config,
 )
 from .checkpoint import agreed_checkpoint, newest_intact_checkpoint, save_checkpoint
-from .rundir import config_diff, run_hash
+from .metrics import MetricsLogger, load_summary
+from .rundir import RUN_FILES, config_diff, remove_entries, run_hash
+from .stops import StopSignals
 from .trace import TRACE_META, TRACE_TENSORS, record_routing, save_trace
 from .trainer import check_config, train
 
 __all__ = [
+    "RUN_FILES",
     "TRACE_META",
     "TRACE_TENSORS",
     "DataConfig",
+    "MetricsLogger",
     "OptimConfig",
     "RunConfig",
+    "StopSignals",
     "TrainConfig",
     "agreed_checkpoint",
     "check_config",
@@ -37,9 +42,11 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "load_run_config",
+    "load_summary",
     "newest_intact_checkpoint",
     "prepare_run_data",
     "record_routing",
+    "remove_entries",
     "resolve_config",
     "run_hash",
     "save_checkpoint",

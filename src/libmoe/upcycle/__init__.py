@@ -13,17 +13,21 @@ from .core import (
     EXACT_AT_INIT,
     NOT_EXACT_AT_INIT,
     SHARED_ALGORITHMS,
+    UPCYCLE_FILE,
     copy_into_experts,
     shared_upcycle,
     upcycle_checkpoint,
     upcycle_model,
 )
+from .export import export_model
 
 __all__ = [
     "EXACT_AT_INIT",
     "NOT_EXACT_AT_INIT",
     "SHARED_ALGORITHMS",
+    "UPCYCLE_FILE",
     "copy_into_experts",
+    "export_model",
     "shared_upcycle",
     "upcycle_checkpoint",
     "upcycle_model",

@@ -32,7 +32,7 @@ NOT_EXACT_AT_INIT = {
     "expert_choice": "experts choose tokens: a token's weights are its raw scores for the experts "
                      "that chose it, which need not sum to one (or it may be chosen by none)",
 }
-UPCYCLE_FILE = "upcycle.json"
+UPCYCLE_FILE = "upcycle.json"  # upcycle_checkpoint's record in the new model dir (source, algorithm, E, k)
 
 
 def _dense_source(model, what: str):
