@@ -53,49 +53,80 @@ def comparison_html(out: Path, comparison: dict[str, Any] | None) -> list[str]:
     return parts
 
 
-def write_bench_report(out: str | Path, results: dict[str, Any], analysis: dict[str, dict],
-                       figures: list[FigureInfo], describe: str) -> Path:
-    """OUT/report.html of a language-model bench (see the module docstring); `describe`: the
-    regime's setup sentence (`Regime.describe`)."""
-    out = Path(out)
-    regime = results.get("regime", "pretrain")
-    setup = (f"Preset {results['preset']}: {results['description']}. Regime {regime}: "
-             f"{describe} {results['elapsed_s'] / 60:.1f} minutes on "
-             f"{results['machine'].get('gpu') or str(results['machine']['cpus']) + ' CPU cores'}.")
+def table_html(heading: str, table: list[list[str]], note: str | None = None) -> list[str]:
+    """A report section: `heading`, the table, and its note (HTML, not escaped) when given."""
+    parts = [f"<h2>{heading}</h2>", html_table(table)]
+    if note is not None:
+        parts.append(f"<p class=\"table-note\">{note}</p>")
+    return parts
+
+
+def findings_section(out: Path, results: dict[str, Any], embedded: set[str]) -> list[str]:
+    """The paper's findings checked on the output ([] without); `embedded`: the figures the report
+    shows (a finding links to them; the regime comparison's is added when it was drawn)."""
+    if not results.get("findings"):
+        return []
+    if (out / "analysis" / "figures" / "regime_comparison.png").is_file() and \
+            (results.get("regime_comparison") or {}).get("figure"):
+        embedded = embedded | {"regime_comparison.png"}
+    return [findings_html(results["findings"], embedded)]
+
+
+def failure_notes(results: dict[str, Any]) -> list[str]:
+    """The report's notes on the failed runs (results.json's "failed")."""
+    return [f"{f['name']} failed: {f['error']}" for f in results.get("failed", [])]
+
+
+def write_report(out: str | Path, title: str, intro: str, sections: list[str], notes: list[str]) -> Path:
+    """OUT/report.html: the page (`title`, the `intro` paragraph, the regime's `sections` as HTML
+    parts in order, the `notes` as a list), self-contained and marked as the bench's. Every
+    regime's report goes through here."""
     parts = [
         f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">{HTML_MARK}",
-        f"<title>libmoe bench: {html.escape(results['preset'])}</title><style>{CSS}</style></head><body>",
-        f"<h1>libmoe bench: {html.escape(results['preset'])}</h1>",
-        f"<p class=\"intro\">{html.escape(setup)}</p>",
-        "<h2>Scores (paper Table 2 layout)</h2>", html_table(score_table(results)),
-        "<p class=\"table-note\">Validation perplexity on the held-out split; task scores in % "
-        "(acc_norm where reported); AVG = mean over tasks, AVG Rank = mean rank over tasks (1 = best)"
-        + ("; mean ± std over seeds" if results["seeds"] > 1 else "") + ".</p>",
-        "<h2>Cost (paper Tables 14/15 style)</h2>", html_table(cost_table(results)),
-        "<p class=\"table-note\">Training time is the training loop's wall time (periodic validation "
-        "and checkpoints included); peak memory is the process's (CUDA allocations on a GPU, "
-        "resident set on a CPU); latency is the median time of one forward pass of one sequence at "
-        "batch 1.</p>",
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p class=\"intro\">{html.escape(intro)}</p>",
+        *sections,
     ]
-    scores = plot_scores(results, out / "analysis" / "figures" / "bench_ppl.png")
-    if results.get("findings"):
-        embedded = {info.name for info in figures} | ({scores.name} if scores is not None else set())
-        if (out / "analysis" / "figures" / "regime_comparison.png").is_file() and \
-                (results.get("regime_comparison") or {}).get("figure"):
-            embedded.add("regime_comparison.png")
-        parts.append(findings_html(results["findings"], embedded))
-    if scores is not None:
-        parts.append(figure_html(scores, out / "analysis" / "figures"))
-    if analysis:
-        parts += ["<h2>Routing summary</h2>", summary_table_html(summary_rows(analysis)),
-                  f"<p class=\"table-note\">{html.escape(TABLE_NOTE)}</p>"]
-    parts += comparison_html(out, results.get("regime_comparison"))
-    parts += [figure_html(info, out / "analysis" / "figures") for info in figures]
-    notes = [f"{f['name']} failed: {f['error']}" for f in results.get("failed", [])]
-    notes += [f"task {name} not run: {why}" for name, why in (results.get("skipped_tasks") or {}).items()]
-    notes = report_notes(analysis, notes)
     if notes:
         items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
         parts.append(f"<h2>Notes</h2>\n<ul class=\"notes\">{items}</ul>")
     parts.append("</body></html>\n")
     return write_output_text(out, REPORT_FILE, "\n".join(parts))
+
+
+def write_bench_report(out: str | Path, results: dict[str, Any], analysis: dict[str, dict],
+                       figures: list[FigureInfo], describe: str) -> Path:
+    """OUT/report.html of a language-model bench (see the module docstring); `describe`: the
+    regime's setup sentence (`PretrainRegime.describe`)."""
+    out = Path(out)
+    fig_dir = out / "analysis" / "figures"
+    regime = results.get("regime", "pretrain")
+    setup = (f"Preset {results['preset']}: {results['description']}. Regime {regime}: "
+             f"{describe} {results['elapsed_s'] / 60:.1f} minutes on "
+             f"{results['machine'].get('gpu') or str(results['machine']['cpus']) + ' CPU cores'}.")
+    sections = [
+        *table_html("Scores (paper Table 2 layout)", score_table(results),
+                    "Validation perplexity on the held-out split; task scores in % (acc_norm where "
+                    "reported); AVG = mean over tasks, AVG Rank = mean rank over tasks (1 = best)"
+                    + ("; mean ± std over seeds" if results["seeds"] > 1 else "") + "."),
+        *table_html("Cost (paper Tables 14/15 style)", cost_table(results),
+                    "Training time is the training loop's wall time (periodic validation and "
+                    "checkpoints included); peak memory is the process's (CUDA allocations on a GPU, "
+                    "resident set on a CPU); latency is the median time of one forward pass of one "
+                    "sequence at batch 1."),
+    ]
+    scores = plot_scores(results, fig_dir / "bench_ppl.png")
+    sections += findings_section(out, results, {info.name for info in figures}
+                                 | ({scores.name} if scores is not None else set()))
+    if scores is not None:
+        sections.append(figure_html(scores, fig_dir))
+    if analysis:
+        sections += ["<h2>Routing summary</h2>", summary_table_html(summary_rows(analysis)),
+                     f"<p class=\"table-note\">{html.escape(TABLE_NOTE)}</p>"]
+    sections += comparison_html(out, results.get("regime_comparison"))
+    sections += [figure_html(info, fig_dir) for info in figures]
+    notes = failure_notes(results)
+    notes += [f"task {name} not run: {why}" for name, why in (results.get("skipped_tasks") or {}).items()]
+    return write_report(out, f"libmoe bench: {results['preset']}", setup, sections,
+                        report_notes(analysis, notes))

@@ -127,61 +127,95 @@ def markdown(table: list[list[str]]) -> str:
 
 
 def results_markdown(results: dict[str, Any]) -> str:
+    """results.md of a language-model bench (the pretrain and upcycle regimes)."""
     seeds = results["seeds"]
     regime = results.get("regime", "pretrain")
-    lines = [f"# libmoe bench: preset {results['preset']}", "",
-             f"{results['description']}. Regime {regime}. {len(results['algorithms'])} algorithms, "
+    intro = [f"{results['description']}. Regime {regime}. {len(results['algorithms'])} algorithms, "
              f"{seeds} seed(s)" + (" (mean ± std over seeds)" if seeds > 1 else "")
              + f", {results['elapsed_s'] / 60:.1f} min."]
     source = results.get("source") or {}
     if source.get("status") == "ok":
-        lines += ["", f"Every run started from the dense source {source.get('run')} "
+        intro += ["", f"Every run started from the dense source {source.get('run')} "
                   f"({source.get('step')} steps, held-out perplexity {num(source.get('ppl'))}, "
                   f"{num(source.get('train_time_s'), 0)} s of training, not in the cost table)."]
-    lines += ["", "## Scores (paper Table 2 layout)", "",
-             "Validation perplexity on the held-out split; task scores are accuracy in % "
-             "(acc_norm where a task reports it); AVG is the mean over tasks and AVG Rank the mean "
-             "rank over tasks (1 = best); perplexity enters neither.", "",
-             markdown(score_table(results)), "", "## Cost (paper Tables 14/15 style)", "",
-             "Training time is the training loop's wall time (its periodic validation and "
-             "checkpoints included); peak memory is the process's (CUDA allocations on a GPU, "
-             "resident set on a CPU); latency is the median time of one forward pass of one "
-             "sequence (batch 1).", "", markdown(cost_table(results))]
+    sections = [
+        md_section("Scores (paper Table 2 layout)",
+                   "Validation perplexity on the held-out split; task scores are accuracy in % "
+                   "(acc_norm where a task reports it); AVG is the mean over tasks and AVG Rank the mean "
+                   "rank over tasks (1 = best); perplexity enters neither.", markdown(score_table(results))),
+        md_section("Cost (paper Tables 14/15 style)",
+                   "Training time is the training loop's wall time (its periodic validation and "
+                   "checkpoints included); peak memory is the process's (CUDA allocations on a GPU, "
+                   "resident set on a CPU); latency is the median time of one forward pass of one "
+                   "sequence (batch 1).", markdown(cost_table(results)))]
     comparison = results.get("regime_comparison") or {}
     if comparison.get("algorithms"):
-        lines += ["", "## Routing stability by regime", "",
-                  f"{comparison['metric']}. Figure: {comparison.get('figure')}.", "",
-                  markdown(comparison_table(comparison))]
-    if results.get("findings"):
-        lines += ["", findings_markdown(results["findings"]).rstrip("\n")]
-    if results.get("failed"):
-        lines += ["", "## Failed runs", ""] + [f"- {f['name']}: {f['error']}" for f in results["failed"]]
+        sections.append(md_section("Routing stability by regime",
+                                   f"{comparison['metric']}. Figure: {comparison.get('figure')}.",
+                                   markdown(comparison_table(comparison))))
+    sections += [findings_md(results), failed_md(results)]
     if results.get("skipped_tasks"):
-        lines += ["", "## Tasks not run", ""]
-        lines += [f"- {t}: {why}" for t, why in results["skipped_tasks"].items()]
+        sections.append(md_section("Tasks not run", "\n".join(
+            f"- {t}: {why}" for t, why in results["skipped_tasks"].items())))
+    return markdown_page(f"libmoe bench: preset {results['preset']}", intro, sections)
+
+
+def md_section(heading: str, *blocks: str) -> list[str]:
+    """A results.md section: `## heading`, then each block (a paragraph, a table) after a blank line."""
+    lines = [f"## {heading}"]
+    for block in blocks:
+        lines += ["", block]
+    return lines
+
+
+def findings_md(results: dict[str, Any]) -> list[str]:
+    """The paper's findings checked on the output, as a results.md section ([] without)."""
+    return [findings_markdown(results["findings"]).rstrip("\n")] if results.get("findings") else []
+
+
+def failed_md(results: dict[str, Any]) -> list[str]:
+    """The failed runs (results.json's "failed") as a results.md section ([] when none failed)."""
+    failed = results.get("failed") or []
+    if not failed:
+        return []
+    return md_section("Failed runs", "\n".join(f"- {f['name']}: {f['error']}" for f in failed))
+
+
+def markdown_page(title: str, intro: list[str], sections: list[list[str]]) -> str:
+    """results.md's text: `# title`, the intro lines, then each non-empty section after a blank line."""
+    lines = [f"# {title}", "", *intro]
+    for section in sections:
+        if section:
+            lines += ["", *section]
     return "\n".join(lines) + "\n"
 
 
-def results_csv(results: dict[str, Any]) -> str:
+def results_csv(results: dict[str, Any]) -> list[list[Any]]:
+    """results.csv's rows of a language-model bench: one per algorithm, every number (rounded to 4
+    decimals), std columns with several seeds, the error."""
     keys = ["algorithm", "status", "seeds", "ppl", *results["tasks"], "avg", "avg_rank",
             *(k for k, _ in COST)]
     if results["seeds"] > 1:
         keys += [f"{k}_std" for k in ["ppl", *results["tasks"], "avg", "avg_rank", "train_time_s",
                                       "tokens_per_s", "peak_mem_mb", "latency_ms"]]
     keys.append("error")
+    return [keys, *(["" if r.get(k) is None else round(r[k], 4) if isinstance(r[k], float) else r[k]
+                     for k in keys] for r in results["rows"])]
+
+
+def csv_text(rows: list[list[Any]]) -> str:
+    """Rows of cells as results.csv's text."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(keys)
-    for r in results["rows"]:
-        writer.writerow(["" if r.get(k) is None else round(r[k], 4) if isinstance(r[k], float) else r[k]
-                         for k in keys])
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
     return buffer.getvalue()
 
 
-def write_tables(out: str | Path, results: dict[str, Any]) -> None:
-    """results.json (strict JSON, stamped with its writer), results.md and results.csv, each
-    written atomically and recorded in the output's manifest (libmoe.bench.outputs)."""
+def write_tables(out: str | Path, results: dict[str, Any], markdown_text: str,
+                 csv_rows: list[list[Any]]) -> None:
+    """results.json (strict JSON, stamped with its writer), results.md (`markdown_text`, e.g. a
+    `markdown_page`) and results.csv (`csv_rows`), each written atomically and recorded in the
+    output's manifest (libmoe.bench.outputs). Every regime's tables go through here."""
     out = Path(out)
     write_output_json(out, "results.json", results)
-    write_output_text(out, "results.md", MD_MARK + "\n" + results_markdown(results))
-    write_output_text(out, "results.csv", results_csv(results))
+    write_output_text(out, "results.md", MD_MARK + "\n" + markdown_text)
+    write_output_text(out, "results.csv", csv_text(csv_rows))

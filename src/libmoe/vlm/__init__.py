@@ -18,8 +18,11 @@ from .analysis import VLM_RUN_KIND, analyze_vlm_run
 from .data import load_conversations, load_image, load_mme
 from .evaluate import evaluate_run, evaluate_vlm, score_mme
 from .model import LibMoEVLM, build_vlm
+from .plots import plot_subtask_routing
 from .presets import STAGES, VLM_PRESETS, load_vlm_preset
+from .runs import active_parameters, latency_inputs, read_stage_config, stage_config_change
 from .saving import load_vlm, save_vlm
+from .stages import CONFIG_FILE, DEFAULT_CHECKPOINTS
 from .synth import SUBTASKS, write_synth_dataset
 from .trace import record_vlm_trace
 from .train import stage_config, train_stage
@@ -28,25 +31,32 @@ from .upcycle import parameter_report, upcycle_vlm
 register_run_kind(VLM_RUN_KIND)
 
 __all__ = [
+    "CONFIG_FILE",
+    "DEFAULT_CHECKPOINTS",
     "LibMoEVLM",
     "STAGES",
     "SUBTASKS",
     "VLM_PRESETS",
     "VLM_RUN_KIND",
+    "active_parameters",
     "analyze_vlm_run",
     "build_vlm",
     "evaluate_run",
     "evaluate_vlm",
+    "latency_inputs",
     "load_conversations",
     "load_image",
     "load_mme",
     "load_vlm",
     "load_vlm_preset",
     "parameter_report",
+    "plot_subtask_routing",
+    "read_stage_config",
     "record_vlm_trace",
     "save_vlm",
     "score_mme",
     "stage_config",
+    "stage_config_change",
     "train_stage",
     "upcycle_vlm",
     "write_synth_dataset",

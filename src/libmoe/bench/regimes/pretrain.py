@@ -22,7 +22,7 @@ from ..report import write_bench_report
 from ..safety import check_spec, stale_runs
 from ..spec import RunSpec
 from ..studies import interventions_of, summarise_studies
-from ..tables import aggregate, score_table, write_tables
+from ..tables import aggregate, results_csv, results_markdown, score_table, write_tables
 from .base import PlanContext, Regime
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ class PretrainRegime(Regime):
 
     def write_outputs(self, out: Path, results: dict[str, Any], analysis: dict[str, dict],
                       figures: list[FigureInfo]) -> None:
-        write_tables(out, results)
+        write_tables(out, results, results_markdown(results), results_csv(results))
         write_bench_report(out, results, analysis, figures, self.describe(results))
 
     def rewrite_outputs(self, out: Path, results: dict[str, Any]) -> None:
