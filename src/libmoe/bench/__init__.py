@@ -21,21 +21,55 @@ Public API:
 - `score_table(results)`: any regime's scores as rows of cells; `markdown(table)` renders them.
 - `failure_line(results, out)`: one line on the failed runs, None when all succeeded.
 - `plan_stages` / `plan_runs`, `run_one`, `run_all`, `RunSpec`: the pieces, for custom drivers.
-- `Regime`, `PlanContext`, `REGIMES`, `get_regime`: the regimes and their interface.
-- `BENCH_PRESETS`, `BenchPreset`, `load_bench_preset`, `PAPER_ALGORITHMS`, `available_tasks`.
+- `Regime`, `PlanContext`, `REGIMES`, `get_regime`, `Study`: the regimes and their interface.
+- `BENCH_PRESETS`, `BenchPreset`, `load_bench_preset`, `PAPER_ALGORITHMS`, `available_tasks`,
+  `yaml_value`.
+- For a regime's outputs (what `regimes/vlm.py` uses; a regime imports from `libmoe.bench` only):
+  `write_tables`, `markdown_page`, `md_section`, `findings_md`, `failed_md`, `markdown` (results.json,
+  .md, .csv); `write_report`, `table_html`, `html_table`, `findings_section`, `comparison_html`,
+  `failure_notes`, `write_cross_run_analysis` (report.html, OUT/analysis); `cell`, `num`,
+  `param_count` (table cells); `median_forward_ms` (latency).
+
+The names regimes use are imported first: the regimes, imported next, take them from here.
 """
 
+# isort: split
+from .lm import median_forward_ms
+from .presets import BENCH_PRESETS, PAPER_ALGORITHMS, BenchPreset, load_bench_preset, yaml_value
+from .report import (
+    comparison_html,
+    failure_notes,
+    findings_section,
+    html_table,
+    table_html,
+    write_cross_run_analysis,
+    write_report,
+)
+from .spec import RunSpec
+from .tables import (
+    cell,
+    failed_md,
+    findings_md,
+    markdown,
+    markdown_page,
+    md_section,
+    num,
+    param_count,
+    write_tables,
+)
+
+# isort: split
 from .launchers import run_all
-from .presets import BENCH_PRESETS, PAPER_ALGORITHMS, BenchPreset, load_bench_preset
 from .regimes import REGIMES, PlanContext, Regime, get_regime
 from .runner import available_tasks, plan_runs, plan_stages, run_one
 from .safety import failure_line
-from .spec import RunSpec
 from .study import Study, run_bench, run_vlm_bench, score_table
-from .tables import markdown
 from .verdicts import write_findings
 
 __all__ = ["BENCH_PRESETS", "PAPER_ALGORITHMS", "REGIMES", "BenchPreset", "PlanContext", "Regime", "RunSpec",
-           "Study", "available_tasks", "failure_line", "get_regime", "load_bench_preset", "markdown",
-           "plan_runs", "plan_stages", "run_all", "run_bench", "run_one", "run_vlm_bench", "score_table",
-           "write_findings"]
+           "Study", "available_tasks", "cell", "comparison_html", "failed_md", "failure_line",
+           "failure_notes", "findings_md", "findings_section", "get_regime", "html_table",
+           "load_bench_preset", "markdown", "markdown_page", "md_section", "median_forward_ms", "num",
+           "param_count", "plan_runs", "plan_stages", "run_all", "run_bench", "run_one", "run_vlm_bench",
+           "score_table", "table_html", "write_cross_run_analysis", "write_findings", "write_report",
+           "write_tables", "yaml_value"]

@@ -12,13 +12,15 @@ from ..analysis import (
     TABLE_NOTE,
     FigureInfo,
     figure_html,
+    plot_all,
     report_notes,
     summary_rows,
     summary_table_html,
 )
+from ..files import write_json
 from ..findings import findings_html
 from .compare import FIGURE, comparison_table
-from .outputs import HTML_MARK, write_output_text
+from .outputs import HTML_MARK, plain_json, write_output_text
 from .plots import plot_scores
 from .tables import cost_table, score_table
 
@@ -51,6 +53,16 @@ def comparison_html(out: Path, comparison: dict[str, Any] | None) -> list[str]:
         parts.append(f"<p class=\"table-note\">{html.escape(benches)}. Relative = change rate / mean "
                      "change rate of the other algorithms of the same bench.</p>")
     return parts
+
+
+def write_cross_run_analysis(out: Path, metrics: dict[str, dict],
+                             init_std: dict[str, Any] | None = None) -> list[FigureInfo]:
+    """OUT/analysis/metrics.json ({name: a run's routing metrics}) and every cross-run figure
+    (OUT/analysis/figures, with the init-std study's when given); returns the figures."""
+    fig_dir = out / "analysis" / "figures"
+    figures = plot_all(metrics, fig_dir, init_std=init_std) if metrics or init_std else []
+    write_json(out / "analysis" / "metrics.json", plain_json(metrics), indent=1)
+    return figures
 
 
 def table_html(heading: str, table: list[list[str]], note: str | None = None) -> list[str]:

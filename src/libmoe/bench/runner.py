@@ -80,7 +80,7 @@ def plan_stages(out: str | Path, preset: BenchPreset, algorithms: list[str], see
     the_regime = get_regime(name)
     stages = the_regime.plan(ctx)
     if "init-std" in studies and "init-std" in the_regime.studies:
-        stages[-1] = stages[-1] + plan_init_std(ctx, stages[-1][0].config["train"]["max_steps"])
+        stages[-1] = stages[-1] + plan_init_std(ctx, stages[-1][0].max_steps)  # the rows' budget
     return stages
 
 

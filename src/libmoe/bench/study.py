@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Interrupted
+from .compare import regime_comparison
 from .launchers import Progress, duration, run_all
-from .outputs import check_out_dir, remove_outputs, remove_run, start_manifest
+from .outputs import check_out_dir, machine_info, remove_outputs, remove_run, start_manifest
 from .presets import PAPER_ALGORITHMS, BenchPreset, load_bench_preset
 from .regimes import Regime, get_regime
 from .runner import available_tasks, blocked_row, finished_row, plan_stages
@@ -94,10 +95,23 @@ class Study:
         """The rows of the extra studies' runs (libmoe.bench.studies)."""
         return [self.done[s.name] for s in self.stages[-1] if s.role == "study"]
 
+    def shared_results(self) -> dict[str, Any]:
+        """The keys of results.json every regime has (`finish_study` adds them to the regime's):
+        what was asked, the table's runs (rows without their tracebacks), the failed runs of every
+        stage, and the machine."""
+        rows = self.rows
+        return {"preset": self.preset, "description": self.bench_preset.description,
+                "regime": self.regime.name, "algorithms": self.algorithms, "seeds": self.seeds,
+                "runs": [{k: v for k, v in r.items() if k != "traceback"} for r in rows],
+                "n_runs": len(self.every),
+                "failed": [{"name": r["name"], "error": r.get("error")}
+                           for r in [*self.support, *rows, *self.study_rows] if r.get("status") != "ok"],
+                "machine": machine_info()}
+
 
 def run_bench(
     out: str | Path,
-    preset: str | None = None,
+    preset: str | BenchPreset | None = None,
     algorithms: list[str] | None = None,
     seeds: int = 1,
     data: str | None = None,
@@ -116,9 +130,10 @@ def run_bench(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """The whole study into `out`; returns results.json's content (see the module docstring).
-    `preset` defaults to the regime's default preset ("default" for pretrain, "upcycle" for
-    upcycle, "vlm" for vlm), `regime` to the preset's; `compare` names another bench output (of
-    another regime) whose expert change rates the regime comparison sets beside this one's;
+    `preset` (a name, or a BenchPreset used as it is) defaults to the regime's default preset
+    ("default" for pretrain, "upcycle" for upcycle, "vlm" for vlm), `regime` to the preset's;
+    `compare` names another bench output (of another regime) whose expert change rates the regime
+    comparison sets beside this one's;
     `studies` (default: the preset's) the extra studies the findings need (libmoe.bench.studies:
     init-std, droptop, temperature). results.json's "findings" are the paper's claims checked on
     this output (libmoe.findings). `overwrite` replaces the runs in `out` made with another
@@ -148,7 +163,7 @@ def run_bench(
                 "interrupted run continues from its checkpoint).") from None
 
 
-def plan_study(out: str | Path, preset: str | None, algorithms: list[str] | None, seeds: int,
+def plan_study(out: str | Path, preset: str | BenchPreset | None, algorithms: list[str] | None, seeds: int,
                data: str | None, tasks: list[str] | None, data_dir: str | Path | None, jobs: int | None,
                launcher: str, nproc: int, slurm: dict[str, Any] | None, overrides: list[str],
                analysis: bool, regime: str | None, compare: str | Path | None,
@@ -161,7 +176,7 @@ def plan_study(out: str | Path, preset: str | None, algorithms: list[str] | None
     if regime is not None:
         get_regime(regime)  # an unknown name fails before anything else
     preset = preset or get_regime(regime or "pretrain").default_preset
-    spec = load_bench_preset(preset)
+    spec = preset if isinstance(preset, BenchPreset) else load_bench_preset(preset)
     the_regime = get_regime(regime or spec.regime)
     if algorithms is not None and not list(algorithms):
         raise ValueError("--algorithms names no algorithm; give comma-separated names (e.g. dense,smoe) "
@@ -185,8 +200,8 @@ def plan_study(out: str | Path, preset: str | None, algorithms: list[str] | None
     out = Path(out)
     stages = plan_stages(out, spec, algorithms, seeds, data, overrides, task_names, data_dir, launcher, nproc,
                          analysis=analysis, regime=the_regime.name, studies=chosen, jobs=jobs)
-    study = Study(out, preset, spec, the_regime, algorithms, seeds, stages, task_names, skipped_tasks, chosen,
-                  jobs, launcher, nproc, slurm, analysis, compare, log)
+    study = Study(out, spec.name, spec, the_regime, algorithms, seeds, stages, task_names, skipped_tasks,
+                  chosen, jobs, launcher, nproc, slurm, analysis, compare, log)
     for s in study.every:  # e.g. model.top_k=9 with 8 experts: refused now, not after data preparation
         get_regime(s.regime).check_spec(s)
     return study, the_regime.stale_runs(study.every)
@@ -244,27 +259,58 @@ def run_stages(study: Study) -> None:
 
 
 def finish_study(study: Study) -> dict[str, Any]:
-    """results.json's content from the rows (the regime's layout), the findings checked on it,
-    then the tables and the report."""
-    results, analysis, figures = study.regime.results(study)
+    """results.json's content: the shared keys (`Study.shared_results`) and the regime's own, in
+    the regime's `results_layout`, the regime comparison, the time and the paper's findings checked
+    on it; then the regime's tables and report."""
+    own, analysis, figures = study.regime.results(study)
+    results = lay_out({**study.shared_results(), **own}, study.regime.results_layout)
+    results["regime_comparison"] = regime_comparison(results, study.out, study.compare)
     results["elapsed_s"] = time.perf_counter() - study.start
     results["findings"] = check_study_findings(study.out, results, study.log)
+    before = _stats(study.out)
     study.regime.write_outputs(study.out, results, analysis, figures)
+    after = _stats(study.out)
+    written = [str(study.out / n) for n in WRITTEN_ORDER if after.get(n) and after[n] != before.get(n)]
     rows = study.rows
     ok = sum(r.get("status") == "ok" for r in rows)
-    out = study.out
     study.log(f"bench: {ok}/{len(rows)} runs ok in {duration(results['elapsed_s'])}; wrote "
-              f"{out / 'results.md'}, {out / 'results.csv'}, {out / 'results.json'} and "
-              f"{out / 'report.html'}")
+              f"{_listing(written) or 'no table'}")
     return results
+
+
+WRITTEN_ORDER = ("results.md", "results.csv", "results.json", "report.html")  # the log's order
+
+
+def lay_out(results: dict[str, Any], layout: tuple[str, ...]) -> dict[str, Any]:
+    """`results` with the keys named in `layout` first, in its order, then the others as they are."""
+    return {**{k: results[k] for k in layout if k in results},
+            **{k: v for k, v in results.items() if k not in layout}}
+
+
+def _stats(out: Path) -> dict[str, tuple[int, int] | None]:
+    """{output file: (inode, mtime in ns) or None}: what tells a file written since."""
+    stats = {}
+    for name in WRITTEN_ORDER:
+        try:
+            st = (out / name).stat()
+            stats[name] = (st.st_ino, st.st_mtime_ns)
+        except OSError:
+            stats[name] = None
+    return stats
+
+
+def _listing(items: list[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}" if items else ""
 
 
 def run_vlm_bench(out: str | Path, preset: BenchPreset, algorithms: list[str] | None = None, seeds: int = 1,
                   jobs: int | None = None, compare: str | Path | None = None, overrides: list[str] = (),
                   analysis: bool = True, log: Callable[[str], None] = print,
                   studies: list[str] | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """`run_bench` in the vlm regime with the bench preset given as a BenchPreset (regime vlm)."""
-    return run_bench(out, preset=preset.name, algorithms=algorithms, seeds=seeds, jobs=jobs,
+    """`run_bench` in the vlm regime with the bench preset given as a BenchPreset (regime vlm),
+    used as it is (e.g. with its regime_options changed)."""
+    return run_bench(out, preset=preset, algorithms=algorithms, seeds=seeds, jobs=jobs,
                      overrides=list(overrides), analysis=analysis, regime="vlm", compare=compare,
                      studies=studies, log=log, overwrite=overwrite)
 

@@ -24,10 +24,8 @@ def add_parser(sub) -> None:
                    help="run-config overrides applied to every run (e.g. train.max_steps=600)")
     p.add_argument("--preset", default=None, help=f"bench preset: {', '.join(BENCH_PRESETS)} "
                    "(default: the regime's, default or upcycle, each about 20 minutes on a 2-core CPU)")
-    p.add_argument("--regime", default=None, choices=list(REGIMES),
-                   help="pretrain: every algorithm from a random init (default); upcycle: one dense "
-                   "model pretrained, upcycled into every algorithm, each trained on alike "
-                   "(default: the preset's)")
+    p.add_argument("--regime", default=None, choices=list(REGIMES), help="; ".join(
+                   f"{n}: {r.description}" for n, r in REGIMES.items()) + " (default: the preset's)")
     p.add_argument("--compare", default=None, metavar="OTHER_BENCH_DIR",
                    help="another bench output (of the other regime): the report and results.json "
                    "set its expert change rates beside this bench's (regime_comparison)")

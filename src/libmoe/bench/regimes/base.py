@@ -10,9 +10,11 @@ resuming and skipping, findings, studies and output files are shared (`libmoe.be
   with another config) and `prepare_data` (data every run reads, built once);
 - in the process that trains a run: `stamp` (what a finished run's saved row must match to be
   skipped), `prepare` (e.g. upcycle the source model), `train` and `evaluate` (fill the row);
-- after the runs: `results` (results.json's content, the cross-run analysis and figures),
-  `write_outputs` (tables and report), `rewrite_outputs` (the same for an existing output, e.g.
-  with new findings), `score_table` and `describe` (the report's setup sentence).
+- after the runs: `results` (the regime's own keys of results.json, the cross-run analysis and
+  figures; the study adds the keys every regime has, `Study.shared_results`, and lays them out in
+  `results_layout`), `write_outputs` (tables and report through the shared writers
+  `libmoe.bench.write_tables` and `libmoe.bench.write_report`), `rewrite_outputs` (the same for an
+  existing output, e.g. with new findings) and `score_table`.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ class Regime:
     description: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}  # regime_options and their defaults
     studies: ClassVar[tuple[str, ...]] = ("droptop", "temperature")  # the extra studies it can run
+    results_layout: ClassVar[tuple[str, ...]] = ()  # results.json's keys in this order first (the
+    # shared ones and the regime's), the others after them
 
     def options(self, preset: BenchPreset) -> dict[str, Any]:
         """The preset's regime_options over the defaults (a preset of another regime: the defaults)."""
@@ -132,14 +136,16 @@ class Regime:
     # ------------------------------------------------------------------ the study's outputs
 
     def results(self, study: Study) -> tuple[dict[str, Any], dict[str, dict], list[FigureInfo]]:
-        """(results.json's content but for the shared "elapsed_s" and "findings", with the figures
-        a finding links to drawn; the cross-run routing analysis {name: metrics}; the figures for
-        the report)."""
+        """(this regime's keys of results.json, with the figures a finding links to drawn: the
+        study adds the shared ones, `Study.shared_results`, "regime_comparison", "elapsed_s" and
+        "findings"; a key given here replaces a shared one; the cross-run routing analysis
+        {name: metrics}; the figures for the report)."""
         raise NotImplementedError
 
     def write_outputs(self, out: Path, results: dict[str, Any], analysis: dict[str, dict],
                       figures: list[FigureInfo]) -> None:
-        """results.json, results.md, results.csv and report.html (libmoe.bench.outputs)."""
+        """results.json, results.md, results.csv and report.html (`libmoe.bench.write_tables` and
+        `libmoe.bench.write_report` lay out the regime's sections)."""
         raise NotImplementedError
 
     def rewrite_outputs(self, out: Path, results: dict[str, Any]) -> None:
@@ -150,7 +156,3 @@ class Regime:
     def score_table(self, results: dict[str, Any]) -> list[list[str]]:
         """The scores as a header row and rows of cells (what `libmoe bench` prints)."""
         raise NotImplementedError
-
-    def describe(self, results: dict[str, Any]) -> str:
-        """The report's setup sentence about how the runs were trained."""
-        return self.description + "."

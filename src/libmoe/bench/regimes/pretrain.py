@@ -10,15 +10,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...analysis import FigureInfo, load_analysis, plot_all
-from ...files import read_json_object, write_json
+from ...files import read_json_object
 from ...findings import load_init_std
 from ...models import config_from_dict, prepare_run_data
-from ..compare import regime_comparison
 from ..lm import analyse_run, evaluate_trained, train_run
-from ..outputs import machine_info, plain_json
 from ..plots import plot_scores
 from ..presets import BenchPreset
-from ..report import write_bench_report
+from ..report import write_bench_report, write_cross_run_analysis
 from ..safety import check_spec, stale_runs
 from ..spec import RunSpec
 from ..studies import interventions_of, summarise_studies
@@ -71,36 +69,30 @@ class PretrainRegime(Regime):
         """Keys for results.json, given the rows of the stages before the table's."""
         return {}
 
+    results_layout = ("preset", "description", "regime", "algorithms", "seeds", "tasks", "skipped_tasks",
+                      "limits", "config", "rows", "runs", "n_runs", "failed", "studies", "machine")
+
     def results(self, study: Study) -> tuple[dict[str, Any], dict[str, dict], list[FigureInfo]]:
-        spec, rows, support, study_rows = study.bench_preset, study.rows, study.support, study.study_rows
-        study_results, init_std = summarise_studies(study.out, spec, study_rows)
+        spec, rows = study.bench_preset, study.rows
+        study_results, init_std = summarise_studies(study.out, spec, study.study_rows)
         analysis, figures = ({}, [])
         if study.analysis and (any(r.get("status") == "ok" for r in rows) or init_std):
             analysis, figures = analyse_runs(rows, study.out, interventions_of(study.studies),
                                              spec.val_tokens, study.log, init_std=init_std)
         specs = study.row_specs
-        results = {
-            "preset": study.preset, "description": spec.description, "regime": self.name,
-            "algorithms": study.algorithms, "seeds": study.seeds,
-            "tasks": study.tasks, "skipped_tasks": study.skipped_tasks, "limits": specs[0].limits,
-            "config": {k: v for k, v in specs[0].config.items()},
-            "rows": aggregate(rows, study.tasks),
-            "runs": [{k: v for k, v in r.items() if k != "traceback"} for r in rows],
-            "n_runs": len(study.every),
-            "failed": [{"name": r["name"], "error": r.get("error")} for r in [*support, *rows, *study_rows]
-                       if r.get("status") != "ok"],
-            "studies": {"run": study.studies, **study_results},
-            "machine": machine_info(),
-            "launcher": {"launcher": study.launcher, "jobs": study.jobs, "nproc": study.nproc},
-            **self.summary(spec, support),
-        }
-        results["config"]["model"] = dict(results["config"]["model"], algorithm="(each)")
-        results["config"]["train"] = dict(results["config"]["train"], seed="(each)")
-        if results["config"].get("init"):
-            results["config"]["init"] = "(each)"
-        results["regime_comparison"] = regime_comparison(results, study.out, study.compare)
-        plot_scores(results, study.out / "analysis" / "figures" / "bench_ppl.png")  # a claim links to it
-        return results, analysis, figures
+        config = dict(specs[0].config)
+        config["model"] = dict(config["model"], algorithm="(each)")
+        config["train"] = dict(config["train"], seed="(each)")
+        if config.get("init"):
+            config["init"] = "(each)"
+        own = {"tasks": study.tasks, "skipped_tasks": study.skipped_tasks, "limits": specs[0].limits,
+               "config": config, "rows": aggregate(rows, study.tasks),
+               "studies": {"run": study.studies, **study_results},
+               "launcher": {"launcher": study.launcher, "jobs": study.jobs, "nproc": study.nproc},
+               **self.summary(spec, study.support)}
+        # a claim links to the scores figure: drawn before the findings are checked
+        plot_scores({**study.shared_results(), **own}, study.out / "analysis" / "figures" / "bench_ppl.png")
+        return own, analysis, figures
 
     def write_outputs(self, out: Path, results: dict[str, Any], analysis: dict[str, dict],
                       figures: list[FigureInfo]) -> None:
@@ -152,7 +144,4 @@ def analyse_runs(rows: list[dict[str, Any]], out: Path, interventions: bool | li
             results[row["algorithm"]] = analyse_run(row["run"], interventions, val_tokens)
         except Exception as err:  # noqa: BLE001  the tables still come out
             log(f"bench: analysis of {row['name']} failed: {type(err).__name__}: {err}")
-    fig_dir = out / "analysis" / "figures"
-    figures = plot_all(results, fig_dir, init_std=init_std) if results or init_std else []
-    write_json(out / "analysis" / "metrics.json", plain_json(results), indent=1)
-    return results, figures
+    return results, write_cross_run_analysis(out, results, init_std)

@@ -21,46 +21,54 @@ comparison when ``--compare`` names a bench of another regime).
 
 from __future__ import annotations
 
-import csv
-import html
-import io
 import os
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-import yaml
-
-from ...analysis import (
-    CSS,
-    FIGURES,
-    FigureInfo,
-    figure_html,
-    load_analysis,
-    plot_all,
-    summary_rows,
-    summary_table_html,
+from ...analysis import FIGURES, FigureInfo, figure_html, load_analysis, summary_rows, summary_table_html
+from ...vlm import (
+    CONFIG_FILE,
+    DEFAULT_CHECKPOINTS,
+    active_parameters,
+    analyze_vlm_run,
+    evaluate_run,
+    latency_inputs,
+    load_vlm,
+    load_vlm_preset,
+    plot_subtask_routing,
+    read_stage_config,
+    stage_config,
+    stage_config_change,
+    train_stage,
 )
-from ...files import write_json
-from ...findings import findings_html, findings_markdown
-from ...overrides import load_yaml
-from ...train import config_diff
-from ...vlm import analyze_vlm_run, evaluate_run, load_vlm, load_vlm_preset, stage_config, train_stage
-from ...vlm.plots import plot_subtask_routing
-from ...vlm.stages import CONFIG_FILE, DEFAULT_CHECKPOINTS, config_hash
-from ..compare import regime_comparison
-from ..lm import median_forward_ms
-from ..outputs import HTML_MARK, MD_MARK, machine_info, plain_json, write_output_json, write_output_text
-from ..presets import PAPER_ALGORITHMS, BenchPreset, yaml_value
-from ..report import comparison_html, html_table
-from ..spec import RunSpec
-from ..tables import cell, markdown, num, param_count
+from .. import (
+    PAPER_ALGORITHMS,
+    BenchPreset,
+    RunSpec,
+    cell,
+    comparison_html,
+    failed_md,
+    failure_notes,
+    findings_md,
+    findings_section,
+    markdown,
+    markdown_page,
+    md_section,
+    median_forward_ms,
+    num,
+    param_count,
+    table_html,
+    write_cross_run_analysis,
+    write_report,
+    write_tables,
+    yaml_value,
+)
 from .base import PlanContext, Regime
 
 if TYPE_CHECKING:
-    from ..study import Study
+    from .. import Study
 
 SUBTASK_FIGURE = FigureInfo(
     "vlm_subtask_routing.png", "Routing by subtask (paper Figs. 6, 7, 8)",
@@ -147,7 +155,7 @@ class VLMRegime(Regime):
             init = spec.config.get("init")
             if init is not None and not (Path(init) / CONFIG_FILE).is_file():
                 continue  # the stage it starts from is not there: its config cannot be resolved
-            changed = _config_change(run, stage_config_of(spec))
+            changed = stage_config_change(run, stage_config_of(spec))
             if changed:
                 stale.append((spec, changed))
         return stale
@@ -172,33 +180,30 @@ class VLMRegime(Regime):
         row["results"] = evaluate_run(run, c["eval_tasks"], log=log)["results"]
         model, _, _ = load_vlm(run)
         row["params_total"], row["params_active"] = active_parameters(model)
-        row["latency_ms"] = vlm_latency(model)
+        inputs = latency_inputs(model)  # one image and a 16-token question, batch 1
+        row["latency_ms"] = median_forward_ms(lambda: model(*inputs), inputs[0].device)
         if c.get("analysis", True) and model.moe_layers():
             metrics = analyze_vlm_run(run, interventions=c.get("interventions", True), figures=False, log=log)
             rates = [e["mean"] for e in metrics.get("expert_change_rate") or [] if e.get("mean") is not None]
             row["change_rate"] = statistics.fmean(rates) if rates else None
 
+    results_layout = ("regime", "preset", "description", "vlm_preset", "algorithms", "seeds", "stages",
+                      "runs", "n_runs", "rows", "failed", "config", "machine", "jobs", "studies")
+
     def results(self, study: Study) -> tuple[dict[str, Any], dict[str, dict], list[FigureInfo]]:
-        opts = self.options(study.bench_preset)
-        plain = [{k: v for k, v in r.items() if k != "traceback"} for r in study.rows]
-        support = [{k: v for k, v in r.items() if k != "traceback"} for r in study.support]
-        stages = {r["name"]: r.get("stage") or {} for r in support}
-        results = {"regime": self.name, "preset": study.preset, "description": study.bench_preset.description,
-                   "vlm_preset": opts["vlm_preset"], "algorithms": study.algorithms, "seeds": study.seeds,
-                   "stages": {s: stages.get(name, {}) for s, name in STAGE_NAMES.items()},
-                   "runs": plain, "n_runs": len(study.every), "rows": aggregate_rows(plain),
-                   "failed": [r for r in [*support, *plain] if r["status"] != "ok"],
-                   "config": stage_config_file(study.out), "machine": machine_info(), "jobs": study.jobs,
-                   "studies": {"run": study.studies}}
+        stages = {r["name"]: r.get("stage") or {} for r in study.support}
+        own = {"vlm_preset": self.options(study.bench_preset)["vlm_preset"],
+               "stages": {s: stages.get(name, {}) for s, name in STAGE_NAMES.items()},
+               "rows": aggregate_rows(study.rows),
+               "config": read_stage_config(study.out / STAGE_NAMES["pft"]),  # what the VIT runs start from
+               "jobs": study.jobs, "studies": {"run": study.studies}}
         if study.analysis:
-            results["regime_comparison"] = regime_comparison(results, study.out, study.compare)
-            write_cross_run_figures(study.out, plain)
-        return results, {}, []
+            write_cross_run_figures(study.out, study.rows)
+        return own, {}, []
 
     def write_outputs(self, out: Path, results: dict[str, Any], analysis: dict[str, dict],
                       figures: list[FigureInfo]) -> None:
-        write_output_json(out, "results.json", results)
-        write_vlm_tables(out, results)
+        write_tables(out, results, results_markdown(results), score_table(results))
         write_vlm_report(out, results)
 
     def score_table(self, results: dict[str, Any]) -> list[list[str]]:
@@ -214,15 +219,6 @@ def stage_config_of(spec: RunSpec) -> dict[str, Any]:
     preset = {"preset": c["preset"]} if "preset" in c else {}
     return stage_config(c["stage"], **preset, init=c.get("init"), algorithm=c.get("vit_algorithm"),
                         max_steps=c["steps"], overrides=c["overrides"])
-
-
-def _config_change(run: Path, cfg: dict[str, Any]) -> list[str] | None:
-    """How RUN/config.yaml differs from `cfg` (None: the same, or nothing readable to compare)."""
-    try:
-        old = load_yaml(run / CONFIG_FILE)
-    except (OSError, ValueError):  # absent or unreadable: nothing to compare
-        return None
-    return None if config_hash(old) == config_hash(cfg) else (config_diff(old, cfg) or ["config"])
 
 
 def vit_hparams(vlm_preset: str) -> list[str]:
@@ -243,37 +239,7 @@ def file_log(run: Path) -> Callable[[str], None]:
     return log
 
 
-def active_parameters(model) -> tuple[int, int]:
-    """(total, active per token) parameters: routed experts count top_k of n_experts."""
-    total = sum(p.numel() for p in model.parameters())
-    inactive = 0
-    for m in model.moe_layers():
-        moe = m.moe
-        ex = moe.experts
-        tensors = (ex.w1, ex.w2, ex.w3, getattr(ex, "b1", None), getattr(ex, "b2", None),
-                   getattr(ex, "b3", None))
-        per_expert = sum(p[0].numel() for p in tensors if p is not None)
-        inactive += max(0, moe.n_experts - moe.top_k) * per_expert
-    return total, total - inactive
-
-
-def vlm_latency(model, repeats: int = 10) -> float:
-    """Median milliseconds of one forward (one image and a 16-token question) at batch 1."""
-    device = next(model.parameters()).device
-    ids = torch.full((1, model.n_image_tokens + 16), 5, dtype=torch.long)
-    ids[0, : model.n_image_tokens] = model.image_token_id
-    pixels = torch.randn(1, 3, model.pixel_size, model.pixel_size, generator=torch.Generator().manual_seed(0))
-    ids, pixels = ids.to(device), pixels.to(device)
-    return median_forward_ms(lambda: model(ids, pixels), device, repeats)
-
-
 # ----------------------------------------------------------------------------- the study
-
-
-def stage_config_file(out: Path) -> dict[str, Any]:
-    """OUT/source/pft/config.yaml (the config the VIT runs start from), {} without it."""
-    path = out / STAGE_NAMES["pft"] / CONFIG_FILE
-    return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 
 def aggregate_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -307,6 +273,9 @@ def aggregate_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "params_active", "change_rate"))
         row["avg"] = statistics.fmean([row[s] for s in row["subtasks"]]) if row["subtasks"] else None
         rows.append(row)
+    # Not libmoe.eval.table.comparison_rows (the language-model bench's ranks): that ranks each
+    # seed's scores and needs every task for an AVG rank; here the seed means are ranked, and a row
+    # missing a subtask is ranked on the ones it has (the same numbers with one seed and every subtask).
     subtasks = sorted({s for r in rows for s in r["subtasks"]})
     for s in subtasks:  # rank 1 = best; ties share the mean rank
         scored = sorted((r[s], i) for i, r in enumerate(rows) if s in r)
@@ -342,28 +311,22 @@ def cost_table(results: dict[str, Any]) -> list[list[str]]:
     return table
 
 
-def write_vlm_tables(out: Path, results: dict[str, Any]) -> None:
-    """results.md (scores in Table 1 layout, cost, findings, failures) and results.csv (scores)."""
+def results_markdown(results: dict[str, Any]) -> str:
+    """results.md: the setup, the scores in Table 1 layout, the cost, the findings and failures."""
     st = results["stages"]
-    text = [f"# libmoe bench (vlm): {results['preset']}", "",
-            f"{results['description']}. VLM preset {results['vlm_preset']}; "
-            f"PT {st['pt'].get('steps')} steps, "
-            f"PFT {st['pft'].get('steps')} steps once; VIT for every algorithm from the same PFT checkpoint "
-            f"(dense: PFT continued for the same steps). {results['elapsed_s'] / 60:.1f} minutes.", "",
-            "## Scores (paper Table 1 layout: held-out synthetic MME accuracy per subtask, %)", "",
-            markdown(score_table(results)), "", "## Cost", "", markdown(cost_table(results)), ""]
-    if results.get("findings"):
-        text.append(findings_markdown(results["findings"]))
-    for f in results.get("failed") or []:
-        text.append(f"- {f['name']} failed: {f.get('error')}")
-    write_output_text(out, "results.md", MD_MARK + "\n" + "\n".join(text) + "\n")
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(score_table(results))
-    write_output_text(out, "results.csv", buf.getvalue())
+    setup = (f"{results['description']}. VLM preset {results['vlm_preset']}; "
+             f"PT {st['pt'].get('steps')} steps, PFT {st['pft'].get('steps')} steps once; "
+             "VIT for every algorithm from the same PFT checkpoint "
+             f"(dense: PFT continued for the same steps). {results['elapsed_s'] / 60:.1f} minutes.")
+    return markdown_page(f"libmoe bench (vlm): {results['preset']}", [setup], [
+        md_section("Scores (paper Table 1 layout: held-out synthetic MME accuracy per subtask, %)",
+                   markdown(score_table(results))),
+        md_section("Cost", markdown(cost_table(results))), findings_md(results), failed_md(results)])
 
 
 def write_cross_run_figures(out: Path, rows: list[dict[str, Any]]) -> list[FigureInfo]:
-    """Every analysis figure over all runs (OUT/analysis/figures) plus the VLM subtask figure."""
+    """Every analysis figure over all runs (OUT/analysis/figures, metrics.json) plus the VLM subtask
+    figure."""
     runs = {}
     for r in rows:
         if r["status"] == "ok":
@@ -372,8 +335,7 @@ def write_cross_run_figures(out: Path, rows: list[dict[str, Any]]) -> list[Figur
                 runs[r["algorithm"] if r["seed"] == 0 else r["name"]] = m
     fig_dir = out / "analysis" / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out / "analysis" / "metrics.json", plain_json(runs), indent=1)
-    figures = plot_all(runs, fig_dir) if runs else []
+    figures = write_cross_run_analysis(out, runs)
     if plot_subtask_routing(runs, fig_dir / SUBTASK_FIGURE.name):
         figures.insert(0, SUBTASK_FIGURE)
     return figures
@@ -394,16 +356,12 @@ def write_vlm_report(out: Path, results: dict[str, Any]) -> Path:
              f"({_seconds(st['pft'])} s) once; then VIT for every algorithm from the same PFT "
              f"checkpoint with the same data and budget (dense: PFT continued). "
              f"{results['elapsed_s'] / 60:.1f} minutes on {where}.")
-    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">{HTML_MARK}",
-             f"<title>libmoe bench (vlm): {html.escape(results['preset'])}</title>",
-             f"<style>{CSS}</style></head><body>",
-             f"<h1>libmoe bench (vlm): {html.escape(results['preset'])}</h1>",
-             f"<p class=\"intro\">{html.escape(setup)}</p>",
-             "<h2>Scores (paper Table 1 layout)</h2>", html_table(score_table(results)),
-             "<p class=\"table-note\">Held-out synthetic MME accuracy per subtask in % (chance 50); MME acc+ "
-             "(both questions of an image right; chance 25); Open: exact match on the open questions; AVG = "
-             "mean over subtasks; AVG Rank = mean rank over subtasks (1 = best).</p>",
-             "<h2>Cost</h2>", html_table(cost_table(results))]
+    sections = [
+        *table_html("Scores (paper Table 1 layout)", score_table(results),
+                    "Held-out synthetic MME accuracy per subtask in % (chance 50); MME acc+ (both questions "
+                    "of an image right; chance 25); Open: exact match on the open questions; AVG = mean "
+                    "over subtasks; AVG Rank = mean rank over subtasks (1 = best)."),
+        *table_html("Cost", cost_table(results))]
     analysed = {}
     for r in results["runs"]:
         if r["status"] == "ok":
@@ -411,23 +369,16 @@ def write_vlm_report(out: Path, results: dict[str, Any]) -> Path:
             if m and m.get("eae"):
                 analysed[r["name"]] = m
     if analysed:
-        parts += ["<h2>Routing summary</h2>", summary_table_html(summary_rows(analysed))]
+        sections += ["<h2>Routing summary</h2>", summary_table_html(summary_rows(analysed))]
     infos = {info.name: info for _, info in FIGURES}
     infos[SUBTASK_FIGURE.name] = SUBTASK_FIGURE
     shown = [name for name in (SUBTASK_FIGURE.name, "change_rate.png", "droptop.png", "temperature.png",
                                "margin_by_depth.png", "saturation.png", "eae_by_label.png", "load.png",
                                "similarity.png") if (fig_dir / name).is_file()]
-    if results.get("findings"):
-        comparison = (results.get("regime_comparison") or {}).get("figure")
-        parts.append(findings_html(results["findings"], set(shown) | ({"regime_comparison.png"}
-                                                                     if comparison else set())))
-    parts += comparison_html(out, results.get("regime_comparison"))
+    sections += findings_section(out, results, set(shown))
+    sections += comparison_html(out, results.get("regime_comparison"))
     for name in shown:
         info = infos.get(name) or FigureInfo(name, name.removesuffix(".png").replace("_", " "), "")
-        parts.append(figure_html(info, fig_dir))
-    if results.get("failed"):
-        items = "".join(f"<li>{html.escape(f['name'])} failed: {html.escape(str(f.get('error')))}</li>"
-                        for f in results["failed"])
-        parts.append(f"<h2>Notes</h2><ul class=\"notes\">{items}</ul>")
-    parts.append("</body></html>\n")
-    return write_output_text(out, "report.html", "\n".join(parts))
+        sections.append(figure_html(info, fig_dir))
+    return write_report(out, f"libmoe bench (vlm): {results['preset']}", setup, sections,
+                        failure_notes(results))
