@@ -16,10 +16,11 @@ from __future__ import annotations
 from ..analysis import register_run_kind
 from .analysis import VLM_RUN_KIND, analyze_vlm_run
 from .data import load_conversations, load_image, load_mme
-from .evaluate import evaluate_run, evaluate_vlm, score_mme
+from .evaluate import check_tasks, evaluate_run, evaluate_vlm, score_mme
+from .lmms import tasks_path
 from .model import LibMoEVLM, build_vlm
 from .plots import plot_subtask_routing
-from .presets import STAGES, VLM_PRESETS, load_vlm_preset
+from .presets import STAGE_HELP, STAGES, VLM_PRESETS, load_vlm_preset
 from .runs import active_parameters, latency_inputs, read_stage_config, stage_config_change
 from .saving import load_vlm, save_vlm
 from .stages import CONFIG_FILE, DEFAULT_CHECKPOINTS
@@ -35,12 +36,14 @@ __all__ = [
     "DEFAULT_CHECKPOINTS",
     "LibMoEVLM",
     "STAGES",
+    "STAGE_HELP",
     "SUBTASKS",
     "VLM_PRESETS",
     "VLM_RUN_KIND",
     "active_parameters",
     "analyze_vlm_run",
     "build_vlm",
+    "check_tasks",
     "evaluate_run",
     "evaluate_vlm",
     "latency_inputs",
@@ -57,6 +60,7 @@ __all__ = [
     "score_mme",
     "stage_config",
     "stage_config_change",
+    "tasks_path",
     "train_stage",
     "upcycle_vlm",
     "write_synth_dataset",
