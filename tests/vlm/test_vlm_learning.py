@@ -9,7 +9,7 @@ steps in every variant tried (single- and multi-turn records, lr 1e-3 to 3e-3, b
 4-layer or d 128 LM, constant lr, the image after the question); multi-turn records reach 0.845 after
 600 steps. The model names the colour but does not yet compare it with the word in the question
 (a second-order feature with a long plateau). The test records the yes/no accuracy it sees and
-asserts only that it is a valid accuracy; README "Vision-language models" has the numbers."""
+asserts only that it is a valid accuracy; docs/studies.md "The VLM bench" has the numbers."""
 
 import json
 
