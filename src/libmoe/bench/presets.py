@@ -22,6 +22,8 @@ PAPER_ALGORITHMS = ["dense", "smoe", "sigma_moe", "xmoe", "sharede_v2", "sharede
 
 @dataclass
 class BenchPreset:
+    """A bench preset (configs/bench/NAME.yaml): the training preset, overrides, tasks and studies."""
+
     name: str
     train_preset: str
     description: str = ""
@@ -47,6 +49,7 @@ def yaml_value(value: Any) -> str:
 
 
 def load_bench_preset(name: str) -> BenchPreset:
+    """The bench preset `name` (configs/bench/NAME.yaml); unknown names or keys are a ValueError."""
     path = BENCH_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"unknown bench preset {name!r}.{did_you_mean(name, BENCH_PRESETS)} "

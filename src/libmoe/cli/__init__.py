@@ -124,6 +124,7 @@ def check_overrides(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `libmoe` with `argv` (default: the command line); returns the exit code (libmoe.errors)."""
     parser = build_parser()
     args = parse_args(parser, list(sys.argv[1:] if argv is None else argv))
     try:

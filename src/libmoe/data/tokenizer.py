@@ -23,6 +23,8 @@ DAMAGED_FIX = ("restore it from the run's data cache (data.cache_dir; `libmoe pr
 
 
 class Tokenizer(Protocol):
+    """What libmoe needs of a tokenizer: encode, decode, save, vocab_size and eos_id."""
+
     vocab_size: int
     eos_id: int
 

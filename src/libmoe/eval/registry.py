@@ -12,6 +12,8 @@ from typing import Any
 
 @dataclass
 class Doc:
+    """One task example: a context, its choices and the index of the right one."""
+
     context: str
     choices: list[str]  # continuations without the leading delimiter (or contexts, see below)
     gold: int = 0
@@ -22,6 +24,8 @@ class Doc:
 
 @dataclass
 class Task:
+    """A zero-shot task: where its data is, how a record becomes a Doc, and how it is scored (kind)."""
+
     name: str
     hub: tuple[str, str | None]  # (dataset, config)
     split: str

@@ -24,6 +24,8 @@ from .stats import VERDICTS
 
 @dataclass(frozen=True)
 class Finding:
+    """A registered claim of the paper: its id, text, reference, figure and the check `fn`."""
+
     id: str
     claim: str
     paper_ref: str

@@ -35,6 +35,8 @@ from .transformer import MoETransformer
 
 @dataclass
 class LoadedModel:
+    """A model read back by load_model, with its tokenizer, the checkpoint it came from and its run config."""
+
     model: nn.Module  # a MoETransformer, or a transformers model for a transformers directory
     tokenizer: Any
     checkpoint: Path

@@ -110,6 +110,8 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
+    """A training run's whole config: the preset, model, data, optim and train sections, and --init."""
+
     preset: str = "micro"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

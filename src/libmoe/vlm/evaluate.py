@@ -120,6 +120,7 @@ def score_open(rows: list[dict], predictions: list[str]) -> dict[str, Any]:
 
 
 def check_tasks(tasks: list[str]) -> list[str]:
+    """`tasks` as a list when every one is a VLM task, else ValueError naming the nearest."""
     for t in tasks:
         if t not in VLM_TASKS:
             raise ValueError(f"unknown VLM task {t!r}.{did_you_mean(t, VLM_TASKS)} "

@@ -16,6 +16,7 @@ from ..overrides import check_keys, did_you_mean, dotted, split_override
 VLM_DIR = Path(__file__).resolve().parent.parent / "configs" / "vlm"
 VLM_PRESETS = sorted(p.stem for p in VLM_DIR.glob("*.yaml"))
 STAGES = ("pt", "pft", "vit")
+# What trains in each stage (the command line's help).
 STAGE_HELP = {"pt": "connector only (vision tower and LM frozen)",
               "pft": "everything trains (dense)",
               "vit": "the --init run's vision MLPs and connector become MoE layers; everything trains"}
