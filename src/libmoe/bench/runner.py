@@ -74,9 +74,10 @@ def plan_stages(out: str | Path, preset: BenchPreset, algorithms: list[str], see
     common += [o for o in overrides if not o.startswith("source.")]
     limits = {t: preset.task_limits.get(t, preset.limit) for t in tasks}
     studies = preset_studies(preset) if studies is None else studies
-    ctx = PlanContext(Path(out), preset, name, list(algorithms), seeds, common, list(tasks), limits,
-                      None if data_dir is None else str(data_dir), launcher, nproc, threads, analysis,
-                      source, interventions_of(studies), jobs)
+    run_fields = dict(tasks=list(tasks), limits=limits, data_dir=None if data_dir is None else str(data_dir),
+                      val_tokens=preset.val_tokens, launcher=launcher, nproc=nproc, threads=threads,
+                      analysis=analysis, interventions=interventions_of(studies), regime=name)
+    ctx = PlanContext(Path(out), preset, list(algorithms), seeds, common, run_fields, source, jobs)
     the_regime = get_regime(name)
     stages = the_regime.plan(ctx)
     if "init-std" in studies and "init-std" in the_regime.studies:

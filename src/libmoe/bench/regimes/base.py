@@ -37,25 +37,30 @@ if TYPE_CHECKING:
 
 @dataclass
 class PlanContext:
-    """What every regime plans from: the preset, the study's shape and the evaluation."""
+    """What every regime plans from: the preset, the study's shape, and what every run of the
+    study shares (`run_fields`: the evaluation, launcher and regime fields of its RunSpecs, which
+    `spec` fills in)."""
 
     out: Path
     preset: BenchPreset
-    regime: str
     algorithms: list[str]
     seeds: int
     common: list[str]  # overrides of every run: the preset's, --data, the user's key=value
-    tasks: list[str] = field(default_factory=list)
-    limits: dict[str, int | None] = field(default_factory=dict)
-    data_dir: str | None = None
-    launcher: str = "local"
-    nproc: int = 1
-    threads: int | None = None
-    analysis: bool = True
+    run_fields: dict[str, Any] = field(default_factory=dict)  # RunSpec fields of every run: tasks,
+    # limits, data_dir, val_tokens, launcher, nproc, threads, analysis, interventions, regime
     source_overrides: list[str] = field(default_factory=list)  # the user's `source.KEY=VALUE`, for
     # the runs the rows start from (the upcycle regime's dense source)
-    interventions: bool | list[str] = True  # the intervention studies of each run's analysis
     jobs: int = 1  # runs at a time (a regime may split the threads between them)
+
+    @property
+    def analysis(self) -> bool:
+        """Whether each run's routing is analysed where it ran."""
+        return self.run_fields.get("analysis", True)
+
+    @property
+    def interventions(self) -> bool | list[str]:
+        """The intervention studies of each run's analysis (True, False or their names)."""
+        return self.run_fields.get("interventions", True)
 
     def resolve(self, *extra: str) -> RunConfig:
         """The RunConfig of the preset's training preset with the common and `extra` overrides."""
@@ -63,11 +68,9 @@ class PlanContext:
 
     def spec(self, name: str, algorithm: str, seed: int, run_dir: str | Path, config: dict[str, Any],
              **fields: Any) -> RunSpec:
-        """A RunSpec of this study (evaluation, launcher and regime filled in)."""
-        common = dict(tasks=list(self.tasks), limits=dict(self.limits), data_dir=self.data_dir,
-                      val_tokens=self.preset.val_tokens, launcher=self.launcher, nproc=self.nproc,
-                      threads=self.threads, analysis=self.analysis,
-                      interventions=self.interventions, regime=self.regime)
+        """A RunSpec of this study (`run_fields` filled in; `fields` replace them)."""
+        common = {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
+                  for k, v in self.run_fields.items()}
         return RunSpec(name, algorithm, seed, str(run_dir), config, **{**common, **fields})
 
 
