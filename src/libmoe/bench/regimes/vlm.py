@@ -274,8 +274,9 @@ def aggregate_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["avg"] = statistics.fmean([row[s] for s in row["subtasks"]]) if row["subtasks"] else None
         rows.append(row)
     # Not libmoe.eval.table.comparison_rows (the language-model bench's ranks): that ranks each
-    # seed's scores and needs every task for an AVG rank; here the seed means are ranked, and a row
-    # missing a subtask is ranked on the ones it has (the same numbers with one seed and every subtask).
+    # seed's scores and averages the ranks, and gives no AVG rank to a row missing a task; here the
+    # seed means are ranked, and a row is ranked on the subtasks it has (tests/vlm/test_vlm_bench.py
+    # pins this). With one seed and every subtask both give the same ranks (same tie rule).
     subtasks = sorted({s for r in rows for s in r["subtasks"]})
     for s in subtasks:  # rank 1 = best; ties share the mean rank
         scored = sorted((r[s], i) for i, r in enumerate(rows) if s in r)
