@@ -19,10 +19,11 @@ from .data import load_conversations
 from .presets import STAGES, apply_overrides, load_vlm_preset
 from .synth import VERSION, write_synth_dataset
 
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = "config.yaml"  # a VLM run directory's resolved stage config
 STAGE_FILES = {"pt": "pt.json", "pft": "instruct.json", "vit": "instruct.json"}
 INIT_STAGE = {"pft": ("pt", "pft"), "vit": ("pft",)}  # the stages an --init run may be (pft from
 # pft: trained on, e.g. the dense baseline of a VIT comparison)
+# Where each stage checkpoints by default, as fractions of its steps (train.checkpoint_at).
 DEFAULT_CHECKPOINTS = {"pt": [1.0], "pft": [1.0], "vit": [0.2, 0.4, 0.6, 0.8, 1.0]}
 TRAIN_DEFAULTS = {"lr": 1e-3, "batch_size": 32, "max_steps": None, "epochs": 1, "warmup_ratio": 0.03,
                   "min_lr_ratio": 0.0, "weight_decay": 0.0, "betas": [0.9, 0.999], "grad_clip": 1.0,
