@@ -7,8 +7,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from libmoe.models.hf_upcycled import LibMoEUpcycledForCausalLM  # noqa: E402
 from libmoe.upcycle.hf import moe_aux_loss  # noqa: E402
-from libmoe.upcycle.hf_saving import LibMoEUpcycledForCausalLM, wrap_upcycled  # noqa: E402
+from libmoe.upcycle.hf_saving import wrap_upcycled  # noqa: E402
 
 SMALL = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -53,7 +54,7 @@ def test_weights_that_do_not_match_the_saved_spec_are_refused(tmp_path):
 
 
 def test_config_reads_gpt2_names_for_the_shape():
-    from libmoe.upcycle.hf_saving import LibMoEUpcycledConfig
+    from libmoe.models.hf_upcycled import LibMoEUpcycledConfig
 
     base = transformers.GPT2Config(n_positions=77, n_embd=16, n_layer=3, n_head=2).to_dict()
     config = LibMoEUpcycledConfig(base=base, upcycle={"algorithm": "smoe"})
