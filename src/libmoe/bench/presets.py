@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from ..moe.options import did_you_mean
+from ..overrides import did_you_mean
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "configs" / "bench"
 BENCH_PRESETS = sorted(p.stem for p in BENCH_DIR.glob("*.yaml"))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ..analysis import INIT_STD_FILE, summarise_init_std
 from ..files import write_json
 from ..findings import INIT_STD_DIR, load_init_std
-from ..moe.options import did_you_mean
+from ..overrides import did_you_mean
 
 if TYPE_CHECKING:
     from .presets import BenchPreset

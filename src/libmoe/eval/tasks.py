@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import CorruptFileError
-from ..moe.options import did_you_mean
+from ..overrides import did_you_mean
 from .registry import TASKS, Doc, Task, register_task
 from .yaml_tasks import load_task_file
 

@@ -9,7 +9,8 @@ from typing import Any
 import yaml
 
 from ..moe.layer import check_algorithm
-from ..moe.options import check_number, did_you_mean
+from ..moe.options import check_number
+from ..overrides import did_you_mean
 
 
 @dataclass

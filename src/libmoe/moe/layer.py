@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..overrides import did_you_mean
 from .experts import Experts
-from .options import MoEOptions, check_number, did_you_mean, unknown_option_error
+from .options import MoEOptions, check_number, unknown_option_error
 from .registry import REGISTRY
 from .routers import ExpertChoiceRouter, Router, Routing
 

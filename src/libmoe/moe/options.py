@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..overrides import did_you_mean  # noqa: F401  (one near-match hint for every name)
+from ..overrides import did_you_mean
 from .dispatch import DISPATCH_BACKENDS
 from .experts import ACTIVATIONS
 
