@@ -105,7 +105,7 @@ def test_vlm_train_unknown_key_from_the_real_entry_point(tmp_path):
 
 
 def test_vlm_overrides_keep_numbers_and_reach_the_config():
-    from libmoe.vlm.train import stage_config
+    from libmoe.vlm.stages import stage_config
 
     cfg = stage_config("pt", "cpu-smoke", overrides=[
         "train.lr=1e-4", "train.betas=[0.9, 1e-1]", "moe.options.balance_coef=1e-2", "data.subtasks=[colour]",

@@ -141,7 +141,7 @@ def _vlm_keys():
     global VLM_KEYS
     if VLM_KEYS is None:
         from libmoe.vlm.presets import valid_keys
-        from libmoe.vlm.train import stage_config
+        from libmoe.vlm.stages import stage_config
 
         VLM_KEYS = valid_keys(stage_config("pt", "cpu-smoke"))
     return VLM_KEYS
@@ -160,7 +160,7 @@ vlm_items = st.one_of(
 @FUZZ
 @given(st.lists(vlm_items, max_size=3))
 def test_vlm_overrides(items):
-    from libmoe.vlm.train import stage_config
+    from libmoe.vlm.stages import stage_config
 
     one_line(stage_config, "pt", "cpu-smoke", overrides=items)
 
@@ -168,7 +168,7 @@ def test_vlm_overrides(items):
 @FUZZ
 @given(st.binary(max_size=200))
 def test_vlm_run_config_of_random_bytes(scratch, data):
-    from libmoe.vlm.train import load_stage_config
+    from libmoe.vlm.stages import load_stage_config
 
     run = _fresh(scratch)
     (run / "config.yaml").write_bytes(data)

@@ -69,7 +69,7 @@ def test_metrics_follow_from_the_runs_traces_and_interventions_from_its_validati
 
 
 def test_an_analysis_carries_its_runs_identity_and_is_reused_only_for_that_run(runs, tmp_path):
-    from libmoe.analysis.analyze import load_analysis
+    from libmoe.analysis import load_analysis
 
     run = tmp_path / "smoe"
     shutil.copytree(runs / "smoe", run)
@@ -121,7 +121,7 @@ def test_routing_by_task_and_task_metrics_under_interventions(runs, tmp_path):
 
 
 def test_task_trace_records_each_documents_gold_request(runs, tmp_path):
-    from libmoe.analysis.analyze import record_task_trace
+    from libmoe.analysis.lm import record_task_trace
     from libmoe.eval.scoring import LMScorer
     from libmoe.models import load_model
 

@@ -11,9 +11,10 @@ transformers = pytest.importorskip("transformers")
 from conftest import SHAKESPEARE  # noqa: E402
 from libmoe.cli import main  # noqa: E402
 from libmoe.models import load_model  # noqa: E402
+from libmoe.models.hf_upcycled import LibMoEUpcycledForCausalLM  # noqa: E402
 from libmoe.models.transformers_lm import TransformersLM, describe, transformers_source  # noqa: E402
 from libmoe.train import resolve_config, train  # noqa: E402
-from libmoe.upcycle.hf_saving import LibMoEUpcycledForCausalLM, upcycle_transformers  # noqa: E402
+from libmoe.upcycle.hf_saving import upcycle_transformers  # noqa: E402
 
 EVAL_DATA = SHAKESPEARE.parent / "eval"
 SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -309,7 +309,7 @@ def test_resume_on_a_directory_without_a_run_is_refused(base, tmp_path):
 
 
 def test_an_allowed_seed_change_keeps_the_runs_identity_so_its_traces_analyse(base, tmp_path):
-    from libmoe.analysis.analyze import run_traces
+    from libmoe.analysis import run_traces
 
     run = tmp_path / "run"
     train(config(base, "train.max_steps=4", "train.checkpoint_every=2"), run, stop_after=2, progress=False)

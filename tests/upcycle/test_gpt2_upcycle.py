@@ -10,9 +10,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from libmoe.models.hf_upcycled import LibMoEUpcycledForCausalLM  # noqa: E402
 from libmoe.upcycle import EXACT_AT_INIT, SHARED_ALGORITHMS  # noqa: E402
 from libmoe.upcycle.hf import UpcycledMLP, find_mlps, upcycle_hf_model  # noqa: E402
-from libmoe.upcycle.hf_saving import LibMoEUpcycledForCausalLM, wrap_upcycled  # noqa: E402
+from libmoe.upcycle.hf_saving import wrap_upcycled  # noqa: E402
 
 VOCAB = 100
 TOKENS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))

@@ -11,10 +11,11 @@ pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
 
+import libmoe.vlm.stages as vlm_stages  # noqa: E402
 import libmoe.vlm.train as vlm_train  # noqa: E402
 from libmoe.cli import main  # noqa: E402
+from libmoe.models.checkpoints import list_checkpoints  # noqa: E402
 from libmoe.moe.trace import Trace  # noqa: E402
-from libmoe.train.checkpoint import list_checkpoints  # noqa: E402
 from libmoe.vlm.model import MODEL_FILE, model_state  # noqa: E402
 from libmoe.vlm.synth import SUBTASK_GROUPS, SUBTASKS, write_synth_dataset  # noqa: E402
 from libmoe.vlm.train import train_stage  # noqa: E402
@@ -105,7 +106,7 @@ def test_pft_starts_from_pt_and_trains_everything(runs):
 
 def test_vit_upcycles_checkpoints_and_traces(runs):
     vit = runs["root"] / "vit"
-    cfg = vlm_train.load_stage_config(vit)
+    cfg = vlm_stages.load_stage_config(vit)
     assert cfg["stage"] == "vit" and cfg["algorithm"] == "smoe"
     assert cfg["init"] == str((runs["root"] / "pft").resolve())
     start = runs["initial"]["vit"]
@@ -168,7 +169,7 @@ def test_wrong_stage_init_is_one_clear_line(runs, tmp_path):
     assert "not a libmoe vlm run" in _one_line(e)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     # a pft run may continue a pft run (the dense baseline of a VIT comparison)
-    cfg = vlm_train.stage_config("pft", init=str(root / "pft"))
+    cfg = vlm_stages.stage_config("pft", init=str(root / "pft"))
     assert cfg["init"] == str((root / "pft").resolve()) and cfg["preset"] == PRESET
 
 
@@ -277,7 +278,7 @@ def test_cli_train_writes_a_run(data, tmp_path, capsys, env):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["stage"] == "pt" and summary["steps"] == 2
-    cfg = vlm_train.load_stage_config(out)
+    cfg = vlm_stages.load_stage_config(out)
     assert cfg["kind"] == "vlm" and cfg["train"]["lr"] == 2e-3 and cfg["train"]["max_steps"] == 2
     assert (out / "checkpoints" / "step_2" / MODEL_FILE).is_file()
     assert (out / "metrics.jsonl").is_file() and (out / "summary.json").is_file()

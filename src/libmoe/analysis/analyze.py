@@ -13,23 +13,9 @@ from ..eval import check_evaluation, get_task
 from ..eval.tasks import local_file
 from ..moe.trace import TRACE_TENSORS, check_one_run, list_traces
 from .kinds import AnalysisOptions, find_run_kind
-from .lm import LM_RUN_KIND, record_probe_trace, record_task_trace
-from .runs import (
-    METRICS_FILE,
-    REPORT_FILE,
-    display_name,
-    load_analysis,
-    run_traces,
-    training_dynamics,
-    unique_names,
-    write_figures_and_report,
-)
+from .lm import LM_RUN_KIND
 
-__all__ = [  # the names `libmoe.analysis.analyze` has always offered; most now live in .runs and .lm
-    "METRICS_FILE", "REPORT_FILE", "analyze_run", "check_analysis", "display_name", "load_analysis",
-    "record_probe_trace", "record_task_trace", "run_traces", "training_dynamics", "unique_names",
-    "write_figures_and_report",
-]
+__all__ = ["analyze_run", "check_analysis"]
 
 
 def check_analysis(run: str | Path, out: str | Path | None, tasks: list[str] = (), data_dir=None,

@@ -17,7 +17,7 @@ from ..overrides import load_yaml
 from ..train import check_config, config_diff
 
 if TYPE_CHECKING:
-    from .runner import RunSpec
+    from .spec import RunSpec
 
 RUN_FILE = "bench_run.json"
 # Keys whose change leaves a run what it was: the vocabulary the tokenizer fixes, where the data

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..analysis import INIT_STD_FILE, summarise_init_std
 from ..files import write_json
-from ..findings import INIT_STD_DIR, load_init_std
+from ..findings import INIT_STD_DIR
 from ..overrides import did_you_mean
 
 if TYPE_CHECKING:
@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from .regimes import PlanContext
     from .spec import RunSpec
 
-__all__ = ["INIT_STD_DEFAULTS", "INIT_STD_DIR", "STUDIES", "init_std_options", "interventions_of",
-           "load_init_std", "parse_studies", "plan_init_std", "preset_studies", "summarise_studies"]
+__all__ = ["INIT_STD_DEFAULTS", "STUDIES", "init_std_options", "interventions_of",
+           "parse_studies", "plan_init_std", "preset_studies", "summarise_studies"]
 
 STUDIES = ("init-std", "droptop", "temperature")
 INIT_STD_DEFAULTS: dict[str, Any] = {

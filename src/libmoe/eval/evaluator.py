@@ -23,7 +23,7 @@ from typing import Any
 from ..devices import check_device
 from ..models import load_model
 from ..version import __version__
-from .perplexity import run_data_available, validation_perplexity
+from .perplexity import validation_perplexity
 from .results import provenance, utc_now
 from .scoring import LMScorer
 from .tasks import Doc, Task, check_limit, get_task, load_records, local_file
@@ -170,5 +170,5 @@ def check_evaluation(tasks: list[str] | None, limit: int | None = None, batch_si
         raise ValueError(f"--val-tokens {val_tokens!r}: give 'run', 'all' or a positive number of tokens.")
 
 
-__all__ = ["check_evaluation", "evaluate_model", "evaluate_tasks", "run_data_available", "score_task",
-           "task_docs", "validation_perplexity"]
+__all__ = ["check_evaluation", "evaluate_model", "evaluate_tasks", "score_task",
+           "task_docs"]

@@ -6,7 +6,13 @@ reading checkpoints back live in `libmoe.models` and are re-exported here.
     summary = train(cfg, "runs/micro-smoe")
 """
 
-from ..models.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, verify_checkpoint
+from ..models.checkpoints import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    newest_intact_checkpoint,
+    verify_checkpoint,
+)
 from ..models.run_config import (
     DataConfig,
     OptimConfig,
@@ -17,17 +23,15 @@ from ..models.run_config import (
     prepare_run_data,
     resolve_config,
 )
-from .checkpoint import agreed_checkpoint, newest_intact_checkpoint, save_checkpoint
+from .checkpoint import agreed_checkpoint, save_checkpoint
 from .metrics import MetricsLogger, load_summary
 from .rundir import RUN_FILES, config_diff, remove_entries, run_hash
 from .stops import StopSignals
-from .trace import TRACE_META, TRACE_TENSORS, record_routing, save_trace
+from .trace import record_routing, save_trace
 from .trainer import check_config, train
 
 __all__ = [
     "RUN_FILES",
-    "TRACE_META",
-    "TRACE_TENSORS",
     "DataConfig",
     "MetricsLogger",
     "OptimConfig",

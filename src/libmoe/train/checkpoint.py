@@ -1,8 +1,8 @@
 """Writing checkpoints: ``<run>/checkpoints/step_<N>/`` written atomically, newest N kept.
 
 What a checkpoint directory holds, and reading it back (`list_checkpoints`, `latest_checkpoint`,
-`verify_checkpoint`, `load_checkpoint`, `newest_intact_checkpoint`), is `libmoe.models.checkpoints`;
-they are re-exported here for training's callers. The directory is assembled under
+`verify_checkpoint`, `load_checkpoint`, `newest_intact_checkpoint`), is `libmoe.models.checkpoints`.
+The directory is assembled under
 ``.tmp_step_<N>`` and renamed into place, so a crash never leaves a half-written ``step_<N>``.
 """
 
@@ -16,33 +16,20 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ..devices import DistInfo
 from ..files import sha256, write_json, write_text
 from ..models.checkpoints import (
     INFO_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
     STATE_FILE,
-    latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     newest_intact_checkpoint,
-    verify_checkpoint,
 )
-from .distributed import DistInfo, all_reduce_max
+from .distributed import all_reduce_max
 
-__all__ = [
-    "INFO_FILE",
-    "MODEL_FILE",
-    "OPTIMIZER_FILE",
-    "STATE_FILE",
-    "agreed_checkpoint",
-    "latest_checkpoint",
-    "list_checkpoints",
-    "load_checkpoint",
-    "newest_intact_checkpoint",
-    "save_checkpoint",
-    "verify_checkpoint",
-]
+__all__ = ["agreed_checkpoint", "save_checkpoint"]
 
 
 def save_checkpoint(

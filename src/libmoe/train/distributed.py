@@ -16,9 +16,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..devices import DistInfo, all_reduce_sum
+from ..devices import DistInfo
 
-__all__ = ["DistInfo", "StepVote", "all_reduce_max", "all_reduce_min", "all_reduce_sum", "any_rank",
+__all__ = ["StepVote", "all_reduce_max", "all_reduce_min", "any_rank",
            "barrier", "cpu_group", "init_distributed", "pick_device", "shutdown", "wrap_model"]
 
 

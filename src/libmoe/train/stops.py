@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..devices import DistInfo
 from ..errors import WorkFailed
 from ..models.run_config import RunConfig
-from .distributed import DistInfo, all_reduce_min
+from .distributed import all_reduce_min
 
 
 class StopSignals:

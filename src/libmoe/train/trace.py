@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..moe.trace import TRACE_META, TRACE_TENSORS, RoutingRecorder, Trace, routed_layers
+from ..moe.trace import RoutingRecorder, Trace, routed_layers
 
-__all__ = ["TRACE_META", "TRACE_TENSORS", "record_routing", "save_trace"]
+__all__ = ["record_routing", "save_trace"]
 
 
 @torch.no_grad()

@@ -27,9 +27,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..data.packed import PackedData, SequenceSampler, probe_set, tokenizer_fingerprint, validation_windows
+from ..devices import DistInfo
 from ..errors import Interrupted
 from ..files import read_json_object, write_json, write_text
-from ..models import MoETransformer, count_parameters, find_tokenizer, resolve_checkpoint
+from ..models import MoETransformer, count_parameters, find_tokenizer, list_checkpoints, resolve_checkpoint
 from ..models.run_config import RunConfig, load_yaml, prepare_run_data
 from ..models.transformers_lm import (
     TransformersLM,
@@ -38,8 +39,8 @@ from ..models.transformers_lm import (
     transformers_source,
 )
 from ..moe import attach_bias_balancing
-from .checkpoint import agreed_checkpoint, list_checkpoints
-from .distributed import DistInfo, StepVote, barrier, cpu_group, init_distributed, shutdown, wrap_model
+from .checkpoint import agreed_checkpoint
+from .distributed import StepVote, barrier, cpu_group, init_distributed, shutdown, wrap_model
 from .loop import TrainRun
 from .metrics import MetricsLogger, StepWindow, read_metrics
 from .optim import (

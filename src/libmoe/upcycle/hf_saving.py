@@ -2,7 +2,7 @@
 a `LibMoEUpcycledForCausalLM` ready for `save_pretrained`, and `upcycle_transformers` upcycles a
 local directory or Hub model into a directory AutoModelForCausalLM loads after `import libmoe`.
 The model classes themselves (`LibMoEUpcycledConfig`, `LibMoEUpcycledForCausalLM`) live in
-`libmoe.models.hf_upcycled` and are re-exported here.
+`libmoe.models.hf_upcycled`.
 """
 
 from __future__ import annotations
@@ -19,15 +19,13 @@ from ..files import write_json
 from ..models.hf_upcycled import (
     LibMoEUpcycledConfig,
     LibMoEUpcycledForCausalLM,
-    register_auto,
     upcycle_spec,
 )
 from ..models.loading import find_tokenizer
 from ..models.upcycled import upcycle_hf_model
 from .core import EXACT_AT_INIT, NOT_EXACT_AT_INIT, UPCYCLE_FILE
 
-__all__ = ["TOKENIZER_FILES", "LibMoEUpcycledConfig", "LibMoEUpcycledForCausalLM", "register_auto",
-           "upcycle_spec", "upcycle_transformers", "wrap_upcycled"]
+__all__ = ["TOKENIZER_FILES", "upcycle_transformers", "wrap_upcycled"]
 
 
 def wrap_upcycled(source, algorithm: str, n_experts: int, top_k: int, layers: list[int] | None = None,

@@ -23,10 +23,10 @@ from .plots import plot_subtask_routing
 from .presets import STAGE_HELP, STAGES, VLM_PRESETS, load_vlm_preset
 from .runs import active_parameters, latency_inputs, read_stage_config, stage_config_change
 from .saving import load_vlm, save_vlm
-from .stages import CONFIG_FILE, DEFAULT_CHECKPOINTS
+from .stages import CONFIG_FILE, DEFAULT_CHECKPOINTS, stage_config
 from .synth import SUBTASKS, write_synth_dataset
 from .trace import record_vlm_trace
-from .train import stage_config, train_stage
+from .train import train_stage
 from .upcycle import parameter_report, upcycle_vlm
 
 register_run_kind(VLM_RUN_KIND)

@@ -44,16 +44,9 @@ from .data import cached_image, probe_images
 from .evaluate import evaluate_vlm
 from .model import LibMoEVLM, build_vlm, load_state, model_state
 from .saving import load_vlm, save_vlm
-from .stages import (  # the stage's config and data, importable from here as before
+from .stages import (
     CONFIG_FILE,
-    DEFAULT_CHECKPOINTS,
-    INIT_STAGE,
-    STAGE_FILES,
-    TRAIN_DEFAULTS,
-    cache_dir,
     config_hash,
-    load_stage_config,
-    resolve_data,
     stage_config,
     stage_records,
 )
@@ -61,9 +54,7 @@ from .text import conversation_texts, encode_conversation, load_tokenizer, pad_r
 from .trace import record_vlm_trace
 from .upcycle import upcycle_vlm
 
-__all__ = ["CONFIG_FILE", "DEFAULT_CHECKPOINTS", "INIT_STAGE", "STAGE_FILES", "TRAIN_DEFAULTS", "Batch",
-           "StageRun", "build_stage_model", "cache_dir", "config_hash", "load_stage_config", "make_batch",
-           "probe_images", "resolve_data", "setup_stage", "stage_config", "stage_records", "train_stage"]
+__all__ = ["Batch", "StageRun", "build_stage_model", "make_batch", "setup_stage", "train_stage"]
 
 
 # -- batches ---------------------------------------------------------------------------------------
