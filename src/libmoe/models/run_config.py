@@ -42,6 +42,9 @@ class DataConfig:
     tokenizer_chars: int = 50_000_000  # Hub streams: characters of training text for the tokenizer
     cache_dir: str | None = None  # tokenised shards; default ~/.cache/libmoe/data
     shard_tokens: int = 1 << 27
+    # Processes that tokenise a large stream (the result is the same for any count); None: one per
+    # CPU core, up to 32. Not part of the run's identity.
+    num_proc: int | None = None
 
     def __post_init__(self) -> None:
         check_number("data.val_fraction", self.val_fraction, 0.0)
@@ -52,6 +55,8 @@ class DataConfig:
             check_number(f"data.{name}", getattr(self, name), 1, integer=True)
         if self.max_train_tokens is not None:
             check_number("data.max_train_tokens", self.max_train_tokens, 1, integer=True)
+        if self.num_proc is not None:
+            check_number("data.num_proc", self.num_proc, 1, integer=True)
 
 
 @dataclass
@@ -95,6 +100,12 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on GPUs that support it, fp32 on CPU
     device: str = "auto"
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
+    # Under torchrun: shard each MoE layer's routed experts over this many ranks (all-to-all token
+    # exchange), data parallel over the world size / expert_parallel groups of ranks.
+    expert_parallel: int = 1
+    compile: bool = False  # torch.compile each transformer block (MoE layers with fullgraph=True)
+    # Peak FLOP/s of one device for the MFU figure; None: libmoe's table for known GPUs (none on CPU).
+    peak_flops: float | None = None
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
@@ -106,6 +117,11 @@ class TrainConfig:
                 check_number(f"train.{name}", getattr(self, name), 1, integer=True)
         check_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         check_choice("train.parallel", self.parallel, ("ddp", "fsdp"))
+        check_number("train.expert_parallel", self.expert_parallel, 1, integer=True)
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"train.compile={self.compile!r} must be true or false.")
+        if self.peak_flops is not None:
+            check_number("train.peak_flops", self.peak_flops, 0.0, strict=True)
 
 
 @dataclass

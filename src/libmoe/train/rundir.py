@@ -28,7 +28,7 @@ CHANGES_FILE = "config_changes.jsonl"
 # model is checked separately (model_hash). Micro-batching, logging, evaluation, checkpoint
 # intervals, precision and device change how, not what, is computed.
 GUARDED = ("optim", "data", "train.batch_size", "train.max_steps", "train.seq_len", "train.seed")
-UNGUARDED_DATA = ("cache_dir",)  # where the cache lives, not what it holds
+UNGUARDED_DATA = ("cache_dir", "num_proc")  # where the cache lives and how it is built, not what it holds
 
 
 def model_hash(cfg: RunConfig) -> str:
