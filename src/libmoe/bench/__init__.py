@@ -60,16 +60,17 @@ from .tables import (
 
 # isort: split
 from .launchers import run_all
+from .placement import Rendezvous, visible_gpus
 from .regimes import REGIMES, PlanContext, Regime, get_regime
 from .runner import available_tasks, plan_runs, plan_stages, run_one
 from .safety import failure_line
 from .study import Study, run_bench, run_vlm_bench, score_table
 from .verdicts import write_findings
 
-__all__ = ["BENCH_PRESETS", "PAPER_ALGORITHMS", "REGIMES", "BenchPreset", "PlanContext", "Regime", "RunSpec",
-           "Study", "available_tasks", "cell", "comparison_html", "failed_md", "failure_line",
-           "failure_notes", "findings_md", "findings_section", "get_regime", "html_table",
+__all__ = ["BENCH_PRESETS", "PAPER_ALGORITHMS", "REGIMES", "BenchPreset", "PlanContext", "Regime",
+           "Rendezvous", "RunSpec", "Study", "available_tasks", "cell", "comparison_html", "failed_md",
+           "failure_line", "failure_notes", "findings_md", "findings_section", "get_regime", "html_table",
            "load_bench_preset", "markdown", "markdown_page", "md_section", "median_forward_ms", "num",
            "param_count", "plan_runs", "plan_stages", "run_all", "run_bench", "run_one", "run_vlm_bench",
-           "score_table", "table_html", "write_cross_run_analysis", "write_findings", "write_report",
-           "write_tables", "yaml_value"]
+           "score_table", "table_html", "visible_gpus", "write_cross_run_analysis", "write_findings",
+           "write_report", "write_tables", "yaml_value"]

@@ -1,6 +1,13 @@
 """Where the bench's runs execute: in this process, in worker processes (`--jobs`), or as Slurm
 jobs through submitit; and the progress lines across runs (which run, its step, the study's ETA).
-Training under torchrun is chosen per run inside `runner.run_one`."""
+
+On a GPU node each worker process owns its GPUs: it takes one slot of `placement.gpu_slots`
+(``CUDA_VISIBLE_DEVICES=<slot>``) before anything initialises CUDA, so inside it ``cuda:0`` is its
+own GPU and a torchrun child sees exactly its slot's GPUs. Training under torchrun is chosen per
+run inside `runner.run_one` (`libmoe.bench.lm.train_run`). A node other than node 0 of a
+multi-node torchrun study (`node_rank` > 0) only joins each run's training (`lm.train_only`).
+A Slurm job of several GPUs or nodes runs torchrun inside the job: one task per node, task 0
+trains, evaluates and writes the row, the others join its training (`_run_slurm_task`)."""
 
 from __future__ import annotations
 
@@ -15,11 +22,12 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import Interrupted
+from .lm import distributed, train_only
 from .runner import finished_row, run_one
 from .safety import signals_ignored
 from .spec import RunSpec
@@ -120,11 +128,28 @@ def _run_in_worker(spec: RunSpec) -> dict[str, Any]:
     return run_one(spec, progress=False)
 
 
+def follow_run(spec: RunSpec) -> dict[str, Any]:
+    """A node other than node 0: this node's part of the run's training, as a row for the progress
+    lines (node 0's bench_run.json is the run's row)."""
+    if finished_row(spec) is not None:
+        return {"name": spec.name, "status": "ok", "skipped": True}
+    try:
+        train_only(spec)
+    except (Interrupted, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001  node 0 reports the run; this node goes on
+        return _failed(spec, err)
+    return {"name": spec.name, "status": "ok"}
+
+
 def run_all(specs: list[RunSpec], jobs: int = 1, launcher: str = "local",
             slurm: dict[str, Any] | None = None, slurm_folder: str | Path | None = None,
-            log: Callable[[str], None] = print, progress: Progress | None = None) -> list[dict[str, Any]]:
+            log: Callable[[str], None] = print, progress: Progress | None = None,
+            gpus: list[str] | None = None, node_rank: int = 0) -> list[dict[str, Any]]:
     """Run every spec with the chosen launcher; rows in the order of `specs`. `progress` (one
-    over the whole study, when it runs in stages) reports them; by default, one over `specs`."""
+    over the whole study, when it runs in stages) reports them; by default, one over `specs`.
+    `gpus`: one CUDA_VISIBLE_DEVICES value per concurrent worker (`placement.gpu_slots`; None on
+    a CPU). `node_rank` > 0: this node only joins each run's torchrun training (`follow_run`)."""
     progress = progress or Progress(specs, log)
     rows: dict[str, dict] = {}
     todo = []
@@ -135,15 +160,16 @@ def run_all(specs: list[RunSpec], jobs: int = 1, launcher: str = "local",
             progress.finished(spec, rows[spec.name])
         else:
             todo.append(spec)
+    work = follow_run if node_rank > 0 else _run_in_worker
     if launcher == "slurm":
         rows.update(_run_slurm(todo, progress, slurm or {}, slurm_folder))
     elif jobs <= 1:
         for spec in todo:
             progress.started(spec)
-            rows[spec.name] = run_one(spec, progress=None)
+            rows[spec.name] = follow_run(spec) if node_rank > 0 else run_one(spec, progress=None)
             progress.finished(spec, rows[spec.name])
     else:
-        rows.update(_run_pool(todo, jobs, progress))
+        rows.update(_run_pool(todo, jobs, progress, gpus, work))
     return [rows[s.name] for s in specs]
 
 
@@ -155,10 +181,12 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def init_worker() -> None:
-    """Worker initializer: die with the bench (above); leave the terminal's process group, so that
+def init_worker(slots=None) -> None:
+    """Worker initializer: take this worker's GPUs (one value of the `slots` queue, see
+    `take_gpu_slot`); die with the bench (above); leave the terminal's process group, so that
     Ctrl-C reaches the bench alone, which then sends each worker one SIGTERM; and take SIGTERM
     outside training as an interruption (inside, the trainer checkpoints first)."""
+    take_gpu_slot(slots)
     _die_with_parent()
     with contextlib.suppress(OSError):
         os.setpgrp()
@@ -167,6 +195,18 @@ def init_worker() -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, stop)
+
+
+def take_gpu_slot(slots) -> str | None:
+    """Set CUDA_VISIBLE_DEVICES to the next value of the `slots` queue (each worker takes one and
+    keeps it for every run it trains; no GPU placement without a queue). It runs before the
+    worker touches CUDA, so the worker's ``cuda``/``cuda:0`` is its own GPU and a torchrun child
+    inherits exactly its GPUs. Returns the value taken."""
+    if slots is None:
+        return None
+    slot = slots.get()
+    os.environ["CUDA_VISIBLE_DEVICES"] = slot
+    return slot
 
 
 def signal_workers(pool, futures) -> None:
@@ -196,19 +236,26 @@ def _stop_pool(pool, futures: dict, rows: dict[str, dict], progress: Progress) -
             progress.finished(spec, rows[spec.name])
 
 
-def _run_pool(specs: list[RunSpec], jobs: int, progress: Progress) -> dict[str, dict]:
+def _run_pool(specs: list[RunSpec], jobs: int, progress: Progress, gpus: list[str] | None = None,
+              work: Callable[[RunSpec], dict[str, Any]] = _run_in_worker) -> dict[str, dict]:
     threads = max(1, (os.cpu_count() or 1) // max(1, min(jobs, len(specs))))  # a lone run takes every core
     rows = {}
     progress.watch()
     try:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=init_worker) as pool:
+        slots = None
+        if gpus:
+            slots = context.Queue()
+            for slot in gpus[:jobs]:
+                slots.put(slot)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=init_worker,
+                                 initargs=(slots,)) as pool:
             futures = {}
             for spec in specs:
                 Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
                 child = RunSpec(**{**asdict(spec), "threads": spec.threads or threads,
                                    "log_file": str(Path(spec.run_dir) / "bench.log")})
-                futures[pool.submit(_run_in_worker, child)] = spec
+                futures[pool.submit(work, child)] = spec
             for spec in specs[:jobs]:
                 progress.started(spec)
             started = min(jobs, len(specs))
@@ -233,11 +280,54 @@ def _run_pool(specs: list[RunSpec], jobs: int, progress: Progress) -> dict[str, 
     return rows
 
 
+def slurm_parameters(specs: list[RunSpec], options: dict[str, Any]) -> dict[str, Any]:
+    """submitit's update_parameters for the study's jobs: the defaults (a day, "libmoe-bench"),
+    then, for runs of several GPUs or nodes, nodes = --nnodes, gpus_per_node = --nproc-per-node and
+    one task per node (torchrun inside the job starts one process per GPU), then `options` (the
+    user's --slurm-option values win)."""
+    params: dict[str, Any] = {"timeout_min": 24 * 60, "name": "libmoe-bench"}
+    if specs and distributed(specs[0]):
+        spec = specs[0]
+        params.update(nodes=int((spec.torchrun or {}).get("nnodes") or 1), gpus_per_node=spec.nproc,
+                      tasks_per_node=1)
+    params.update(options)
+    return params
+
+
+def slurm_rendezvous(spec: RunSpec, job_id: str, hostnames: list[str], num_nodes: int) -> RunSpec:
+    """`spec` as one Slurm job of `num_nodes` nodes trains it: one node standalone; several meet
+    at the first node's host, on a port and with an id taken from the job id (every task of the
+    job computes the same, and no two jobs share them)."""
+    if num_nodes <= 1:
+        return replace(spec, torchrun={**(spec.torchrun or {}), "nnodes": 1, "rdzv_endpoint": None})
+    digits = "".join(c for c in str(job_id) if c.isdigit()) or "0"
+    port = 20000 + int(digits) % 20000
+    return replace(spec, torchrun={**(spec.torchrun or {}), "nnodes": num_nodes, "offset": 0,
+                                   "rdzv_endpoint": f"{hostnames[0]}:{port}",
+                                   "rdzv_id": f"slurm-{job_id}", "rdzv_backend": "c10d"})
+
+
+def _run_slurm_task(spec: RunSpec) -> dict[str, Any] | None:
+    """One task of a Slurm job: a run of one process trains here (`run_one`); a run of several
+    GPUs or nodes runs torchrun inside the job, task 0 (node 0) trains, evaluates and writes the
+    row, the other tasks (one per node) join its training and return None."""
+    if not distributed(spec):
+        return run_one(spec, progress=False)
+    import submitit
+
+    env = submitit.JobEnvironment()
+    spec = slurm_rendezvous(spec, env.job_id, list(env.hostnames), env.num_nodes)
+    if env.global_rank == 0:
+        return run_one(spec, progress=False)
+    train_only(spec)
+    return None
+
+
 def _run_slurm(specs: list[RunSpec], progress: Progress, options: dict[str, Any],
                folder: str | Path | None) -> dict[str, dict]:
     """Submit each run as a Slurm job through submitit (options: submitit's update_parameters,
     e.g. slurm_partition, timeout_min, gpus_per_node, cpus_per_task; "cluster": "local" or
-    "debug" runs them on this machine, as submitit does for testing)."""
+    "debug" runs them on this machine, as submitit does for testing; see `slurm_parameters`)."""
     try:
         import submitit
     except ImportError as err:
@@ -245,10 +335,10 @@ def _run_slurm(specs: list[RunSpec], progress: Progress, options: dict[str, Any]
     options = dict(options)
     cluster = options.pop("cluster", None)
     executor = submitit.AutoExecutor(folder=str(folder or "slurm"), cluster=cluster)
-    executor.update_parameters(**{"timeout_min": 24 * 60, "name": "libmoe-bench", **options})
+    executor.update_parameters(**slurm_parameters(specs, options))
     jobs = []
     for spec in specs:
-        jobs.append((spec, executor.submit(_run_in_worker, spec)))
+        jobs.append((spec, executor.submit(_run_slurm_task, spec)))
         progress.started(spec)
         progress.log(f"bench: {spec.name} submitted as job {jobs[-1][1].job_id}")
     rows = {}

@@ -6,6 +6,7 @@ with these (`libmoe.bench.regimes.pretrain`)."""
 
 from __future__ import annotations
 
+import json
 import signal
 import statistics
 import subprocess
@@ -25,29 +26,50 @@ from ..files import read_json, write_json, write_text
 from ..models import config_from_dict, latest_checkpoint, load_model
 from ..train import train
 from .outputs import plain_json
+from .placement import torchrun_command
 from .safety import signals_ignored
 from .spec import RunSpec
 
 VAL_WINDOWS_FILE = "val_windows.json"  # RUN/eval/: each validation window's loss (the findings' bootstrap)
 
 
-def train_run(spec: RunSpec, progress: bool | None) -> dict[str, Any]:
-    """Train (or resume) the run; its train_summary.json. Under torchrun with N > 1 processes the
-    run trains in a child `libmoe train` from RUN/bench_config.yaml."""
+def distributed(spec: RunSpec) -> bool:
+    """Whether the run trains under torchrun (several processes or nodes) rather than in the
+    process that runs it: --launcher torchrun, or a Slurm job of several GPUs or nodes."""
+    nnodes = int((spec.torchrun or {}).get("nnodes") or 1)
+    return spec.launcher in ("torchrun", "slurm") and (spec.nproc > 1 or nnodes > 1)
+
+
+def training_command(spec: RunSpec) -> list[str]:
+    """The torchrun command that trains `spec` from RUN/bench_config.yaml (written here): one
+    node standalone, several through the spec's rendezvous (libmoe.bench.placement)."""
     run = Path(spec.run_dir)
-    if spec.launcher == "torchrun" and spec.nproc > 1:
-        config_file = run / "bench_config.yaml"
-        write_text(config_file, yaml.safe_dump(spec.config, sort_keys=False))
-        # resume a run with a checkpoint; restart one that stopped before its first; else start
-        again = ["--resume"] if latest_checkpoint(run) is not None else \
-            ["--overwrite"] if (run / "config.yaml").is_file() else []
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={spec.nproc}", "-m", "libmoe", "train", str(config_file),
-               "--out", str(run), *again]
-        print("bench: " + " ".join(cmd), flush=True)
-        run_forwarding_signals(cmd, stdout=sys.stdout if spec.log_file is None else None)
+    config_file = run / "bench_config.yaml"
+    write_text(config_file, yaml.safe_dump(spec.config, sort_keys=False))
+    # resume a run with a checkpoint; restart one that stopped before its first; else start
+    again = ["--resume"] if latest_checkpoint(run) is not None else \
+        ["--overwrite"] if (run / "config.yaml").is_file() else []
+    rdzv = spec.torchrun or {}
+    entry = ["-m", "libmoe", "train", str(config_file), "--out", str(run), *again]
+    return torchrun_command(spec.nproc, entry, rdzv, name=spec.name, offset=int(rdzv.get("offset") or 0))
+
+
+def train_run(spec: RunSpec, progress: bool | None) -> dict[str, Any]:
+    """Train (or resume) the run; its train_summary.json. Under torchrun (`distributed`) the run
+    trains in a child `libmoe train` from RUN/bench_config.yaml."""
+    run = Path(spec.run_dir)
+    if distributed(spec):
+        train_only(spec)
         return read_json(run / "train_summary.json")
     return train(config_from_dict(spec.config), run, resume="auto", progress=progress)
+
+
+def train_only(spec: RunSpec) -> None:
+    """This node's part of the run's torchrun training, nothing else: what a node other than
+    node 0 does for each run (node 0 also prepares, evaluates and writes the row)."""
+    cmd = training_command(spec)
+    print("bench: " + " ".join(cmd), flush=True)
+    run_forwarding_signals(cmd, stdout=sys.stdout if spec.log_file is None else None)
 
 
 def run_forwarding_signals(cmd: list[str], stdout=None) -> None:
@@ -81,6 +103,7 @@ def evaluate_trained(spec: RunSpec, summary: dict[str, Any], row: dict[str, Any]
     seq_len = train_cfg.get("seq_len") or spec.config["model"]["max_seq_len"]
     tokens = summary["step"] * train_cfg["batch_size"] * seq_len
     row.update(tokens_per_s=tokens / summary["train_time_s"] if summary["train_time_s"] else None)
+    row.update(throughput_from_metrics(run))
     row.update(status="ok", step=summary["step"], train_time_s=summary["train_time_s"],
                peak_mem_mb=summary["peak_mem_mb"], params_total=summary["params_total"],
                params_active=summary["params_active"], train_val_ppl=summary.get("val_ppl"),
@@ -88,6 +111,25 @@ def evaluate_trained(spec: RunSpec, summary: dict[str, Any], row: dict[str, Any]
                latency_ms=inference_latency(run, spec.config))
     if spec.analysis:
         analyse_in_place(spec, row)
+
+
+def throughput_from_metrics(run: str | Path) -> dict[str, float | None]:
+    """The training's own throughput figures from RUN/metrics.jsonl, where its rows have them:
+    the mean MFU (a fraction) and step time (s) over the logged training rows, leaving out the
+    first when there are more (warm-up and compilation); None for a figure no row has."""
+    path = Path(run) / "metrics.jsonl"
+    values: dict[str, list[float]] = {"mfu": [], "step_time_s": []}
+    if path.is_file():
+        with path.open() as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                for key, seen in values.items():
+                    if isinstance(entry, dict) and isinstance(entry.get(key), (int, float)):
+                        seen.append(float(entry[key]))
+    return {k: statistics.fmean(v[1:] if len(v) > 2 else v) if v else None for k, v in values.items()}
 
 
 def evaluate_run(spec: RunSpec) -> dict[str, Any]:

@@ -126,7 +126,8 @@ def write_bench_report(out: str | Path, results: dict[str, Any], analysis: dict[
                     "Training time is the training loop's wall time (periodic validation and "
                     "checkpoints included); peak memory is the process's (CUDA allocations on a GPU, "
                     "resident set on a CPU); latency is the median time of one forward pass of one "
-                    "sequence at batch 1."),
+                    "sequence at batch 1; step time and MFU (model FLOPs utilisation) are the "
+                    "training's own, averaged over its logged steps (— when its metrics lack them)."),
     ]
     scores = plot_scores(results, fig_dir / "bench_ppl.png")
     sections += findings_section(out, results, {info.name for info in figures}

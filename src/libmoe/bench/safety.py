@@ -41,7 +41,9 @@ def check_spec(spec: RunSpec) -> None:
     """Everything about one run that is knowable without data: its config validates and its
     model (every MoE layer's options) builds, on the meta device (no memory, no time)."""
     try:
-        check_config(config_from_dict(spec.config), spec.nproc if spec.launcher == "torchrun" else 1)
+        nnodes = int((spec.torchrun or {}).get("nnodes") or 1)
+        world = spec.nproc * nnodes if spec.launcher in ("torchrun", "slurm") else 1
+        check_config(config_from_dict(spec.config), world)
     except ValueError as err:
         raise ValueError(f"run {spec.name}: {err}") from None
 

@@ -24,7 +24,10 @@ class RunSpec:
     data_dir: str | None = None
     val_tokens: int | str = "run"
     launcher: str = "local"
-    nproc: int = 1
+    nproc: int = 1  # processes per node under torchrun (one per GPU)
+    torchrun: dict[str, Any] = field(default_factory=dict)  # nnodes, rdzv_endpoint, rdzv_id,
+    # rdzv_backend, node_rank, join_timeout (libmoe.bench.placement) and offset: the run's place in
+    # the study (its rendezvous port is the endpoint's + offset)
     threads: int | None = None
     log_file: str | None = None  # worker processes write their output here
     analysis: bool = True  # analyse the run's routing where it ran (RUN/analysis)

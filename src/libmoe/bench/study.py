@@ -22,7 +22,10 @@ resumes from its newest checkpoint, a failed one is a row with its error and the
 SIGTERM or SIGINT stop the study: finished runs are kept, no table is written, and `Interrupted`
 says that rerunning resumes. Launchers: in this process (`--jobs 1`), in J worker processes
 (`--jobs J`), each training under `torchrun` with N processes (`--launcher torchrun --nproc N`), or
-as Slurm jobs through submitit (`--launcher slurm`).
+as Slurm jobs through submitit (`--launcher slurm`). On a GPU node `--jobs` defaults to the
+visible GPUs (divided by the GPUs one job takes) and each job gets its own
+(`libmoe.bench.placement`); a study over several nodes runs this same call on every node with its
+`node_rank` (a `Rendezvous`): node 0 runs the study, the others only join each run's training.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from ..errors import Interrupted
 from .compare import regime_comparison
 from .launchers import Progress, duration, run_all
 from .outputs import check_out_dir, machine_info, remove_outputs, remove_run, start_manifest
+from .placement import Rendezvous, default_jobs, gpu_slots, gpus_per_job, visible_gpus
 from .presets import PAPER_ALGORITHMS, BenchPreset, load_bench_preset
 from .regimes import Regime, get_regime
 from .runner import available_tasks, blocked_row, finished_row, plan_stages
@@ -71,6 +75,8 @@ class Study:
     log: Callable[[str], None]
     start: float = 0.0
     done: dict[str, dict[str, Any]] = field(default_factory=dict)  # {run name: its row}
+    gpus: list[str] | None = None  # one CUDA_VISIBLE_DEVICES value per concurrent job (None: CPU)
+    rendezvous: Rendezvous = field(default_factory=Rendezvous)
 
     @property
     def every(self) -> list[RunSpec]:
@@ -128,6 +134,8 @@ def run_bench(
     studies: str | list[str] | None = None,
     log: Callable[[str], None] = print,
     overwrite: bool = False,
+    rendezvous: Rendezvous | None = None,
+    visible: list[str] | None = None,
 ) -> dict[str, Any]:
     """The whole study into `out`; returns results.json's content (see the module docstring).
     `preset` (a name, or a BenchPreset used as it is) defaults to the regime's default preset
@@ -138,9 +146,13 @@ def run_bench(
     init-std, droptop, temperature). results.json's "findings" are the paper's claims checked on
     this output (libmoe.findings). `overwrite` replaces the runs in `out` made with another
     config (and the old tables) instead of refusing them. Failed runs are rows with their error
-    (`failure_line` sums them up); SIGTERM/SIGINT raise `Interrupted` (finished runs kept)."""
+    (`failure_line` sums them up); SIGTERM/SIGINT raise `Interrupted` (finished runs kept).
+    `rendezvous`: torchrun over several nodes (this node's rank among them; a node other than
+    node 0 only joins each run's training and returns {"node_rank", "runs"}); `visible`: the GPUs
+    to place jobs on (default: `placement.visible_gpus()`)."""
     study, stale = plan_study(out, preset, algorithms, seeds, data, tasks, data_dir, jobs, launcher, nproc,
-                              slurm, list(overrides), analysis, regime, compare, studies, log)
+                              slurm, list(overrides), analysis, regime, compare, studies, log,
+                              rendezvous, visible)
     if stale and not overwrite:
         first, diff = stale[0]
         more = f"; {len(stale) - 1} more run(s) differ too" if len(stale) > 1 else ""
@@ -148,6 +160,8 @@ def run_bench(
                          f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}){more}; give a new "
                          "--out, or pass --overwrite to replace the old study.")
     log_plan(study)
+    if study.rendezvous.node_rank > 0:
+        return follow_study(study)
     with stop_on_signals():
         try:
             study.start = time.perf_counter()
@@ -168,7 +182,8 @@ def plan_study(out: str | Path, preset: str | BenchPreset | None, algorithms: li
                launcher: str, nproc: int, slurm: dict[str, Any] | None, overrides: list[str],
                analysis: bool, regime: str | None, compare: str | Path | None,
                studies: str | list[str] | None,
-               log: Callable[[str], None]) -> tuple[Study, list[tuple[RunSpec, list[str]]]]:
+               log: Callable[[str], None], rendezvous: Rendezvous | None = None,
+               visible: list[str] | None = None) -> tuple[Study, list[tuple[RunSpec, list[str]]]]:
     """Check every argument and plan the study, before any work (nothing is written); returns it
     with the runs in `out` made with another config (each with its differences)."""
     if launcher not in LAUNCHERS:
@@ -183,10 +198,18 @@ def plan_study(out: str | Path, preset: str | BenchPreset | None, algorithms: li
                          "or leave it out for the paper's eight.")
     check_out_dir(out)
     the_regime.check_request(spec, launcher, data, tasks, data_dir)
-    if jobs is None:
-        jobs = spec.jobs if launcher == "local" else 1
+    rendezvous = rendezvous or Rendezvous()
+    rendezvous.check()
+    if rendezvous.nnodes > 1 and launcher == "local":
+        raise ValueError(f"--nnodes {rendezvous.nnodes} trains each run over several nodes: give "
+                         "--launcher torchrun (or slurm).")
+    gpus = [] if launcher == "slurm" else visible_gpus() if visible is None else list(visible)
+    per_job = gpus_per_job(launcher, nproc)
+    if jobs is None:  # every visible GPU busy; on a CPU the preset's (local) or one (torchrun)
+        jobs = default_jobs(gpus, per_job, spec.jobs if launcher == "local" else 1)
     if seeds < 1 or jobs < 1 or nproc < 1:
         raise ValueError("--seeds, --jobs and --nproc must be at least 1.")
+    slots = gpu_slots(gpus, jobs, per_job)  # refuses more GPUs than are visible, before any work
     algorithms = list(PAPER_ALGORITHMS if algorithms is None else algorithms)
     if len(set(algorithms)) != len(algorithms):
         raise ValueError(f"--algorithms lists an algorithm twice: {','.join(algorithms)}.")
@@ -201,7 +224,11 @@ def plan_study(out: str | Path, preset: str | BenchPreset | None, algorithms: li
     stages = plan_stages(out, spec, algorithms, seeds, data, overrides, task_names, data_dir, launcher, nproc,
                          analysis=analysis, regime=the_regime.name, studies=chosen, jobs=jobs)
     study = Study(out, spec.name, spec, the_regime, algorithms, seeds, stages, task_names, skipped_tasks,
-                  chosen, jobs, launcher, nproc, slurm, analysis, compare, log)
+                  chosen, jobs, launcher, nproc, slurm, analysis, compare, log, gpus=slots,
+                  rendezvous=rendezvous)
+    if launcher != "local":  # each run's rendezvous: its own id and port (its place in the study)
+        for offset, s in enumerate(study.every):
+            s.torchrun = {**rendezvous.as_dict(), "offset": offset}
     for s in study.every:  # e.g. model.top_k=9 with 8 experts: refused now, not after data preparation
         get_regime(s.regime).check_spec(s)
     return study, the_regime.stale_runs(study.every)
@@ -254,8 +281,22 @@ def run_stages(study: Study) -> None:
             else:
                 ready.append(s)
         rows = run_all(ready, study.jobs, study.launcher, study.slurm, study.out / "slurm", study.log,
-                       progress)
+                       progress, gpus=study.gpus, node_rank=study.rendezvous.node_rank)
         study.done.update({r["name"]: r for r in rows})
+
+
+def follow_study(study: Study) -> dict[str, Any]:
+    """A node other than node 0: join each run's torchrun training, stage after stage, in the
+    study's order (node 0 prepares the data, evaluates and writes every file); its rows."""
+    with stop_on_signals():
+        study.log(f"bench: node {study.rendezvous.node_rank} of {study.rendezvous.nnodes}: joining the "
+                  f"training of {len(study.every)} run(s) at {study.rendezvous.endpoint}")
+        progress = Progress(study.every, study.log)
+        rows = []
+        for stage in study.stages:
+            rows += run_all(stage, study.jobs, study.launcher, study.slurm, study.out / "slurm", study.log,
+                            progress, gpus=study.gpus, node_rank=study.rendezvous.node_rank)
+    return {"node_rank": study.rendezvous.node_rank, "runs": rows}
 
 
 def finish_study(study: Study) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """The bench's tables: one row per algorithm in the layout of the paper's Table 2 (validation
 perplexity, one score per task in %, AVG and AVG rank; `libmoe.eval.table.comparison_rows`), and a
 cost table in the spirit of its Tables 14/15 (parameters, training time, peak memory, inference
-latency). With several seeds, each number is the mean over seeds with a `<key>_std` beside it
-(sample standard deviation); AVG rank is ranked within each seed, then averaged. A failed
-algorithm keeps its row, with its error instead of numbers."""
+latency; step time and MFU when the runs' metrics.jsonl has them, "—" otherwise). With several
+seeds, each number is the mean over seeds with a `<key>_std` beside it (sample standard
+deviation); AVG rank is ranked within each seed, then averaged. A failed algorithm keeps its row,
+with its error instead of numbers."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .outputs import MD_MARK, write_output_json, write_output_text
 
 COST = [("params_total", "Params (total)"), ("params_active", "Params (active)"),
         ("train_time_s", "Train time (s)"), ("tokens_per_s", "Train tokens/s"),
+        ("step_time_s", "Step time (s)"), ("mfu", "MFU"),
         ("peak_mem_mb", "Peak memory (MB)"), ("latency_ms", "Latency (ms/seq)")]
 
 
@@ -83,6 +85,15 @@ def cell(row: dict, key: str, digits: int = 2, suffix: str = "") -> str:
     return text + suffix
 
 
+def percent_cell(row: dict, key: str, digits: int = 1) -> str:
+    """A fraction `row[key]` as a percentage ("37.5%", " ± std" with seeds); "—" when missing."""
+    value = row.get(key)
+    if value is None:
+        return "—"
+    std = row.get(f"{key}_std")
+    return f"{100 * value:.{digits}f}%" + ("" if std is None else f" ± {100 * std:.{digits}f}%")
+
+
 def num(value: float | None, digits: int = 2) -> str:
     """`value` with `digits` decimals; "—" when missing."""
     return "—" if value is None else f"{value:.{digits}f}"
@@ -116,8 +127,8 @@ def cost_table(results: dict[str, Any]) -> list[list[str]]:
     body = []
     for r in results["rows"]:
         body.append([r["algorithm"], param_count(r["params_total"]), param_count(r["params_active"]),
-                     cell(r, "train_time_s", 1), cell(r, "tokens_per_s", 0), cell(r, "peak_mem_mb", 0),
-                     cell(r, "latency_ms", 2)])
+                     cell(r, "train_time_s", 1), cell(r, "tokens_per_s", 0), cell(r, "step_time_s", 3),
+                     percent_cell(r, "mfu"), cell(r, "peak_mem_mb", 0), cell(r, "latency_ms", 2)])
     return [head, *body]
 
 
@@ -147,7 +158,9 @@ def results_markdown(results: dict[str, Any]) -> str:
                    "Training time is the training loop's wall time (its periodic validation and "
                    "checkpoints included); peak memory is the process's (CUDA allocations on a GPU, "
                    "resident set on a CPU); latency is the median time of one forward pass of one "
-                   "sequence (batch 1).", markdown(cost_table(results)))]
+                   "sequence (batch 1); step time and MFU (model FLOPs utilisation: achieved over "
+                   "peak FLOP/s) are the training's own, averaged over its logged steps, \"—\" when "
+                   "its metrics do not have them.", markdown(cost_table(results)))]
     comparison = results.get("regime_comparison") or {}
     if comparison.get("algorithms"):
         sections.append(md_section("Routing stability by regime",
@@ -197,7 +210,8 @@ def results_csv(results: dict[str, Any]) -> list[list[Any]]:
             *(k for k, _ in COST)]
     if results["seeds"] > 1:
         keys += [f"{k}_std" for k in ["ppl", *results["tasks"], "avg", "avg_rank", "train_time_s",
-                                      "tokens_per_s", "peak_mem_mb", "latency_ms"]]
+                                      "tokens_per_s", "step_time_s", "mfu", "peak_mem_mb",
+                                      "latency_ms"]]
     keys.append("error")
     return [keys, *(["" if r.get(k) is None else round(r[k], 4) if isinstance(r[k], float) else r[k]
                      for k in keys] for r in results["rows"])]

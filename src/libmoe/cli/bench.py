@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..bench import BENCH_PRESETS, PAPER_ALGORITHMS, REGIMES, failure_line, markdown, run_bench, score_table
+from ..bench.placement import Rendezvous
 from ..errors import WorkFailed
 from ..overrides import parse_override
 from .common import add_plugin_option, log, split_list, takes_overrides
@@ -37,13 +38,31 @@ def add_parser(sub) -> None:
     p.add_argument("--tasks", default=None, help="comma-separated zero-shot tasks (default: the "
                    "preset's, those whose data is in --data-dir)")
     p.add_argument("--data-dir", default=None, help="local task files (JSONL in the Hub schemas)")
-    p.add_argument("--jobs", type=int, default=None, help="runs in parallel worker processes (the "
-                   "CPU threads are split between them; default: the preset's, 2 for default)")
+    p.add_argument("--jobs", type=int, default=None, help="runs at a time, in parallel worker "
+                   "processes. On a GPU machine: default the visible GPUs (CUDA_VISIBLE_DEVICES "
+                   "respected) divided by the GPUs per job, and each worker gets its own GPU(s) as "
+                   "its CUDA_VISIBLE_DEVICES; more jobs than the GPUs hold is refused. On a "
+                   "CPU-only machine: default the preset's (2 for default; 1 with --launcher "
+                   "torchrun) and the CPU threads are split between the workers")
     p.add_argument("--launcher", default="local", choices=["local", "torchrun", "slurm"],
-                   help="local processes, each training under torchrun --nproc, or Slurm jobs "
-                   "through submitit")
-    p.add_argument("--nproc", type=int, default=1, help="processes per training run with "
-                   "--launcher torchrun")
+                   help="local processes, each training under torchrun (--nproc-per-node processes, "
+                   "--nnodes nodes), or Slurm jobs through submitit (torchrun inside each job for "
+                   "several GPUs or nodes)")
+    p.add_argument("--nproc", "--nproc-per-node", dest="nproc", type=int, default=1,
+                   help="processes (GPUs) per node of each training run with --launcher torchrun "
+                   "or slurm (default 1: the run trains in its worker process)")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes per training run (--launcher torchrun: "
+                   "run this same command on every node with its --node-rank and one "
+                   "--rdzv-endpoint; --launcher slurm: nodes per job). Default 1 (torchrun --standalone)")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's rank with --nnodes > 1 under "
+                   "--launcher torchrun: 0 runs the study (data, evaluation, tables), the others only "
+                   "join each run's training")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST[:PORT]",
+                   help="torchrun rendezvous with --nnodes > 1: node 0's address (port default 29400; "
+                   "run i of the study meets at PORT+i, so parallel runs never share one)")
+    p.add_argument("--rdzv-id", default="libmoe-bench", help="torchrun rendezvous id prefix (each run "
+                   "adds its name); give each study running at once its own")
+    p.add_argument("--rdzv-backend", default="c10d", help="torchrun rendezvous backend (default c10d)")
     p.add_argument("--slurm-option", action="append", metavar="KEY=VALUE",
                    help="submitit parameter for --launcher slurm (slurm_partition=gpu, "
                    "timeout_min=600, gpus_per_node=1, ...; cluster=local runs the jobs here)")
@@ -79,7 +98,16 @@ def run(args: argparse.Namespace) -> None:
                         data_dir=args.data_dir, jobs=args.jobs, launcher=args.launcher,
                         nproc=args.nproc, slurm=slurm, overrides=list(args.items),
                         analysis=not args.no_analysis, regime=args.regime, compare=args.compare,
-                        studies=args.studies, log=log, overwrite=args.overwrite)
+                        studies=args.studies, log=log, overwrite=args.overwrite,
+                        rendezvous=Rendezvous(nnodes=args.nnodes, endpoint=args.rdzv_endpoint,
+                                              rdzv_id=args.rdzv_id, backend=args.rdzv_backend,
+                                              node_rank=args.node_rank))
+    if "node_rank" in results:  # a node other than node 0: node 0 writes the tables
+        failed = [r["name"] for r in results["runs"] if r.get("status") != "ok"]
+        log(f"bench: node {results['node_rank']} done; the tables are node 0's ({args.out})")
+        if failed:
+            raise WorkFailed(f"this node's part of {len(failed)} run(s) failed: {', '.join(failed)}")
+        return
     print(markdown(score_table(results)))  # as the study's regime lays its scores out
     failed = failure_line(results, args.out)
     if failed:  # the tables are written; the exit code and the last line say what failed

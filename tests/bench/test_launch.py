@@ -1,0 +1,159 @@
+"""The bench on GPU nodes and clusters, checked on a CPU: which GPUs each worker gets
+(CUDA_VISIBLE_DEVICES per worker, from a faked list of visible GPUs), --jobs' default, the torchrun
+commands of one node and several, the Slurm job parameters, and the cost table's MFU."""
+
+import json
+import os
+import time
+
+import pytest
+
+from libmoe.bench import Rendezvous, visible_gpus
+from libmoe.bench.launchers import Progress, _run_pool, slurm_parameters, slurm_rendezvous, take_gpu_slot
+from libmoe.bench.lm import distributed, throughput_from_metrics, training_command
+from libmoe.bench.placement import default_jobs, gpu_slots, torchrun_command
+from libmoe.bench.spec import RunSpec
+from libmoe.bench.study import plan_study
+from libmoe.bench.tables import COST, aggregate, cost_table
+from libmoe.cli import main
+
+
+def test_visible_gpus_follow_cuda_visible_devices():
+    assert visible_gpus({}, count=4) == ["0", "1", "2", "3"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2,5"}, count=2) == ["2", "5"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "GPU-a1,GPU-b2"}, count=2) == ["GPU-a1", "GPU-b2"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "3,-1,4"}, count=1) == ["3"]  # CUDA stops at -1
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}, count=0) == []
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1"}, count=0) == []  # CPU only: no placement
+    assert visible_gpus() == []  # this machine (CPU-only PyTorch)
+
+
+def test_gpu_slots_round_robin_and_refusal():
+    gpus = [str(i) for i in range(8)]
+    assert gpu_slots(gpus, 8, 1) == [str(i) for i in range(8)]
+    assert gpu_slots(gpus, 2, 4) == ["0,1,2,3", "4,5,6,7"]
+    assert gpu_slots(["2", "5", "7"], 2, 1) == ["2", "5"]
+    assert gpu_slots([], 3, 1) is None  # CPU: no placement, as before
+    with pytest.raises(ValueError, match=r"--jobs 3 x 4 GPU\(s\) per job needs 12 GPUs but 8 are visible"):
+        gpu_slots(gpus, 3, 4)
+    assert default_jobs(gpus, 1, 2) == 8 and default_jobs(gpus, 4, 2) == 2 and default_jobs([], 1, 2) == 2
+    assert default_jobs(["0"], 2, 1) == 1
+
+
+def _plan(tmp_path, **kw):
+    args = dict(out=tmp_path / "b", preset="micro", algorithms=["dense", "smoe"], seeds=1, data=None,
+                tasks=[], data_dir=None, jobs=None, launcher="local", nproc=1, slurm=None, overrides=[],
+                analysis=False, regime=None, compare=None, studies="none", log=lambda _: None)
+    args.update(kw)
+    return plan_study(**args)[0]
+
+
+def test_jobs_default_to_the_visible_gpus_each_with_its_own(tmp_path):
+    eight = [str(i) for i in range(8)]
+    study = _plan(tmp_path, visible=eight)
+    assert study.jobs == 8 and study.gpus == eight
+    study = _plan(tmp_path, visible=["4", "6"], jobs=1)
+    assert study.gpus == ["4"]
+    study = _plan(tmp_path, visible=eight, launcher="torchrun", nproc=4)
+    assert study.jobs == 2 and study.gpus == ["0,1,2,3", "4,5,6,7"]
+    with pytest.raises(ValueError, match="lower --jobs or --nproc-per-node"):
+        _plan(tmp_path, visible=eight, launcher="torchrun", nproc=4, jobs=3)
+    assert not (tmp_path / "b").exists()  # refused before any work
+    cpu = _plan(tmp_path, visible=[])  # CPU only: the preset's default, no placement
+    assert cpu.jobs == 1 and cpu.gpus is None
+    assert _plan(tmp_path, visible=[], launcher="torchrun", nproc=2).jobs == 1
+
+
+def _probe(spec):
+    time.sleep(0.3)  # let both workers take a run
+    return {"name": spec.name, "status": "ok", "pid": os.getpid(),
+            "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def test_each_worker_process_gets_its_own_gpus(tmp_path):
+    specs = [RunSpec(f"r{i}", "dense", 0, str(tmp_path / f"r{i}"), {"train": {"max_steps": 1}})
+             for i in range(4)]
+    rows = _run_pool(specs, 2, Progress(specs, lambda _: None), gpus=["3", "5,6"], work=_probe)
+    seen = {r["pid"]: r["cuda"] for r in rows.values()}
+    assert set(seen.values()) == {"3", "5,6"}  # one slot per worker, kept for every run it trains
+    for r in rows.values():
+        assert r["cuda"] == seen[r["pid"]]
+
+
+def test_take_gpu_slot_sets_the_worker_environment(monkeypatch):
+    import queue
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    slots = queue.Queue()
+    slots.put("2,3")
+    assert take_gpu_slot(slots) == "2,3" and os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert take_gpu_slot(None) is None and os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
+
+
+def test_torchrun_commands_for_one_node_and_several(tmp_path):
+    one = torchrun_command(8, ["-m", "libmoe", "train"])
+    assert "--standalone" in one and "--nproc-per-node=8" in one  # torchrun binds a free port per job
+    study = _plan(tmp_path, launcher="torchrun", nproc=8, visible=[], overrides=["train.batch_size=32"],
+                  rendezvous=Rendezvous(nnodes=4, endpoint="node0", rdzv_id="study1"))
+    cmds = [training_command(s) for s in study.every]
+    for i, (spec, cmd) in enumerate(zip(study.every, cmds)):
+        assert "--standalone" not in cmd
+        assert {"--nnodes=4", "--nproc-per-node=8", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=node0:{29400 + i}", f"--rdzv-id=study1-{spec.name}"} <= set(cmd)
+        assert cmd[cmd.index("train"):][:4] == ["train", spec.run_dir + "/bench_config.yaml", "--out",
+                                                spec.run_dir]
+        assert distributed(spec)
+    ports = {a for c in cmds for a in c if a.startswith("--rdzv-endpoint=")}
+    assert len(ports) == len(cmds)  # one rendezvous per run: runs in parallel never meet
+    with pytest.raises(ValueError, match="needs --rdzv-endpoint"):
+        _plan(tmp_path, launcher="torchrun", rendezvous=Rendezvous(nnodes=2))
+    with pytest.raises(ValueError, match="give --launcher torchrun"):
+        _plan(tmp_path, rendezvous=Rendezvous(nnodes=2, endpoint="h:1"))
+    with pytest.raises(ValueError, match="--node-rank from 0"):
+        _plan(tmp_path, launcher="torchrun", rendezvous=Rendezvous(nnodes=2, endpoint="h:1", node_rank=2))
+
+
+def test_slurm_jobs_of_several_gpus_and_nodes(tmp_path):
+    study = _plan(tmp_path, launcher="slurm", nproc=4, rendezvous=Rendezvous(nnodes=2, endpoint="x:1"))
+    params = slurm_parameters(study.every, {"slurm_partition": "gpu", "timeout_min": 600})
+    assert params == {"timeout_min": 600, "name": "libmoe-bench", "nodes": 2, "gpus_per_node": 4,
+                      "tasks_per_node": 1, "slurm_partition": "gpu"}
+    assert slurm_parameters(_plan(tmp_path, launcher="slurm").every, {}) == \
+        {"timeout_min": 1440, "name": "libmoe-bench"}  # one process: as before
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=str(tmp_path / "slurm"), cluster="debug")
+    executor.update_parameters(**{k: v for k, v in params.items() if k != "slurm_partition"})  # names valid
+    spec = slurm_rendezvous(study.every[0], "4242", ["gpu-a", "gpu-b"], 2)
+    cmd = training_command(spec)
+    assert {"--nnodes=2", "--nproc-per-node=4", f"--rdzv-endpoint=gpu-a:{20000 + 4242}",
+            "--rdzv-id=slurm-4242-dense-s0"} <= set(cmd)
+    single = slurm_rendezvous(study.every[0], "7", ["gpu-a"], 1)
+    assert "--standalone" in training_command(single)
+
+
+def test_cost_table_shows_mfu_when_the_metrics_have_it(tmp_path):
+    rows = [{"step": 10, "loss": 3.0, "mfu": 0.9, "step_time_s": 9.0}] + \
+        [{"step": 10 * i, "loss": 3.0, "mfu": 0.3 + 0.1 * (i % 2), "step_time_s": 0.5} for i in range(2, 6)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    figures = throughput_from_metrics(tmp_path)
+    assert figures["mfu"] == pytest.approx(0.35) and figures["step_time_s"] == pytest.approx(0.5)
+    assert throughput_from_metrics(tmp_path / "none") == {"mfu": None, "step_time_s": None}
+
+    def run(algorithm, mfu):
+        return {"name": algorithm, "algorithm": algorithm, "seed": 0, "status": "ok", "ppl": 10.0,
+                "results": {"val_ppl": {"ppl": 10.0}}, "params_total": 10, "params_active": 5,
+                "train_time_s": 2.0, "peak_mem_mb": 1.0, "latency_ms": 1.0, "tokens_per_s": 5.0,
+                "step_time_s": 0.5 if mfu else None, "mfu": mfu}
+
+    table = cost_table({"rows": aggregate([run("dense", 0.375), run("smoe", None)], [])})
+    mfu = [label for _, label in COST].index("MFU") + 1
+    assert table[0][mfu] == "MFU" and table[1][mfu] == "37.5%" and table[2][mfu] == "—"
+
+
+def test_bench_help_says_the_jobs_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "CPU-only machine: default the preset's" in text and "--nproc-per-node" in text
+    assert "--rdzv-endpoint" in text and "--nnodes" in text
