@@ -11,13 +11,18 @@ weights[t, j] * b2[e] to the output.
 - ``loop``: tokens sorted by expert and split; one plain autograd FFN per expert. The reference.
 - ``padded``: per-expert buffers padded to the largest load, batched matmul (``torch.bmm``).
 - ``grouped``: tokens sorted by expert, one grouped matmul per projection (``torch._grouped_mm``
-  where the device and dtype support it, the ``loop`` computation otherwise).
+  where the device and dtype support it: fp32, bf16, fp16; the ``loop`` computation otherwise).
+  The GPU path: it never makes the host wait for the device (fixed shapes, masked tail).
 - ``blocked``: a custom autograd function that gathers each expert's rows into a small buffer,
   multiplies the routing weight into the hidden activation, scatters results straight back and
   saves only the hidden pre-activation for backward (PERFORMANCE_NOTES: the fastest on CPU).
 - ``auto``: on CPU ``blocked`` when experts average at least BLOCKED_MIN_LOAD rows, else
-  ``grouped`` (``padded`` where ``torch._grouped_mm`` lacks the dtype); on CUDA ``grouped`` when
-  ``torch._grouped_mm`` supports the dtype (bf16 on sm90+), else ``padded``.
+  ``grouped`` (``padded`` where ``torch._grouped_mm`` lacks the dtype or the 16-byte row
+  alignment); on CUDA ``grouped`` when ``torch._grouped_mm`` supports the dtype (fp32, bf16,
+  fp16), else ``padded``; under torch.compile always ``grouped``.
+
+``loop``, ``padded`` and ``blocked`` read the per-expert counts on the host once per call (a
+device sync on a GPU); ``grouped`` reads nothing.
 """
 
 from __future__ import annotations
@@ -33,23 +38,37 @@ if TYPE_CHECKING:
 
 
 class ExpertOrder(NamedTuple):
-    """The (token, choice) assignments that reach an FFN expert, sorted by expert (stable, so each
-    expert's tokens stay in token order): tok [N] token index, pos [N] flat index into ids/weights
-    [T*K], counts [E] assignments per expert."""
+    """Every (token, choice) assignment of ids [T, K], sorted by expert (stable, so each expert's
+    rows stay in token order), the ones outside [0, E) last. All fields have fixed sizes, so
+    building them never makes the host wait for the device.
+
+    tok [N] token index, pos [N] flat index into ids/weights [T*K], expert [N] the row's expert
+    (E for the invalid tail), counts [E] assignments per expert; N = T*K. The first
+    counts.sum() rows are the valid ones."""
 
     tok: Tensor
     pos: Tensor
     counts: Tensor
+    expert: Tensor
 
 
 def sort_by_expert(ids: Tensor, n_experts: int) -> ExpertOrder:
-    """Flatten ids [T, K], keep the entries in [0, n_experts), sort them by expert."""
+    """Sort the flattened ids [T, K] by expert, invalid ids (outside [0, n_experts)) last; no host sync."""
     K = ids.shape[-1]
     flat = ids.reshape(-1)
-    pos = torch.nonzero((flat >= 0) & (flat < n_experts)).squeeze(-1)
-    experts = flat[pos]
-    pos = pos[torch.argsort(experts, stable=True)]
-    return ExpertOrder(pos // K, pos, torch.bincount(experts, minlength=n_experts))
+    # Invalid ids get key E: they sort after every expert and fall into an extra count bucket.
+    key = torch.where((flat >= 0) & (flat < n_experts), flat, n_experts)
+    expert, pos = torch.sort(key, stable=True)
+    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=ids.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    return ExpertOrder(pos // K, pos, counts[:n_experts], expert)
+
+
+def _host_counts(order: ExpertOrder) -> tuple[list[int], int]:
+    """Per-expert counts read on the host (one sync) and their sum: the number of valid rows.
+    Only the CPU-oriented backends (loop, padded, blocked) call it; `grouped` never does."""
+    counts = order.counts.tolist()
+    return counts, sum(counts)
 
 
 def _plus(y: Tensor, b: Tensor | None) -> Tensor:
@@ -68,26 +87,33 @@ def _per_expert(t: Tensor | None, E: int) -> list[Tensor | None]:
     return list(t.unbind(0)) if t is not None else [None] * E
 
 
+# Every backend takes `weights` in the combine dtype (fp32 under autocast, else x's dtype), applies
+# them to the expert outputs in that dtype and accumulates a token's K choices in it; run_experts
+# casts the result back to the compute dtype.
+
+
 def loop_dispatch(x, order, weights, w1, w2, w3, act, b1=None, b2=None, b3=None):
     """The readable reference: one FFN per expert over its tokens, weights applied to the output."""
-    tok, pos, counts = order
+    counts, n = _host_counts(order)
+    tok, pos = order.tok[:n], order.pos[:n]
     E = w1.shape[0]
-    pieces = x[tok].split(counts.tolist())
+    pieces = x[tok].split(counts)
     params = zip(pieces, w1.unbind(0), w2.unbind(0), *(_per_expert(t, E) for t in (w3, b1, b2, b3)))
     outs = [_ffn(act, *p) for p in params]
-    out = torch.cat(outs) * weights.reshape(-1)[pos].unsqueeze(-1)
-    return x.new_zeros(x.shape[0], w2.shape[-1]).index_add(0, tok, out)
+    out = torch.cat(outs).to(weights.dtype) * weights.reshape(-1)[pos].unsqueeze(-1)
+    return out.new_zeros(x.shape[0], w2.shape[-1]).index_add(0, tok, out)
 
 
 def padded_dispatch(x, order, weights, w1, w2, w3, act, b1=None, b2=None, b3=None):
     """Per-expert buffers [E, C, D] padded to the largest load C, then torch.bmm."""
     T, D = x.shape
     E, D_out = w1.shape[0], w2.shape[-1]
-    tok, pos, counts = order
-    C = int(counts.max())
+    counts_list, n = _host_counts(order)
+    C = max(counts_list)
+    tok, pos, counts = order.tok[:n], order.pos[:n], order.counts
     starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(tok.numel(), device=x.device) - starts.repeat_interleave(counts)
-    expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts)
+    slot = torch.arange(n, device=x.device) - starts.repeat_interleave(counts, output_size=n)
+    expert = order.expert[:n]
     # Padding rows point at token T, a zero row appended to x; their weight is 0.
     tok_pad = torch.full((E, C), T, dtype=torch.long, device=x.device)
     tok_pad[expert, slot] = tok
@@ -97,51 +123,133 @@ def padded_dispatch(x, order, weights, w1, w2, w3, act, b1=None, b2=None, b3=Non
     a = act.fn(_plus(torch.bmm(xs, w1), None if b1 is None else b1.unsqueeze(1)))
     if w3 is not None:
         a = a * _plus(torch.bmm(xs, w3), None if b3 is None else b3.unsqueeze(1))
-    out = torch.bmm(a * w_pad.unsqueeze(-1), w2)  # [E, C, D_out]
-    if b2 is not None:  # padding rows have weight 0, so they get no bias either
-        out = out + w_pad.unsqueeze(-1) * b2.unsqueeze(1)
-    y = x.new_zeros(T + 1, D_out).index_add(0, tok_pad.reshape(-1), out.reshape(-1, D_out))
+    out = _plus(torch.bmm(a, w2), None if b2 is None else b2.unsqueeze(1))  # [E, C, D_out]
+    out = out.to(weights.dtype) * w_pad.unsqueeze(-1)  # padding rows: weight 0, so no bias either
+    y = out.new_zeros(T + 1, D_out).index_add(0, tok_pad.reshape(-1), out.reshape(-1, D_out))
     return y[:T]
 
 
+# torch._grouped_mm: CPU, and CUDA with torch's per-group fallback, since torch 2.9 (pytorch#161717,
+# #162059); before, bf16 on CUDA sm90 only.
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def grouped_mm_supported(x: Tensor, w1: Tensor | None = None, w2: Tensor | None = None) -> bool:
-    """Whether torch._grouped_mm runs here: fp32/bf16 on CPU, bf16 on CUDA sm90+, and row strides
-    (d_model, expert_dim, output width) that are multiples of 16 bytes."""
+    """Whether torch._grouped_mm runs directly on these tensors: fp32, bf16 or fp16 on CPU and CUDA
+    (torch >= 2.9), with row strides (d_model, expert_dim, output width) that are multiples of 16
+    bytes. On CUDA only bf16 on sm90/sm100 takes torch's fused kernel; the other cases take its
+    per-group fallback, which reads the group offsets on the host once per call (still one
+    matmul per expert, unpadded). `grouped_dispatch` pads misaligned widths itself."""
+    if not _grouped_mm_available(x):
+        return False
+    dims = [x.shape[-1]] + [w.shape[-1] for w in (w1, w2) if w is not None]
+    return all(d * x.element_size() % 16 == 0 for d in dims)
+
+
+def _grouped_mm_available(x: Tensor) -> bool:
+    return hasattr(torch, "_grouped_mm") and x.device.type in ("cpu", "cuda") \
+        and x.dtype in _GROUPED_DTYPES
+
+
+def _meta_accepts(dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm's meta kernel (what torch.compile traces with) takes `dtype`:
+    torch 2.13's takes bf16 only, although the eager kernels take fp32 and fp16 too."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if x.device.type == "cpu":
-        ok = x.dtype in (torch.float32, torch.bfloat16)
-    elif x.device.type == "cuda":
-        ok = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    try:
+        a = torch.empty(4, 8, dtype=dtype, device="meta")
+        torch._grouped_mm(a, torch.empty(2, 8, 8, dtype=dtype, device="meta"),
+                          offs=torch.empty(2, dtype=torch.int32, device="meta"))
+        return True
+    except RuntimeError:
+        return False
+
+
+# Computed once at import: never evaluated while torch.compile traces.
+_META_OK = {dtype: _meta_accepts(dtype) for dtype in _GROUPED_DTYPES}
+
+
+@torch.library.custom_op("libmoe::grouped_mm", mutates_args=())
+def _grouped_mm_op(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    """torch._grouped_mm as an opaque op, so torch.compile can trace dtypes its meta kernel lacks."""
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@_grouped_mm_op.register_fake
+def _(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    if b.dim() == 3:  # [N, K] x [G, K, M] -> [N, M]
+        return a.new_empty(a.shape[0], b.shape[-1])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[-1])  # [K, N] x [N, M] -> [G, K, M]
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad: Tensor):
+    a, b, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    ga = _grouped_mm_op(grad, b.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None
+    gb = _grouped_mm_op(a.t(), grad, offs) if ctx.needs_input_grad[1] else None
+    return ga, gb, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def _pad_to(t: Tensor, dim: int, size: int) -> Tensor:
+    extra = size - t.shape[dim]
+    if extra == 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [0, extra]
+    return torch.nn.functional.pad(t, pad)
+
+
+def _grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    """a [N, K] x b [G, K, M] by groups of rows ending at offs; rows past offs[-1] are undefined.
+    Widths that are not multiples of 16 bytes are zero-padded (exact) and the output sliced."""
+    align = 16 // a.element_size()
+    K, M = b.shape[-2], b.shape[-1]
+    Kp, Mp = -(-K // align) * align, -(-M // align) * align
+    if (Kp, Mp) != (K, M):
+        a, b = _pad_to(a, -1, Kp), _pad_to(_pad_to(b, -2, Kp), -1, Mp)
+    if torch.compiler.is_compiling() and not _META_OK.get(a.dtype, False):
+        y = _grouped_mm_op(a, b, offs)
     else:
-        ok = False
-    dims = [x.shape[-1]] + [w.shape[-1] for w in (w1, w2) if w is not None]
-    return ok and all(d * x.element_size() % 16 == 0 for d in dims)
+        y = torch._grouped_mm(a, b, offs=offs)
+    return y if Mp == M else y[:, :M]
 
 
 def grouped_dispatch(x, order, weights, w1, w2, w3, act, b1=None, b2=None, b3=None):
-    """Tokens sorted by expert, one grouped matmul per projection (weight on the hidden activation)."""
-    if not grouped_mm_supported(x, w1, w2):
-        return loop_dispatch(x, order, weights, w1, w2, w3, act, b1, b2, b3)
-    tok, pos, counts = order
-    offs = torch.cumsum(counts, 0).to(torch.int32)
-    # Row i of the sorted tokens belongs to expert row_expert[i]: it picks that expert's biases.
-    row_expert = None
-    if b1 is not None or b2 is not None or b3 is not None:
-        row_expert = torch.repeat_interleave(torch.arange(w1.shape[0], device=x.device), counts)
+    """Tokens sorted by expert, one grouped matmul per projection; no host sync.
 
-    def bias(b):
-        return None if b is None else b[row_expert]
+    All T*K rows go through the matmuls' fixed shapes; rows past the last expert's offset (the
+    invalid assignments) are left undefined by torch._grouped_mm (uninitialised memory), so they
+    are masked with torch.where: forward and backward are exact, as where's backward drops the
+    masked rows where multiplying by 0 would keep a NaN. Masked: each matmul's input (its
+    backward leaves the tail's input gradient undefined) and the last output; the hidden
+    outputs only with biases, whose gradient would sum the tail (otherwise the tail's undefined
+    hidden values reach nothing: the next input mask stops them, forward and backward)."""
+    if not _grouped_mm_available(x):
+        return loop_dispatch(x, order, weights, w1, w2, w3, act, b1, b2, b3)
+    tok, pos, counts, expert = order
+    E = w1.shape[0]
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    valid = (expert < E).unsqueeze(-1)
+    row_expert = expert.clamp_max(E - 1)  # the invalid tail reads expert E-1's bias, then is masked
+
+    def mm(a: Tensor, w: Tensor, b: Tensor | None, mask_out: bool) -> Tensor:
+        y = _grouped_mm(torch.where(valid, a, 0.0), w, offs)
+        if b is not None:
+            y = y + b[row_expert]
+        return torch.where(valid, y, 0.0) if mask_out or b is not None else y
 
     xs = x[tok]
-    w = weights.reshape(-1)[pos].unsqueeze(-1)
-    a = act.fn(_plus(torch._grouped_mm(xs, w1, offs=offs), bias(b1)))
+    a = act.fn(mm(xs, w1, b1, False))
     if w3 is not None:
-        a = a * _plus(torch._grouped_mm(xs, w3, offs=offs), bias(b3))
-    out = torch._grouped_mm(a * w, w2, offs=offs)
-    if b2 is not None:
-        out = out + w * bias(b2)
-    return x.new_zeros(x.shape[0], w2.shape[-1]).index_add(0, tok, out)
+        a = a * mm(xs, w3, b3, False)
+    out = mm(a, w2, b2, True).to(weights.dtype) * weights.reshape(-1)[pos].unsqueeze(-1)
+    return out.new_zeros(x.shape[0], w2.shape[-1]).index_add(0, tok, out)
 
 
 class _BlockedExperts(torch.autograd.Function):
@@ -235,8 +343,12 @@ def _project(x: Tensor, w: Tensor, b: Tensor | None, e: int, out: Tensor) -> Ten
 
 
 def blocked_dispatch(x, order, weights, w1, w2, w3, act, b1=None, b2=None, b3=None):
-    tok, pos, counts = order
-    return _BlockedExperts.apply(x, weights, w1, w2, w3, b1, b2, b3, tok, pos, counts.tolist(), act)
+    """Per-expert blocks with a hand-written backward. It computes in x's dtype throughout: under
+    autocast its combine is in the autocast dtype, not fp32 (a CPU fp32 fast path)."""
+    counts, n = _host_counts(order)
+    tok, pos = order.tok[:n], order.pos[:n]
+    y = _BlockedExperts.apply(x, weights.to(x.dtype), w1, w2, w3, b1, b2, b3, tok, pos, counts, act)
+    return y.to(weights.dtype)
 
 
 _BACKENDS: dict[str, Callable[..., Tensor]] = {
@@ -257,9 +369,14 @@ def resolve_backend(
     name: str, x: Tensor, n_assignments: int = 0, n_experts: int = 1, w1: Tensor | None = None,
     w2: Tensor | None = None,
 ) -> str:
-    """Pick the concrete backend for `auto` from device, dtype and the average load per expert."""
+    """Pick the concrete backend for `auto` from device, dtype and the average load per expert.
+
+    Under torch.compile always `grouped`: the others read counts on the host, which a graph
+    cannot hold (blocked's Python loop over them cannot be traced)."""
     if name != "auto":
         return name
+    if torch.compiler.is_compiling():
+        return "grouped"
     if x.device.type == "cuda":
         return "grouped" if grouped_mm_supported(x, w1, w2) else "padded"
     if n_assignments / max(n_experts, 1) >= BLOCKED_MIN_LOAD:
@@ -283,20 +400,29 @@ def run_experts(
     """y [T, D_out] = sum_j weights[:, j] * FFN_{ids[:, j]}(x) with the chosen dispatch backend
     (D_out = w2.shape[-1]). Optional expert biases: b1 (and b3 when gated) [E, M], b2 [E, D_out].
 
-    Under autocast every backend computes in the autocast dtype (inputs and expert weights cast
-    once here, autocast off inside), so that all backends, custom ones included, agree.
+    Under autocast the expert matmuls run in the autocast dtype (inputs and expert weights cast
+    once here, autocast off inside, so that all backends agree), while the combine stays in fp32:
+    the routing weights are not rounded, each expert output is weighted in fp32 and a token's K
+    choices are summed in fp32 (`blocked` excepted, see blocked_dispatch). The result is returned
+    in the autocast dtype, as before. `grouped` never reads data on the host (see ExpertOrder).
     """
+    if ids.numel() == 0:
+        # Nothing to route (an empty batch, or K = 0): a zero output still in the graph.
+        D_out = w2.shape[-1]
+        zero = x * 0.0 if D_out == x.shape[-1] else x[:, :1] * x.new_zeros(D_out)
+        return zero + weights.sum().to(x.dtype) * 0.0
     device = x.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
-            cast = [t.to(dtype) if t is not None else None for t in (x, weights, w1, w2, w3, b1, b2, b3)]
-            return run_experts(backend, cast[0], ids, cast[1], *cast[2:5], act, *cast[5:])
+            cast = [t.to(dtype) if t is not None else None for t in (x, w1, w2, w3, b1, b2, b3)]
+            combine = torch.promote_types(weights.dtype, torch.float32)
+            y = _dispatch(backend, cast[0], ids, weights.to(combine), *cast[1:4], act, *cast[4:])
+            return y.to(dtype)
+    return _dispatch(backend, x, ids, weights.to(x.dtype), w1, w2, w3, act, b1, b2, b3).to(x.dtype)
+
+
+def _dispatch(backend, x, ids, weights, w1, w2, w3, act, b1, b2, b3) -> Tensor:
     order = sort_by_expert(ids, w1.shape[0])
-    if order.tok.numel() == 0:
-        # Nothing routed to an FFN expert (e.g. an empty batch): a zero output still in the graph.
-        D_out = w2.shape[-1]
-        zero = x * 0.0 if D_out == x.shape[-1] else x[:, :1] * x.new_zeros(D_out)
-        return zero + weights.sum() * 0.0
     backend = resolve_backend(backend, x, ids.numel(), w1.shape[0], w1, w2)
-    return _BACKENDS[backend](x, order, weights.to(x.dtype), w1, w2, w3, act, b1, b2, b3)
+    return _BACKENDS[backend](x, order, weights, w1, w2, w3, act, b1, b2, b3)

@@ -60,8 +60,10 @@ def sort_by_weight(idx: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
 def selection_counts(idx: Tensor, n_slots: int) -> Tensor:
     """Number of selections of each slot over all tokens (ids outside [0, n_slots) ignored)."""
     flat = idx.reshape(-1)
-    flat = flat[(flat >= 0) & (flat < n_slots)]
-    return torch.bincount(flat, minlength=n_slots)
+    valid = (flat >= 0) & (flat < n_slots)
+    # scatter_add into fixed-size buckets: no boolean-mask index or bincount, so no host sync.
+    counts = torch.zeros(n_slots, dtype=torch.long, device=idx.device)
+    return counts.scatter_add_(0, flat.clamp(0, max(n_slots - 1, 0)), valid.long())
 
 
 def balance_loss(

@@ -24,15 +24,16 @@ class MoEOutput:
 
     output: x's shape, the last dim output_dim (default d_model). aux_loss: scalar, the weighted
     sum of the aux terms (zero when none). aux: unweighted named terms ("balance", "z", ...).
-    routing: the layer's Routing (None for dense). stats: detached diagnostics (e.g.
-    "dropped_fraction" when a capacity drops tokens).
+    routing: the layer's Routing (None for dense). stats: detached 0-dim tensors on the layer's
+    device (e.g. "dropped_fraction" when a capacity applies): kept on the device so that forward
+    never waits for it; read them with float() when logging.
     """
 
     output: Tensor
     aux_loss: Tensor
     aux: dict[str, Tensor] = field(default_factory=dict)
     routing: Routing | None = None
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Tensor] = field(default_factory=dict)
 
 
 def drop_over_capacity(ids: Tensor, n_experts: int, capacity: int) -> Tensor:
@@ -40,9 +41,9 @@ def drop_over_capacity(ids: Tensor, n_experts: int, capacity: int) -> Tensor:
     flat = ids.reshape(-1)
     valid = (flat >= 0) & (flat < n_experts)
     keyed = torch.where(valid, flat, n_experts)
-    order = torch.argsort(keyed, stable=True)
-    sorted_ids = keyed[order]
-    counts = torch.bincount(sorted_ids, minlength=n_experts + 1)
+    sorted_ids, order = torch.sort(keyed, stable=True)
+    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=ids.device)
+    counts.scatter_add_(0, keyed, torch.ones_like(keyed))  # no bincount: no host sync
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(flat.numel(), device=ids.device) - starts[sorted_ids]
     keep = torch.empty_like(valid)
@@ -108,13 +109,13 @@ class MoELayer(nn.Module):
         scale = self.opts.routed_scaling
         if scale != 1.0:
             weights = weights * scale
-        stats: dict[str, float] = {}
+        stats: dict[str, Tensor] = {}
         cf = self.opts.capacity_factor
         if cf is not None and not isinstance(self.router, ExpertChoiceRouter) and T > 0:
             capacity = math.ceil(cf * T * self.top_k / self.n_experts)
             kept = drop_over_capacity(ids, self.n_experts, capacity)
             routed = (ids >= 0).sum().clamp_min(1)
-            stats["dropped_fraction"] = float(((ids >= 0) & (kept < 0)).sum() / routed)
+            stats["dropped_fraction"] = (((ids >= 0) & (kept < 0)).sum() / routed).detach()
             ids = kept
 
         y = self.experts(x2, ids, weights, self.opts.dispatch)

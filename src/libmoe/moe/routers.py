@@ -176,8 +176,8 @@ class TopKRouter(Router):
         counts = self.load_counts
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)
-        if counts.sum() > 0:
-            self.expert_bias += self.opts.bias_balancing * torch.sign(counts.mean() - counts)
+        # No `if counts.sum() > 0` (a host sync): with no counts, sign(mean - c) is 0 everywhere.
+        self.expert_bias += self.opts.bias_balancing * torch.sign(counts.mean() - counts)
         counts.zero_()
 
 
@@ -301,7 +301,10 @@ class HyperRouter(TopKRouter):
             nn.init.normal_(layer.weight, std=std)
             nn.init.zeros_(layer.bias)
         self.hypernet.requires_grad_(False)
+        # The buffer carries the progress in checkpoints; forward reads the Python mirror, as
+        # reading a device buffer on the host would sync every step.
         self.register_buffer("progress", torch.zeros(()))
+        self._progress = 0.0
 
     def _generated(self) -> tuple[Tensor, Tensor]:
         out = self.hypernet(self.embedding)
@@ -322,13 +325,18 @@ class HyperRouter(TopKRouter):
 
     def current_k(self) -> int:
         k_min = self.opts.extra["hyper_k_min"]
-        return int(round(k_min + (self.top_k - k_min) * float(self.progress)))
+        return int(round(k_min + (self.top_k - k_min) * self._progress))
 
     def combine(self, z, s, idx, vals):
         return torch.softmax(z.gather(-1, idx) / self.temperature, dim=-1)
 
     def set_training_progress(self, fraction: float) -> None:
-        self.progress.fill_(min(max(float(fraction), 0.0), 1.0))
+        self._progress = min(max(float(fraction), 0.0), 1.0)
+        self.progress.fill_(self._progress)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._progress = float(self.progress)  # once per load, not per step
 
 
 class MoEPlusPlusRouter(TopKRouter):
