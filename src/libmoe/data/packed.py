@@ -16,20 +16,26 @@ Local corpora: validation is split by document within each domain (val_fraction 
 characters, at least one document when the domain has two or more), grown proportionally until it
 holds about min_val_tokens. Hub streams are read once; see `prepare_data`.
 
+Tokenisation of a large input runs in `num_proc` worker processes (`data.num_proc`; default one
+per CPU core, up to 32) over chunks of about a megabyte of text, written back in document order:
+the packed bytes are the same for any num_proc, which is therefore not part of the key.
+
 `SequenceSampler` draws training windows in a seeded random order; its state is two integers, so a
 run can resume at exactly the next window.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,10 +45,13 @@ import torch
 from .corpus import load_corpus, split_documents
 from .documents import Corpus, Document
 from .hub import hub_name, iter_hub_documents
-from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from .tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1
 CHARS_PER_TOKEN = 3.0  # conservative estimate used only to size the validation split
+MAX_NUM_PROC = 32  # the default worker count's cap (data.num_proc None: one per core up to this)
+PARALLEL_MIN_CHARS = 8 << 20  # with num_proc None, smaller local corpora are tokenised in-process
+CHUNK_CHARS = 1 << 20  # text per worker task: large enough to amortise the transfer, small to balance
 
 
 def default_cache_dir() -> Path:
@@ -137,10 +146,108 @@ class PackedData:
                    mm("val.bin"), mm("val_domain.bin", np.uint16))
 
 
-def _encode_all(tokenizer: Tokenizer, docs: list[Document]) -> list[list[int]]:
+def _encode_all(tokenizer: Tokenizer, texts: list[str], threads: int | None = None) -> list[list[int]]:
     batch = getattr(tokenizer, "encode_batch", None)
-    texts = [d.text for d in docs]
-    return batch(texts) if batch else [tokenizer.encode(t) for t in texts]
+    if batch is None:
+        return [tokenizer.encode(t) for t in texts]
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        return batch(texts, num_threads=threads)
+    return batch(texts)
+
+
+def _encode_packed(tok: Tokenizer, texts: list[str], dtype: np.dtype, eos: list[int],
+                   threads: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The texts' ids, each followed by `eos`, as one flat array of `dtype` and each text's length
+    (one array crosses a process boundary far faster than lists of Python ints)."""
+    ids = _encode_all(tok, texts, threads)
+    lengths = np.fromiter((len(i) + len(eos) for i in ids), np.int64, len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(i + eos for i in ids), dtype, int(lengths.sum()))
+    return flat, lengths
+
+
+_WORKER: dict = {}  # a tokenising worker process's tokenizer, dtype and EOS (set by _init_worker)
+
+
+def _init_worker(tokenizer_dir: str, dtype: str, eos: list[int]) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
+    _WORKER.update(tok=load_tokenizer(tokenizer_dir), dtype=np.dtype(dtype), eos=eos)
+
+
+def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return _encode_packed(_WORKER["tok"], texts, _WORKER["dtype"], _WORKER["eos"], threads=1)
+
+
+def default_num_proc() -> int:
+    """Tokenising processes when data.num_proc is None: one per CPU core this process may use,
+    at most MAX_NUM_PROC."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, MAX_NUM_PROC))
+
+
+class _Encoder:
+    """Turns chunks of documents into their packed token arrays, in order: in this process, or in
+    `num_proc` worker processes (at most 2 x num_proc chunks in flight, so a stream is never read
+    far ahead of what is written). `threads`: SentencePiece threads in this process (None: one
+    per core)."""
+
+    def __init__(self, tok: Tokenizer, tokenizer_dir: Path, dtype: np.dtype, eos: list[int],
+                 num_proc: int, threads: int | None = None):
+        self.tok, self.dtype, self.eos, self.threads = tok, dtype, eos, threads
+        self.pool = None
+        if num_proc > 1:
+            # fork is cheap (no re-import of torch); elsewhere spawn. Workers never touch a GPU.
+            methods = multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            self.pool = ctx.Pool(num_proc, _init_worker, (str(tokenizer_dir), np.dtype(dtype).name, eos))
+        self.ahead = 2 * num_proc
+
+    def __enter__(self) -> _Encoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+    def map(self, chunks: Iterable[list]) -> Iterator[tuple[list, list[np.ndarray]]]:
+        """(chunk, each document's token array) for each chunk of Documents or (Document, flag)
+        pairs, in order."""
+        def texts(chunk: list) -> list[str]:
+            return [(c[0] if isinstance(c, tuple) else c).text for c in chunk]
+
+        def split(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+            return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
+
+        if self.pool is None:
+            for chunk in chunks:
+                flat, lengths = _encode_packed(self.tok, texts(chunk), self.dtype, self.eos, self.threads)
+                yield chunk, split(flat, lengths)
+            return
+        pending: collections.deque = collections.deque()
+        for chunk in chunks:
+            pending.append((chunk, self.pool.apply_async(_encode_in_worker, (texts(chunk),))))
+            if len(pending) >= self.ahead:
+                done, work = pending.popleft()
+                yield done, split(*work.get())
+        while pending:
+            done, work = pending.popleft()
+            yield done, split(*work.get())
+
+
+def _chunks(items: Iterable, limit_docs: int = 512) -> Iterator[list]:
+    """Consecutive runs of Documents (or (Document, flag) pairs) of about CHUNK_CHARS characters
+    or `limit_docs` documents."""
+    limit_chars = CHUNK_CHARS
+    chunk: list = []
+    chars = 0
+    for item in items:
+        chunk.append(item)
+        chars += len((item[0] if isinstance(item, tuple) else item).text)
+        if chars >= limit_chars or len(chunk) >= limit_docs:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
 
 
 def prepare_data(
@@ -159,6 +266,7 @@ def prepare_data(
     hub: dict | None = None,
     cache_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
+    num_proc: int | None = None,
 ) -> PackedData:
     """Load, split, tokenise and pack `source` (cached); see the module docstring.
 
@@ -166,7 +274,14 @@ def prepare_data(
     (``hf:NAME``, ``slimpajama``) are streamed: the tokenizer is trained on the first
     `tokenizer_chars` characters of training documents, validation takes the first documents until
     it holds min_val_tokens and then each document with probability val_fraction, and reading stops
-    at `max_train_tokens` training tokens (or the end of the stream, or hub max_documents)."""
+    at `max_train_tokens` training tokens (or the end of the stream, or hub max_documents).
+
+    num_proc: processes that tokenise (None: one per CPU core up to MAX_NUM_PROC, for streams and
+    local corpora of PARALLEL_MIN_CHARS or more; smaller ones in this process). The cache is the
+    same for any value and its key does not include it."""
+    if num_proc is not None and (not isinstance(num_proc, int) or num_proc < 1):
+        raise ValueError(f"num_proc={num_proc!r} must be a whole number of processes, at least 1 "
+                         "(or None for one per CPU core).")
     settings = dict(format=FORMAT_VERSION, tokenizer=tokenizer,
                     vocab_size=vocab_size if tokenizer == "train" else None,
                     val_fraction=val_fraction, min_val_tokens=min_val_tokens,
@@ -195,9 +310,9 @@ def prepare_data(
         tmp.mkdir(parents=True)
         try:
             if dataset is not None:
-                meta = _build_stream(dataset, hub or {}, settings, tmp, log)
+                meta = _build_stream(dataset, hub or {}, settings, tmp, log, num_proc)
             else:
-                meta = _build_corpus(corpus, source, settings, tmp, seq_len, log)
+                meta = _build_corpus(corpus, source, settings, tmp, seq_len, log, num_proc)
             meta = dict(settings, **meta, source=str(source),
                         tokenizer_hash=tokenizer_fingerprint(tmp / "tokenizer"))
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -247,9 +362,9 @@ class _TokenWriter:
             self.domains.append(domain)
         return self.domains.index(domain)
 
-    def add(self, docs: list[Document], val: bool) -> None:
-        for doc, ids in zip(docs, _encode_all(self.tok, docs)):
-            arr = np.asarray(ids + self.eos, dtype=self.dtype)
+    def add(self, docs: list[Document], arrays: list[np.ndarray], val: bool) -> None:
+        """Append documents with their token arrays (ids and EOS, from `_Encoder`)."""
+        for doc, arr in zip(docs, arrays):
             if val:
                 arr.tofile(self.val)
                 np.full(len(arr), self.domain_id(doc.domain), np.uint16).tofile(self.val_domain)
@@ -294,7 +409,8 @@ def _tokenizer_for(settings: dict, texts, n_docs: int, directory: Path, log) -> 
     return tok
 
 
-def _build_corpus(corpus: Corpus, source: str, settings: dict, tmp: Path, seq_len: int, log) -> dict:
+def _build_corpus(corpus: Corpus, source: str, settings: dict, tmp: Path, seq_len: int, log,
+                  num_proc: int | None = None) -> dict:
     min_val_chars = int(settings["min_val_tokens"] * CHARS_PER_TOKEN)
     train_docs, val_docs = split_validation(
         corpus.documents, settings["val_fraction"], min_val_chars, settings["split_seed"]
@@ -308,19 +424,27 @@ def _build_corpus(corpus: Corpus, source: str, settings: dict, tmp: Path, seq_le
             f"are cut into documents of data.max_doc_chars={settings['max_doc_chars']} characters)."
         )
     tok = _tokenizer_for(settings, (d.text for d in train_docs), len(train_docs), tmp, log)
-    log(f"data: tokenising {len(train_docs)} training and {len(val_docs)} validation documents")
+    chars = sum(len(d.text) for d in corpus.documents)
+    procs = num_proc or (default_num_proc() if chars >= PARALLEL_MIN_CHARS else 1)
+    log(f"data: tokenising {len(train_docs)} training and {len(val_docs)} validation documents"
+        + (f" in {procs} processes" if procs > 1 else ""))
     writer = _TokenWriter(tmp, tok, settings)
     for doc in corpus.documents:  # domain ids in first-seen order of the whole corpus
         writer.domain_id(doc.domain)
-    for start in range(0, len(train_docs), 512):
-        writer.add(train_docs[start : start + 512], val=False)
-        if writer.full:
-            break
-    writer.add(val_docs, val=True)
+    # num_proc None on a small corpus: this process, SentencePiece's threads on every core.
+    with _Encoder(tok, tmp / "tokenizer", writer.dtype, writer.eos, procs,
+                  threads=None if num_proc is None else 1) as encoder:
+        for docs, arrays in encoder.map(_chunks(train_docs)):
+            writer.add(docs, arrays, val=False)
+            if writer.full:
+                break
+        for docs, arrays in encoder.map(_chunks(val_docs)):
+            writer.add(docs, arrays, val=True)
     return dict(writer.close(), skipped_files=len(corpus.skipped))
 
 
-def _build_stream(dataset: str, hub: dict, settings: dict, tmp: Path, log) -> dict:
+def _build_stream(dataset: str, hub: dict, settings: dict, tmp: Path, log,
+                  num_proc: int | None = None) -> dict:
     """One pass over a Hub stream; see prepare_data."""
     docs = (piece for doc in iter_hub_documents(dataset, **hub)
             for piece in split_documents(Corpus([doc]), settings["max_doc_chars"]).documents)
@@ -351,23 +475,27 @@ def _build_stream(dataset: str, hub: dict, settings: dict, tmp: Path, log) -> di
     tok = _tokenizer_for(settings, (d.text for d in train_head), len(train_head), tmp, log)
     writer = _TokenWriter(tmp, tok, settings)
     limit = settings["max_train_tokens"]
+    procs = num_proc or default_num_proc()
     log(f"data: tokenising the stream of {dataset!r}"
-        + (f" up to {limit:,} training tokens" if limit else ""))
-    pending: list[tuple[Document, bool]] = head
+        + (f" up to {limit:,} training tokens" if limit else "")
+        + (f" in {procs} processes" if procs > 1 else ""))
     report = 1 << 24
-    while True:
-        for d, _ in pending:  # domain ids in stream order
-            writer.domain_id(d.domain)
-        writer.add([d for d, v in pending if not v], val=False)
-        writer.add([d for d, v in pending if v], val=True)
-        if writer.n_train >= report:
-            log(f"data: {writer.n_train:,} training tokens so far")
-            report *= 2
-        if writer.full:
-            break
-        pending = [(d, is_val(d)) for d in itertools.islice(docs, 512)]
-        if not pending:
-            break
+    # The head, then the rest of the stream with each document's split drawn in stream order (the
+    # encoder reads at most a few chunks ahead of what is written).
+    stream = itertools.chain(head, ((d, is_val(d)) for d in docs))
+    with _Encoder(tok, tmp / "tokenizer", writer.dtype, writer.eos, procs,
+                  threads=None if num_proc is None else 1) as encoder:
+        for pending, arrays in encoder.map(_chunks(stream)):
+            for d, _ in pending:  # domain ids in stream order
+                writer.domain_id(d.domain)
+            for val in (False, True):
+                pairs = [(d, a) for (d, v), a in zip(pending, arrays) if v == val]
+                writer.add([d for d, _ in pairs], [a for _, a in pairs], val=val)
+            if writer.n_train >= report:
+                log(f"data: {writer.n_train:,} training tokens so far")
+                report *= 2
+            if writer.full:
+                break
     return dict(writer.close(), skipped_files=0)
 
 

@@ -47,8 +47,9 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts, num_threads=os.cpu_count() or 1)
+    def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
+        """Each text's ids, encoded on `num_threads` threads (default: one per CPU core)."""
+        return self.sp.encode(texts, num_threads=num_threads or os.cpu_count() or 1)
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(list(ids))
@@ -74,7 +75,8 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
+        """Each text's ids (the fast tokenizer picks its own threads; `num_threads` is ignored)."""
         return self.tok(texts, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
