@@ -94,8 +94,18 @@ class DistInfo:
         return self.world_size > 1
 
 
+def check_collective_device(t: torch.Tensor, device: torch.device) -> None:
+    """Raise ValueError unless `t` is on `device`'s type: a collective on the default group takes
+    tensors on the training device (NCCL serves CUDA tensors only), one on a CPU group CPU tensors."""
+    if t.device.type != torch.device(device).type:
+        raise ValueError(f"a collective got a tensor on {t.device} where its process group serves "
+                         f"{torch.device(device).type}; move it there first (.to(info.device)).")
+
+
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """`t` summed over every process, in place (unchanged for one process); returns `t`."""
+    """`t` summed over every process, in place (unchanged for one process); returns `t`. `t` must
+    be on info.device: the default group serves that device type only."""
     if info.enabled:
+        check_collective_device(t, info.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t

@@ -38,22 +38,27 @@ def validation_loss(model: nn.Module, windows: torch.Tensor, batch_size: int, in
     n = len(windows)
     per_rank = math.ceil(n / info.world_size)
     mine = torch.arange(info.rank * per_rank, (info.rank + 1) * per_rank)
-    total = torch.zeros(2, dtype=torch.float64)
-    each = torch.zeros(per_rank * info.world_size, dtype=torch.float64) if per_window else None
+    # The sums stay on the device, which the process group serves (NCCL takes no CPU tensor), and
+    # the host reads them once at the end, not once per batch. MPS has no float64.
+    device = info.device
+    acc = torch.float32 if device.type == "mps" else torch.float64
+    total = torch.zeros(2, dtype=acc, device=device)
+    each = torch.zeros(per_rank * info.world_size, dtype=acc, device=device) if per_window else None
     for start in range(0, per_rank, batch_size):
         idx = mine[start : start + batch_size]
-        valid = idx < n
-        batch = windows[idx.clamp(max=n - 1)].to(info.device)
+        valid = (idx < n).to(device, non_blocking=True)
+        batch = windows[idx.clamp(max=n - 1)].to(device, non_blocking=True)
         with autocast():
             logits = model(batch[:, :-1]).logits
-        ce = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")
-        total[0] += float((ce.sum(1).cpu() * valid).sum())
-        total[1] += float(valid.sum()) * ce.shape[1]
+        ce = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none").to(acc)
+        total[0] += (ce.sum(1) * valid).sum()
+        total[1] += valid.sum() * ce.shape[1]
         if each is not None:
-            each[idx] = ce.double().mean(1).cpu() * valid
+            each[idx.to(device, non_blocking=True)] = ce.mean(1) * valid
     all_reduce_sum(total, info)
     model.train(was_training)
-    loss = float(total[0] / total[1])
+    loss_sum, count = total.tolist()
+    loss = loss_sum / count
     if each is None:
         return loss
     all_reduce_sum(each, info)  # each window is filled by exactly one process

@@ -3,10 +3,20 @@
 Under torchrun (WORLD_SIZE > 1) every process trains on its slice of the same global batch;
 gradients are averaged (DDP) or reduce-scattered (FSDP2 ``fully_shard``), so the optimizer sees the
 same mean gradient as one process would. Only rank 0 logs and writes files.
+
+Every collective's tensors live on its group's device. The default group's backend is bound to
+the training device's type (``cuda:nccl``, ``cpu:gloo``), so a tensor of another type fails loudly
+on every machine ("No backend type associated with device type cpu"), not only on a GPU node:
+training-side tensors (losses, counts, the divergence guard) go to the default group on
+info.device; host-side agreements (the preemption vote, the checkpoint to resume, barriers
+around rank 0's file writes) go to `cpu_group`, a ``cpu:gloo`` group beside it, so they never
+wait on the GPU. tests/train/test_dist_device.py keeps every collective call in a short list of
+functions that do this.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import warnings
 from typing import Any
@@ -16,10 +26,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..devices import DistInfo
+from ..devices import DistInfo, check_collective_device
+from ..moe import Router
 
-__all__ = ["StepVote", "all_reduce_max", "all_reduce_min", "any_rank",
-           "barrier", "cpu_group", "init_distributed", "pick_device", "shutdown", "wrap_model"]
+__all__ = ["DATA_TIMEOUT", "StepVote", "all_reduce_max", "all_reduce_min", "any_rank", "backend_for",
+           "barrier", "cpu_group", "init_distributed", "long_wait_group", "mixed_precision_policy",
+           "pick_device", "shutdown", "wrap_model"]
+
+DATA_TIMEOUT = datetime.timedelta(hours=24)
+"""How long the other processes wait for rank 0 to prepare the data (`long_wait_group`): a day,
+enough to tokenise billions of tokens; `libmoe prepare` beforehand takes the wait out of the job."""
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -30,8 +46,16 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def backend_for(device: torch.device) -> str:
+    """The default group's backend for a training device, bound to its type: "cuda:nccl" on a
+    GPU, "cpu:gloo" on the CPU (gloo for any other type). The group then refuses a tensor of
+    another device type instead of silently serving it with a slower backend."""
+    return f"{device.type}:{'nccl' if device.type == 'cuda' else 'gloo'}"
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Join torchrun's process group when launched by it (gloo on CPU, nccl on GPU)."""
+    """Join torchrun's process group when launched by it, with the backend bound to the device
+    type (`backend_for`: cpu:gloo on CPU, cuda:nccl on GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = pick_device(device)
     if world <= 1:
@@ -41,12 +65,51 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend_for(dev))
     return DistInfo(rank, world, local, dev)
 
 
-def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Module:
-    """DDP or FSDP2 around `model` (already on info.device); unchanged for one process."""
+def mixed_precision_policy(dtype: torch.dtype | None):
+    """FSDP2's MixedPrecisionPolicy for a run's precision: parameters gathered in `dtype` (bf16 or
+    fp16), gradients reduce-scattered in fp32; None for fp32 (FSDP then keeps fp32 throughout)."""
+    if dtype is None or dtype == torch.float32:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy  # heavy: see wrap_model
+
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+# Router methods the MoE layer calls outside the router's forward that may read its parameters
+# (MoE++'s constant experts, TC-MoE's plan); FSDP must gather the parameters for them too.
+ROUTER_METHODS = ("expert_plan", "extra_output")
+
+
+def _shard_routers_fp32(model: nn.Module) -> None:
+    """Shard each MoE router as its own FSDP unit with an fp32 policy. Under the blocks' bf16/fp16
+    policy a router's parameters would be gathered in that dtype, and the MoE layer runs the
+    router in its parameters' dtype (moe/layer.py): top-k choices and balance losses are
+    sensitive to bf16 rounding, so routers compute from fp32 weights, as they do without FSDP.
+    Leaving them out of FSDP instead (ignored parameters) would leave their gradients unreduced.
+    Routers are small (experts x d_model), so they stay gathered from forward to backward."""
+    from torch.distributed.fsdp import (  # heavy: see wrap_model
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    for module in model.modules():
+        if isinstance(module, Router) and any(True for _ in module.parameters()):
+            fully_shard(module, mp_policy=fp32, reshard_after_forward=False)
+            for name in ROUTER_METHODS:
+                register_fsdp_forward_method(module, name)
+
+
+def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp",
+               param_dtype: torch.dtype | None = None) -> nn.Module:
+    """DDP or FSDP2 around `model` (already on info.device); unchanged for one process. Under
+    FSDP, `param_dtype` (the run's autocast dtype, None for fp32) sets `mixed_precision_policy`
+    for the blocks and the root, with every MoE router kept in fp32."""
     if not info.enabled:
         return model
     if parallel == "fsdp":
@@ -55,33 +118,50 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Mo
         # Blocks return routing records that hold views (top-k ids and weights); nothing modifies
         # them in place, which is the case this warning is about.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        policy = mixed_precision_policy(param_dtype)
+        options = {} if policy is None else {"mp_policy": policy}
+        if policy is not None:
+            _shard_routers_fp32(model)
         for block in getattr(model, "blocks", []):
-            fully_shard(block)
-        return fully_shard(model)
+            fully_shard(block, **options)
+        return fully_shard(model, **options)
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
 
 
+def _reduce(t: torch.Tensor, info: DistInfo, op, group) -> torch.Tensor:
+    """All-reduce `t` in place: on the default group (`group` None) a tensor on info.device, on
+    a `cpu_group` a CPU tensor (checked, so a misplaced tensor fails on any machine)."""
+    if info.enabled:
+        check_collective_device(t, info.device if group is None else torch.device("cpu"))
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
 def all_reduce_max(t: torch.Tensor, info: DistInfo, group=None) -> torch.Tensor:
-    if info.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t
+    """`t`'s maximum over processes, in place: on info.device over the default group, or a CPU
+    tensor over `group` (a `cpu_group`)."""
+    return _reduce(t, info, dist.ReduceOp.MAX, group)
 
 
-def all_reduce_min(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return t
+def all_reduce_min(t: torch.Tensor, info: DistInfo, group=None) -> torch.Tensor:
+    """`t`'s minimum over processes, in place; placed as for `all_reduce_max`."""
+    return _reduce(t, info, dist.ReduceOp.MIN, group)
 
 
-def cpu_group(info: DistInfo):
+def cpu_group(info: DistInfo, timeout: datetime.timedelta | None = None):
     """A process group for small CPU tensors (a flag every step without a GPU sync): a gloo group
-    beside NCCL, the default group otherwise; None for one process. Every rank must call it."""
+    serving CPU tensors only, beside the default group; None for one process. Every rank must
+    call it, in the same order."""
     if not info.enabled:
         return None
-    if dist.get_backend() == "gloo":
-        return dist.group.WORLD
-    return dist.new_group(backend="gloo")
+    return dist.new_group(backend="cpu:gloo", timeout=timeout)
+
+
+def long_wait_group(info: DistInfo):
+    """A `cpu_group` whose collectives wait up to DATA_TIMEOUT, for a barrier while rank 0
+    prepares the data (the default group's timeout, 10 minutes under NCCL, is far too short)."""
+    return cpu_group(info, DATA_TIMEOUT)
 
 
 class StepVote:
@@ -98,6 +178,8 @@ class StepVote:
         if not self.info.enabled:
             return flag
         agreed = self.close()
+        if self.group is None:
+            raise ValueError("StepVote needs a cpu_group(info) for a multi-process run; pass it as group.")
         t = torch.tensor([int(flag)], dtype=torch.int32)
         self.pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True), t)
         return agreed
@@ -119,9 +201,15 @@ def any_rank(flag: bool, info: DistInfo, group=None) -> bool:
     return bool(all_reduce_max(t, info, group).item())
 
 
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier()
+def barrier(info: DistInfo, group=None) -> None:
+    """Wait until every process arrives: on `group` (a `cpu_group`: rank 0's file writes are host
+    work, so its waiters need no GPU), or the default group on this process's device."""
+    if not info.enabled:
+        return
+    if group is None and info.device.type == "cuda":
+        dist.barrier(device_ids=[info.device.index])  # NCCL's barrier runs on this GPU, not a guessed one
+    else:
+        dist.barrier(group=group)
 
 
 def shutdown(info: DistInfo) -> None:

@@ -65,24 +65,34 @@ class TrainRun:
     start_time: float = field(default_factory=time.perf_counter)
     precision_name: str = "fp32"  # the autocast dtype, for the log
     logger: MetricsLogger | None = None
+    flags: Any = None  # the cpu_group of host-side barriers (None: one process, or the default group)
 
     def elapsed(self) -> float:
         """Seconds of training in this run so far, resumed parts included."""
         return self.earlier_time + time.perf_counter() - self.start_time
 
     def train_step(self, window: StepWindow) -> tuple[float, torch.Tensor]:
-        """One optimizer step: this process's slice of the global batch in micro-batches (DDP
-        syncs gradients on the last only), LM loss plus every MoE layer's auxiliary loss, clip,
-        AdamW and schedule. Adds the step to `window`; returns (the step's lr, gradient norm)."""
+        """One optimizer step: this process's slice of the global batch in micro-batches (DDP and
+        FSDP sync gradients on the last only), LM loss plus every MoE layer's auxiliary loss, clip,
+        AdamW and schedule. Adds the step to `window`; returns (the step's lr, gradient norm).
+        No host sync (the lr is the schedule's float)."""
         tc, info, model = self.cfg.train, self.info, self.model
         t_step = time.perf_counter()
         set_training_progress(self.raw, self.step / tc.max_steps)
         rows = self.sampler.next_batch(tc.batch_size)[info.rank * self.local : (info.rank + 1) * self.local]
+        if info.device.type == "cuda":
+            rows = rows.pin_memory()  # a copy from pageable memory would wait for the GPU to finish
+        fsdp = info.enabled and tc.parallel == "fsdp"
         for i in range(self.accum):
             batch = rows[i * self.micro : (i + 1) * self.micro].to(info.device, non_blocking=True)
+            last = i == self.accum - 1
             sync = contextlib.nullcontext()
-            if info.enabled and tc.parallel == "ddp" and i < self.accum - 1:
+            if info.enabled and tc.parallel == "ddp" and not last:
                 sync = model.no_sync()  # gradients are all-reduced on the last micro-batch only
+            if fsdp and self.accum > 1:
+                # FSDP2 keeps the unsharded gradients and reduce-scatters them after the last
+                # micro-batch only (more memory for accumulation, one reduction per step).
+                model.set_requires_gradient_sync(last)
             with sync:
                 with self.autocast():
                     output = model(batch[:, :-1], batch[:, 1:])
@@ -144,6 +154,6 @@ class TrainRun:
             self.logger.message(f"step {step}: checkpoint {path}")
         else:
             record_routing(self.model, self.probe_tokens)
-        barrier(info)
+        barrier(info, self.flags)  # rank 0's file writes: the others wait on the CPU group
         self.saved_step = step
         return path

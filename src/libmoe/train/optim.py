@@ -29,8 +29,24 @@ def lr_lambda(cfg: RunConfig):
     return f
 
 
+def _on_cuda(p: torch.Tensor) -> bool:
+    return p.device.type == "cuda"
+
+
+def adamw_kernel(params: list[torch.Tensor],
+                 on_cuda: Callable[[torch.Tensor], bool] = _on_cuda) -> dict[str, bool]:
+    """AdamW's implementation: {"fused": True} (one kernel per step for all parameters) when every
+    parameter is a floating-point CUDA tensor (FSDP's DTensors included), else {"foreach": True}
+    (a few batched kernels; fused AdamW elsewhere is less tested). `on_cuda` decides the device
+    (replaceable in tests)."""
+    if params and all(p.is_floating_point() and on_cuda(p) for p in params):
+        return {"fused": True}
+    return {"foreach": True}
+
+
 def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
-    """AdamW with two groups: weight decay except for names containing a no_decay pattern."""
+    """AdamW with two groups: weight decay except for names containing a no_decay pattern; fused
+    on CUDA (`adamw_kernel`)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -38,7 +54,8 @@ def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr,
-                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                             **adamw_kernel(decay + no_decay))
 
 
 def apply_optim_settings(opt: torch.optim.Optimizer, sched, cfg: RunConfig,

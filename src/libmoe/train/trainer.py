@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file
 from torch import nn
@@ -40,7 +41,16 @@ from ..models.transformers_lm import (
 )
 from ..moe import attach_bias_balancing
 from .checkpoint import agreed_checkpoint
-from .distributed import StepVote, barrier, cpu_group, init_distributed, shutdown, wrap_model
+from .distributed import (
+    DATA_TIMEOUT,
+    StepVote,
+    barrier,
+    cpu_group,
+    init_distributed,
+    long_wait_group,
+    shutdown,
+    wrap_model,
+)
 from .loop import TrainRun
 from .metrics import MetricsLogger, StepWindow, read_metrics
 from .optim import (
@@ -137,13 +147,13 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool | str, overwr
         init_state = init_weights(init, cfg, data.tokenizer_hash)
     if resumed is not None:
         check_resume_fits(resumed, cfg, data)
-    write_run_dir(out, cfg, data, resumed, overwrite, info, say)
+    write_run_dir(out, cfg, data, resumed, overwrite, info, say, flags)
 
     # The model, optimizer, schedule and data position (restored when resuming).
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     raw, total_params, active_params = build_model(cfg, info, hf, init, resumed, init_state, say)
-    model = wrap_model(raw, info, tc.parallel)
+    model = wrap_model(raw, info, tc.parallel, resolve_precision(tc.precision, info.device))
     opt = build_optimizer(model, cfg)
     attach_bias_balancing(raw, opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -160,6 +170,7 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool | str, overwr
         return dict(read_json_object(out / "train_summary.json"), rank=info.rank)
     run = start_run(cfg, out, info, data, raw, model, opt, sched, sampler, (local, micro, accum), identity,
                     active_params, hf, step, saved_step, earlier_time)
+    run.flags = flags  # rank 0's checkpoint writes are waited for on the CPU group
     say(f"model: {cfg.model.algorithm}, {total_params / 1e6:.2f}M parameters "
         f"({active_params / 1e6:.2f}M active), {run.flops_per_token / 1e6:.1f} MFLOPs/token; "
         f"{info.world_size} process(es) on {info.device}, batch {tc.batch_size} x {cfg.seq_len} tokens "
@@ -251,10 +262,27 @@ def resume_point(cfg: RunConfig, out: Path, info: DistInfo, group, resume: bool 
 def run_data(cfg: RunConfig, info: DistInfo, hf: bool, say) -> tuple[PackedData, RunConfig]:
     """The run's packed data (rank 0 builds the cache, the others then read it), and `cfg` with
     model.vocab_size set to a given tokenizer's."""
-    data = prepare_run_data(cfg, say) if info.is_main else None
-    barrier(info)
+    # Rank 0 may tokenise for hours (6.5B tokens for paper-158m). The others wait in a barrier of
+    # a gloo group with a day's timeout (DATA_TIMEOUT), never in the default group, whose NCCL
+    # watchdog ends the job after 10 minutes. Chosen over polling for a completion marker on
+    # disk: when rank 0 fails its process exits, which closes its gloo connections, so the others
+    # fail at once with the cause below (and torchrun stops the job) rather than polling until a
+    # timeout or a failure marker rank 0 may never write (killed for memory); and it works
+    # whether or not the nodes share the cache directory (where they do not, each process builds
+    # its own copy after rank 0, and the second barrier waits for that too).
+    wait = long_wait_group(info)
+    data = None
+    if info.is_main:
+        if info.enabled:
+            say(f"data: rank 0 prepares the data; the other {info.world_size - 1} process(es) wait for it "
+                f"(at most {DATA_TIMEOUT}; `libmoe prepare` beforehand takes this out of the job)")
+        data = prepare_run_data(cfg, say)
+    _wait_for_data(info, wait, "rank 0 to prepare the data")
     if data is None:
         data = prepare_run_data(cfg, say)
+    _wait_for_data(info, wait, "every process to open the data")
+    if wait is not None:
+        dist.destroy_process_group(wait)
     vocab = data.meta["vocab_size"]
     if cfg.data.tokenizer != "train" and vocab != cfg.model.vocab_size and not hf:
         say(f"model: vocab_size set to the tokenizer's {vocab}")
@@ -263,6 +291,16 @@ def run_data(cfg: RunConfig, info: DistInfo, hf: bool, say) -> tuple[PackedData,
         raise ValueError(f"the tokenizer has {vocab} pieces but model.vocab_size="
                          f"{cfg.model.vocab_size}; raise model.vocab_size.")
     return data, cfg
+
+
+def _wait_for_data(info: DistInfo, group, what: str) -> None:
+    """The data barrier, with its failure named: a rank that failed or timed out."""
+    try:
+        barrier(info, group)
+    except RuntimeError as err:  # DistBackendError: a peer closed its connection, or the timeout
+        raise RuntimeError(f"stopped waiting for {what}: a process failed (see its error above; "
+                           f"rank 0 reports a data error first) or it took longer than {DATA_TIMEOUT} "
+                           f"(prepare it beforehand with `libmoe prepare`); {err}".strip()) from err
 
 
 def init_weights(init: str | Path, cfg: RunConfig, tokenizer_hash: str) -> dict[str, torch.Tensor]:
@@ -294,7 +332,7 @@ def check_resume_fits(resumed: Resumed, cfg: RunConfig, data: PackedData) -> Non
 
 
 def write_run_dir(out: Path, cfg: RunConfig, data: PackedData, resumed: Resumed | None,
-                  overwrite: bool, info: DistInfo, say) -> None:
+                  overwrite: bool, info: DistInfo, say, group=None) -> None:
     """Everything is checked: only now is `out` written (an old run in it removed with
     --overwrite, unless resuming it): config.yaml, tokenizer/ and the recorded config changes."""
     if info.is_main:
@@ -307,7 +345,7 @@ def write_run_dir(out: Path, cfg: RunConfig, data: PackedData, resumed: Resumed 
             step = resumed.ckpt["state"]["step"]
             record_config_change(out, step, resumed.changes)
             say(f"resume: settings changed at step {step}: {'; '.join(resumed.changes)}")
-    barrier(info)
+    barrier(info, group)  # host work of rank 0: the others wait on the CPU group
 
 
 def build_model(cfg: RunConfig, info: DistInfo, hf: bool, init: str | Path | None,
