@@ -12,12 +12,17 @@ every device, so counting them during a CPU run finds every sync a GPU run would
     assert syncs.count == 0, syncs.summary()
 
 `HostSyncCounter` is a ``TorchDispatchMode`` (it sees every aten op, forward and backward) that
-also wraps ``Tensor.tolist`` and ``Tensor.numpy``, which read a tensor's memory without an aten op.
+also wraps ``Tensor.tolist`` and ``Tensor.numpy``, which read a tensor's memory without an aten op,
+and ``torch.cuda.synchronize``. On CUDA tensors it also flags ``torch._grouped_mm`` where torch
+takes its per-group fallback (anything but bf16 on sm90/sm100), which reads the offsets on the host;
+a CPU run cannot see that one (the CPU kernel has no device to wait for).
 Imports only torch: every layer may use it.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from collections import Counter
 from typing import Any
 
@@ -69,6 +74,8 @@ def _syncs(func, args: tuple, kwargs: dict) -> str | None:
         return "repeat_interleave(repeats tensor) without output_size"
     if name == "aten::histc" and _histc_auto_range(args, kwargs):
         return "histc with min == max (range read from the data)"
+    if name == "aten::_grouped_mm" and _grouped_mm_falls_back(args, kwargs):
+        return "torch._grouped_mm outside bf16 on CUDA sm90/sm100: its fallback reads offs on the host"
     if name in ("aten::_to_copy", "aten::copy_"):
         src = args[1] if name == "aten::copy_" else args[0]
         dst_cpu = (kwargs.get("device") == torch.device("cpu")) if name == "aten::_to_copy" \
@@ -78,24 +85,68 @@ def _syncs(func, args: tuple, kwargs: dict) -> str | None:
     return None
 
 
+def _grouped_mm_falls_back(args: tuple, kwargs: dict) -> bool:
+    """Whether a CUDA torch._grouped_mm takes torch's per-group fallback, which copies the group
+    offsets to the host (aten/src/ATen/native/GroupedMMUtils.h); the fused kernel needs bf16
+    inputs and output on compute capability 9.x or 10.x. CPU runs never sync (no device)."""
+    a = args[0] if args else kwargs.get("mat_a")
+    b = args[1] if len(args) > 1 else kwargs.get("mat_b")
+    if not isinstance(a, torch.Tensor) or a.device.type != "cuda":
+        return False
+    out_dtype = args[4] if len(args) > 4 else kwargs.get("out_dtype")
+    bf16 = a.dtype == b.dtype == torch.bfloat16 and out_dtype in (None, torch.bfloat16)
+    return not (bf16 and torch.cuda.get_device_capability(a.device)[0] in (9, 10))
+
+
 def _histc_auto_range(args: tuple, kwargs: dict) -> bool:
     lo = args[2] if len(args) > 2 else kwargs.get("min", 0)
     hi = args[3] if len(args) > 3 else kwargs.get("max", 0)
     return lo == hi
 
 
+# Frames that are the counter's or torch's dispatch machinery, never the code that asked for a value.
+_MACHINERY = (os.path.join("torch", "utils", "_python_dispatch.py"), os.path.join("torch", "_ops.py"),
+              os.path.join("torch", "_tensor.py"), os.path.join("torch", "overrides.py"),
+              os.path.join("torch", "_prims_common", "wrappers.py"), os.path.join("torch", "_compile.py"),
+              os.path.join("torch", "utils", "_contextlib.py"),
+              os.path.join("torch", "_dynamo", "eval_frame.py"),
+              os.path.join("torch", "autograd", "__init__.py"),
+              os.path.join("torch", "autograd", "graph.py"))
+
+
+def _caller() -> str:
+    """'path:line in function' of the innermost frame outside this module and torch's dispatch."""
+    frame = sys._getframe(2)
+    while frame is not None and (frame.f_code.co_filename == __file__
+                                 or frame.f_code.co_filename.endswith(_MACHINERY)):
+        frame = frame.f_back
+    if frame is None:
+        return "?"
+    path = frame.f_code.co_filename
+    for root in ("site-packages" + os.sep, "src" + os.sep):
+        if root in path:
+            path = path.rsplit(root, 1)[1]
+            break
+    return f"{path}:{frame.f_lineno} in {frame.f_code.co_name}"
+
+
 class HostSyncCounter(TorchDispatchMode):
     """Count host-synchronising ops while active (see the module docstring).
 
     `count`: how many; `ops`: Counter of op name -> count; `events`: (op name, why) in order;
+    `locations`: for each event, where in Python it came from ("path:line in function", the
+    innermost frame outside torch's dispatch machinery; a backward op names its .backward() call);
     `summary()`: one readable line per op. `only_device` ("cuda", ...) restricts counting to ops
-    whose tensors live on that device type (default: every device, so CPU runs count too).
+    whose tensors live on that device type (default: every device, so CPU runs count too). In a
+    CPU stand-in run, `locations` tells a device sync from a read of a tensor that stays on the
+    host in a GPU run too (a data sampler's indices, a non-fused optimizer's step counters).
     """
 
     def __init__(self, only_device: str | None = None):
         super().__init__()
         self.only_device = only_device
         self.events: list[tuple[str, str]] = []
+        self.locations: list[str] = []
         self._saved: dict[str, Any] = {}
 
     @property
@@ -112,12 +163,13 @@ class HostSyncCounter(TorchDispatchMode):
         why = dict(self.events)
         return "; ".join(f"{name} x{n} ({why[name]})" for name, n in self.ops.most_common())
 
-    def _record(self, name: str, why: str, tensors: Any = ()) -> None:
+    def _record(self, name: str, why: str, tensors: Any = (), device: str | None = None) -> None:
         if self.only_device is not None:
             devices = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
-            if self.only_device not in devices:
+            if self.only_device not in devices | {device}:
                 return
         self.events.append((name, why))
+        self.locations.append(_caller())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -137,10 +189,21 @@ class HostSyncCounter(TorchDispatchMode):
                 return _original(t, *a, **k)
 
             setattr(torch.Tensor, method, wrapped)
+        # An explicit device-wide wait is no aten op either (timing code calls it).
+        original_sync = self._saved["cuda.synchronize"] = torch.cuda.synchronize
+
+        def synchronize(*a, **k):
+            counter._record("torch.cuda.synchronize", "waits for every queued kernel", device="cuda")
+            return original_sync(*a, **k)
+
+        torch.cuda.synchronize = synchronize
         return super().__enter__()
 
     def __exit__(self, *exc):
         for method, original in self._saved.items():
-            setattr(torch.Tensor, method, original)
+            if method == "cuda.synchronize":
+                torch.cuda.synchronize = original
+            else:
+                setattr(torch.Tensor, method, original)
         self._saved.clear()
         return super().__exit__(*exc)
