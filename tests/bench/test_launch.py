@@ -114,7 +114,7 @@ def test_torchrun_commands_for_one_node_and_several(tmp_path):
 
 
 def test_slurm_jobs_of_several_gpus_and_nodes(tmp_path):
-    study = _plan(tmp_path, launcher="slurm", nproc=4, rendezvous=Rendezvous(nnodes=2, endpoint="x:1"))
+    study = _plan(tmp_path, launcher="slurm", nproc=4, rendezvous=Rendezvous(nnodes=2))  # no endpoint
     params = slurm_parameters(study.every, {"slurm_partition": "gpu", "timeout_min": 600})
     assert params == {"timeout_min": 600, "name": "libmoe-bench", "nodes": 2, "gpus_per_node": 4,
                       "tasks_per_node": 1, "slurm_partition": "gpu"}
@@ -157,3 +157,23 @@ def test_bench_help_says_the_jobs_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "CPU-only machine: default the preset's" in text and "--nproc-per-node" in text
     assert "--rdzv-endpoint" in text and "--nnodes" in text
+
+
+def test_a_node_other_than_node_0_only_joins_each_runs_training(tmp_path, monkeypatch):
+    from libmoe.bench import launchers
+
+    study = _plan(tmp_path, launcher="torchrun", nproc=2, visible=[],
+                  rendezvous=Rendezvous(nnodes=2, endpoint="node0:29500", node_rank=1))
+    joined = []
+
+    def fake_train_only(spec):
+        joined.append(training_command(spec))
+        if spec.algorithm == "smoe":
+            raise RuntimeError("rendezvous timed out")
+
+    monkeypatch.setattr(launchers, "train_only", fake_train_only)
+    rows = launchers.run_all(study.every, 1, "torchrun", log=lambda _: None, node_rank=1)
+    assert [r["status"] for r in rows] == ["ok", "failed"] and "rendezvous timed out" in rows[1]["error"]
+    assert len(joined) == 2
+    assert "--rdzv-endpoint=node0:29500" in joined[0] and "--rdzv-endpoint=node0:29501" in joined[1]
+    assert not (tmp_path / "b" / "runs" / "dense-s0" / "bench_run.json").exists()  # node 0 writes rows

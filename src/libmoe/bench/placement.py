@@ -88,12 +88,15 @@ class Rendezvous:
     node_rank: int = 0
     join_timeout: int = JOIN_TIMEOUT_S
 
-    def check(self) -> None:
-        """One sentence naming the fix for an impossible combination."""
+    def check(self, launcher: str = "torchrun") -> None:
+        """One sentence naming the fix for an impossible combination (a Slurm job finds its own
+        endpoint: its first node)."""
         if self.nnodes < 1 or self.node_rank < 0 or self.node_rank >= self.nnodes:
             raise ValueError(f"--nnodes {self.nnodes} with --node-rank {self.node_rank}: give --nnodes >= 1 "
                              "and a --node-rank from 0 to nnodes-1.")
-        if self.nnodes > 1 and not self.endpoint:
+        if launcher == "slurm" and self.node_rank:
+            raise ValueError("--node-rank is for --launcher torchrun; a Slurm job places its own nodes.")
+        if self.nnodes > 1 and not self.endpoint and launcher != "slurm":
             raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST[:PORT] (node 0's address, "
                              "reachable from every node) so that the nodes find each other.")
 

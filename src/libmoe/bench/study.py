@@ -199,7 +199,7 @@ def plan_study(out: str | Path, preset: str | BenchPreset | None, algorithms: li
     check_out_dir(out)
     the_regime.check_request(spec, launcher, data, tasks, data_dir)
     rendezvous = rendezvous or Rendezvous()
-    rendezvous.check()
+    rendezvous.check(launcher)
     if rendezvous.nnodes > 1 and launcher == "local":
         raise ValueError(f"--nnodes {rendezvous.nnodes} trains each run over several nodes: give "
                          "--launcher torchrun (or slurm).")
