@@ -1,11 +1,12 @@
 """Metric sinks: ``metrics.jsonl`` (one JSON object per line), TensorBoard, and the console.
 
 Training rows carry ``step``, ``loss`` (language-model cross-entropy), ``aux_loss`` and each named
-aux term as ``aux_<name>``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``step_time_s``,
-``flops_per_token`` and ``load``: per MoE layer ``{"layer", "min_frac", "max_frac", "entropy",
-"dead"}`` over the steps since the previous row. Validation rows carry ``step``, ``val_loss`` and
-``val_ppl``. On an interactive terminal a progress bar shows the step and ETA; otherwise one plain
-line per logged row.
+aux term as ``aux_<name>``, ``lr``, ``grad_norm``, ``tokens_per_s`` (over all processes),
+``step_time_s``, ``flops_per_token``, ``mfu`` (model FLOPs utilisation in [0, 1]; only where the
+device's peak FLOP/s is known: libmoe.train.throughput) and ``load``: per MoE layer ``{"layer",
+"min_frac", "max_frac", "entropy", "dead"}`` over the steps since the previous row. Validation
+rows carry ``step``, ``val_loss`` and ``val_ppl``. On an interactive terminal a progress bar shows
+the step, loss, MFU and ETA; otherwise one plain line per logged row.
 """
 
 from __future__ import annotations
@@ -134,13 +135,15 @@ class MetricsLogger:
         if "val_loss" in row:
             text = f"step {step}: val_loss {row['val_loss']:.4f} | val_ppl {row['val_ppl']:.2f}"
         else:
+            mfu = f" | MFU {row['mfu']:.1%}" if row.get("mfu") is not None else ""
             text = (f"step {step}/{self.max_steps} | loss {row['loss']:.4f} | aux {row['aux_loss']:.4f}"
-                    f" | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s"
+                    f" | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s{mfu}"
                     f" | ETA {_fmt_time(self.eta(step)) if step > self.start_step else '?'}")
         if self.bar is not None:
             self.bar.n = step
             if "loss" in row:
-                self.bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+                extra = {"mfu": f"{row['mfu']:.1%}"} if row.get("mfu") is not None else {}
+                self.bar.set_postfix(loss=f"{row['loss']:.3f}", **extra, refresh=False)
             self.bar.refresh()
             if "val_loss" in row:
                 self.bar.write(text)
@@ -190,8 +193,11 @@ class StepWindow:
                 self.counts = [torch.zeros(r.probs.shape[-1], dtype=torch.float64,
                                            device=r.probs.device) for r in output.routing]
             for c, r in zip(self.counts, output.routing):
+                # A fixed-size scatter_add with padding (-1) weighted 0: the bincount of the valid
+                # ids without the host syncs a boolean-mask index and bincount make on a GPU.
                 ids = r.topk_idx.reshape(-1)
-                c += torch.bincount(ids[ids >= 0], minlength=c.numel())
+                valid = ids >= 0
+                c.scatter_add_(0, ids.clamp(min=0), valid.to(c.dtype))
 
     def row(self, step: int, tokens_per_step: int) -> dict[str, Any]:
         """The metrics row of the window ending at `step` (a collective: every process calls it)."""
