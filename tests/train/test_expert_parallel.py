@@ -40,14 +40,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(fn, world: int, *args) -> None:
-    """Run fn(rank, world, *args) in `world` gloo processes (a worker's exception fails the test)."""
-    mp.start_processes(_worker, args=(fn, world, free_port(), args), nprocs=world, start_method="spawn")
+def spawn(fn, world: int, *args, init: bool = True) -> None:
+    """Run fn(rank, world, *args) in `world` processes, in a gloo process group when `init` (a
+    worker's exception fails the test)."""
+    mp.start_processes(_worker, args=(fn, world, free_port(), init, args), nprocs=world,
+                       start_method="spawn")
 
 
-def _worker(rank, fn, world, port, args):
+def _worker(rank, fn, world, port, init, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    if not init:
+        return fn(rank, world, *args)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
@@ -225,3 +229,4 @@ def test_unsupported_combinations_are_refused(change, world, message):
     with pytest.raises(ValueError, match=message):
         check_expert_parallel(cfg, world)
     check_expert_parallel(replace(cfg, train=replace(cfg.train, expert_parallel=1)), world)
+
