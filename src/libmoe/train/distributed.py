@@ -109,7 +109,10 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp",
                param_dtype: torch.dtype | None = None) -> nn.Module:
     """DDP or FSDP2 around `model` (already on info.device); unchanged for one process. Under
     FSDP, `param_dtype` (the run's autocast dtype, None for fp32) sets `mixed_precision_policy`
-    for the blocks and the root, with every MoE router kept in fp32."""
+    for the transformer blocks, where the compute is, with every MoE router kept in fp32. The
+    root unit (embedding, final norm, head: a few percent of the parameters) stays fp32: the
+    last block's output is fp32 (the MoE combine is), and a norm with bf16 weights refuses an
+    fp32 input on CPU; autocast still runs the head's matmul in bf16."""
     if not info.enabled:
         return model
     if parallel == "fsdp":
@@ -124,7 +127,7 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp",
             _shard_routers_fp32(model)
         for block in getattr(model, "blocks", []):
             fully_shard(block, **options)
-        return fully_shard(model, **options)
+        return fully_shard(model)
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
 

@@ -274,8 +274,9 @@ def run_data(cfg: RunConfig, info: DistInfo, hf: bool, say) -> tuple[PackedData,
     data = None
     if info.is_main:
         if info.enabled:
+            hours = DATA_TIMEOUT.total_seconds() / 3600
             say(f"data: rank 0 prepares the data; the other {info.world_size - 1} process(es) wait for it "
-                f"(at most {DATA_TIMEOUT}; `libmoe prepare` beforehand takes this out of the job)")
+                f"(at most {hours:g} h; `libmoe prepare` beforehand takes this out of the job)")
         data = prepare_run_data(cfg, say)
     _wait_for_data(info, wait, "rank 0 to prepare the data")
     if data is None:
@@ -298,9 +299,10 @@ def _wait_for_data(info: DistInfo, group, what: str) -> None:
     try:
         barrier(info, group)
     except RuntimeError as err:  # DistBackendError: a peer closed its connection, or the timeout
-        raise RuntimeError(f"stopped waiting for {what}: a process failed (see its error above; "
-                           f"rank 0 reports a data error first) or it took longer than {DATA_TIMEOUT} "
-                           f"(prepare it beforehand with `libmoe prepare`); {err}".strip()) from err
+        hours = DATA_TIMEOUT.total_seconds() / 3600
+        raise RuntimeError(f"stopped waiting for {what}: a process failed (see its error above; rank 0 "
+                           f"reports a data error first) or it took longer than {hours:g} h (prepare the "
+                           f"data beforehand with `libmoe prepare`); {err}".strip()) from err
 
 
 def init_weights(init: str | Path, cfg: RunConfig, tokenizer_hash: str) -> dict[str, torch.Tensor]:
