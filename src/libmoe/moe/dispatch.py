@@ -234,9 +234,10 @@ def grouped_dispatch(x, order, weights, w1, w2, w3, act, b1=None, b2=None, b3=No
         return loop_dispatch(x, order, weights, w1, w2, w3, act, b1, b2, b3)
     tok, pos, counts, expert = order
     E = w1.shape[0]
-    offs = torch.cumsum(counts, 0).to(torch.int32)
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
     valid = (expert < E).unsqueeze(-1)
-    row_expert = expert.clamp_max(E - 1)  # the invalid tail reads expert E-1's bias, then is masked
+    if b1 is not None or b2 is not None or b3 is not None:
+        row_expert = expert.clamp_max(E - 1)  # the invalid tail reads expert E-1's bias, then is masked
 
     def mm(a: Tensor, w: Tensor, b: Tensor | None, mask_out: bool) -> Tensor:
         y = _grouped_mm(torch.where(valid, a, 0.0), w, offs)
