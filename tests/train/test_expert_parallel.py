@@ -99,6 +99,9 @@ def _layer_cases(rank, world, ep):
                 grad = p.grad.clone()
                 dist.all_reduce(grad)
                 _close(grad, q.grad, f"{algorithm} router grad of {name}")
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # tokens travel in bf16
+            want, got = ref(x).output[mine], sharded(x[mine]).output
+        _close(got.float(), want.float(), f"{algorithm} bf16 output", rtol=2e-2, atol=2e-2)
 
 
 def _experts_edge_cases(rank, world, ep):

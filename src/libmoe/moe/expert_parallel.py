@@ -101,7 +101,10 @@ class ExpertParallelExperts(nn.Module):
         recv_splits = [sum(row) for row in received]
         rows = order[: sum(send_splits)]  # valid assignments, by expert, hence by rank
         tok = rows // K
-        x_in = all_to_all_single_autograd(x[tok], recv_splits, send_splits, group)
+        x_out = x[tok]
+        if torch.is_autocast_enabled(x.device.type):  # the experts compute in it: send half the bytes
+            x_out = x_out.to(torch.get_autocast_dtype(x.device.type))
+        x_in = all_to_all_single_autograd(x_out, recv_splits, send_splits, group)
         # The received rows come rank by rank, each rank's sorted by expert: their local ids.
         n_in = sum(recv_splits)
         pattern = torch.arange(L, device=ids.device).repeat(N)
