@@ -45,9 +45,9 @@ def add_parser(sub) -> None:
                    "CPU-only machine: default the preset's (2 for default; 1 with --launcher "
                    "torchrun) and the CPU threads are split between the workers")
     p.add_argument("--launcher", default="local", choices=["local", "torchrun", "slurm"],
-                   help="local processes, each training under torchrun (--nproc-per-node processes, "
-                   "--nnodes nodes), or Slurm jobs through submitit (torchrun inside each job for "
-                   "several GPUs or nodes)")
+                   help="local: each run trains in a worker process; torchrun: each run trains "
+                   "under torchrun (--nproc-per-node processes, --nnodes nodes); slurm: each run is a "
+                   "Slurm job through submitit (torchrun inside the job for several GPUs or nodes)")
     p.add_argument("--nproc", "--nproc-per-node", dest="nproc", type=int, default=1,
                    help="processes (GPUs) per node of each training run with --launcher torchrun "
                    "or slurm (default 1: the run trains in its worker process)")

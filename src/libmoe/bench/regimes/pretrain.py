@@ -88,7 +88,8 @@ class PretrainRegime(Regime):
         own = {"tasks": study.tasks, "skipped_tasks": study.skipped_tasks, "limits": specs[0].limits,
                "config": config, "rows": aggregate(rows, study.tasks),
                "studies": {"run": study.studies, **study_results},
-               "launcher": {"launcher": study.launcher, "jobs": study.jobs, "nproc": study.nproc},
+               "launcher": {"launcher": study.launcher, "jobs": study.jobs, "nproc": study.nproc,
+                            "nnodes": study.rendezvous.nnodes, "gpus": study.gpus},
                **self.summary(spec, study.support)}
         # a claim links to the scores figure: drawn before the findings are checked
         plot_scores({**study.shared_results(), **own}, study.out / "analysis" / "figures" / "bench_ppl.png")
