@@ -240,15 +240,16 @@ def grouped_dispatch(x, order, weights, w1, w2, w3, act, b1=None, b2=None, b3=No
         row_expert = expert.clamp_max(E - 1)  # the invalid tail reads expert E-1's bias, then is masked
 
     def mm(a: Tensor, w: Tensor, b: Tensor | None, mask_out: bool) -> Tensor:
-        y = _grouped_mm(torch.where(valid, a, 0.0), w, offs)
+        y = _grouped_mm(a, w, offs)  # `a` is masked already
         if b is not None:
             y = y + b[row_expert]
         return torch.where(valid, y, 0.0) if mask_out or b is not None else y
 
-    xs = x[tok]
+    xs = torch.where(valid, x[tok], 0.0)  # once, also when gated (w1 and w3 share it)
     a = act.fn(mm(xs, w1, b1, False))
     if w3 is not None:
         a = a * mm(xs, w3, b3, False)
+    a = torch.where(valid, a, 0.0)
     out = mm(a, w2, b2, True).to(weights.dtype) * weights.reshape(-1)[pos].unsqueeze(-1)
     return out.new_zeros(x.shape[0], w2.shape[-1]).index_add(0, tok, out)
 
