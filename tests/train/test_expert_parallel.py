@@ -8,6 +8,7 @@ traceback."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import socket
 
@@ -20,6 +21,7 @@ from libmoe.devices import DistInfo
 from libmoe.models import ModelConfig, MoETransformer
 from libmoe.moe import build_moe
 from libmoe.moe.expert_parallel import ExpertParallelExperts, expert_shards, shard_experts
+from libmoe.syncs import HostSyncCounter
 from libmoe.train.expert_parallel import (
     check_expert_parallel,
     clip_grad_norm,
@@ -99,6 +101,11 @@ def _layer_cases(rank, world, ep):
                 grad = p.grad.clone()
                 dist.all_reduce(grad)
                 _close(grad, q.grad, f"{algorithm} router grad of {name}")
+        # The split sizes' .tolist() is the one host sync, forward and backward (grouped dispatch).
+        sharded.opts = dataclasses.replace(sharded.opts, dispatch="grouped")
+        with HostSyncCounter() as syncs:
+            (sharded(x[mine]).output * g[mine]).sum().backward()
+        assert syncs.count == 1, syncs.summary()
         with torch.autocast("cpu", dtype=torch.bfloat16):  # tokens travel in bf16
             want, got = ref(x).output[mine], sharded(x[mine]).output
         _close(got.float(), want.float(), f"{algorithm} bf16 output", rtol=2e-2, atol=2e-2)
