@@ -141,7 +141,8 @@ def clip_grad_norm(model: nn.Module, max_norm: float, world_size: int | None = N
 
 
 def _sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).square().sum()
+    # One fused kernel per dtype and device, as nn.utils.clip_grad_norm_ does.
+    return torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).square().sum()
 
 
 def gather_expert_state(model: nn.Module, opt: torch.optim.Optimizer, model_state: dict[str, torch.Tensor],
@@ -180,11 +181,12 @@ def slice_expert_state(model: nn.Module, opt_state: dict[str, Any]) -> dict[str,
     """A full optimizer state (one process's layout) with each expert tensor cut to this rank's
     block, to load into the optimizer of an expert-parallel `model`. Unchanged without shards."""
     state = opt_state.get("state", {})
-    for key, param, _ in _shard_params(model):
-        module = expert_shards(model)[key.rsplit(".", 1)[0]]
+    for name, module in expert_shards(model).items():
         block = slice(module.start, module.start + module.n_local)
-        full = (module.n_experts, *param.shape[1:])
-        for name, value in state.get(key, {}).items():
-            if torch.is_tensor(value) and tuple(value.shape) == full:
-                state[key][name] = value[block].clone()
+        for p, param in module.named_parameters():
+            full = (module.n_experts, *param.shape[1:])
+            entry = state.get(f"{name}.{p}", {})
+            for key, value in entry.items():
+                if torch.is_tensor(value) and tuple(value.shape) == full:
+                    entry[key] = value[block].clone()
     return opt_state
