@@ -112,7 +112,9 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp",
     for the transformer blocks, where the compute is, with every MoE router kept in fp32. The
     root unit (embedding, final norm, head: a few percent of the parameters) stays fp32: the
     last block's output is fp32 (the MoE combine is), and a norm with bf16 weights refuses an
-    fp32 input on CPU; autocast still runs the head's matmul in bf16."""
+    fp32 input on CPU; autocast still runs the head's matmul in bf16. The trainer keeps autocast
+    on, in the same dtype: for the blocks' bf16 weights it changes no matmul, and it keeps softmax,
+    norms and the loss in fp32; the router runs outside it (moe/layer.py)."""
     if not info.enabled:
         return model
     if parallel == "fsdp":
