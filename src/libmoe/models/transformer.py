@@ -3,6 +3,9 @@
 Pre-LayerNorm blocks: x + Attn(LN(x)), then x + FFN(LN(x)) where FFN is a `build_moe` layer
 (or the compute-matched dense FFN). Causal SDPA attention with rotary embeddings on a fraction of
 each head's dimensions, untied output head, no dropout. Shapes: B batch, S sequence, D d_model.
+
+`MoETransformer.compile_blocks()` compiles each block (its MoE layer included) with torch.compile
+and fullgraph=True (train.compile); see its docstring for the shapes and when blocks run eagerly.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as nn_module  # the global forward-hook registries
 
 from ..moe import REGISTRY, MoEOutput, Routing, build_moe
 from .config import ModelConfig
@@ -71,11 +75,34 @@ class Block(nn.Module):
             activation = cfg.moe_options.get("activation", "relu")
             self.ffn = build_moe("dense", cfg.d_model, cfg.n_experts, cfg.dense_width, 1,
                                  activation=activation)
+        self.compiled_forward = None  # set by compile_body(): torch.compile of `body`
+
+    def compile_body(self, backend: str = "inductor", **options) -> None:
+        """Compile `body` (attention, norms, the FFN/MoE layer) with fullgraph=True; the block's
+        own hooks (FSDP2's all-gathers) stay outside the graph, as torchtitan arranges it."""
+        self.compiled_forward = torch.compile(self.body, backend=backend, fullgraph=True, **options)
 
     def forward(self, x, cos, sin, prev_logits):
+        if self.compiled_forward is None or _hooked(self):
+            return self.body(x, cos, sin, prev_logits)
+        # One graph for every batch size: training micro-batches, validation's short last batch
+        # and the probe trace's batch would otherwise each compile their own.
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        return self.compiled_forward(x, cos, sin, prev_logits)
+
+    def body(self, x, cos, sin, prev_logits):
+        """x [B, S, D] -> (x after attention and FFN, the FFN's MoEOutput)."""
         x = x + self.attn(self.norm1(x), cos, sin)
         out: MoEOutput = self.ffn(self.norm2(x), prev_logits=prev_logits)
         return x + out.output, out
+
+
+def _hooked(block: Block) -> bool:
+    """Whether forward hooks would run on the block's FFN layer (a RoutingRecorder's, which copy the
+    routing to the host, something a fullgraph graph cannot hold): the block then runs eagerly."""
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return bool(block.ffn._forward_hooks or block.ffn._forward_pre_hooks)
 
 
 @dataclass
@@ -110,6 +137,25 @@ class MoETransformer(nn.Module):
         cos, sin = rotary_tables(cfg.max_seq_len, cfg.rope_dim, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def compile_blocks(self, backend: str = "inductor", **options) -> MoETransformer:
+        """torch.compile each block in place (train.compile) with fullgraph=True: attention, norms
+        and the MoE layer (router, dispatch, aux losses, the Routing record) form one graph per
+        block, and anything that would break it (a host sync, a data-dependent Python branch)
+        raises instead of silently running eagerly. Call it before DDP/FSDP2 wrapping (torchtitan's
+        order: compile per block, then shard); `options` go to torch.compile (e.g. mode=...).
+
+        Graphs: the blocks share one code object (Block.body), so blocks of one structure share
+        their compiled graphs: one per (first MoE layer or not, dense or MoE FFN, grad mode). The
+        batch dimension is dynamic, so validation's and the probe trace's batch sizes reuse them;
+        the sequence length stays static (every window has the run's seq_len). A forward while
+        hooks watch an FFN layer (RoutingRecorder) runs the blocks eagerly. Returns self."""
+        # Each (structure, grad mode) is a cache entry of Block.body's code; leave room beyond
+        # torch's default 8 for dense + MoE blocks, inference_mode and no_grad together.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        for block in self.blocks:
+            block.compile_body(backend, **options)
+        return self
 
     def forward(self, tokens: Tensor | None, targets: Tensor | None = None,
                 inputs_embeds: Tensor | None = None) -> LMOutput:
