@@ -3,13 +3,15 @@ balancing updates run without a host-synchronising op (counted on CPU with HostS
 sees the ops a GPU run would sync on). Also: `grouped` equals the `loop` reference exactly where
 its fixed-shape rows are masked, and under autocast the combine runs in fp32."""
 
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from libmoe.models import build_model
 from libmoe.moe import ACTIVATIONS, build_moe, run_experts, update_bias_balancing
-from libmoe.moe.dispatch import resolve_backend, sort_by_expert
+from libmoe.moe.dispatch import grouped_mm_supported, resolve_backend, sort_by_expert
 from libmoe.syncs import HostSyncCounter
 
 PAPER = ["smoe", "sigma_moe", "xmoe", "sharede_v2", "sharede_v3", "moe_plus_plus", "tc_moe"]
@@ -193,3 +195,24 @@ def test_auto_picks_grouped_under_compile_and_traces_without_graph_break():
     assert calls == ["grouped"]
     torch.testing.assert_close(y, run_experts("loop", t["x"], ids, t["weights"], t["w1"], t["w2"],
                                               None, act), rtol=1e-5, atol=1e-6)
+
+
+def test_counter_says_where_each_sync_came_from_and_counts_cuda_synchronize():
+    original_tolist, original_sync = torch.Tensor.tolist, torch.cuda.synchronize
+    with HostSyncCounter() as syncs:
+        x = torch.arange(4.0)
+        x.tolist()
+        x[x > 1].sum().item()
+        with contextlib.suppress(AssertionError, RuntimeError):  # CPU-only torch: counted, then refused
+            torch.cuda.synchronize()
+    assert syncs.ops == {"Tensor.tolist": 1, "aten::index": 1, "aten::_local_scalar_dense": 1,
+                         "torch.cuda.synchronize": 1}
+    assert len(syncs.locations) == syncs.count
+    assert all("test_sync_free.py" in where for where in syncs.locations[:3]), syncs.locations
+    assert torch.Tensor.tolist is original_tolist and torch.cuda.synchronize is original_sync
+
+
+def test_grouped_mm_supported_covers_fp16_and_fp32():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert grouped_mm_supported(torch.zeros(1, 16, dtype=dtype), torch.zeros(2, 16, 16, dtype=dtype))
+    assert not grouped_mm_supported(torch.zeros(1, 16, dtype=torch.float64))
