@@ -11,6 +11,7 @@ records and the analysis reads.
 """
 
 from .dispatch import DISPATCH_BACKENDS, run_experts
+from .expert_parallel import ExpertParallelExperts, ExpertShard, expert_shards, shard_experts
 from .experts import ACTIVATIONS, Experts
 from .layer import (
     DenseFFN,
@@ -58,6 +59,8 @@ __all__ = [
     "AlgorithmSpec",
     "DenseFFN",
     "ExpertChoiceRouter",
+    "ExpertParallelExperts",
+    "ExpertShard",
     "Experts",
     "MoELayer",
     "MoEOptions",
@@ -74,6 +77,7 @@ __all__ = [
     "check_choice",
     "check_number",
     "check_one_run",
+    "expert_shards",
     "list_traces",
     "load_plugins",
     "moe_layers",
@@ -81,6 +85,7 @@ __all__ = [
     "routed_layers",
     "run_experts",
     "set_training_progress",
+    "shard_experts",
     "trace_meta",
     "update_bias_balancing",
 ]
