@@ -96,11 +96,11 @@ def _bf16_step(cfg) -> dict:
             if isinstance(module, Router):
                 module.register_forward_pre_hook(
                     lambda m, _: seen["router"].update(str(p.dtype) for p in m.parameters()))
+        def block_dtypes(block, _):  # runs after FSDP's pre-forward hook has gathered the block
+            seen["block"].update(str(p.dtype) for n, p in block.named_parameters() if "router" not in n)
+
         for block in raw.blocks:
-            block.register_forward_pre_hook(
-                lambda m, _: seen["block"].update(str(p.dtype) for p in m.parameters(recurse=False)
-                                                  if p.dim() > 1) or seen["block"].add(
-                    str(next(p for n, p in m.named_parameters() if "router" not in n).dtype)))
+            block.register_forward_pre_hook(block_dtypes)
         opt = build_optimizer(model, cfg)
         tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.seq_len + 1),
                                generator=torch.Generator().manual_seed(info.rank))
@@ -108,11 +108,10 @@ def _bf16_step(cfg) -> dict:
             out = model(tokens[:, :-1], tokens[:, 1:])
         (out.loss + out.aux_loss).backward()
         opt.step()
-        grads_dtype = {str(p.dtype) for p in model.parameters()}
         return {"router": sorted(seen["router"]), "block": sorted(seen["block"]),
-                "loss": float(out.loss), "finite": all(torch.isfinite(p.to_local()).all().item()
-                                                       for p in model.parameters()),
-                "param_dtypes": sorted(grads_dtype)}
+                "loss": float(out.loss),
+                "finite": all(torch.isfinite(p.to_local()).all().item() for p in model.parameters()),
+                "param_dtypes": sorted({str(p.dtype) for p in model.parameters()})}
     finally:
         shutdown(info)
 
