@@ -373,3 +373,15 @@ def test_load_yaml(tmp_path):
     assert cfg.preset == "cpu-tiny"
     assert cfg.model.n_layers == 3 and cfg.model.d_model == 128
     assert cfg.optim.lr == 0.001
+
+
+def test_a_local_source_drops_the_presets_hub_options():
+    """paper-158m reads SlimPajama with Hub options; choosing a local source drops them (they would
+    be refused for it), while Hub options the user gives are kept and checked."""
+    cfg = resolve_config([{"data": {"source": "embedded"}}], preset="paper-158m")
+    assert cfg.data.source == "embedded" and cfg.data.hub == {}
+    assert resolve_config(preset="paper-158m").data.hub == {"max_documents": None}
+    hub = resolve_config([{"data": {"source": "hf:x/y", "hub": {"split": "train"}}}], preset="paper-158m")
+    assert hub.data.hub["split"] == "train"
+    kept = resolve_config(overrides=["data.source=embedded", "data.hub.split=train"], preset="paper-158m")
+    assert kept.data.hub["split"] == "train"

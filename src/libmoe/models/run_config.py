@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from .. import overrides
+from ..data import HUB_ALIASES
 from ..data.packed import PackedData, prepare_data
 from ..files import write_text
 from ..moe.options import check_choice, check_number
@@ -262,8 +263,17 @@ def resolve_config(
     name = preset or merged.get("preset") or "micro"
     base = load_preset(name)
     base["preset"] = name
+    data = merged.get("data") or {}
+    if "source" in data and "hub" not in data and not _is_hub_source(data["source"]):
+        # The preset's Hub-stream options (paper presets read SlimPajama) do not apply to the
+        # local source the user chose instead; options the user gives are kept and checked.
+        base.get("data", {}).pop("hub", None)
     merged = deep_merge(base, {k: v for k, v in merged.items() if k != "preset"})
     return _build(RunConfig, merged, "", _valid_keys(RunConfig))
+
+
+def _is_hub_source(source: Any) -> bool:
+    return isinstance(source, str) and (source.startswith("hf:") or source in HUB_ALIASES)
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
