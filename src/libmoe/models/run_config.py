@@ -298,5 +298,5 @@ def prepare_run_data(cfg: RunConfig, log=print) -> PackedData:
         val_fraction=d.val_fraction, min_val_tokens=d.min_val_tokens,
         max_doc_chars=d.max_doc_chars, split_seed=d.split_seed, shard_tokens=d.shard_tokens,
         max_train_tokens=d.max_train_tokens, tokenizer_chars=d.tokenizer_chars,
-        hub=d.hub or None, cache_dir=d.cache_dir, log=log,
+        hub=d.hub or None, cache_dir=d.cache_dir, log=log, num_proc=d.num_proc,
     )
