@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,3 +242,115 @@ def test_unsupported_combinations_are_refused(change, world, message):
         check_expert_parallel(cfg, world)
     check_expert_parallel(replace(cfg, train=replace(cfg.train, expert_parallel=1)), world)
 
+
+
+# --- libmoe's train() ----------------------------------------------------------------------
+
+SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare.txt"
+# smoe counts its balance loss's selections over every rank (scope "global"); sharede_v3 (8 routed
+# experts + 1 shared) balances with the selection bias, whose counts are all-reduced too; moe_plus_plus
+# accumulates gradients over micro-batches of 2 sequences.
+E2E_OPTIONS = {"smoe": ["model.moe_options={balance_scope: global}"],
+               "sharede_v3": ["model.n_experts=9", "model.moe_options={bias_balancing: 0.01}"],
+               "moe_plus_plus": ["train.micro_batch_size=2"], "tc_moe": []}
+
+
+@pytest.fixture(scope="module")
+def e2e(data_cache, tmp_path_factory):
+    """config(algorithm, *overrides) for 4 steps of the micro preset (32-token sequences, validation
+    and a checkpoint at the end), and the runs directory."""
+    from libmoe.train import resolve_config
+
+    if not SHAKESPEARE.is_file():
+        pytest.skip("../shared/data/tinyshakespeare.txt not present")
+
+    def config(algorithm: str, *overrides: str):
+        base = [f"data.source={SHAKESPEARE}", f"data.cache_dir={data_cache}", f"model.algorithm={algorithm}",
+                "train.max_steps=4", "train.log_every=1", "train.eval_every=4", "train.checkpoint_every=4",
+                "train.seq_len=32", "train.eval_tokens=1024", "train.tensorboard=false",
+                "data.probe_tokens=256", *E2E_OPTIONS[algorithm]]
+        return resolve_config(overrides=base + list(overrides), preset="micro")
+
+    return config, tmp_path_factory.mktemp("ep-runs")
+
+
+@pytest.fixture(scope="module")
+def reference(e2e):
+    """One process's metrics for each algorithm (4 steps)."""
+    from libmoe.train import train
+
+    config, root = e2e
+    for algorithm in ALGORITHMS:
+        train(config(algorithm), root / "one" / algorithm, progress=False)
+    return {a: losses(root / "one" / a) for a in ALGORITHMS}
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"] if "loss" in r else r["val_loss"]) for r in rows]
+
+
+def _train_runs(rank, world, runs):
+    """train(cfg, out, **kwargs) for each (cfg, out, port, kwargs), as torchrun would start it;
+    each run must send tokens through sharded experts."""
+    from libmoe.train import train
+
+    calls = []
+    forward = ExpertParallelExperts.forward
+    ExpertParallelExperts.forward = lambda self, *a, **k: calls.append(1) or forward(self, *a, **k)
+    for cfg, out, port, kwargs in runs:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                          MASTER_PORT=str(port))
+        before = len(calls)
+        train(cfg, out, progress=False, **kwargs)
+        assert len(calls) > before, f"{out}: no expert-parallel forward"
+
+
+def _assert_same(got, want, what):
+    assert [s for s, _ in got] == [s for s, _ in want], what
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-4), what
+
+
+def test_train_ep2_matches_one_process_and_resumes_across(e2e, reference):
+    """EP=2 over 2 processes: the 1-process losses (train and validation) for every algorithm; a
+    checkpoint written under EP resumes in one process, and one written by one process under EP."""
+    from libmoe.train import train
+
+    config, root = e2e
+    ep2 = "train.expert_parallel=2"
+    one_first = root / "one-then-ep"
+    train(config("smoe"), one_first, progress=False, stop_after=2)
+    runs = [(config(a, ep2), root / "ep2" / a, free_port(), {}) for a in ALGORITHMS]
+    runs += [(config("smoe", ep2), root / "ep-then-one", free_port(), {"stop_after": 2}),
+             (config("smoe", ep2), one_first, free_port(), {"resume": True})]
+    spawn(_train_runs, 2, runs, init=False)
+    train(config("smoe"), root / "ep-then-one", progress=False, resume=True)
+    for algorithm in ALGORITHMS:
+        _assert_same(losses(root / "ep2" / algorithm), reference[algorithm], algorithm)
+    _assert_same(losses(root / "ep-then-one"), reference["smoe"], "EP=2 checkpoint resumed in 1 process")
+    _assert_same(losses(one_first), reference["smoe"], "1-process checkpoint resumed under EP=2")
+    # checkpoints hold one process's layout: the full expert tensors
+    from safetensors.torch import load_file
+
+    ep_state = load_file(str(root / "ep2" / "smoe" / "checkpoints" / "step_4" / "model.safetensors"))
+    one_state = load_file(str(root / "one" / "smoe" / "checkpoints" / "step_4" / "model.safetensors"))
+    assert {k: v.shape for k, v in ep_state.items()} == {k: v.shape for k, v in one_state.items()}
+
+
+def test_train_ep2_dp2_matches_one_process(e2e, reference):
+    """EP=2 x DP=2 over 4 processes: the 1-process losses for every algorithm."""
+    config, root = e2e
+    runs = [(config(a, "train.expert_parallel=2"), root / "ep2dp2" / a, free_port(), {}) for a in ALGORITHMS]
+    spawn(_train_runs, 4, runs, init=False)
+    for algorithm in ALGORITHMS:
+        _assert_same(losses(root / "ep2dp2" / algorithm), reference[algorithm], algorithm)
+
+
+def test_check_config_refuses_what_expert_parallelism_cannot_run(micro_config):
+    from libmoe.train.trainer import check_config
+
+    with pytest.raises(ValueError, match="must divide the number of processes"):
+        check_config(micro_config("train.expert_parallel=2"), 1)
+    with pytest.raises(ValueError, match="must divide the 7 routed experts"):
+        check_config(micro_config("train.expert_parallel=2", algorithm="sharede_v3"), 2)
+    check_config(micro_config("train.expert_parallel=2"), 4)

@@ -22,6 +22,7 @@ from ..models.run_config import RunConfig
 from ..moe import set_training_progress
 from .checkpoint import save_checkpoint
 from .distributed import barrier
+from .expert_parallel import clip_grad_norm, gather_expert_state
 from .metrics import MetricsLogger, StepWindow
 from .optim import full_state_dicts, rng_state
 from .stops import FiniteGuard
@@ -101,7 +102,7 @@ class TrainRun:
             window.add(output, 1 / self.accum)
         self.scaler.unscale_(self.opt)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip)
+        grad_norm = clip_grad_norm(model, clip)  # expert shards: summed over their replicas first
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
             grad_norm = grad_norm.full_tensor()
         lr = self.sched.get_last_lr()[0]
@@ -136,7 +137,8 @@ class TrainRun:
         weights). Every process runs the probe forward (FSDP/DDP collectives); rank 0 writes."""
         step, info = self.step, self.info
         self.guard.check(step, self.model, self.saved_step)
-        model_state, opt_state = full_state_dicts(self.model, self.opt)
+        model_state, opt_state = gather_expert_state(self.model, self.opt,
+                                                     *full_state_dicts(self.model, self.opt))
         if self.hf:
             model_state = self.raw.export_state(model_state)
         trainer_state = {"step": step, "scheduler": self.sched.state_dict(),

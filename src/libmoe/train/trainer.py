@@ -51,6 +51,7 @@ from .distributed import (
     shutdown,
     wrap_model,
 )
+from .expert_parallel import check_expert_parallel, shard_model, slice_expert_state
 from .loop import TrainRun
 from .metrics import MetricsLogger, StepWindow, read_metrics
 from .optim import (
@@ -153,6 +154,7 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool | str, overwr
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     raw, total_params, active_params = build_model(cfg, info, hf, init, resumed, init_state, say)
+    shard_model(raw, cfg, info)  # train.expert_parallel: this rank's experts, left out of DDP
     model = wrap_model(raw, info, tc.parallel, resolve_precision(tc.precision, info.device))
     opt = build_optimizer(model, cfg)
     attach_bias_balancing(raw, opt)
@@ -375,7 +377,7 @@ def restore(resumed: Resumed, model: nn.Module, opt: torch.optim.Optimizer, sche
     """Optimizer, schedule (with the config's settings, if they changed), data position and RNG
     from the checkpoint; returns (its step, the seconds trained before it)."""
     weight_decay = [group["weight_decay"] for group in opt.param_groups]
-    load_optimizer_state(model, opt, resumed.ckpt["optimizer"])
+    load_optimizer_state(model, opt, slice_expert_state(model, resumed.ckpt["optimizer"]))
     state = resumed.ckpt["state"]
     sched.load_state_dict(state["scheduler"])
     if resumed.changes:
@@ -432,6 +434,7 @@ def check_config(cfg: RunConfig, world_size: int = 1, hf: bool = False) -> tuple
     if not hf:
         with torch.device("meta"):
             MoETransformer(cfg.model)  # every model and MoE option error, before the data is built
+    check_expert_parallel(cfg, world_size, hf)
     return local, micro, local // micro
 
 
