@@ -103,7 +103,6 @@ def test_batch_sizes_and_eval_reuse_graphs():
         assert torch.equal(a, b)
 
 
-@pytest.mark.skip(reason="needs the trainer hook: train.compile -> MoETransformer.compile_blocks()")
 def test_train_with_compile_runs_and_validates(micro_config, tmp_path, monkeypatch):
     from libmoe.models import MoETransformer
 

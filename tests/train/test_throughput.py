@@ -101,3 +101,32 @@ def test_progress_line_shows_mfu_when_known(tmp_path, capsys):
     first, second = capsys.readouterr().out.strip().splitlines()
     assert "MFU" not in first
     assert "12,345 tok/s | MFU 37.1% |" in second
+
+
+def test_training_rows_carry_mfu_only_with_a_known_peak(micro_config, tmp_path):
+    import json
+
+    from libmoe.train import train
+
+    train(micro_config("train.peak_flops=1e11", steps=2), tmp_path / "peak", progress=False)
+    train(micro_config(steps=2), tmp_path / "cpu", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "peak" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 1e11)
+    cpu = [json.loads(line) for line in (tmp_path / "cpu" / "metrics.jsonl").read_text().splitlines()]
+    assert all("mfu" not in r for r in cpu)  # a CPU has no peak in the table: no made-up figure
+
+
+def test_compile_is_refused_where_it_cannot_run(micro_config):
+    from libmoe.train.trainer import check_config
+
+    with pytest.raises(ValueError, match="train.compile=false for a transformers model"):
+        check_config(micro_config("train.compile=true"), hf=True)
+    with pytest.raises(ValueError, match="fsdp runs in fp32 only"):
+        check_config(micro_config("train.compile=true", "train.parallel=fsdp", "train.precision=bf16"),
+                     world_size=2)
+    fp32 = micro_config("train.compile=true", "train.parallel=fsdp", "train.precision=fp32")
+    check_config(fp32, world_size=2)
+    check_config(micro_config("train.compile=true", "train.precision=bf16"), world_size=2)  # DDP compiles

@@ -26,6 +26,7 @@ from .expert_parallel import clip_grad_norm, gather_expert_state
 from .metrics import MetricsLogger, StepWindow
 from .optim import full_state_dicts, rng_state
 from .stops import FiniteGuard
+from .throughput import mfu
 from .trace import record_routing, save_trace
 
 
@@ -67,6 +68,7 @@ class TrainRun:
     precision_name: str = "fp32"  # the autocast dtype, for the log
     logger: MetricsLogger | None = None
     flags: Any = None  # the cpu_group of host-side barriers (None: one process, or the default group)
+    peak_flops: float | None = None  # one device's peak FLOP/s for the MFU figure (None: unknown, no MFU)
 
     def elapsed(self) -> float:
         """Seconds of training in this run so far, resumed parts included."""
@@ -122,6 +124,9 @@ class TrainRun:
         """Log the metrics row of the steps in `window` (every process takes part)."""
         row = window.row(self.step, self.cfg.train.batch_size * self.cfg.seq_len)
         row.update({"lr": lr, "grad_norm": float(grad_norm), "flops_per_token": self.flops_per_token})
+        utilisation = mfu(row["tokens_per_s"], self.flops_per_token, self.peak_flops, self.info.world_size)
+        if utilisation is not None:  # only where the device's peak FLOP/s is known (never a guess)
+            row["mfu"] = utilisation
         self.logger.log(row)
         self.guard.check(self.step, saved=self.saved_step)
 

@@ -75,6 +75,7 @@ from .rundir import (
     saved_config,
 )
 from .stops import FiniteGuard, StopSignals
+from .throughput import run_peak_flops
 
 __all__ = ["check_config", "flops_per_token", "peak_memory_mb", "train", "train_loop"]
 
@@ -155,6 +156,8 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool | str, overwr
     random.seed(tc.seed)
     raw, total_params, active_params = build_model(cfg, info, hf, init, resumed, init_state, say)
     shard_model(raw, cfg, info)  # train.expert_parallel: this rank's experts, left out of DDP
+    if tc.compile:  # each block's body, before DDP/FSDP2 wrap it (torchtitan's order)
+        raw.compile_blocks()
     model = wrap_model(raw, info, tc.parallel, resolve_precision(tc.precision, info.device))
     opt = build_optimizer(model, cfg)
     attach_bias_balancing(raw, opt)
@@ -173,6 +176,7 @@ def _train(cfg: RunConfig, out: Path, info: DistInfo, resume: bool | str, overwr
     run = start_run(cfg, out, info, data, raw, model, opt, sched, sampler, (local, micro, accum), identity,
                     active_params, hf, step, saved_step, earlier_time)
     run.flags = flags  # rank 0's checkpoint writes are waited for on the CPU group
+    run.peak_flops = run_peak_flops(tc.peak_flops, info.device, resolve_precision(tc.precision, info.device))
     say(f"model: {cfg.model.algorithm}, {total_params / 1e6:.2f}M parameters "
         f"({active_params / 1e6:.2f}M active), {run.flops_per_token / 1e6:.1f} MFLOPs/token; "
         f"{info.world_size} process(es) on {info.device}, batch {tc.batch_size} x {cfg.seq_len} tokens "
@@ -435,7 +439,26 @@ def check_config(cfg: RunConfig, world_size: int = 1, hf: bool = False) -> tuple
         with torch.device("meta"):
             MoETransformer(cfg.model)  # every model and MoE option error, before the data is built
     check_expert_parallel(cfg, world_size, hf)
+    check_compile(cfg, world_size, hf)
     return local, micro, local // micro
+
+
+def check_compile(cfg: RunConfig, world_size: int = 1, hf: bool = False) -> None:
+    """Refuse train.compile where it cannot run: a transformers model (libmoe compiles its own
+    blocks), and FSDP in bf16/fp16, whose fp32 router units put an FSDP hook inside each block's
+    graph that dynamo cannot trace (DDP, or FSDP in fp32, compile)."""
+    tc = cfg.train
+    if not tc.compile:
+        return
+    if hf:
+        raise ValueError("train.compile compiles libmoe's MoETransformer blocks; set train.compile=false "
+                         "for a transformers model.")
+    low = tc.precision in ("bf16", "fp16") or (tc.precision == "auto" and tc.device != "cpu"
+                                                 and torch.cuda.is_available())
+    if world_size > 1 and tc.parallel == "fsdp" and low:
+        raise ValueError(f"train.compile with train.parallel=fsdp runs in fp32 only (precision "
+                         f"{tc.precision!r}: FSDP's fp32 router units cannot be traced inside a compiled "
+                         "block); use train.parallel=ddp, train.precision=fp32 or train.compile=false.")
 
 
 def flops_per_token(cfg: RunConfig, active_params: int) -> int:
