@@ -263,8 +263,8 @@ def resolve_config(
     name = preset or merged.get("preset") or "micro"
     base = load_preset(name)
     base["preset"] = name
-    data = merged.get("data") or {}
-    if "source" in data and "hub" not in data and not _is_hub_source(data["source"]):
+    data = merged.get("data")
+    if isinstance(data, dict) and "source" in data and "hub" not in data and not _is_hub_source(data["source"]):
         # The preset's Hub-stream options (paper presets read SlimPajama) do not apply to the
         # local source the user chose instead; options the user gives are kept and checked.
         base.get("data", {}).pop("hub", None)
