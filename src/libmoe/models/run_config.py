@@ -264,7 +264,8 @@ def resolve_config(
     base = load_preset(name)
     base["preset"] = name
     data = merged.get("data")
-    if isinstance(data, dict) and "source" in data and "hub" not in data and not _is_hub_source(data["source"]):
+    local = isinstance(data, dict) and "source" in data and not _is_hub_source(data["source"])
+    if local and "hub" not in data:
         # The preset's Hub-stream options (paper presets read SlimPajama) do not apply to the
         # local source the user chose instead; options the user gives are kept and checked.
         base.get("data", {}).pop("hub", None)
