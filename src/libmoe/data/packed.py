@@ -19,6 +19,8 @@ holds about min_val_tokens. Hub streams are read once; see `prepare_data`.
 Tokenisation of a large input runs in `num_proc` worker processes (`data.num_proc`; default one
 per CPU core, up to 32) over chunks of about a megabyte of text, written back in document order:
 the packed bytes are the same for any num_proc, which is therefore not part of the key.
+A worker that dies (killed for lack of memory, say) stops the preparation with an error that
+says to lower data.num_proc, rather than a hang.
 
 `SequenceSampler` draws training windows in a seeded random order; its state is two integers, so a
 run can resume at exactly the next window.
@@ -36,12 +38,15 @@ import os
 import random
 import shutil
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..errors import WorkFailed
 from .corpus import load_corpus, split_documents
 from .documents import Corpus, Document
 from .hub import hub_name, iter_hub_documents
@@ -52,6 +57,7 @@ CHARS_PER_TOKEN = 3.0  # conservative estimate used only to size the validation 
 MAX_NUM_PROC = 32  # the default worker count's cap (data.num_proc None: one per core up to this)
 PARALLEL_MIN_CHARS = 8 << 20  # with num_proc None, smaller local corpora are tokenised in-process
 CHUNK_CHARS = 1 << 20  # text per worker task: large enough to amortise the transfer, small to balance
+STREAM_CHUNKING = 2  # in a Hub stream's cache key; bump when stream chunking changes its bytes
 
 
 def default_cache_dir() -> Path:
@@ -188,26 +194,46 @@ class _Encoder:
     """Turns chunks of documents into their packed token arrays, in order: in this process, or in
     `num_proc` worker processes (at most 2 x num_proc chunks in flight, so a stream is never read
     far ahead of what is written). `threads`: SentencePiece threads in this process (None: one
-    per core)."""
+    per core). A worker that dies (killed for lack of memory, a crash) raises `WorkFailed` naming
+    data.num_proc rather than hanging; the pool is shut down on every path."""
 
     def __init__(self, tok: Tokenizer, tokenizer_dir: Path, dtype: np.dtype, eos: list[int],
                  num_proc: int, threads: int | None = None):
         self.tok, self.dtype, self.eos, self.threads = tok, dtype, eos, threads
-        self.pool = None
+        self.num_proc = num_proc
+        self.pool: ProcessPoolExecutor | None = None
         if num_proc > 1:
-            # fork is cheap (no re-import of torch); elsewhere spawn. Workers never touch a GPU.
+            # fork is cheap (no re-import of torch) and the workers never touch a GPU; but a process
+            # with CUDA initialised (or a torchrun rank with gloo/NCCL threads running) must not
+            # fork, since the child inherits a CUDA context and locks it cannot use: spawn there,
+            # and wherever fork does not exist.
             methods = multiprocessing.get_all_start_methods()
-            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            self.pool = ctx.Pool(num_proc, _init_worker, (str(tokenizer_dir), np.dtype(dtype).name, eos))
+            fork = "fork" in methods and not torch.cuda.is_initialized()
+            ctx = multiprocessing.get_context("fork" if fork else "spawn")
+            # concurrent.futures, not multiprocessing.Pool: Pool silently replaces a dead worker
+            # and loses its task (get() then blocks forever); the executor fails every pending
+            # future with BrokenProcessPool instead.
+            self.pool = ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_init_worker,
+                                            initargs=(str(tokenizer_dir), np.dtype(dtype).name, eos))
         self.ahead = 2 * num_proc
 
     def __enter__(self) -> _Encoder:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Cancel the chunks not yet started and stop the workers (each finishes at most the chunk
+        it is on); safe to call twice."""
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            pool, self.pool = self.pool, None
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _died(self, err: BrokenProcessPool) -> WorkFailed:
+        return WorkFailed(
+            f"a tokenising worker process died ({err}), most likely killed for lack of memory; "
+            f"lower data.num_proc (now {self.num_proc}) or give the job more memory.")
 
     def map(self, chunks: Iterable[list]) -> Iterator[tuple[list, list[np.ndarray]]]:
         """(chunk, each document's token array) for each chunk of Documents or (Document, flag)
@@ -223,15 +249,22 @@ class _Encoder:
                 flat, lengths = _encode_packed(self.tok, texts(chunk), self.dtype, self.eos, self.threads)
                 yield chunk, split(flat, lengths)
             return
+        pool = self.pool
         pending: collections.deque = collections.deque()
-        for chunk in chunks:
-            pending.append((chunk, self.pool.apply_async(_encode_in_worker, (texts(chunk),))))
-            if len(pending) >= self.ahead:
+        try:
+            for chunk in chunks:
+                pending.append((chunk, pool.submit(_encode_in_worker, texts(chunk))))
+                if len(pending) >= self.ahead:
+                    done, work = pending.popleft()
+                    yield done, split(*work.result())
+            while pending:
                 done, work = pending.popleft()
-                yield done, split(*work.get())
-        while pending:
-            done, work = pending.popleft()
-            yield done, split(*work.get())
+                yield done, split(*work.result())
+        except BrokenProcessPool as err:
+            raise self._died(err) from err
+        finally:
+            for _, work in pending:  # left early (an error, or the caller stopped reading)
+                work.cancel()
 
 
 def _chunks(items: Iterable, limit_docs: int = 512) -> Iterator[list]:
@@ -290,7 +323,14 @@ def prepare_data(
     dataset = hub_name(str(source))
     if dataset is not None:
         # A stream is identified by its name and options; reading it to hash it would cost a pass.
-        settings.update(tokenizer_chars=tokenizer_chars, hub=hub or {}, dataset=dataset)
+        # stream_chunking 2: the stream is tokenised in chunks of up to CHUNK_CHARS characters or
+        # 512 documents (1: always 512 documents), and the chunk the max_train_tokens cut-off falls
+        # in decides which validation documents are written, so the same settings can give other
+        # bytes than a version-1 cache: a new key, never changed content under an old one (bump it
+        # whenever stream chunking changes again, CHUNK_CHARS included). Local corpora split
+        # validation before tokenising, so chunking never changes their bytes or their keys.
+        settings.update(tokenizer_chars=tokenizer_chars, hub=hub or {}, dataset=dataset,
+                        stream_chunking=STREAM_CHUNKING)
         key_src = json.dumps(settings, sort_keys=True)
     else:
         corpus = load_corpus(source, hub_options=hub)
