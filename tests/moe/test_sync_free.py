@@ -216,3 +216,26 @@ def test_grouped_mm_supported_covers_fp16_and_fp32():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert grouped_mm_supported(torch.zeros(1, 16, dtype=dtype), torch.zeros(2, 16, 16, dtype=dtype))
     assert not grouped_mm_supported(torch.zeros(1, 16, dtype=torch.float64))
+
+
+class _CudaLike:
+    """Stands in for a CUDA tensor in resolve_backend (a CPU build cannot make one)."""
+
+    def __init__(self, dtype, width=512):
+        self.device, self.dtype, self.shape = torch.device("cuda", 0), dtype, (8, width)
+
+    def element_size(self):
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+@pytest.mark.parametrize("dtype, major, expected", [
+    (torch.bfloat16, 9, "grouped"), (torch.bfloat16, 10, "grouped"),  # torch's fused kernel
+    (torch.bfloat16, 8, "padded"), (torch.float16, 9, "padded"), (torch.float32, 9, "padded"),
+])
+def test_auto_on_cuda_picks_grouped_where_torch_fuses_it(monkeypatch, dtype, major, expected):
+    from libmoe.moe.dispatch import resolve_backend
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    w = _CudaLike(dtype, 128)
+    assert resolve_backend("auto", _CudaLike(dtype), 4096, 66, w, _CudaLike(dtype)) == expected
+    assert resolve_backend("grouped", _CudaLike(dtype), 4096, 66, w, _CudaLike(dtype)) == "grouped"

@@ -12,14 +12,17 @@ weights[t, j] * b2[e] to the output.
 - ``padded``: per-expert buffers padded to the largest load, batched matmul (``torch.bmm``).
 - ``grouped``: tokens sorted by expert, one grouped matmul per projection (``torch._grouped_mm``
   where the device and dtype support it: fp32, bf16, fp16; the ``loop`` computation otherwise).
-  The GPU path: it never makes the host wait for the device (fixed shapes, masked tail).
+  The GPU path: libmoe's part never makes the host wait for the device (fixed shapes, masked
+  tail); torch's fused kernel (bf16 on CUDA sm90/sm100) does not either, its per-group fallback
+  (other dtypes and GPUs) reads the offsets on the host at each call.
 - ``blocked``: a custom autograd function that gathers each expert's rows into a small buffer,
   multiplies the routing weight into the hidden activation, scatters results straight back and
   saves only the hidden pre-activation for backward (PERFORMANCE_NOTES: the fastest on CPU).
 - ``auto``: on CPU ``blocked`` when experts average at least BLOCKED_MIN_LOAD rows, else
   ``grouped`` (``padded`` where ``torch._grouped_mm`` lacks the dtype or the 16-byte row
-  alignment); on CUDA ``grouped`` when ``torch._grouped_mm`` supports the dtype (fp32, bf16,
-  fp16), else ``padded``; under torch.compile always ``grouped``.
+  alignment); on CUDA ``grouped`` where torch's fused kernel runs (bf16 on sm90/sm100), else
+  ``padded`` (one host read per layer against the fallback's one per matmul; not measured here,
+  ``dispatch: grouped`` chooses the fallback); under torch.compile always ``grouped``.
 
 ``loop``, ``padded`` and ``blocked`` read the per-expert counts on the host once per call (a
 device sync on a GPU); ``grouped`` reads nothing.
@@ -144,6 +147,16 @@ def grouped_mm_supported(x: Tensor, w1: Tensor | None = None, w2: Tensor | None 
         return False
     dims = [x.shape[-1]] + [w.shape[-1] for w in (w1, w2) if w is not None]
     return all(d * x.element_size() % 16 == 0 for d in dims)
+
+
+def grouped_mm_fused(x: Tensor) -> bool:
+    """Whether torch._grouped_mm takes its fused CUDA kernel for x (bf16 on compute capability 9.x
+    or 10.x), which never reads the group offsets on the host; CPU grouped matmuls never wait for
+    a device either."""
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 \
+        and torch.cuda.get_device_capability(x.device)[0] in (9, 10)
 
 
 def _grouped_mm_available(x: Tensor) -> bool:
@@ -380,7 +393,10 @@ def resolve_backend(
     if torch.compiler.is_compiling():
         return "grouped"
     if x.device.type == "cuda":
-        return "grouped" if grouped_mm_supported(x, w1, w2) else "padded"
+        # Sync-free only where torch's fused grouped kernel runs; elsewhere torch's fallback loops
+        # over the experts reading the offsets on the host at every call (~9 per layer), against
+        # padded's one read and three batched matmuls. `dispatch: grouped` still chooses it.
+        return "grouped" if grouped_mm_supported(x, w1, w2) and grouped_mm_fused(x) else "padded"
     if n_assignments / max(n_experts, 1) >= BLOCKED_MIN_LOAD:
         return "blocked"
     return "grouped" if grouped_mm_supported(x, w1, w2) else "padded"

@@ -109,10 +109,11 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp",
                param_dtype: torch.dtype | None = None) -> nn.Module:
     """DDP or FSDP2 around `model` (already on info.device); unchanged for one process. Under
     FSDP, `param_dtype` (the run's autocast dtype, None for fp32) sets `mixed_precision_policy`
-    for the transformer blocks, where the compute is, with every MoE router kept in fp32. The
-    root unit (embedding, final norm, head: a few percent of the parameters) stays fp32: the
-    last block's output is fp32 (the MoE combine is), and a norm with bf16 weights refuses an
-    fp32 input on CPU; autocast still runs the head's matmul in bf16. The trainer keeps autocast
+    for the transformer blocks, where the compute is, with every MoE router kept in fp32. FSDP
+    casts each block's floating inputs to that dtype (the residual stream between blocks is then
+    bf16, as in torchtitan; under DDP autocast keeps it fp32). The root unit (embedding, final
+    norm, head: a few percent of the parameters) stays fp32, so the final norm and the loss see
+    fp32 weights; autocast still runs the head's matmul in bf16. The trainer keeps autocast
     on, in the same dtype: for the blocks' bf16 weights it changes no matmul, and it keeps softmax,
     norms and the loss in fp32; the router runs outside it (moe/layer.py)."""
     if not info.enabled:
@@ -131,7 +132,11 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp",
             fully_shard(block, **options)
         return fully_shard(model)
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    # No buffer broadcast: the routers' load_counts are each rank's own selections, summed over
+    # ranks by update_bias (rank 0's copy must not overwrite them before every forward, as DDP's
+    # default does, also inside no_sync); every other buffer is constant or changed identically on
+    # every rank (expert_bias from those all-reduced counts, Hyper-R's progress, rotary tables).
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 def _reduce(t: torch.Tensor, info: DistInfo, op, group) -> torch.Tensor:
@@ -198,8 +203,9 @@ class StepVote:
         return bool(t.item())
 
 
-def any_rank(flag: bool, info: DistInfo, group=None) -> bool:
-    """Whether `flag` is set on any process (all processes get the same answer)."""
+def any_rank(flag: bool, info: DistInfo, group) -> bool:
+    """Whether `flag` is set on any process (all processes get the same answer); `group` is a
+    `cpu_group` (the flag is a CPU tensor, which the default group refuses on a GPU)."""
     if not info.enabled:
         return flag
     t = torch.tensor([int(flag)], dtype=torch.int32)

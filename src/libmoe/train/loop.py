@@ -80,7 +80,6 @@ class TrainRun:
         AdamW and schedule. Adds the step to `window`; returns (the step's lr, gradient norm).
         No host sync (the lr is the schedule's float)."""
         tc, info, model = self.cfg.train, self.info, self.model
-        t_step = time.perf_counter()
         set_training_progress(self.raw, self.step / tc.max_steps)
         rows = self.sampler.next_batch(tc.batch_size)[info.rank * self.local : (info.rank + 1) * self.local]
         if info.device.type == "cuda":
@@ -114,7 +113,6 @@ class TrainRun:
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         window.steps += 1
-        window.elapsed += time.perf_counter() - t_step
         # A loss scaler skips steps with overflowing gradients itself; otherwise they diverge.
         self.guard.update(self.step, window.loss, window.aux_loss,
                           *(() if self.scaler.is_enabled() else (grad_norm,)))
@@ -122,6 +120,7 @@ class TrainRun:
 
     def log_window(self, window: StepWindow, lr: float, grad_norm: torch.Tensor) -> None:
         """Log the metrics row of the steps in `window` (every process takes part)."""
+        window.stop()  # the logging step's one wait for the GPU
         row = window.row(self.step, self.cfg.train.batch_size * self.cfg.seq_len)
         row.update({"lr": lr, "grad_norm": float(grad_norm), "flops_per_token": self.flops_per_token})
         utilisation = mfu(row["tokens_per_s"], self.flops_per_token, self.peak_flops, self.info.world_size)

@@ -11,6 +11,7 @@ the step, loss, MFU and ETA; otherwise one plain line per logged row.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -181,6 +182,30 @@ class StepWindow:
         self.aux: dict[str, torch.Tensor] = {}
         self.counts: list[torch.Tensor] = []
         self.elapsed = 0.0  # seconds in training steps (evaluation and checkpoints excluded)
+        self.started = time.perf_counter()
+        self.excluded = 0.0  # seconds of validation and checkpoints inside the window
+
+    def _sync(self) -> None:
+        if self.info.device.type == "cuda":
+            torch.cuda.synchronize(self.info.device)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave what runs inside (validation, a checkpoint) out of the window's training time;
+        the GPU's queued training work is waited for first, so it is not left out."""
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start
+
+    def stop(self) -> None:
+        """End the window's clock on a logging step: wait for the GPU (a step queues its work and
+        returns before the device has done it), so that step time, tokens/s and MFU measure the
+        device's work, not how far the host ran ahead."""
+        self._sync()
+        self.elapsed = time.perf_counter() - self.started - self.excluded
 
     def add(self, output, weight: float) -> None:
         """Add one micro-batch's LMOutput, weighted (1 / micro-batches per step)."""

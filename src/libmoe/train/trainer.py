@@ -220,13 +220,15 @@ def train_loop(run: TrainRun, flags, stop_after: int | None, progress: bool | No
                 run.log_window(window, lr, grad_norm)
                 window = StepWindow(info)
             if step % tc.eval_every == 0 or step == tc.max_steps:
-                val_loss = run.validate()
+                with window.paused():  # not training time (tokens/s, MFU)
+                    val_loss = run.validate()
             stop = stop_after is not None and step >= stop_after and step < tc.max_steps
             # Every process stops at the same step: the signal flag is agreed on each step (the
             # answer arrives one step late, so the reduction overlaps the next step's compute).
             interrupted = vote.poll(signals.name is not None) and step < tc.max_steps
             if step % tc.checkpoint_every == 0 or step == tc.max_steps or stop or interrupted:
-                path = run.checkpoint()
+                with window.paused():
+                    path = run.checkpoint()
             if interrupted:
                 raise Interrupted(f"interrupted by {signals.name or 'a signal to another process'} at "
                                   f"step {step}; checkpoint written to {path}; continue with --resume.")
