@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from libmoe.train import train
 
@@ -39,14 +40,25 @@ def single(micro_config, tmp_path):
 
 
 def test_ddp_two_processes_match_one(single, tmp_path):
+    """With micro-batches, so that bias balancing's selection counts, summed over the
+    accumulation and then over ranks, would show rank 0's counts being broadcast over the others'
+    (DDP's buffer broadcast before each forward, which libmoe turns off)."""
     cfg, expected = single
     result = torchrun("--out", str(tmp_path / "ddp"), *overrides(cfg),
-                      "model.moe_options={bias_balancing: 0.01}")
+                      "model.moe_options={bias_balancing: 0.01}", "train.micro_batch_size=1")
     assert result.stdout.count("done: step 6") == 1  # rank 0 alone reports
     got = losses(tmp_path / "ddp")
     assert [s for s, _ in got] == [s for s, _ in expected]
     assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-5)
     assert (tmp_path / "ddp" / "checkpoints" / "step_6" / "routing_trace.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    one, two = (load_file(str(tmp_path / run / "checkpoints" / "step_6" / "model.safetensors"))
+                for run in ("single", "ddp"))
+    biases = [k for k in one if k.endswith("expert_bias")]
+    assert biases and any(one[k].abs().sum() > 0 for k in biases)
+    for k in biases:  # every rank's counts summed: the same balancing as one process
+        assert torch.allclose(one[k], two[k]), k
 
 
 def test_fsdp_two_processes_match_one_and_resume(single, tmp_path):
