@@ -132,10 +132,10 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp",
             fully_shard(block, **options)
         return fully_shard(model)
     ids = [info.device.index] if info.device.type == "cuda" else None
-    # No buffer broadcast: the routers' load_counts are each rank's own selections, summed over
-    # ranks by update_bias (rank 0's copy must not overwrite them before every forward, as DDP's
-    # default does, also inside no_sync); every other buffer is constant or changed identically on
-    # every rank (expert_bias from those all-reduced counts, Hyper-R's progress, rotary tables).
+    # No buffer broadcast (a collective before each step's first forward, saved): every buffer is
+    # constant or changed identically on every rank (expert_bias from all-reduced counts, Hyper-R's
+    # progress, rotary tables), except the routers' load_counts, which are each rank's own
+    # selections until update_bias sums them and must never take rank 0's values.
     return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
