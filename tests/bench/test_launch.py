@@ -8,8 +8,17 @@ import time
 
 import pytest
 
-from libmoe.bench import Rendezvous, visible_gpus
-from libmoe.bench.launchers import Progress, _run_pool, slurm_parameters, slurm_rendezvous, take_gpu_slot
+from libmoe.bench import Rendezvous, launchers, visible_gpus
+from libmoe.bench.launchers import (
+    Node0Heartbeat,
+    Progress,
+    _run_pool,
+    job_row,
+    publish_decision,
+    slurm_parameters,
+    slurm_rendezvous,
+    take_gpu_slot,
+)
 from libmoe.bench.lm import distributed, throughput_from_metrics, training_command
 from libmoe.bench.placement import default_jobs, gpu_slots, torchrun_command
 from libmoe.bench.spec import RunSpec
@@ -117,9 +126,15 @@ def test_slurm_jobs_of_several_gpus_and_nodes(tmp_path):
     study = _plan(tmp_path, launcher="slurm", nproc=4, rendezvous=Rendezvous(nnodes=2))  # no endpoint
     params = slurm_parameters(study.every, {"slurm_partition": "gpu", "timeout_min": 600})
     assert params == {"timeout_min": 600, "name": "libmoe-bench", "nodes": 2, "gpus_per_node": 4,
-                      "tasks_per_node": 1, "slurm_partition": "gpu"}
+                      "tasks_per_node": 1, "slurm_partition": "gpu", "cpus_per_task": 32}  # 8 per GPU
+    assert slurm_parameters(study.every, {"cpus_per_task": 12})["cpus_per_task"] == 12  # the user's wins
+    assert slurm_parameters(study.every, {"slurm_cpus_per_task": 6})["slurm_cpus_per_task"] == 6
+    assert "cpus_per_task" not in slurm_parameters(study.every, {"slurm_cpus_per_task": 6})
+    assert slurm_parameters(study.every, {"gpus_per_node": 8})["cpus_per_task"] == 64
     assert slurm_parameters(_plan(tmp_path, launcher="slurm").every, {}) == \
-        {"timeout_min": 1440, "name": "libmoe-bench"}  # one process: as before
+        {"timeout_min": 1440, "name": "libmoe-bench"}  # one process on a CPU: as before
+    one_gpu = slurm_parameters(_plan(tmp_path, launcher="slurm").every, {"gpus_per_node": 1})
+    assert one_gpu["cpus_per_task"] == 8
     import submitit
 
     executor = submitit.AutoExecutor(folder=str(tmp_path / "slurm"), cluster="debug")
@@ -159,21 +174,111 @@ def test_bench_help_says_the_jobs_default(capsys):
     assert "--rdzv-endpoint" in text and "--nnodes" in text
 
 
-def test_a_node_other_than_node_0_only_joins_each_runs_training(tmp_path, monkeypatch):
-    from libmoe.bench import launchers
+def _slurm_task():
+    import submitit
 
-    study = _plan(tmp_path, launcher="torchrun", nproc=2, visible=[],
-                  rendezvous=Rendezvous(nnodes=2, endpoint="node0:29500", node_rank=1))
-    joined = []
+    return {"name": "r", "status": "ok"} if submitit.JobEnvironment().global_rank == 0 else None
+
+
+def test_a_job_of_several_tasks_gives_task_0s_row(tmp_path):
+    import sys
+
+    import cloudpickle
+    import submitit
+
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)  # the job's process cannot import the tests
+    try:
+        executor = submitit.AutoExecutor(folder=str(tmp_path / "slurm"), cluster="local")
+        executor.update_parameters(tasks_per_node=2, timeout_min=5)  # a 2-node job: one task per node
+        job = executor.submit(_slurm_task)
+        assert job.num_tasks == 2
+        with pytest.raises(AssertionError, match="use `results\\(\\)`"):
+            job.result()  # what the launcher called before: every multi-node run recorded failed
+        assert job_row(job) == {"name": "r", "status": "ok"}
+        executor.update_parameters(tasks_per_node=1)
+        assert job_row(executor.submit(_slurm_task)) == {"name": "r", "status": "ok"}
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+
+
+@pytest.fixture
+def fast_nodes(monkeypatch):
+    """Node 0's heartbeat and the other nodes' polling at test speed."""
+    monkeypatch.setattr(launchers, "HEARTBEAT_S", 0.02)
+    monkeypatch.setattr(launchers, "POLL_S", 0.005)
+    monkeypatch.setattr(launchers, "REPORT_EVERY_S", 0.05)
+    monkeypatch.setattr(launchers, "_LIVE", {})
+
+
+def _node_plan(tmp_path, rank, algorithms=("dense", "smoe")):
+    return _plan(tmp_path, launcher="torchrun", nproc=2, visible=[], algorithms=list(algorithms),
+                 rendezvous=Rendezvous(nnodes=2, endpoint="node0:29500", node_rank=rank))
+
+
+def test_a_node_other_than_node_0_joins_or_skips_each_run_as_node_0_decides(tmp_path, monkeypatch,
+                                                                             fast_nodes):
+    import threading
+
+    study = _node_plan(tmp_path, 1)
+    node0 = _node_plan(tmp_path, 0).every
+    nodes = tmp_path / "b" / ".nodes"
+    assert all(s.torchrun["nodes_dir"] == str(nodes) for s in study.every)
+    # a previous call's files: an ended session that had decided to train smoe
+    nodes.mkdir(parents=True)
+    (nodes / "node0.json").write_text(json.dumps({"session": "old", "beat": 9, "ended": True}))
+    (nodes / "smoe-s0.json").write_text(json.dumps({"session": "old", "decision": "train"}))
+    joined, lines = [], []
 
     def fake_train_only(spec):
         joined.append(training_command(spec))
-        if spec.algorithm == "smoe":
-            raise RuntimeError("rendezvous timed out")
+        raise RuntimeError("rendezvous timed out")
+
+    def node_0():
+        with Node0Heartbeat(nodes, node0):
+            time.sleep(0.1)  # node 0 prepares the data; the other node waits
+            publish_decision(node0[0], "train")
+            time.sleep(0.1)
+            publish_decision(node0[1], "skip", "not run: dense-s0 failed (boom)")
+            time.sleep(0.05)
 
     monkeypatch.setattr(launchers, "train_only", fake_train_only)
-    rows = launchers.run_all(study.every, 1, "torchrun", log=lambda _: None, node_rank=1)
-    assert [r["status"] for r in rows] == ["ok", "failed"] and "rendezvous timed out" in rows[1]["error"]
-    assert len(joined) == 2
-    assert "--rdzv-endpoint=node0:29500" in joined[0] and "--rdzv-endpoint=node0:29501" in joined[1]
+    thread = threading.Thread(target=node_0)
+    thread.start()
+    rows = launchers.run_all(study.every, 1, "torchrun", log=lines.append, node_rank=1)
+    thread.join()
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert "rendezvous timed out" in rows[0]["error"] and "dense-s0 failed (boom)" in rows[1]["error"]
+    assert len(joined) == 1 and "--rdzv-endpoint=node0:29500" in joined[0]  # smoe: never joined
+    assert any("waiting for node 0's decision on dense-s0" in line for line in lines)
     assert not (tmp_path / "b" / "runs" / "dense-s0" / "bench_run.json").exists()  # node 0 writes rows
+    # node 0 ended its call: the runs it had not decided are skipped at once
+    late = _node_plan(tmp_path, 1, ("dense", "smoe", "xmoe")).every[2]
+    row = launchers.follow_run(late, lines.append)
+    assert row["status"] == "failed" and "node 0 ended its study" in row["error"]
+
+
+def test_node_0_publishes_train_before_it_starts_a_run(tmp_path, monkeypatch, fast_nodes):
+    node0 = _node_plan(tmp_path, 0).every
+    nodes = tmp_path / "b" / ".nodes"
+    seen = []
+
+    def fake_run_one(spec, progress=None):
+        seen.append(json.loads((nodes / f"{spec.name}.json").read_text()))
+        return {"name": spec.name, "status": "ok"}
+
+    monkeypatch.setattr(launchers, "run_one", fake_run_one)
+    with Node0Heartbeat(nodes, node0) as session:
+        launchers.run_all(node0, 1, "torchrun", log=lambda _: None)
+    assert [(d["session"], d["decision"]) for d in seen] == [(session, "train")] * 2
+    assert json.loads((nodes / "node0.json").read_text())["ended"] is True
+    one_node = _plan(tmp_path, launcher="torchrun", nproc=2, visible=[]).every[0]
+    assert "nodes_dir" not in one_node.torchrun
+    publish_decision(one_node, "train")  # one node: nothing to publish
+
+
+def test_another_node_gives_up_without_node_0s_heartbeat(tmp_path, monkeypatch, fast_nodes):
+    monkeypatch.setattr(launchers, "DEAD_AFTER_S", 0.1)
+    spec = _node_plan(tmp_path, 1).every[0]
+    with pytest.raises(RuntimeError, match="give every node the same --out on a filesystem they all share"):
+        launchers.follow_run(spec, lambda _: None)

@@ -7,7 +7,15 @@ own GPU and a torchrun child sees exactly its slot's GPUs. Training under torchr
 run inside `runner.run_one` (`libmoe.bench.lm.train_run`). A node other than node 0 of a
 multi-node torchrun study (`node_rank` > 0) only joins each run's training (`lm.train_only`).
 A Slurm job of several GPUs or nodes runs torchrun inside the job: one task per node, task 0
-trains, evaluates and writes the row, the others join its training (`_run_slurm_task`)."""
+trains, evaluates and writes the row, the others join its training (`_run_slurm_task`).
+
+Several nodes under ``--launcher torchrun`` share ``--out`` (one filesystem every node mounts):
+node 0 publishes its decision on each run there before it acts (``OUT/.nodes/<run>.json``:
+"train" just before it starts the run's torchrun, "skip" with the reason when it will not train
+it: finished earlier, or a run it starts from failed) and a heartbeat (``OUT/.nodes/node0.json``,
+`Node0Heartbeat`) whose session id tells this call's decisions from an earlier call's; every other
+node waits for node 0's decision on each run (`await_decision`) and joins or skips it, so the
+nodes never go out of step."""
 
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, replace
@@ -27,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Interrupted
+from ..files import read_json, write_json
 from .lm import distributed, train_only
 from .runner import finished_row, run_one
 from .safety import signals_ignored
@@ -118,21 +128,152 @@ def duration(seconds: float) -> str:
         f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+FINISHED = "finished earlier"  # node 0's reason for skipping a run that has its row
+
+
 def _failed(spec: RunSpec, err: BaseException) -> dict[str, Any]:
     """The row of a run whose worker or job died before run_one could write one."""
     return {"name": spec.name, "algorithm": spec.algorithm, "seed": spec.seed, "run": spec.run_dir,
             "status": "failed", "error": f"{type(err).__name__}: {err}"}
 
 
+# ----------------------------------------------------------------------------- several nodes
+
+NODES_DIR = ".nodes"  # in --out: node 0's heartbeat and its decision on each run
+HEARTBEAT_S = 5.0  # node 0 rewrites its heartbeat this often
+POLL_S = 2.0  # another node reads node 0's files this often
+DEAD_AFTER_S = 3600.0  # another node gives up when node 0's heartbeat has not moved for this long
+DECISION_TIMEOUT_S = 48 * 3600.0  # ... or when one decision takes this long with node 0 alive
+REPORT_EVERY_S = 300.0  # the waiting node's progress line
+_LIVE: dict[str, str] = {}  # {nodes dir: node 0's session seen beating by this process}
+
+
+def _nodes_dir(spec: RunSpec) -> Path | None:
+    nodes = (spec.torchrun or {}).get("nodes_dir")
+    return Path(nodes) if nodes else None
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        value = read_json(path)
+    except (OSError, ValueError):  # absent, or (on a filesystem without atomic renames) half-written
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class Node0Heartbeat:
+    """Node 0 of a multi-node torchrun study, for the length of its call: a fresh session id,
+    given to every spec (`publish_decision` stamps its decisions with it), and a thread rewriting
+    ``<nodes_dir>/node0.json`` every HEARTBEAT_S, marked "ended" on exit. Another node trusts
+    only a session it has seen beat, so a previous call's files never pass for this one's."""
+
+    def __init__(self, nodes_dir: str | Path, specs: list[RunSpec]):
+        self.path = Path(nodes_dir) / "node0.json"
+        self.specs = specs
+        self.session = uuid.uuid4().hex
+        self.beat = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _write(self, ended: bool = False) -> None:
+        self.beat += 1
+        with contextlib.suppress(OSError):  # a hiccup of the shared filesystem: the next beat retries
+            write_json(self.path, {"session": self.session, "beat": self.beat, "ended": ended,
+                                   "time": time.time()})
+
+    def __enter__(self) -> str:
+        for spec in self.specs:
+            spec.torchrun = {**(spec.torchrun or {}), "session": self.session}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write()
+
+        def beat():
+            while not self._stop.wait(HEARTBEAT_S):
+                self._write()
+
+        self._thread = threading.Thread(target=beat, daemon=True)
+        self._thread.start()
+        return self.session
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._write(ended=True)
+
+
+def publish_decision(spec: RunSpec, decision: str, why: str = "") -> None:
+    """Node 0 of a multi-node torchrun study: tell the other nodes whether it trains `spec` now
+    ("train", written just before its torchrun starts) or not ("skip", with `why`). A no-op for
+    any other study (no session in the spec)."""
+    rdzv = spec.torchrun or {}
+    nodes = _nodes_dir(spec)
+    if nodes is None or not rdzv.get("session") or int(rdzv.get("node_rank") or 0) != 0:
+        return
+    write_json(nodes / f"{spec.name}.json", {"session": rdzv["session"], "decision": decision,
+                                             "why": why, "time": time.time()})
+
+
+def await_decision(spec: RunSpec, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """A node other than node 0: wait for node 0's decision on `spec` ({"decision": "train" or
+    "skip", "why"}) in the shared --out, polling every POLL_S with a line every REPORT_EVERY_S.
+    Only a decision of node 0's live session counts (one whose heartbeat this process saw move);
+    an ended session decides "skip" for every run it had not decided. Raises after DEAD_AFTER_S
+    without a heartbeat (node 0 not running, or --out not shared) or DECISION_TIMEOUT_S in all."""
+    nodes = _nodes_dir(spec)
+    assert nodes is not None
+    key = str(nodes)
+    beat_file, decision_file = nodes / "node0.json", nodes / f"{spec.name}.json"
+    start = last_change = last_report = time.monotonic()
+    first, previous = True, None
+    while True:
+        beat = _read(beat_file)
+        now = time.monotonic()
+        if beat is not None and not first and beat != previous:  # it moved: node 0 is running
+            _LIVE[key], last_change = str(beat.get("session")), now
+        first, previous = False, beat
+        live = _LIVE.get(key)
+        if live is not None:
+            decision = _read(decision_file)
+            if decision is not None and decision.get("session") == live:
+                return decision
+            if beat is not None and beat.get("session") == live and beat.get("ended"):
+                return {"decision": "skip", "why": "node 0 ended its study before this run"}
+        if now - last_change > DEAD_AFTER_S:
+            raise RuntimeError(f"node 0's heartbeat {beat_file} has not moved for "
+                               f"{duration(now - last_change)}: "
+                               "start node 0 with the same command, and give every node the same --out on a "
+                               "filesystem they all share (node 0 publishes there which runs it trains).")
+        if now - start > DECISION_TIMEOUT_S:
+            raise RuntimeError(f"node 0 decided nothing on {spec.name} in {duration(now - start)}; "
+                               "rerun the study on every node.")
+        if now - last_report >= REPORT_EVERY_S:
+            state = "alive" if live is not None and now - last_change < 4 * HEARTBEAT_S + POLL_S else \
+                f"not seen beating for {duration(now - last_change)}"
+            log(f"bench: waiting for node 0's decision on {spec.name} in {nodes} (node 0 {state}; "
+                f"waited {duration(now - start)})")
+            last_report = now
+        time.sleep(POLL_S)
+
+
 def _run_in_worker(spec: RunSpec) -> dict[str, Any]:
+    publish_decision(spec, "train")
     return run_one(spec, progress=False)
 
 
-def follow_run(spec: RunSpec) -> dict[str, Any]:
+def follow_run(spec: RunSpec, log: Callable[[str], None] = print) -> dict[str, Any]:
     """A node other than node 0: this node's part of the run's training, as a row for the progress
-    lines (node 0's bench_run.json is the run's row)."""
+    lines (node 0's bench_run.json is the run's row). Over several nodes sharing --out, it waits
+    for node 0's decision on the run first and skips what node 0 skips."""
     if finished_row(spec) is not None:
         return {"name": spec.name, "status": "ok", "skipped": True}
+    if _nodes_dir(spec) is not None:
+        decision = await_decision(spec, log)
+        if decision.get("decision") != "train":
+            why = decision.get("why") or "node 0 skipped it"
+            if why == FINISHED:
+                return {"name": spec.name, "status": "ok", "skipped": True}
+            return {"name": spec.name, "status": "failed", "error": f"not trained by node 0: {why}"}
     try:
         train_only(spec)
     except (Interrupted, KeyboardInterrupt):
@@ -157,6 +298,7 @@ def run_all(specs: list[RunSpec], jobs: int = 1, launcher: str = "local",
         done = finished_row(spec)
         if done is not None:
             rows[spec.name] = dict(done, skipped=True)
+            publish_decision(spec, "skip", FINISHED)
             progress.finished(spec, rows[spec.name])
         else:
             todo.append(spec)
@@ -166,7 +308,11 @@ def run_all(specs: list[RunSpec], jobs: int = 1, launcher: str = "local",
     elif jobs <= 1:
         for spec in todo:
             progress.started(spec)
-            rows[spec.name] = follow_run(spec) if node_rank > 0 else run_one(spec, progress=None)
+            if node_rank > 0:
+                rows[spec.name] = follow_run(spec, log)
+            else:
+                publish_decision(spec, "train")
+                rows[spec.name] = run_one(spec, progress=None)
             progress.finished(spec, rows[spec.name])
     else:
         rows.update(_run_pool(todo, jobs, progress, gpus, work))
@@ -280,18 +426,36 @@ def _run_pool(specs: list[RunSpec], jobs: int, progress: Progress, gpus: list[st
     return rows
 
 
+CPUS_PER_GPU = 8  # a job's default CPU cores per GPU (torchrun's ranks, data loading, tokenising)
+
+
 def slurm_parameters(specs: list[RunSpec], options: dict[str, Any]) -> dict[str, Any]:
     """submitit's update_parameters for the study's jobs: the defaults (a day, "libmoe-bench"),
     then, for runs of several GPUs or nodes, nodes = --nnodes, gpus_per_node = --nproc-per-node and
     one task per node (torchrun inside the job starts one process per GPU), then `options` (the
-    user's --slurm-option values win)."""
+    user's --slurm-option values win). A job with GPUs gets CPUS_PER_GPU cores per GPU of its task
+    (cpus_per_task) unless the options name cpus_per_task: Slurm's default of one core per task
+    would put torchrun and every rank it starts on one core."""
     params: dict[str, Any] = {"timeout_min": 24 * 60, "name": "libmoe-bench"}
     if specs and distributed(specs[0]):
         spec = specs[0]
         params.update(nodes=int((spec.torchrun or {}).get("nnodes") or 1), gpus_per_node=spec.nproc,
                       tasks_per_node=1)
     params.update(options)
+    gpus = params.get("gpus_per_node", params.get("slurm_gpus_per_node"))
+    tasks = params.get("tasks_per_node", params.get("slurm_ntasks_per_node")) or 1
+    if isinstance(gpus, int) and gpus > 0 and not {"cpus_per_task", "slurm_cpus_per_task"} & set(options):
+        params["cpus_per_task"] = max(1, CPUS_PER_GPU * gpus // int(tasks))
     return params
+
+
+def job_row(job) -> dict[str, Any] | None:
+    """The row a submitit job returned: task 0's (`_run_slurm_task`: node 0 writes the row, the
+    other tasks return None). submitit's `Job.result()` refuses a job of several tasks (one per
+    node of a multi-node run), so such a job's row is its task 0's result."""
+    if getattr(job, "num_tasks", 1) > 1:
+        return job.task(0).result()
+    return job.result()
 
 
 def slurm_rendezvous(spec: RunSpec, job_id: str, hostnames: list[str], num_nodes: int) -> RunSpec:
@@ -346,7 +510,7 @@ def _run_slurm(specs: list[RunSpec], progress: Progress, options: dict[str, Any]
     try:
         for spec, job in jobs:
             try:
-                rows[spec.name] = job.result()
+                rows[spec.name] = job_row(job)
             except Exception as err:  # noqa: BLE001  the job failed outside run_one
                 rows[spec.name] = _failed(spec, err)
             progress.finished(spec, rows[spec.name])

@@ -30,6 +30,7 @@ visible GPUs (divided by the GPUs one job takes) and each job gets its own
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from typing import Any
 
 from ..errors import Interrupted
 from .compare import regime_comparison
-from .launchers import Progress, duration, run_all
+from .launchers import NODES_DIR, Node0Heartbeat, Progress, duration, publish_decision, run_all
 from .outputs import check_out_dir, machine_info, remove_outputs, remove_run, start_manifest
 from .placement import Rendezvous, default_jobs, gpu_slots, gpus_per_job, visible_gpus
 from .presets import PAPER_ALGORITHMS, BenchPreset, load_bench_preset
@@ -165,8 +166,9 @@ def run_bench(
     with stop_on_signals():
         try:
             study.start = time.perf_counter()
-            prepare_out(study, [s for s, _ in stale])
-            run_stages(study)
+            with node0_heartbeat(study):
+                prepare_out(study, [s for s, _ in stale])
+                run_stages(study)
             return finish_study(study)
         except (Interrupted, KeyboardInterrupt):
             with signals_ignored():
@@ -229,6 +231,8 @@ def plan_study(out: str | Path, preset: str | BenchPreset | None, algorithms: li
     if launcher != "local":  # each run's rendezvous: its own id and port (its place in the study)
         for offset, s in enumerate(study.every):
             s.torchrun = {**rendezvous.as_dict(), "offset": offset}
+            if multi_node_torchrun(study):  # node 0 publishes its decision on each run in the shared out
+                s.torchrun["nodes_dir"] = str(out / NODES_DIR)
     for s in study.every:  # e.g. model.top_k=9 with 8 experts: refused now, not after data preparation
         get_regime(s.regime).check_spec(s)
     return study, the_regime.stale_runs(study.every)
@@ -277,6 +281,7 @@ def run_stages(study: Study) -> None:
             bad = [study.done[n] for n in s.needs if study.done.get(n, {}).get("status") != "ok"]
             if bad:
                 study.done[s.name] = blocked_row(s, bad[0])
+                publish_decision(s, "skip", study.done[s.name]["error"])
                 progress.finished(s, study.done[s.name])
             else:
                 ready.append(s)
@@ -285,12 +290,28 @@ def run_stages(study: Study) -> None:
         study.done.update({r["name"]: r for r in rows})
 
 
+def multi_node_torchrun(study: Study) -> bool:
+    """Whether the study trains each run with torchrun over several nodes started one by one
+    (node 0 then publishes its decisions in the shared --out; a Slurm job places its own nodes)."""
+    return study.launcher == "torchrun" and study.rendezvous.nnodes > 1
+
+
+def node0_heartbeat(study: Study) -> contextlib.AbstractContextManager:
+    """Node 0 of a multi-node torchrun study: its heartbeat and session in OUT/.nodes for the
+    length of the call (`launchers.Node0Heartbeat`; it creates --out before the data is
+    prepared, so that the other nodes see node 0 running while it prepares); else nothing."""
+    if multi_node_torchrun(study) and study.rendezvous.node_rank == 0:
+        return Node0Heartbeat(study.out / NODES_DIR, study.every)
+    return contextlib.nullcontext()
+
+
 def follow_study(study: Study) -> dict[str, Any]:
     """A node other than node 0: join each run's torchrun training, stage after stage, in the
     study's order (node 0 prepares the data, evaluates and writes every file); its rows."""
     with stop_on_signals():
         study.log(f"bench: node {study.rendezvous.node_rank} of {study.rendezvous.nnodes}: joining the "
-                  f"training of {len(study.every)} run(s) at {study.rendezvous.endpoint}")
+                  f"training of {len(study.every)} run(s) at {study.rendezvous.endpoint}, as node 0 "
+                  f"decides them in {study.out / NODES_DIR} (--out must be shared by every node)")
         progress = Progress(study.every, study.log)
         rows = []
         for stage in study.stages:
