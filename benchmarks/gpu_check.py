@@ -1,8 +1,9 @@
 """Everything a short GPU lease should measure, in one command and one JSON file.
 
-Parts (each a child process with its own time box, placed on its own GPU(s) so that every visible
-GPU works at once; a part that fails or runs out of time is recorded as failed with its error and
-the others go on; the script exits non-zero at the end when any part failed):
+Parts (each a child process with its own time box, run one after another: parts running at once
+on different GPUs would still share the host's CPUs, and one part's inductor compilation would
+skew another's host-bound tokens/s; a part that fails or runs out of time is recorded as failed
+with its error and the others go on; the script exits non-zero at the end when any part failed):
 
 * ``prepare_data``    the packed data of paper-158m on the embedded corpus (CPU, once, cached);
 * ``moe_layer``       forward+backward of one MoE layer (benchmarks/moe_layer.py's cases: dense FFN,
@@ -11,11 +12,19 @@ the others go on; the script exits non-zero at the end when any part failed):
                       dense;
 * ``train_eager``     100 steps of paper-158m, train.compile=false: tokens/s, step time, MFU, peak
                       memory (metrics.jsonl and train_summary.json);
-* ``train_compile``   the same with train.compile=true;
-* ``train_ep2``       with two GPUs or more: 50 steps under torchrun on 2 GPUs, train.expert_parallel=2;
-* ``train_ddp_all``   with two GPUs or more: 50 steps data-parallel over every visible GPU.
+* ``train_compile``   30 steps of the same with train.compile=true (fewer steps: compilation takes
+                      most of its time box); its tokens/s, step time and MFU are the logged windows
+                      after the first (warm-up and compilation), as for every training part;
+* ``train_ep2``       with two GPUs or more: 20 steps under torchrun on 2 GPUs, train.expert_parallel=2;
+* ``train_ddp_all``   with two GPUs or more: 20 steps data-parallel over the most visible GPUs that
+                      divide the batch (64 sequences: 3 GPUs train on 2, 5-7 on 4), recorded as
+                      ``processes`` with ``gpus_visible``.
 
-    python benchmarks/gpu_check.py --out gpu_check.json            # about 5-8 minutes on one H100
+The time boxes (full run: 60 + 70 + 100 + 130 s, and 50 + 50 s with two GPUs or more) add up to
+the default budget of 460 s, so the whole check fits in 8 minutes with its start-up; a part is
+given at most what is left of the budget.
+
+    python benchmarks/gpu_check.py --out gpu_check.json            # under 8 minutes on one H100
     python benchmarks/gpu_check.py --smoke --out smoke.json        # CPU: tiny sizes, a few steps
 
 The JSON is rewritten after every part, so an interrupted check keeps the figures it has.
@@ -40,19 +49,19 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# bf16 dense peak FLOP/s per device (no sparsity), for the MFU estimate when the metrics lack it
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
-             "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
 
-# part: (GPUs it needs: 0, 1, 2 or "all"; time box in seconds, full run; smoke run)
+# part: (GPUs it needs: 0, 1, 2 or "all"; time box in seconds, full run; smoke run). The parts run
+# one at a time; the full boxes sum to the default --budget-s (460 s: 8 minutes with start-up).
 PARTS = {
-    "prepare_data": (0, 150, 120),
-    "moe_layer": (1, 100, 90),
-    "train_eager": (1, 150, 120),
-    "train_compile": (1, 240, 120),
-    "train_ep2": (2, 150, 120),
-    "train_ddp_all": ("all", 150, 120),
+    "prepare_data": (0, 60, 120),
+    "moe_layer": (1, 70, 90),
+    "train_eager": (1, 100, 120),
+    "train_compile": (1, 130, 120),
+    "train_ep2": (2, 50, 120),
+    "train_ddp_all": ("all", 50, 120),
 }
+# training steps (full run) and the logging window: tokens/s etc. are the windows after the first
+STEPS = {"train_eager": (100, 10), "train_compile": (30, 5), "train_ep2": (20, 5), "train_ddp_all": (20, 5)}
 
 
 def log(start: float, text: str) -> None:
@@ -62,13 +71,14 @@ def log(start: float, text: str) -> None:
 # ----------------------------------------------------------------------------- the parts (children)
 
 
-def train_args(args, work: Path, steps: int, compile_: bool, extra: list[str]) -> list[str]:
+def train_args(args, work: Path, steps: int, compile_: bool, extra: list[str],
+               log_every: int = 10) -> list[str]:
     """`libmoe train` arguments: paper-158m (micro with --smoke) on the embedded corpus, `steps`
     steps, no periodic validation or checkpoint, a small final validation, the shared data cache."""
     preset = "micro" if args.smoke else "paper-158m"
     return ["--preset", preset, "--data", "embedded", "--max-steps", str(steps),
             f"data.cache_dir={work / 'cache'}", "data.min_val_tokens=65536", "data.hub={}",
-            f"train.log_every={1 if args.smoke else 10}", "train.eval_every=1000000",
+            f"train.log_every={1 if args.smoke else log_every}", "train.eval_every=1000000",
             "train.checkpoint_every=1000000", "train.eval_tokens=16384",
             f"train.compile={'true' if compile_ else 'false'}", *extra]
 
@@ -143,12 +153,14 @@ def part_moe_layer(args, work: Path) -> dict:
             "failed_cases": [r["case"] for r in rows if r["error"]]}
 
 
-def run_training(args, work: Path, name: str, steps: int, compile_: bool, nproc: int = 1,
+def run_training(args, work: Path, name: str, compile_: bool, nproc: int = 1,
                  extra: list[str] = ()) -> dict:
-    """Train in a child (`libmoe train`, under torchrun for `nproc` > 1) and read its figures."""
+    """Train in a child (`libmoe train`, under torchrun for `nproc` > 1) for the part's STEPS
+    (3 with --smoke) and read its figures."""
+    steps, log_every = (3, 1) if args.smoke else STEPS[name]
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
-    entry = ["-m", "libmoe", "train", *train_args(args, work, steps, compile_, list(extra)),
+    entry = ["-m", "libmoe", "train", *train_args(args, work, steps, compile_, list(extra), log_every),
              "--out", str(out)]
     cmd = [sys.executable, *entry] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *entry]
@@ -164,7 +176,8 @@ def run_training(args, work: Path, name: str, steps: int, compile_: bool, nproc:
         values = [r[key] for r in steady if isinstance(r.get(key), (int, float))]
         return statistics.fmean(values) if values else None
 
-    figures = {"steps": summary.get("step"), "processes": nproc, "wall_s": wall,
+    figures = {"steps": summary.get("step"), "processes": nproc, "wall_s": wall, "log_every": log_every,
+               "windows_averaged": len(steady),
                "train_time_s": summary.get("train_time_s"), "tokens_per_s": mean("tokens_per_s"),
                "step_time_s": mean("step_time_s"), "mfu": mean("mfu"),
                "peak_mem_mb": summary.get("peak_mem_mb"), "params_total": summary.get("params_total"),
@@ -179,39 +192,49 @@ def run_training(args, work: Path, name: str, steps: int, compile_: bool, nproc:
     return figures
 
 
+def preset_config(args):
+    from libmoe.train import resolve_config
+
+    return resolve_config(preset="micro" if args.smoke else "paper-158m")
+
+
 def estimated_mfu(args, tokens_per_s: float, active: int, nproc: int) -> float | None:
-    """libmoe.train.trainer.flops_per_token x tokens/s over the GPUs' bf16 dense peak."""
+    """libmoe.train.trainer.flops_per_token x tokens/s over the GPUs' bf16 dense peak
+    (libmoe.train.throughput's table, as the trainer's own MFU)."""
     import torch
 
-    from libmoe.train import resolve_config
+    from libmoe.train.throughput import mfu, run_peak_flops
     from libmoe.train.trainer import flops_per_token
 
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(0)
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    if peak is None:
-        return None
-    cfg = resolve_config(preset="micro" if args.smoke else "paper-158m")
-    return flops_per_token(cfg, active) * tokens_per_s / (peak * nproc)
+    peak = run_peak_flops(None, torch.device("cuda", 0), torch.bfloat16)
+    return mfu(tokens_per_s, flops_per_token(preset_config(args), active), peak, nproc)
 
 
 def part_train_eager(args, work):
-    return run_training(args, work, "train_eager", 3 if args.smoke else 100, False)
+    return run_training(args, work, "train_eager", False)
 
 
 def part_train_compile(args, work):
-    return run_training(args, work, "train_compile", 3 if args.smoke else 100, True)
+    return run_training(args, work, "train_compile", True)
 
 
 def part_train_ep2(args, work):
-    return run_training(args, work, "train_ep2", 3 if args.smoke else 50, False, nproc=2,
-                        extra=["train.expert_parallel=2"])
+    return run_training(args, work, "train_ep2", False, nproc=2, extra=["train.expert_parallel=2"])
+
+
+def dividing_count(gpus: int, batch: int) -> int:
+    """The most of `gpus` processes that split `batch` sequences evenly (at least 1)."""
+    return max(n for n in range(1, max(1, gpus) + 1) if batch % n == 0)
 
 
 def part_train_ddp_all(args, work):
-    n = len(os.environ.get("CUDA_VISIBLE_DEVICES", "").split(","))
-    return run_training(args, work, "train_ddp_all", 3 if args.smoke else 50, False, nproc=n)
+    visible = len(os.environ.get("CUDA_VISIBLE_DEVICES", "").split(","))
+    batch = preset_config(args).train.batch_size
+    n = dividing_count(visible, batch)  # torchrun's ranks take the first n visible GPUs
+    return {**run_training(args, work, "train_ddp_all", False, nproc=n), "gpus_visible": visible,
+            "batch_size": batch}
 
 
 def run_part(args) -> int:
@@ -313,6 +336,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     gpus = visible_gpus()
     report = {"device": device_info(gpus), "smoke": args.smoke, "budget_s": args.budget_s,
+              "schedule": "sequential: one part at a time (no two parts share the host's CPUs)",
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "parts": {}}
     chosen = set(args.parts.split(",")) if args.parts else set(PARTS)
     log(start, f"{len(gpus)} GPU(s) visible ({','.join(gpus) or 'none: CPU'}); parts: "
@@ -334,10 +358,8 @@ def main(argv=None) -> int:
     while pending or running:
         for item in list(pending):
             name, need, box = item
-            if "prepare_data" in running or (running and not gpus):
-                break  # the training parts read its cache: it runs first, alone; on a CPU one at a time
-            if gpus and need > len(free):
-                continue  # waits for GPUs (train_ddp_all: for every GPU)
+            if running:
+                break  # one part at a time: parts at once share the host's CPUs and skew each other
             pending.remove(item)
             left = args.budget_s - (time.perf_counter() - start)
             if left < 15:
@@ -348,8 +370,6 @@ def main(argv=None) -> int:
             running[name] = start_part(args, work, name, mine, bool(gpus), min(box, left))
             log(start, f"{name}: started on {('GPU ' + ','.join(mine)) if mine else 'CPU'} "
                 f"(time box {min(box, left):.0f}s; log {work / (name + '.log')})")
-            if name == "prepare_data":
-                break
         time.sleep(0.5)
         for name, (proc, mine, t0, timeout, part_out) in list(running.items()):
             elapsed = time.perf_counter() - t0
@@ -365,7 +385,7 @@ def main(argv=None) -> int:
             else:
                 tail = (work / f"{name}.log").read_text()[-1500:]
                 result = {"status": "failed", "error": f"exit code {proc.returncode}, no result: {tail}"}
-            result.update(seconds=round(elapsed, 1), gpus=mine)
+            result.update(seconds=round(elapsed, 1), gpus=mine, started_s=round(t0 - start, 1))
             report["parts"][name] = result
             free.extend(mine)
             del running[name]

@@ -27,3 +27,18 @@ def test_gpu_check_smoke_records_every_part_and_a_failure(tmp_path):
     assert "mfu" in eager  # None on a CPU (no peak FLOP/s), a fraction on a GPU
     assert parts["train_ep2"] == {"status": "skipped", "why": "needs 2 GPUs or more, 0 visible"}
     assert report["failed"] == ["moe_layer"] and report["ok"] is False and report["elapsed_s"] > 0
+    assert report["schedule"].startswith("sequential")  # one part at a time: no shared CPUs, no overlap
+    first = parts["moe_layer"]
+    assert eager["started_s"] >= first["started_s"] + first["seconds"] - 0.6  # the parent polls every 0.5 s
+
+
+def test_gpu_check_plan_fits_the_lease_and_splits_the_batch():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    boxes = [full for _, full, _ in gpu_check.PARTS.values()]
+    assert sum(boxes) <= 460 < 8 * 60  # sequential parts: every time box fits the default budget
+    assert gpu_check.STEPS["train_eager"][0] == 100  # the 100 eager steps of paper-158m
+    assert [gpu_check.dividing_count(n, 64) for n in range(1, 9)] == [1, 2, 2, 4, 4, 4, 4, 8]
