@@ -18,8 +18,6 @@ allow-list of functions that place their tensors (the device helpers check the p
 
 import ast
 import json
-import os
-import socket
 import traceback
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_helpers import free_port, torchrun_env
 
 from libmoe.devices import DistInfo, all_reduce_sum
 from libmoe.eval.perplexity import validation_loss
@@ -38,25 +37,13 @@ from libmoe.train.distributed import all_reduce_max, all_reduce_min, any_rank, b
 SRC = Path(__file__).resolve().parents[2] / "src" / "libmoe"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(rank: int, world: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-
-
 def _windows(cfg) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, cfg.model.vocab_size, (5, cfg.seq_len + 1), generator=g)  # 5: padded over 2
 
 
 def _train_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str, results: str) -> None:
-    _env(rank, world, port)
+    torchrun_env(rank, world, port)
     from libmoe.train.distributed import cpu_group, init_distributed
 
     report: dict = {}
@@ -95,7 +82,7 @@ def test_training_validation_and_checkpoint_on_a_group_serving_only_the_training
     torch.manual_seed(0)
     expected = validation_loss(MoETransformer(cfg.model), _windows(cfg), 2, per_window=True)
 
-    mp.spawn(_train_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path / "dist"), str(tmp_path)),
+    mp.spawn(_train_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path / "dist"), str(tmp_path)),
              nprocs=2, join=True)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank, report in enumerate(reports):
@@ -115,7 +102,7 @@ def test_training_validation_and_checkpoint_on_a_group_serving_only_the_training
 
 
 def _failing_data_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str, results: str) -> None:
-    _env(rank, world, port)
+    torchrun_env(rank, world, port)
     import time
 
     from libmoe.train import trainer
@@ -137,7 +124,7 @@ def _failing_data_worker(rank: int, world: int, port: int, cfg_dict: dict, out: 
 
 def test_a_failure_while_rank_0_prepares_the_data_stops_the_waiting_ranks_at_once(micro_config, tmp_path):
     cfg = micro_config(steps=2)
-    args = (2, _free_port(), cfg.to_dict(), str(tmp_path / "run"), str(tmp_path))
+    args = (2, free_port(), cfg.to_dict(), str(tmp_path / "run"), str(tmp_path))
     mp.spawn(_failing_data_worker, args=args, nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["error"] == "ValueError: data source is broken"

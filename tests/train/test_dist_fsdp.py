@@ -4,8 +4,6 @@ parameters in bf16 and reduces gradients in fp32 while every MoE router computes
 is fused only where every parameter is on CUDA."""
 
 import json
-import os
-import socket
 import traceback
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_helpers import free_port, torchrun_env
 
 from libmoe.models.run_config import config_from_dict
 from libmoe.train import train
@@ -20,18 +19,6 @@ from libmoe.train.distributed import mixed_precision_policy
 from libmoe.train.optim import adamw_kernel, build_optimizer
 
 REDUCE_SCATTERS = ("reduce_scatter_tensor", "reduce_scatter_single", "reduce_scatter")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(rank: int, world: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:
@@ -66,11 +53,11 @@ def _count_reduce_scatters() -> dict:
 def _worker(rank: int, world: int, ports: list[int], cfg_dict: dict, out: str, results: str) -> None:
     report: dict = {}
     try:
-        _env(rank, world, ports[0])
+        torchrun_env(rank, world, ports[0])
         counts = _count_reduce_scatters()
         train(config_from_dict(cfg_dict), out, progress=False)
         report.update(counts)
-        _env(rank, world, ports[1])
+        torchrun_env(rank, world, ports[1])
         report["bf16"] = _bf16_step(config_from_dict(cfg_dict))
     except BaseException:  # noqa: BLE001  reported to the test, which names the rank
         report["error"] = traceback.format_exc()
@@ -120,7 +107,7 @@ def test_fsdp_micro_batches_skip_gradient_sync_and_match_one_process(micro_confi
     cfg = micro_config("train.micro_batch_size=2", "train.parallel=fsdp", "train.eval_every=4",
                        "train.checkpoint_every=4", steps=3)
     train(cfg, tmp_path / "single", progress=False)  # 4 micro-batches of 2 per step
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     mp.spawn(_worker, args=(2, ports, cfg.to_dict(), str(tmp_path / "fsdp"), str(tmp_path)), nprocs=2,
              join=True)  # 2 micro-batches of 2 per process and step
     for rank in range(2):
