@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from libmoe.data import Document, load_corpus, split_documents
+from libmoe.data import encode as encode_mod
 from libmoe.data import packed as packed_mod
-from libmoe.data.packed import default_num_proc, prepare_data
+from libmoe.data.encode import default_num_proc
+from libmoe.data.packed import prepare_data
 from libmoe.errors import WorkFailed
 
 SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -34,7 +36,7 @@ def _files(root: Path) -> dict[str, bytes]:
 @pytest.fixture
 def small_chunks(monkeypatch):
     # Many chunks of a small corpus, so that every worker gets several and order matters.
-    monkeypatch.setattr(packed_mod, "CHUNK_CHARS", 4000)
+    monkeypatch.setattr(encode_mod, "CHUNK_CHARS", 4000)
 
 
 def test_local_corpus_packs_the_same_bytes_for_any_num_proc(tmp_path, small_chunks):
@@ -71,7 +73,7 @@ def test_stream_packs_the_same_bytes_for_any_num_proc_and_stops_at_the_same_toke
 def test_num_proc_must_be_a_positive_count(tmp_path):
     with pytest.raises(ValueError, match="num_proc"):
         prepare_data("embedded", cache_dir=tmp_path, num_proc=0, log=lambda _: None)
-    assert 1 <= default_num_proc() <= packed_mod.MAX_NUM_PROC
+    assert 1 <= default_num_proc() <= encode_mod.MAX_NUM_PROC
 
 
 def _fake_stream(monkeypatch) -> None:
@@ -87,7 +89,7 @@ def test_a_dead_worker_fails_with_one_clear_error_instead_of_hanging(tmp_path, s
         os.kill(os.getpid(), signal.SIGKILL)
 
     # Runs only in the (forked) workers: the parent trains the tokenizer but encodes nothing.
-    monkeypatch.setattr(packed_mod, "_encode_packed", killed)
+    monkeypatch.setattr(encode_mod, "_encode_packed", killed)
     errors: list[BaseException] = []
 
     def prepare() -> None:
@@ -111,16 +113,16 @@ def test_a_dead_worker_fails_with_one_clear_error_instead_of_hanging(tmp_path, s
 def test_workers_are_spawned_not_forked_once_cuda_is_initialised(tmp_path, small_chunks, monkeypatch):
     _fake_stream(monkeypatch)
     methods = []
-    real = packed_mod.ProcessPoolExecutor
+    real = encode_mod.ProcessPoolExecutor
 
     def recording(*args, mp_context, **kwargs):
         methods.append(mp_context.get_start_method())
         return real(*args, mp_context=mp_context, **kwargs)
 
-    monkeypatch.setattr(packed_mod, "ProcessPoolExecutor", recording)
+    monkeypatch.setattr(encode_mod, "ProcessPoolExecutor", recording)
     caches = {}
     for cuda in (False, True):
-        monkeypatch.setattr(packed_mod.torch.cuda, "is_initialized", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(encode_mod.torch.cuda, "is_initialized", lambda cuda=cuda: cuda)
         cache = tmp_path / f"cache_{cuda}"
         prepare_data("hf:fake/stream", cache_dir=cache, num_proc=2, tokenizer_chars=40_000,
                      max_train_tokens=20_000, log=lambda _: None, **SETTINGS)
