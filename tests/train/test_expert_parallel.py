@@ -11,13 +11,13 @@ import copy
 import dataclasses
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_helpers import free_port
 
 from libmoe.devices import DistInfo
 from libmoe.models import ModelConfig, MoETransformer
@@ -36,12 +36,6 @@ from libmoe.train.expert_parallel import (
 ALGORITHMS = ("smoe", "sharede_v3", "moe_plus_plus", "tc_moe")
 LAYER_OPTIONS = {"smoe": {}, "sharede_v3": {"bias_balancing": 0.01}, "moe_plus_plus": {}, "tc_moe": {}}
 EXPERT_KEYS = ("w1", "w2", "w3", "b1", "b2", "b3")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn(fn, world: int, *args, init: bool = True) -> None:
