@@ -1,10 +1,11 @@
 """Corpus loading: embedded, the shared corpus layout, single files, JSONL, bad input."""
 
+import platform
 from pathlib import Path
 
 import pytest
 
-from libmoe.data import load_corpus, split_documents
+from libmoe.data import Corpus, Document, corpus_hash, corpus_record, load_corpus, split_documents
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -72,3 +73,36 @@ def test_split_documents_cuts_at_line_breaks(tmp_path):
     assert "".join(p.text for p in pieces) == text
     assert all(len(p.text) <= 100 and p.text.endswith("\n") for p in pieces)
     assert len(pieces) == 10 and pieces[3].source.endswith("long.txt#3")
+
+
+def test_corpus_hash_is_the_content_whatever_the_paths_and_order(tmp_path):
+    for root in ("a", "b"):
+        (tmp_path / root / "legal").mkdir(parents=True)
+        (tmp_path / root / "legal" / "x.txt").write_text("the court held that\n")
+        (tmp_path / root / "legal" / "y.txt").write_text("further text\n")
+    first, moved = load_corpus(tmp_path / "a"), load_corpus(tmp_path / "b")
+    assert first.documents[0].source != moved.documents[0].source
+    assert corpus_hash(first) == corpus_hash(moved)  # same text in another place: same hash
+    assert corpus_hash(Corpus(first.documents[::-1])) == corpus_hash(first)
+    assert len(corpus_hash(first)) == 64
+
+    (tmp_path / "b" / "legal" / "y.txt").write_text("further text!\n")  # one changed character
+    assert corpus_hash(load_corpus(tmp_path / "b")) != corpus_hash(first)
+    relabelled = Corpus([Document(d.text, "other", d.source) for d in first.documents])
+    assert corpus_hash(relabelled) != corpus_hash(first)  # the domain is part of the content
+    assert corpus_hash(Corpus(first.documents[:1])) != corpus_hash(first)
+    # Framing: moving text across the domain/text boundary is another corpus.
+    assert corpus_hash(Corpus([Document("bc", "a", "s")])) != corpus_hash(Corpus([Document("c", "ab", "s")]))
+
+
+def test_corpus_record_of_a_directory_the_embedded_corpus_and_a_stream(tmp_path):
+    (tmp_path / "top.txt").write_text("at the root\n")
+    record = corpus_record(tmp_path)
+    assert record == {"source": str(tmp_path), "hash": corpus_hash(load_corpus(tmp_path)),
+                      "documents": 1, "chars": 12}
+    embedded = corpus_record("embedded")
+    assert embedded["hash"] == corpus_hash(load_corpus("embedded")) == corpus_record()["hash"]
+    assert embedded["python"] == platform.python_version() and embedded["documents"] > 100
+    stream = corpus_record("hf:someone/data", {"split": "train", "max_documents": 10})  # nothing read
+    assert stream == {"source": "hf:someone/data", "hash": None,
+                      "stream": {"dataset": "someone/data", "split": "train", "max_documents": 10}}

@@ -1,7 +1,15 @@
 """Corpora (embedded default, local files, Hugging Face datasets) with domain labels, tokenizers,
 and tokenised data packed into cached memory-mapped shards."""
 
-from .corpus import Corpus, Document, embedded_corpus, load_corpus, split_documents
+from .corpus import (
+    Corpus,
+    Document,
+    corpus_hash,
+    corpus_record,
+    embedded_corpus,
+    load_corpus,
+    split_documents,
+)
 from .hf_tokenizer import is_libmoe_sentencepiece, write_transformers_tokenizer
 from .hub import HUB_ALIASES, iter_hub_documents, load_hub_corpus
 from .packed import (
@@ -22,6 +30,8 @@ __all__ = [
     "SentencePieceTokenizer",
     "SequenceSampler",
     "Tokenizer",
+    "corpus_hash",
+    "corpus_record",
     "embedded_corpus",
     "is_libmoe_sentencepiece",
     "iter_hub_documents",

@@ -15,11 +15,20 @@ Sources (`load_corpus(source)`):
   does the same when no file or directory of that name exists.
 
 Files that are not valid UTF-8 are skipped and counted in `Corpus.skipped`, never half-read.
+
+`corpus_hash(corpus)` is a corpus's content hash (its documents' text and domain, in sorted order,
+not their paths), and `corpus_record(source)` what a results file records about the text a source
+gives: that hash, the document and character counts, and for the embedded corpus the Python it
+came from. The embedded corpus is the installed Python's own text, so it differs between Python
+versions (3.11 and 3.12 ship other documentation and modules) and so does its hash; it cannot be
+made identical without shipping text, so the bench shows the hash wherever its numbers are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import platform
 import pydoc_data.topics
 import sysconfig
 from pathlib import Path
@@ -27,7 +36,8 @@ from pathlib import Path
 from .documents import Corpus, Document
 from .hub import HUB_ALIASES, hub_name, load_hub_corpus
 
-__all__ = ["Corpus", "Document", "embedded_corpus", "load_corpus", "split_documents"]
+__all__ = ["Corpus", "Document", "corpus_hash", "corpus_record", "embedded_corpus", "load_corpus",
+           "split_documents"]
 
 
 def embedded_corpus() -> Corpus:
@@ -137,3 +147,35 @@ def split_documents(corpus: Corpus, max_chars: int = 50_000) -> Corpus:
             pieces.append("".join(piece))
         out.extend(Document(p, doc.domain, f"{doc.source}#{k}") for k, p in enumerate(pieces))
     return Corpus(out, list(corpus.skipped))
+
+
+def corpus_hash(corpus: Corpus) -> str:
+    """SHA-256 (hex) of a corpus's content: each document's domain and text, documents in sorted
+    order, so the same text gives the same hash on every machine whatever the files' paths or the
+    order they were listed in; a changed, added or removed document (or a changed domain) gives
+    another hash."""
+    h = hashlib.sha256()
+    for domain, text in sorted((d.domain, d.text) for d in corpus.documents):
+        for part in (domain, text):
+            data = part.encode("utf-8", "surrogatepass")
+            h.update(len(data).to_bytes(8, "little"))  # length-prefixed: no two corpora collide by framing
+            h.update(data)
+    return h.hexdigest()
+
+
+def corpus_record(source: str | Path = "embedded", hub_options: dict | None = None) -> dict:
+    """What a results file records about the text `source` gives (see `load_corpus`):
+    {"source", "hash" (`corpus_hash`), "documents", "chars"}, plus "python" (the version whose
+    documentation and standard library it is) for the embedded corpus. A Hub stream is not read
+    to hash it (that is a pass over the whole stream): its record has "hash" None and "stream",
+    the dataset and its options (a revision among them when one is given)."""
+    name = str(source)
+    dataset = hub_name(name)
+    if dataset is not None:
+        return {"source": name, "hash": None, "stream": {"dataset": dataset, **(hub_options or {})}}
+    corpus = load_corpus(source, hub_options=hub_options)
+    record = {"source": name, "hash": corpus_hash(corpus), "documents": len(corpus.documents),
+              "chars": sum(len(d.text) for d in corpus.documents)}
+    if name == "embedded":
+        record["python"] = platform.python_version()
+    return record
