@@ -121,3 +121,40 @@ def test_default_preset_plans_the_init_std_study(tmp_path):
     assert rows[0].interventions == ["droptop", "temperature"]
     (stage,) = plan_stages(tmp_path, load_bench_preset("default"), ["smoe"], 1, studies=["droptop"])
     assert [s.role for s in stage] == ["row"] and stage[0].interventions == ["droptop"]
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """A micro bench of two seeds with the routing studies and three checkpoints (claim b's two
+    intervals): about 20 s on 2 cores."""
+    out = tmp_path_factory.mktemp("findings") / "seeded"
+    results = run_bench(out, preset="micro", algorithms=["dense", "smoe", "xmoe"], seeds=2, tasks=[],
+                        studies="droptop,temperature", overrides=["train.checkpoint_every=10"],
+                        log=lambda _: None)
+    return out, results
+
+
+def test_with_seeds_claim_a_and_the_routing_claims_are_t_intervals_over_seeds(seeded, capsys):
+    out, results = seeded
+    found = {f["id"]: f for f in results["findings"]}
+    for claim in ("a_moe_beats_dense", "b_change_rate_falls", "d_margin_grows_with_depth", "e_droptop_hurts",
+                  "f_temperature", "h_subtask_specialisation"):
+        f = found[claim]
+        tested = [p for p in f["measured"]["parts"] if p["verdict"] != "not_applicable"]
+        assert tested, claim
+        for p in tested:
+            assert p["method"] == "t interval over 2 seeds" and p["scope"] == "over 2 seeds", (claim, p["name"])
+            assert len(p["per_seed"]) == 2 and p["seed_spread"] >= 0 and "overturn_spread" not in p
+        assert f["scope"] == "over 2 seeds" and f["variance"]["summary"] == "over 2 seeds (t interval)", claim
+        assert "t intervals over seeds" in f["why"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["findings"][0]["variance"]["scope"] == "over 2 seeds"
+    assert "over 2 seeds (t interval)" in (out / "results.md").read_text()
+    assert "over 2 seeds (t interval)" in (out / "report.html").read_text()
+    # the records of SEED_SPREADS this output gives, printed to paste
+    from libmoe.findings.measure_spreads import main as measure
+
+    measure([str(out), "--preset", "micro"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("{'micro': {'a_moe_beats_dense': {'spreads': {'smoe':")
+    assert "'seeds': 2" in printed and "'provisional': False" in printed

@@ -13,11 +13,16 @@ from libmoe.findings.inputs import same_units, sequence_ids, unit_sums
 from libmoe.findings.stats import (
     MIN_UNITS,
     RESAMPLES,
+    SCOPE_RUN,
+    Z975,
     bootstrap_part,
     combine,
     judge,
     multiplicities,
+    overturn_spread,
+    part,
     percentile_interval,
+    seeds_part,
     stratified_multiplicities,
     t_interval,
     weighted_mean,
@@ -75,6 +80,30 @@ def test_too_few_units_are_inconclusive():
     assert bootstrap_part("x", 1.0, samples, 1, MIN_UNITS, "u")["verdict"] == "reproduced"
     few = bootstrap_part("x", 1.0, samples, 1, MIN_UNITS - 1, "u")
     assert few["verdict"] == "inconclusive" and "fewer than" in few["why"]
+
+
+def test_parts_say_their_scope():
+    one = bootstrap_part("x", 1.0, torch.full((100,), 1.0), 1, MIN_UNITS, "u")
+    assert one["scope"] == SCOPE_RUN == "this training run" and one["seeds"] == 1
+    many = seeds_part("x", [0.1, 0.3, 0.2], 1)
+    assert many["scope"] == "over 3 seeds" and many["seeds"] == 3
+    assert many["seed_spread"] == pytest.approx(0.1)  # the sample sd of the per-seed values
+
+
+def test_overturn_spread_is_the_seed_sd_that_leaves_a_part_undecided():
+    # no evaluation noise: |estimate| / 1.96
+    assert overturn_spread(part("x", -0.02, -0.02, -0.02, -1, "m", seeds=1)) == pytest.approx(0.02 / Z975)
+    # evaluation sd e (the interval's end nearest 0 is 1.96 e away): sqrt((D / 1.96)^2 - e^2)
+    d, e = 0.05, 0.01
+    p = part("x", d, d - Z975 * e, d + 3 * e, 1, "m", seeds=1)
+    s_star = overturn_spread(p)
+    assert s_star == pytest.approx(math.sqrt((d / Z975) ** 2 - e * e))
+    # at s*, the interval D +- 1.96 sqrt(s*^2 + e^2) just reaches 0
+    assert d - Z975 * math.sqrt(s_star ** 2 + e * e) == pytest.approx(0.0, abs=1e-12)
+    # contradicted parts too; undecided and multi-seed parts have none
+    assert overturn_spread(part("x", 0.05, 0.03, 0.07, -1, "m", seeds=1)) > 0
+    assert overturn_spread(part("x", 0.01, -0.01, 0.03, 1, "m", seeds=1)) is None
+    assert overturn_spread(seeds_part("x", [0.1, 0.3, 0.2], 1)) is None
 
 
 def test_sequence_ids_and_unit_sums():

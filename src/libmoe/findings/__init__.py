@@ -10,8 +10,11 @@ Every claim is one registered function over the bench output directory (`registr
 the claims in `checks`); it reads only the output's files (`inputs`), so an edited, moved or
 merged output is judged on what it holds. Verdicts: reproduced, not_reproduced, inconclusive,
 not_applicable; the statistics (a bootstrap over validation windows / probe sequences with one
-seed, a t interval over seeds with several) are in `stats`. `libmoe bench` checks every claim at
-the end of a study; `libmoe findings BENCH_DIR` recomputes them for an existing output.
+seed, a t interval over seeds with several) are in `stats`; what training variance does to them
+(the scope of a verdict: this training run or over N seeds, and the seed spread that would
+overturn a one-seed verdict beside the measured one of `seed_spreads`) is in `variance`.
+`libmoe bench` checks every claim at the end of a study; `libmoe findings BENCH_DIR` recomputes
+them for an existing output.
 
 The findings sit below the bench: they read a bench output's files and render their own sections
 (`findings_markdown`, `findings_html`); rewriting a bench output's tables and report with the
@@ -29,11 +32,13 @@ from ..overrides import did_you_mean
 from . import checks as _checks  # noqa: F401  registers the claims
 from .inputs import INIT_STD_DIR, Bench, load_init_std, read_bench_results
 from .registry import FINDINGS, Finding, check, finding
+from .seed_spreads import SEED_SPREADS, measured_spread, spread_records
 from .stats import VERDICTS
 
-__all__ = ["FINDINGS", "INIT_STD_DIR", "VERDICTS", "Bench", "Finding", "check_findings", "check_ids",
-           "finding", "findings_html", "findings_markdown", "findings_table", "load_init_std",
-           "markdown_table", "read_bench_results"]
+__all__ = ["FINDINGS", "HEADER", "INIT_STD_DIR", "SEED_SPREADS", "VARIANCE_NOTE", "VERDICTS", "Bench",
+           "Finding", "check_findings", "check_ids", "finding", "findings_html", "findings_markdown",
+           "findings_table", "load_init_std", "markdown_table", "measured_spread", "read_bench_results",
+           "spread_records", "variance_summary"]
 
 
 def check_findings(bench_dir: str | Path, only: list[str] | None = None,
@@ -59,12 +64,27 @@ def check_ids(ids: list[str]) -> list[str]:
     return list(ids)
 
 
+# What the "Training variance" column means, under both tables.
+VARIANCE_NOTE = ("Training variance: a one-seed verdict holds for this training run only (another seed or "
+                 "machine trains another model); the column gives the seed-to-seed spread (sd) of the "
+                 "statistic that would overturn it, beside the measured one where known; with --seeds N "
+                 "the verdicts are t intervals over the N seeds.")
+HEADER = ["Claim", "Paper", "Measured here", "Verdict", "Training variance", "Figure"]
+
+
+def variance_summary(f: dict[str, Any]) -> str:
+    """A finding's "Training variance" cell: its scope and the seed spread that would overturn it
+    (an output checked before the scope existed: "–")."""
+    return (f.get("variance") or {}).get("summary") or "–"
+
+
 def findings_table(findings: list[dict[str, Any]]) -> list[list[str]]:
-    """[header, rows]: claim, paper reference, what this run measured, verdict, figure."""
-    table = [["Claim", "Paper", "Measured here", "Verdict", "Figure"]]
+    """[header, rows]: claim, paper reference, what this run measured, verdict, training variance
+    (scope; the seed spread that would overturn a one-seed verdict), figure (always last)."""
+    table = [list(HEADER)]
     for f in findings:
         table.append([f"{f['id']}: {f['claim']}", f["paper_ref"], f["measured"].get("summary", ""),
-                      f["verdict"].replace("_", " "), f.get("figure") or ""])
+                      f["verdict"].replace("_", " "), variance_summary(f), f.get("figure") or ""])
     return table
 
 
@@ -80,10 +100,10 @@ def findings_markdown(findings: list[dict[str, Any]]) -> str:
     """The "Paper findings" section of results.md (table, then each claim's method)."""
     table = findings_table(findings)
     for row in table[1:]:
-        row[4] = f"[{Path(row[4]).name}]({row[4]})" if row[4] else ""
+        row[-1] = f"[{Path(row[-1]).name}]({row[-1]})" if row[-1] else ""
     lines = ["## Paper findings", "",
              "Each claim of the paper checked on this output (`libmoe.findings`; `libmoe findings DIR` "
-             "recomputes them). ✓ reproduced, ✗ contradicted, ? inconclusive per part.", "",
+             "recomputes them). ✓ reproduced, ✗ contradicted, ? inconclusive per part. " + VARIANCE_NOTE, "",
              markdown_table(table), ""]
     lines += [f"- **{f['id']}** ({f['verdict'].replace('_', ' ')}): {f['why']}" for f in findings]
     return "\n".join(lines) + "\n"
@@ -92,7 +112,7 @@ def findings_markdown(findings: list[dict[str, Any]]) -> str:
 def findings_html(findings: list[dict[str, Any]], embedded: set[str] = frozenset()) -> str:
     """The "Paper findings" section of report.html: the table (a figure embedded in the report
     is linked to its heading, another to its file) and each claim's method."""
-    head = "".join(f"<th>{h}</th>" for h in ("Claim", "Paper", "Measured here", "Verdict", "Figure"))
+    head = "".join(f"<th>{h}</th>" for h in HEADER)
     rows = []
     for f in findings:
         fig = f.get("figure") or ""
@@ -103,11 +123,12 @@ def findings_html(findings: list[dict[str, Any]], embedded: set[str] = frozenset
         verdict = f["verdict"].replace("_", " ")
         rows.append(f"<tr><td><b>{html.escape(f['id'])}</b>: {html.escape(f['claim'])}</td>"
                     f"<td>{html.escape(f['paper_ref'])}</td><td>{summary}</td>"
-                    f"<td class=\"verdict v-{f['verdict']}\">{verdict}</td><td>{link}</td></tr>")
+                    f"<td class=\"verdict v-{f['verdict']}\">{verdict}</td>"
+                    f"<td>{html.escape(variance_summary(f))}</td><td>{link}</td></tr>")
     why = "".join(f"<li><b>{html.escape(f['id'])}</b>: {html.escape(f['why'])}</li>" for f in findings)
     return ("<h2 id=\"findings\">Paper findings</h2>\n<p class=\"table-note\">Each claim of the paper "
             "checked on this output (<code>libmoe findings DIR</code> recomputes them); per part ✓ "
             "reproduced, ✗ "
-            "contradicted, ? inconclusive.</p>\n"
+            f"contradicted, ? inconclusive. {html.escape(VARIANCE_NOTE)}</p>\n"
             f'<div class="table-wrap"><table><tr>{head}</tr>\n' + "\n".join(rows) + "</table></div>\n"
             f'<ul class="why">{why}</ul>')

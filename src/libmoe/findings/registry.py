@@ -7,8 +7,10 @@
 
 The function returns "measured" (its numbers, with "summary": one line for the table),
 "verdict" (one of stats.VERDICTS) and "why" (the method and what decided it); `check` adds the
-claim's id, text, paper reference and figure link, and turns an error of the check itself into
-an inconclusive verdict that says so.
+claim's id, text, paper reference and figure link, the scope and seed-spread fields of
+`variance.annotate` (`percent`: the statistic is a log ratio, its spreads shown as percentages;
+`seeded`: False when the claim's inputs come from one seed whatever --seeds), and turns an error
+of the check itself into an inconclusive verdict that says so.
 """
 
 from __future__ import annotations
@@ -20,29 +22,34 @@ from typing import Any
 
 from .inputs import Bench
 from .stats import VERDICTS
+from .variance import annotate
 
 
 @dataclass(frozen=True)
 class Finding:
-    """A registered claim of the paper: its id, text, reference, figure and the check `fn`."""
+    """A registered claim of the paper: its id, text, reference, figure, the check `fn`, and how
+    its seed spreads read (`percent`, `seeded`: see the module docstring)."""
 
     id: str
     claim: str
     paper_ref: str
     figure: str | None
     fn: Callable[[Bench], dict[str, Any]]
+    percent: bool = False
+    seeded: bool = True
 
 
 FINDINGS: dict[str, Finding] = {}
 
 
-def finding(id: str, claim: str, paper_ref: str, figure: str | None = None):
+def finding(id: str, claim: str, paper_ref: str, figure: str | None = None, percent: bool = False,
+            seeded: bool = True):
     """Register a check (see the module docstring)."""
 
     def register(fn: Callable[[Bench], dict[str, Any]]) -> Callable[[Bench], dict[str, Any]]:
         if id in FINDINGS:
             raise ValueError(f"finding {id!r} is registered twice.")
-        FINDINGS[id] = Finding(id, claim, paper_ref, figure, fn)
+        FINDINGS[id] = Finding(id, claim, paper_ref, figure, fn, percent, seeded)
         return fn
 
     return register
@@ -64,4 +71,5 @@ def check(f: Finding, bench: Bench) -> dict[str, Any]:
     if out.get("error"):
         entry["error"] = out["error"]
     entry["figure"] = bench.figure(out.get("figure", f.figure))
+    annotate(entry, bench.results, f.percent, f.seeded)
     return entry

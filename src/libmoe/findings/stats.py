@@ -12,6 +12,12 @@ A part of a claim is `reproduced` only when its interval lies entirely on the cl
 `not_reproduced` when it lies entirely on the other side, and `inconclusive` otherwise. A claim
 with several parts (one per algorithm, say) is reproduced when every part is, not reproduced when
 any part is contradicted, and inconclusive otherwise (`combine`).
+
+Each part says what its interval covers (`scope`): `SCOPE_RUN` ("this training run") for the
+one-seed bootstrap, which resamples the evaluation units of one trained model and so measures
+evaluation noise only, or "over N seeds" for the t interval. `overturn_spread` is the seed-to-seed
+standard deviation of a one-seed part's statistic that would leave its verdict undecided
+(libmoe.findings.variance shows it beside the measured one).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ SEED = 0
 LEVEL = 0.95
 MIN_UNITS = 8  # fewer units than this: inconclusive whatever the interval
 VERDICTS = ("reproduced", "not_reproduced", "inconclusive", "not_applicable")
+Z975 = 1.959964  # the normal's two-sided 95% quantile
+SCOPE_RUN = "this training run"  # a one-seed part: its interval holds for this trained model only
 
 # two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..30 (beyond: the normal's 1.96)
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
@@ -115,20 +123,52 @@ def part(name: str, estimate: float, low: float, high: float, sign: int, method:
             "verdict": judge(low, high, sign), "method": method, **extra}
 
 
+def seeds_scope(n: int) -> str:
+    """The scope of a part judged over `n` seeds ("over 3 seeds"); one seed: `SCOPE_RUN`."""
+    return SCOPE_RUN if n < 2 else f"over {n} seeds"
+
+
 def bootstrap_part(name: str, estimate: float, samples: Tensor, sign: int, units: int, unit: str,
                    **extra) -> dict:
+    """A one-seed part: the percentile interval of the bootstrap `samples` (scope: this run)."""
     low, high = percentile_interval(samples)
     out = part(name, estimate, low, high, sign, f"bootstrap over {units} {unit}, {samples.numel()} resamples",
-               **extra)
+               scope=SCOPE_RUN, seeds=1, **extra)
     if units < MIN_UNITS:  # a resample of a handful of units understates the spread
         out.update(verdict="inconclusive", why=f"only {units} units, fewer than {MIN_UNITS} for a bootstrap")
     return out
 
 
 def seeds_part(name: str, per_seed: Sequence[float], sign: int, **extra) -> dict:
+    """A part over seeds: the t interval of the per-seed values; `seed_spread` is their sample
+    standard deviation (the training variance this output measured)."""
     mean, low, high = t_interval(list(per_seed))
     return part(name, mean, low, high, sign, f"t interval over {len(per_seed)} seeds",
-                per_seed=list(per_seed), **extra)
+                scope=seeds_scope(len(per_seed)), seeds=len(per_seed), per_seed=list(per_seed),
+                seed_spread=statistics.stdev(per_seed), **extra)
+
+
+def overturn_spread(p: dict) -> float | None:
+    """The seed-to-seed standard deviation s* of a one-seed part's statistic above which its
+    decided verdict would be undecided; None when the part is not decided (or not one seed).
+
+    This run's estimate D is one draw of the statistic over training runs (seeds, machines), with
+    seed sd s, measured with evaluation noise of sd e (from the bootstrap interval: the distance
+    from D to the interval's end nearest 0, over 1.96). A 95% normal interval for the statistic's
+    mean over seeds from this one run is D +- 1.96 sqrt(s^2 + e^2); it excludes 0, as the verdict
+    needs, while s < s* = sqrt((D / 1.96)^2 - e^2) (= |D| / 1.96 without evaluation noise). So s*
+    is the smallest seed spread under which a training run this far from 0 would be unremarkable
+    if the true effect were 0."""
+    if p.get("verdict") not in ("reproduced", "not_reproduced") or p.get("seeds", 1) != 1:
+        return None
+    est, ci = p.get("estimate"), p.get("ci95")
+    if est is None or not ci or not all(math.isfinite(x) for x in (est, *ci)):
+        return None
+    near = ci[0] if est > 0 else ci[1]  # the interval's end nearest 0 (it excludes 0)
+    if near * est <= 0:  # the estimate and its interval on opposite sides of 0: nothing to spare
+        return 0.0
+    e = abs(est - near) / Z975
+    return math.sqrt(max((est / Z975) ** 2 - e * e, 0.0))
 
 
 def not_applicable(name: str, why: str) -> dict:

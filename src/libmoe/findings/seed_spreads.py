@@ -1,0 +1,136 @@
+"""Measured seed spreads: how much each finding's statistic moves from one training run to another.
+
+A one-seed verdict holds for its training run only; whether it would survive another seed (or
+another machine, whose float kernels send training down another path the same way) depends on the
+seed-to-seed standard deviation of its statistic. `SEED_SPREADS` holds the spreads measured by
+multi-seed benches, keyed by bench preset, claim and part, each claim with its provenance:
+
+    SEED_SPREADS = {
+        "default": {                                # the bench preset (results.json's "preset")
+            "a_moe_beats_dense": {                  # the finding id
+                "spreads": {"smoe": 0.0048, ...},   # part name -> sample sd over seeds of the
+                                                    # part's statistic (its own units: claim a's is
+                                                    # the log-perplexity difference)
+                "seeds": 2,                         # training runs the sd is over
+                "source": "...", "output": "...", "date": "YYYY-MM-DD",
+                "provisional": True,                # not from a multi-seed bench of this libmoe
+                "config": {...},                    # `config_summary` of the measured output
+            },
+        },
+    }
+
+`measured_spread` looks a part up: the output's own preset first, then any preset measured with
+the same configuration (the `claims` preset extends `default`, so either one's measurements serve
+both); a record whose configuration differs from the output's is still shown, marked. To add the
+spreads of a multi-seed bench output (e.g. `libmoe bench --preset claims`):
+
+    python -m libmoe.findings.measure_spreads BENCH_DIR --preset default --source "claims preset, 3 seeds"
+
+prints the records as a Python literal to paste into `SEED_SPREADS` (`spread_records` is the same
+as a function).
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+__all__ = ["CONFIG_KEYS", "SEED_SPREADS", "config_summary", "measured_spread", "spread_records"]
+
+# The run-config values that decide a statistic's seed spread: a record measured with other values
+# of these is shown marked "another configuration".
+CONFIG_KEYS = ("preset", "model.vocab_size", "model.d_model", "model.n_layers", "model.n_experts",
+               "model.expert_dim", "model.top_k", "model.n_shared", "model.moe_options", "model.init_std",
+               "optim.lr", "optim.warmup_steps", "train.max_steps", "train.batch_size", "data.source",
+               "data.probe_tokens")
+
+# The default preset's configuration when the provisional spreads below were measured (libmoe at
+# issue 22: cpu-tiny, 270 steps of 32 x 128 tokens, routers N(0, 0.1)).
+_DEFAULT_AT_ISSUE_22 = {
+    "preset": "cpu-tiny", "model.vocab_size": 4096, "model.d_model": 128, "model.n_layers": 4,
+    "model.n_experts": 16, "model.expert_dim": 128, "model.top_k": 4, "model.n_shared": 2,
+    "model.moe_options": {"router_init_std": 0.1}, "model.init_std": 0.02, "optim.lr": 0.002,
+    "optim.warmup_steps": 30, "train.max_steps": 270, "train.batch_size": 32, "data.source": "embedded",
+    "data.probe_tokens": 8192}
+
+SEED_SPREADS: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {
+        # PROVISIONAL: two runs of `libmoe bench --data-dir ../shared/data/eval` on two machines (the
+        # README's table and a fresh clone's, issue 22), which differ as two seeds do. The sd of two
+        # values is |x1 - x2| / sqrt(2): a rough estimate, to be replaced by the seeds study's.
+        "a_moe_beats_dense": {
+            "spreads": {"smoe": 0.0048, "sigma_moe": 0.0229, "xmoe": 0.0176, "sharede_v2": 0.0171,
+                        "sharede_v3": 0.0291, "moe_plus_plus": 0.0107},  # tc_moe: not in the issue
+            "seeds": 2,
+            "source": "issue 22: the default bench on two machines (README table vs a fresh clone), "
+                      "as two seeds",
+            "output": "README.md's default bench table; issue 22's fresh-clone perplexities",
+            "date": "2026-12-07",
+            "provisional": True,
+            "config": _DEFAULT_AT_ISSUE_22,
+        },
+    },
+}
+
+
+def _get(config: dict[str, Any], dotted: str) -> Any:
+    value: Any = config
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def config_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The `CONFIG_KEYS` values of a bench output's results.json "config" (those it records)."""
+    config = results.get("config") or {}
+    return {k: v for k in CONFIG_KEYS if (v := _get(config, k)) is not None and v != "(each)"}
+
+
+def _differs(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The keys both summaries hold with different values (a key one lacks is not a difference:
+    outputs from before a key existed stay comparable)."""
+    return [k for k in CONFIG_KEYS if k in a and k in b and a[k] != b[k]]
+
+
+def measured_spread(results: dict[str, Any], claim: str, part: str,
+                    table: dict[str, dict[str, dict[str, Any]]] | None = None) -> dict[str, Any] | None:
+    """The measured seed spread of `part` of `claim` for the bench output whose results.json is
+    `results`: {"value", "seeds", "provisional", "source", "output", "date", "preset",
+    "config_differs": [keys]}; None when no record has it. Its own preset's record first, then a
+    record of another preset with the same configuration."""
+    table = SEED_SPREADS if table is None else table
+    preset = results.get("preset")
+    mine = config_summary(results)
+    candidates = [(preset, table.get(preset, {}).get(claim))] if preset in table else []
+    candidates += [(p, claims.get(claim)) for p, claims in table.items() if p != preset]
+    for name, record in candidates:
+        if not record or part not in (record.get("spreads") or {}):
+            continue
+        differs = _differs(mine, record.get("config") or {})
+        if name != preset and (differs or not mine):  # another preset's: only for the same config
+            continue
+        return {"value": float(record["spreads"][part]), "seeds": record.get("seeds"),
+                "provisional": bool(record.get("provisional")), "source": record.get("source", ""),
+                "output": record.get("output", ""), "date": record.get("date", ""), "preset": name,
+                "config_differs": differs}
+    return None
+
+
+def spread_records(findings: list[dict[str, Any]], results: dict[str, Any], source: str,
+                   output: str = "", date: str | None = None) -> dict[str, dict[str, Any]]:
+    """{claim: record} for `SEED_SPREADS[preset]` from the findings of a multi-seed bench output
+    (`results`: its results.json): each part judged over seeds gives its `seed_spread` (the
+    sample sd of its per-seed statistic); one-seed parts are left out."""
+    out: dict[str, dict[str, Any]] = {}
+    for f in findings:
+        parts = [p for p in (f.get("measured") or {}).get("parts") or [] if p.get("seeds", 1) >= 2
+                 and p.get("seed_spread") is not None]
+        if not parts:
+            continue
+        out[f["id"]] = {"spreads": {p["name"]: round(float(p["seed_spread"]), 6) for p in parts},
+                        "seeds": min(p["seeds"] for p in parts), "source": source, "output": output,
+                        "date": date or datetime.date.today().isoformat(), "provisional": False,
+                        "config": config_summary(results)}
+    return out
