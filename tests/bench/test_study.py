@@ -53,3 +53,52 @@ def test_shared_keys_layout_preset_and_files_written(tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert messages[-1].endswith(f"wrote {out / 'results.md'}, {out / 'results.csv'} and "
                                  f"{out / 'results.json'}")  # no report.html: not named
+
+
+def test_claims_preset_is_the_default_with_three_seeds(tmp_path):
+    from libmoe.bench import plan_stages
+    from libmoe.bench.presets import resolve_seeds
+
+    claims, default = load_bench_preset("claims"), load_bench_preset("default")
+    assert claims.seeds >= 3 and claims.extends == "default" and default.seeds == 1
+    for key in ("train_preset", "overrides", "val_tokens", "studies", "study_options", "jobs", "regime"):
+        assert getattr(claims, key) == getattr(default, key), key  # inherited, so they stay in sync
+    assert claims.tasks == []  # chance-level at this scale; the time goes to seeds
+    assert resolve_seeds(claims, None) == claims.seeds and resolve_seeds(claims, 2) == 2  # --seeds wins
+    (stage,) = plan_stages(tmp_path, claims, ["dense", "smoe"], resolve_seeds(claims, None))
+    rows = [s for s in stage if s.role == "row"]
+    names = [f"{a}-s{i}" for a in ("dense", "smoe") for i in range(claims.seeds)]
+    assert sorted(s.name for s in rows) == names
+    assert [s.name for s in stage if s.role == "study"] == ["init_std-0.02", "init_std-0.04", "init_std-0.06"]
+    (base,) = plan_stages(tmp_path, default, ["dense"], 1)
+    dense0 = next(s for s in rows if s.name == "dense-s0")
+    assert dense0.config == base[0].config  # seed 0 trains as the default bench's dense run
+
+
+def test_presets_extend_merge_and_refuse_bad_keys(tmp_path, monkeypatch):
+    import pytest
+
+    from libmoe.bench import presets
+
+    monkeypatch.setattr(presets, "BENCH_DIR", tmp_path)
+    (tmp_path / "base.yaml").write_text(
+        "train_preset: micro\noverrides: {train.max_steps: 30, train.log_every: 5}\n"
+        "study_options: {init-std: {stds: [0.02, 0.04], steps: 9}}\ntasks: [piqa]\n")
+    (tmp_path / "child.yaml").write_text(
+        "extends: base\nseeds: 2\noverrides: {train.max_steps: 12}\nstudy_options: {init-std: {steps: 6}}\n"
+        "tasks: []\n")
+    child = presets.load_bench_preset("child")
+    assert child.train_preset == "micro" and child.seeds == 2 and child.tasks == []
+    assert child.overrides == {"train.max_steps": 12, "train.log_every": 5}  # merged, the child's win
+    assert child.study_options == {"init-std": {"stds": [0.02, 0.04], "steps": 6}}
+    assert presets.load_bench_preset("base").seeds == 1
+    for text, match in (("extends: nowhere\n", "unknown bench preset 'nowhere' \\(extended by bad\\)"),
+                        ("train_preset: micro\nseeds: 0\n", "seeds must be a whole number >= 1"),
+                        ("train_preset: micro\nseeds: two\n", "seeds must be a whole number >= 1"),
+                        ("train_preset: micro\nseed: 3\n", "unknown keys \\['seed'\\]")):
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(ValueError, match=match):
+            presets.load_bench_preset("bad")
+    (tmp_path / "base.yaml").write_text("extends: child\ntrain_preset: micro\n")
+    with pytest.raises(ValueError, match="in a cycle: child -> base -> child"):
+        presets.load_bench_preset("child")

@@ -1,7 +1,14 @@
 """Bench presets: which training preset every run uses, the overrides that make it a study (steps,
 evaluation, checkpoints), the evaluation (tasks, record limits, validation tokens) and the regime
-(how the runs start: from a random init, or upcycled from one dense model). They are YAML package
-data in ``libmoe/configs/bench/``; `libmoe bench --preset NAME` picks one."""
+(how the runs start: from a random init, or upcycled from one dense model), and the seeds per
+algorithm (`seeds`; `--seeds` overrides it). They are YAML package data in
+``libmoe/configs/bench/``; `libmoe bench --preset NAME` picks one.
+
+A preset may `extends: OTHER`: it starts from OTHER's keys (which may extend another in turn) and
+its own replace them, except the mappings `overrides`, `study_options`, `task_limits` and
+`regime_options`, which are merged key by key (its keys win; `study_options` one study at a
+time). The `claims` preset extends `default` this way, so the two train the same model with the
+same budget."""
 
 from __future__ import annotations
 
@@ -38,6 +45,8 @@ class BenchPreset:
     jobs: int = 1  # runs at a time when --jobs is not given (worker processes)
     regime: str = "pretrain"  # how the runs start (libmoe.bench.regimes); --regime overrides it
     regime_options: dict[str, Any] = field(default_factory=dict)  # the regime's, when it is this one
+    seeds: int = 1  # seeds per algorithm (0..N-1) when --seeds is not given
+    extends: str | None = None  # the preset whose keys this one starts from (see the module docstring)
 
     def override_list(self) -> list[str]:
         return [f"{k}={yaml_value(v)}" for k, v in self.overrides.items()]
@@ -48,15 +57,58 @@ def yaml_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
+# Keys merged key by key with the extended preset's (the others are replaced whole).
+MERGED_KEYS = ("overrides", "study_options", "task_limits", "regime_options")
+
+
 def load_bench_preset(name: str) -> BenchPreset:
-    """The bench preset `name` (configs/bench/NAME.yaml); unknown names or keys are a ValueError."""
+    """The bench preset `name` (configs/bench/NAME.yaml, with the preset it `extends`); unknown
+    names or keys, a bad `seeds` or a cycle of `extends` are a ValueError."""
+    data = _preset_data(name, [])
+    seeds = data.get("seeds", 1)
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise ValueError(f"{BENCH_DIR / (name + '.yaml')}: seeds must be a whole number >= 1 (seeds "
+                         f"per algorithm), not {seeds!r}.")
+    return BenchPreset(name=name, **data)
+
+
+def resolve_seeds(preset: BenchPreset, seeds: int | None) -> int:
+    """The seeds per algorithm of a study: `seeds` (--seeds) when given, else the preset's."""
+    return preset.seeds if seeds is None else seeds
+
+
+def _preset_data(name: str, chain: list[str]) -> dict[str, Any]:
+    """The keys of preset `name` with those of the presets it extends merged under them."""
     path = BENCH_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise ValueError(f"unknown bench preset {name!r}.{did_you_mean(name, BENCH_PRESETS)} "
+        where = f" (extended by {chain[-1]})" if chain else ""
+        raise ValueError(f"unknown bench preset {name!r}{where}.{did_you_mean(name, BENCH_PRESETS)} "
                          f"Valid: {', '.join(BENCH_PRESETS)}.")
+    if name in chain:
+        raise ValueError(f"bench presets extend each other in a cycle: {' -> '.join([*chain, name])}; "
+                         "remove one `extends`.")
     data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a bench preset is a mapping of keys, not a {type(data).__name__}.")
     valid = set(BenchPreset.__dataclass_fields__) - {"name"}
     unknown = set(data) - valid
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid: {sorted(valid)}.")
-    return BenchPreset(name=name, **data)
+    parent = data.get("extends")
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ValueError(f"{path}: extends names one bench preset ({', '.join(BENCH_PRESETS)}), not "
+                         f"{parent!r}.")
+    merged = _preset_data(parent, [*chain, name])
+    merged.pop("extends", None)
+    for key, value in data.items():
+        base = merged.get(key)
+        if key in MERGED_KEYS and isinstance(base, dict) and isinstance(value, dict):
+            if key == "study_options":  # one study's options at a time
+                value = {k: {**(base.get(k) or {}), **v} if isinstance(v, dict) else v
+                         for k, v in value.items()}
+            merged[key] = {**base, **value}
+        else:
+            merged[key] = value
+    return merged
