@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from libmoe.models import PRESETS, build_model, count_parameters, model_config
+from libmoe.models import (
+    PRESETS,
+    ModelConfig,
+    MoETransformer,
+    build_model,
+    count_parameters,
+    model_config,
+)
 from libmoe.models.transformer import apply_rotary, rotary_tables
 from libmoe.moe import ALGORITHMS, MoELayer
 
@@ -132,3 +139,95 @@ def test_presets_build_and_bad_options_are_named():
         build_model("micro", "smeo")
     with pytest.raises(ValueError, match="max_seq_len"):
         build_model("micro", "smoe")(torch.zeros(1, 65, dtype=torch.long))
+
+
+# -- MoE++ slot counts scale with E; models saved before that still load ---------------------------
+
+
+def test_moe_plus_plus_config_records_its_slot_counts():
+    cfg = model_config("cpu-tiny", "moe_plus_plus")
+    assert cfg.n_experts == 16 and "n_const" not in cfg.moe_options
+    assert cfg.to_dict()["moe_options"] == {"n_zero": 1, "n_copy": 1, "n_const": 1}
+    assert model_config("paper-158m", "moe_plus_plus").to_dict()["moe_options"] == {
+        "n_zero": 1, "n_copy": 1, "n_const": 6}
+    assert model_config("cpu-tiny", "smoe").to_dict()["moe_options"] == {}  # other configs unchanged
+    again = ModelConfig(**cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict()
+    with torch.device("meta"):
+        assert MoETransformer(again).blocks[0].ffn.router.n_slots == 16 + 3
+
+
+def _old_moe_plus_plus_dir(tmp_path, hf_tokenizer_dir):
+    """A model directory as libmoe wrote it before the counts scaled with E: E = 4 FFN experts,
+    1 zero + 1 copy + 6 constant experts, and no counts in config.yaml / config.json."""
+    import json
+
+    import yaml
+
+    from libmoe.models.loading import save_model_dir
+
+    torch.manual_seed(0)
+    old = {"n_zero": 1, "n_copy": 1, "n_const": 6}
+    cfg = ModelConfig(vocab_size=400, d_model=16, n_layers=2, n_heads=2, head_dim=8, max_seq_len=16,
+                      algorithm="moe_plus_plus", n_experts=4, expert_dim=8, top_k=2, moe_options=old)
+    model = MoETransformer(cfg).eval()
+    tok = hf_tokenizer_dir(tmp_path, ["First Citizen: Before we proceed any further."] * 20)
+    out = save_model_dir(tmp_path / "old", model, {"preset": "micro"}, tok, log=lambda msg: None)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved["model"]["moe_options"] = {}
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    if (out / "config.json").is_file():
+        hf = json.loads((out / "config.json").read_text())
+        hf["libmoe"]["moe_options"] = {}
+        (out / "config.json").write_text(json.dumps(hf))
+    return out, model
+
+
+def test_a_moe_plus_plus_model_saved_before_the_counts_scaled_loads_with_its_layout(
+        tmp_path, hf_tokenizer_dir):
+    from libmoe.models import load_model
+
+    out, model = _old_moe_plus_plus_dir(tmp_path, hf_tokenizer_dir)
+    loaded = load_model(out)
+    assert [b.ffn.router.n_slots for b in loaded.model.blocks] == [4 + 8, 4 + 8]
+    assert loaded.model.config.moe_options == {"n_zero": 1, "n_copy": 1, "n_const": 6}
+    assert loaded.config["model"]["moe_options"] == {"n_zero": 1, "n_copy": 1, "n_const": 6}
+    tokens = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(tokens).logits, model(tokens).logits)
+    if (out / "config.json").is_file():  # transformers installed: AutoModelForCausalLM too
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+        assert hf.model.blocks[1].ffn.router.n_slots == 12
+        with torch.no_grad():
+            torch.testing.assert_close(hf(tokens).logits, model(tokens).logits)
+
+
+def test_an_upcycled_transformers_moe_plus_plus_model_records_and_recovers_its_slot_counts(tmp_path):
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from libmoe.upcycle.hf_saving import wrap_upcycled
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    source = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**small)).eval()
+    tokens = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(2))
+    old = {"n_zero": 1, "n_copy": 1, "n_const": 6}  # the fixed layout of files saved before scaling
+    wrapped = wrap_upcycled(source, "moe_plus_plus", 4, 2, **old).eval()
+    wrapped.save_pretrained(str(tmp_path / "up"))
+    config_path = tmp_path / "up" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["upcycle"]["options"] == old  # saved with its counts
+    config["upcycle"]["options"] = {}  # as libmoe saved it before the counts scaled with E
+    config_path.write_text(json.dumps(config))
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "up")).eval()
+    layer = next(m for m in back.modules() if isinstance(m, MoELayer))
+    assert layer.router.n_slots == 4 + 8
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens).logits, wrapped(tokens).logits)
+    fresh = wrap_upcycled(transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(**small)), "moe_plus_plus", 4, 2)
+    assert fresh.config.upcycle["options"] == {"n_zero": 1, "n_copy": 1, "n_const": 1}

@@ -143,7 +143,7 @@ def test_moe_plus_plus_gate_residual():
     torch.manual_seed(0)
     layer = build_moe("moe_plus_plus", D, E, M, K, gating_residual=True)
     R = layer.router.n_slots
-    assert R == E + 1 + 1 + 6
+    assert R == E + 1 + 1 + 1  # 1 zero, 1 copy, 1 constant expert at E = 6 (scaled from 66)
     x = torch.randn(2, 4, D)
     prev = torch.randn(8, R)
     base = F.linear(x.reshape(8, D), layer.router.weight)  # the layer's own logits

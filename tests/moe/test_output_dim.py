@@ -142,11 +142,23 @@ def test_output_dim_is_validated(value):
         build_moe("smoe", D, E, M, K, output_dim=value)
 
 
-@pytest.mark.parametrize("options", [{}, {"n_copy": 1, "n_const": 0}, {"n_copy": 0, "n_const": 2}])
+@pytest.mark.parametrize("options", [{"n_copy": 1, "n_const": 0}, {"n_copy": 0, "n_const": 2},
+                                     {"n_copy": 1}])
 def test_moe_plus_plus_refuses_copy_and_constant_experts_across_widths(options):
-    with pytest.raises(ValueError, match="n_copy=0 and n_const=0"):
+    with pytest.raises(ValueError, match="Leave n_copy and n_const unset"):
         build_moe("moe_plus_plus", D, E, M, K, output_dim=D_OUT, **options)
     build_moe("moe_plus_plus", D, E, M, K, output_dim=D, **options)  # same width: allowed
+
+
+def test_moe_plus_plus_default_counts_drop_copy_and_constant_experts_across_widths():
+    """The E-scaled default counts resolve to no copy or constant experts when the width changes
+    (rather than an error); zero experts stay."""
+    wide = build_moe("moe_plus_plus", D, E, M, K, output_dim=D_OUT)
+    assert {k: wide.opts.extra[k] for k in ("n_zero", "n_copy", "n_const")} == {
+        "n_zero": 1, "n_copy": 0, "n_const": 0}
+    assert wide.router.n_slots == E + 1 and wide.router.const_proj is None
+    same = build_moe("moe_plus_plus", D, E, M, K)
+    assert same.opts.extra["n_copy"] == same.opts.extra["n_const"] == 1
 
 
 def test_moe_plus_plus_keeps_zero_experts_and_gating_residual_with_output_dim():

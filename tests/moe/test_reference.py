@@ -178,7 +178,9 @@ def reference(layer, name, x, opts=None, k=K, e=E, prev_logits=None):
     n_slots = logits[0].shape[0] if logits else None
 
     # ---- slot functions
-    n_zero, n_copy = opts.get("n_zero", 1), opts.get("n_copy", 1)
+    # MoE++ slot counts default to the paper's 1 zero + 1 copy per 66 FFN experts, at least 1
+    n_zero = opts.get("n_zero", max(1, math.floor(e / 66 + 0.5)))
+    n_copy = opts.get("n_copy", max(1, math.floor(e / 66 + 0.5)))
 
     def slot_out(slot, xt):
         if name == "tc_moe":
@@ -484,7 +486,7 @@ def test_matches_reference_default_options(name, dispatch):
         used = {s for row in ref["sels"] for s, _ in row}
         assert used & {E}, "setup: zero expert never selected"
         assert used & {E + 1}, "setup: copy expert never selected"
-        assert used & set(range(E + 2, E + 8)), "setup: constant experts never selected"
+        assert used & set(range(E + 2, layer.router.n_slots)), "setup: constant experts never selected"
     if name == "tc_moe":
         used = {s for row in ref["sels"] for s, _ in row}
         assert used & set(range(E, 2 * E)), "setup: negative slots never selected"
@@ -607,7 +609,7 @@ def test_moe_plus_plus_prev_logits():
     layer = make_layer("moe_plus_plus", gating_residual=True)
     x = _x((2, 8, D))
     n_slots = layer.router.weight.shape[0]
-    assert n_slots == E + 8
+    assert n_slots == E + 3  # 1 zero, 1 copy, 1 constant expert at E = 6
     assert tuple(layer.router.gate_residual.weight.shape) == (n_slots, n_slots)
     g = torch.Generator().manual_seed(5)
     prev = torch.randn(16, n_slots, generator=g) * 2.0
@@ -969,7 +971,8 @@ def test_shared_experts_shapes(name, opts, n_shared):
 
 
 @pytest.mark.parametrize("name,opts,n_slots", [
-    ("smoe", {}, E), ("moe_plus_plus", {}, E + 8),
+    ("smoe", {}, E), ("moe_plus_plus", {}, E + 3),
+    ("moe_plus_plus", {"n_zero": 1, "n_copy": 1, "n_const": 6}, E + 8),
     ("moe_plus_plus", {"n_zero": 2, "n_copy": 0, "n_const": 3}, E + 5),
     ("tc_moe", {}, 2 * E + K), ("tc_moe", {"n_null": 3}, 2 * E + 3),
 ])

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..moe.layer import check_algorithm
+from ..moe.layer import check_algorithm, legacy_options, scaled_options
 from ..moe.options import check_number
 from ..overrides import did_you_mean
 
@@ -97,11 +98,42 @@ class ModelConfig:
         """Width of the dense FFN sublayers: ffn_dim, or the compute-matched top_k * expert_dim."""
         return self.ffn_dim if self.ffn_dim is not None else self.top_k * self.expert_dim
 
+    @property
+    def has_moe_layers(self) -> bool:
+        """Whether any block's FFN is an MoE layer (not the case for dense or moe_layers=[])."""
+        return any(self.is_moe_layer(i) for i in range(self.n_layers))
+
+    def resolved_moe_options(self) -> dict[str, Any]:
+        """moe_options plus the values this model's MoE layers give the options whose default
+        scales with the layer's size (MoE++'s n_zero, n_copy, n_const): what to_dict() records."""
+        if not self.has_moe_layers:
+            return dict(self.moe_options)
+        n_experts, top_k, options = self.moe_args()
+        scaled = scaled_options(self.algorithm, self.d_model, n_experts, top_k, **options)
+        return {**self.moe_options, **scaled}
+
+    def with_saved_layout(self, shapes: Mapping[str, Sequence[int]]) -> ModelConfig:
+        """This config, or a copy whose moe_options add the values a saved model was built with
+        when its tensors (`shapes`: state-dict key -> shape) show it predates the size-scaled
+        defaults: a MoE++ model saved before its slot counts scaled with E records no counts, and
+        its router weights have the rows of the then fixed 1 zero + 1 copy + 6 constant experts.
+        Loaders call it before building the model."""
+        rows = next((int(shape[0]) for key, shape in shapes.items()
+                     if key.endswith("ffn.router.weight") and len(shape) == 2), None)
+        if rows is None or not self.has_moe_layers:
+            return self
+        n_experts, top_k, options = self.moe_args()
+        legacy = legacy_options(self.algorithm, self.d_model, n_experts, top_k, rows, **options)
+        return replace(self, moe_options={**self.moe_options, **legacy}) if legacy else self
+
     def to_dict(self) -> dict[str, Any]:
+        """The config as plain values, with the size-scaled MoE options resolved (so a saved
+        model reloads with the same layout whatever later defaults say)."""
         d = asdict(self)
         for key in ("ffn_dim", "moe_layers"):  # unset: keep the configs (and hashes) of older runs
             if d[key] is None:
                 del d[key]
+        d["moe_options"] = self.resolved_moe_options()
         return d
 
 

@@ -13,12 +13,15 @@ There is no KV cache and no attention mask: padding must be on the right.
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -65,6 +68,10 @@ class LibMoEForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> LibMoEForCausalLM:
+        path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        fitted = _fit_saved_layout(path, kwargs.get("config"))
+        if fitted is not None:
+            kwargs["config"] = fitted
         model = super().from_pretrained(*args, **kwargs)
         _restore_buffers(model.model)
         return model
@@ -86,6 +93,47 @@ class LibMoEForCausalLM(PreTrainedModel, GenerationMixin):
             loss = ce + out.aux_loss
         return LibMoECausalLMOutput(loss=loss, logits=out.logits, aux_loss=out.aux_loss,
                                     routing=out.routing)
+
+
+def _fit_saved_layout(path: Any, config: Any) -> LibMoEConfig | None:
+    """The config to load local directory `path` with when its weights predate MoE++'s slot
+    counts scaling with E (ModelConfig.with_saved_layout); None when the saved config fits (or
+    `path` is not a local directory: a Hub name loads as its config says)."""
+    if path is None or not Path(str(path)).is_dir():
+        return None
+    shapes = saved_shapes(Path(str(path)), lambda key: key.endswith("ffn.router.weight"))
+    if not shapes:
+        return None
+    if not isinstance(config, LibMoEConfig):
+        config = LibMoEConfig.from_pretrained(str(path))
+    if not config.libmoe:
+        return None
+    cfg = ModelConfig(**config.libmoe)
+    fitted = cfg.with_saved_layout(shapes)
+    if fitted is cfg:
+        return None
+    config = copy.deepcopy(config)
+    config.libmoe = fitted.to_dict()
+    return config
+
+
+def saved_shapes(directory: Path, wanted) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of the tensors whose key satisfies `wanted` in directory's model.safetensors
+    (or the shards its model.safetensors.index.json names), read from the headers only."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+    else:
+        files = ["model.safetensors"]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        if not (directory / name).is_file():
+            continue
+        with safe_open(str(directory / name), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118  (a safe_open handle is not a dict)
+                if wanted(key):
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
 
 
 @torch.no_grad()

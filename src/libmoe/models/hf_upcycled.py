@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 
-from .upcycled import moe_aux_loss, upcycle_hf_model
+from ..moe import legacy_options
+from .upcycled import SHARED_ALGORITHMS, moe_aux_loss, upcycle_hf_model
 
 
 def upcycle_spec(algorithm: str, n_experts: int, top_k: int, layers: list[int] | None = None,
@@ -94,7 +95,7 @@ class LibMoEUpcycledForCausalLM(PreTrainedModel, GenerationMixin):
             path = Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors",
                                                                      "*.model", "*.txt"]))
         state = _read_safetensors(path)
-        model = cls(cls.config_class.from_pretrained(str(path)))
+        model = cls(_fit_saved_layout(cls.config_class.from_pretrained(str(path)), state))
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as err:  # shapes differ: the weights are not this spec's
@@ -106,6 +107,25 @@ class LibMoEUpcycledForCausalLM(PreTrainedModel, GenerationMixin):
         model.tie_weights()
         dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
         return (model.to(dtype) if isinstance(dtype, torch.dtype) else model).eval()
+
+
+def _fit_saved_layout(config: LibMoEUpcycledConfig, state: dict[str, torch.Tensor]) -> LibMoEUpcycledConfig:
+    """`config`, its upcycling options completed with the slot counts a MoE++ model saved before
+    they scaled with E was built with (libmoe.moe.legacy_options), when its router weights say so."""
+    spec = dict(config.upcycle)
+    weight = next((v for k, v in state.items() if k.endswith("moe.router.weight") and v.dim() == 2), None)
+    if weight is None or "algorithm" not in spec:
+        return config
+    options = dict(spec.get("options") or {})
+    E, K = spec["n_experts"], spec["top_k"]
+    if spec["algorithm"] in SHARED_ALGORITHMS:  # as upcycle_hf_model builds them
+        E, K = E - 1, K - 1
+        options.setdefault("n_shared", 1)
+    legacy = legacy_options(spec["algorithm"], int(weight.shape[1]), E, K, int(weight.shape[0]),
+                            router_init_std=spec.get("router_init_std", 0.02), **options)
+    if legacy:
+        config.upcycle = {**spec, "options": {**(spec.get("options") or {}), **legacy}}
+    return config
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -238,8 +238,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     if (ckpt / "checkpoint.json").is_file():
         info = read_json_object(ckpt / "checkpoint.json", fix)
     tokenizer = load_tokenizer(find_tokenizer(ckpt))  # a damaged tokenizer fails before the weights load
-    model = MoETransformer(model_config)
     state = _load_weights(ckpt, info)
+    # A MoE++ model saved before its slot counts scaled with E: build it with the counts it had.
+    fitted = model_config.with_saved_layout({k: tuple(v.shape) for k, v in state.items()})
+    if fitted is not model_config:
+        model_config, config = fitted, dict(config, model=fitted.to_dict())
+    model = MoETransformer(model_config)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:  # missing / unexpected keys or shapes: not this config's weights

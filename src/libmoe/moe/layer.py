@@ -197,12 +197,28 @@ def build_moe(
 
     For shared-expert algorithms `n_experts` counts the routed experts. `dense` builds the
     compute-matched dense FFN of width top_k * expert_dim. `output_dim` sets the output width
-    (default d_model); moe_plus_plus then needs n_copy=0, n_const=0.
+    (default d_model); moe_plus_plus's copy and constant experts then default to none.
     """
     check_algorithm(name)
-    spec = REGISTRY[name]
     for arg, value in (("d_model", d_model), ("n_experts", n_experts),
                        ("expert_dim", expert_dim), ("top_k", top_k)):
+        check_number(arg, value, 1, integer=True)
+    opts = layer_options(name, d_model, n_experts, top_k, **options)
+    router_cls = REGISTRY[name].router
+    if router_cls is None:
+        return DenseFFN(d_model, top_k * expert_dim, opts)
+    router = router_cls(d_model, n_experts, top_k, opts)
+    return MoELayer(name, router, d_model, n_experts, expert_dim, top_k, opts)
+
+
+def layer_options(name: str, d_model: int, n_experts: int, top_k: int, **options: Any) -> MoEOptions:
+    """The validated MoEOptions `build_moe` gives a layer of algorithm `name`: the algorithm's and
+    the generic defaults filled in, the defaults that scale with the layer's size (the router's
+    SCALED_OPTIONS, e.g. MoE++'s slot counts) resolved. ValueError, one sentence, for any wrong
+    name, size or option."""
+    check_algorithm(name)
+    spec = REGISTRY[name]
+    for arg, value in (("d_model", d_model), ("n_experts", n_experts), ("top_k", top_k)):
         check_number(arg, value, 1, integer=True)
     if top_k > n_experts:
         raise ValueError(
@@ -220,14 +236,52 @@ def build_moe(
             raise unknown_option_error(key, generic + list(own), name)
     opts = MoEOptions(**merged, extra=extra)
     if router_cls is None:
-        return DenseFFN(d_model, top_k * expert_dim, opts)
+        return opts
     if opts.bias and not router_cls.ROUTER_BIAS:  # a bias the logits never add gets no gradient
         raise ValueError(f"bias=True is not supported by {name!r}: its router logits have no bias "
                          "term; leave bias unset.")
+    router_cls.resolve_options(opts, n_experts, top_k, d_model)
     router_cls.check_options(opts, n_experts, top_k)
     _check_group_routing(name, opts, router_cls, n_experts, top_k)
-    router = router_cls(d_model, n_experts, top_k, opts)
-    return MoELayer(name, router, d_model, n_experts, expert_dim, top_k, opts)
+    return opts
+
+
+def scaled_options(name: str, d_model: int, n_experts: int, top_k: int, **options: Any) -> dict[str, Any]:
+    """{option: value} of algorithm `name`'s options whose default scales with the layer's size
+    (its router's SCALED_OPTIONS: MoE++'s n_zero, n_copy, n_const), as resolved for this layer;
+    {} for the algorithms that have none. A saved config records them, so that it reloads with
+    the same layout whatever later defaults say."""
+    check_algorithm(name)
+    router_cls = REGISTRY[name].router
+    if router_cls is None or not router_cls.SCALED_OPTIONS:
+        return {}
+    opts = layer_options(name, d_model, n_experts, top_k, **options)
+    return {key: opts.extra[key] for key in router_cls.SCALED_OPTIONS}
+
+
+def legacy_options(name: str, d_model: int, n_experts: int, top_k: int, router_rows: int,
+                   **options: Any) -> dict[str, Any]:
+    """The options a layer saved before its router's SCALED_OPTIONS scaled with the layer's size
+    was built with: {option: its fixed value then} for each one `options` leaves unset, when
+    today's defaults would give the router another number of slots than the `router_rows` rows of
+    the saved router weight and those values give exactly `router_rows`; else {} (nothing to add,
+    or nothing that explains the saved shape). Loaders add them to the saved options
+    (ModelConfig.with_saved_layout)."""
+    check_algorithm(name)
+    router_cls = REGISTRY[name].router
+    if router_cls is None:
+        return {}
+    unset = {k: v for k, v in router_cls.SCALED_OPTIONS.items() if k not in options}
+    if not unset:
+        return {}
+    now = layer_options(name, d_model, n_experts, top_k, **options)
+    if router_cls.slot_count(n_experts, top_k, now) == router_rows:
+        return {}
+    try:
+        then = layer_options(name, d_model, n_experts, top_k, **options, **unset)
+    except ValueError:  # e.g. copy experts at output_dim != d_model: not how that file was made
+        return {}
+    return unset if router_cls.slot_count(n_experts, top_k, then) == router_rows else {}
 
 
 def _check_group_routing(name, opts, router_cls, n_experts, top_k) -> None:

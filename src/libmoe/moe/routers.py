@@ -44,6 +44,9 @@ class Router(nn.Module):
 
     OPTIONS: ClassVar[dict[str, Any]] = {}
     ROUTER_BIAS: ClassVar[bool] = False  # whether the logits add a learned bias (option `bias`)
+    # Options whose default (None) scales with the layer's size, each mapped to the fixed value it
+    # had before it scaled: a file saved then records no value for it (`legacy_options`).
+    SCALED_OPTIONS: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, opts: MoEOptions):
         super().__init__()
@@ -57,6 +60,11 @@ class Router(nn.Module):
     ) -> tuple[Routing, dict[str, Tensor]]:
         """Route x [T, D] (sequences of `seq_len` tokens) -> (Routing, unweighted aux terms)."""
         raise NotImplementedError
+
+    @classmethod
+    def resolve_options(cls, opts: MoEOptions, n_experts: int, top_k: int, d_model: int) -> None:
+        """Replace, in opts.extra, the None defaults of SCALED_OPTIONS by this layer's values
+        (called before check_options; explicit values stay as given)."""
 
     @classmethod
     def check_options(cls, opts: MoEOptions, n_experts: int, top_k: int) -> None:
@@ -90,6 +98,12 @@ class Router(nn.Module):
 
     def set_training_progress(self, fraction: float) -> None:
         """Tell schedule-dependent routers (hyper) how far training has gone, in [0, 1]."""
+
+
+def paper_slot_count(paper_count: int, n_experts: int) -> int:
+    """MoE++'s count of one zero-computation kind at E FFN experts: the paper's count at E = 66
+    scaled by E / 66, rounded half up, at least 1 (1 zero, 1 copy and 6 constant at E = 66)."""
+    return max(1, math.floor(paper_count * n_experts / MoEPlusPlusRouter.PAPER_EXPERTS + 0.5))
 
 
 def _grad_if(coef: float):
@@ -351,10 +365,29 @@ class MoEPlusPlusRouter(TopKRouter):
     MoE++ layers. An unused parameter would break DDP's gradient reduction, so constant-expert
     parameters likewise exist only when n_const > 0.
     With output_dim != d_model, copy and constant experts (functions of x, d_model wide) cannot
-    exist: pass n_copy=0, n_const=0. Zero experts are kept (their output 0 has any width).
+    exist: their default counts are then 0, explicit non-zero ones a ValueError. Zero experts are
+    kept (their output 0 has any width).
+
+    Slot counts: None (the default) scales with E at the paper's ratio, 1 zero, 1 copy and 6
+    constant experts per 66 FFN experts, each at least 1 (`paper_slot_count`): 1/1/6 at E = 66,
+    1/1/1 at E = 16. Explicit integers (0 allowed) are used as given.
     """
 
-    OPTIONS = {"n_zero": 1, "n_copy": 1, "n_const": 6, "tau_pp": 0.75, "gating_residual": False}
+    OPTIONS = {"n_zero": None, "n_copy": None, "n_const": None, "tau_pp": 0.75,
+               "gating_residual": False}
+    PAPER_EXPERTS = 66  # the paper's E, for which it uses 1 zero, 1 copy and 6 constant experts
+    PAPER_SLOTS = {"n_zero": 1, "n_copy": 1, "n_const": 6}
+    # Until the counts scaled with E they were fixed at the paper's 1/1/6 for every E.
+    SCALED_OPTIONS = dict(PAPER_SLOTS)
+
+    @classmethod
+    def resolve_options(cls, opts, n_experts, top_k, d_model):
+        x = opts.extra
+        same_width = opts.output_dim in (None, d_model)
+        for name, paper in cls.PAPER_SLOTS.items():
+            if x[name] is None:
+                # copy and constant experts output a function of the d_model-wide input
+                x[name] = paper_slot_count(paper, n_experts) if same_width or name == "n_zero" else 0
 
     @classmethod
     def check_options(cls, opts, n_experts, top_k):
@@ -374,8 +407,8 @@ class MoEPlusPlusRouter(TopKRouter):
         raise ValueError(
             f"moe_plus_plus with output_dim={opts.output_dim} != d_model={d_model} cannot have copy "
             f"or constant experts (n_copy={x['n_copy']}, n_const={x['n_const']}): they output a "
-            "function of the d_model-wide input. Set n_copy=0 and n_const=0 (zero experts, n_zero, "
-            "are kept: they output 0)."
+            "function of the d_model-wide input. Leave n_copy and n_const unset (they then default "
+            "to 0) or set them to 0 (zero experts, n_zero, are kept: they output 0)."
         )
 
     @classmethod

@@ -23,6 +23,7 @@ from ..models.hf_upcycled import (
 )
 from ..models.loading import find_tokenizer
 from ..models.upcycled import upcycle_hf_model
+from ..moe import moe_layers
 from .core import EXACT_AT_INIT, NOT_EXACT_AT_INIT, UPCYCLE_FILE
 
 __all__ = ["TOKENIZER_FILES", "upcycle_transformers", "wrap_upcycled"]
@@ -39,6 +40,13 @@ def wrap_upcycled(source, algorithm: str, n_experts: int, top_k: int, layers: li
         architectures=["LibMoEUpcycledForCausalLM"])
     upcycle_hf_model(source, algorithm, n_experts, top_k, layers, seed, router_init_std, noise_std,
                      reinit_fraction, **options)
+    # Record the size-scaled options (MoE++'s slot counts) as the layers resolved them, so the
+    # saved model reloads with this layout whatever later defaults say.
+    layer = next(moe_layers(source), None)
+    router = getattr(layer, "router", None)
+    if router is not None and type(router).SCALED_OPTIONS:
+        scaled = {k: router.opts.extra[k] for k in type(router).SCALED_OPTIONS}
+        config.upcycle = {**config.upcycle, "options": {**config.upcycle["options"], **scaled}}
     # Wrap without __init__, which would build (and upcycle) a second, random copy of the source.
     wrapper = LibMoEUpcycledForCausalLM.__new__(LibMoEUpcycledForCausalLM)
     PreTrainedModel.__init__(wrapper, config)
