@@ -74,3 +74,88 @@ def test_legacy_options_recognise_the_fixed_1_1_6_layout():
     assert legacy_options("smoe", D, 16, K, 16) == {}
     layer = build_moe("moe_plus_plus", D, 16, M, K, **legacy_options("moe_plus_plus", D, 16, K, 24))
     assert layer.router.n_slots == 24
+
+
+# -- expert_init: the MoE output at init on the dense FFN's scale ---------------------------------
+
+PAPER_SEVEN = ("smoe", "sigma_moe", "xmoe", "sharede_v2", "sharede_v3", "moe_plus_plus", "tc_moe")
+TD, TE, TM, TK = 128, 16, 128, 4  # the cpu-tiny layer
+
+
+def _tiny_layer(name, **options):
+    if name.startswith("sharede"):  # as cpu-tiny builds it: 2 of the 16 experts and of k 4 shared
+        return build_moe(name, TD, TE - 2, TM, TK - 2, n_shared=2, **options)
+    return build_moe(name, TD, TE, TM, TK, **options)
+
+
+@pytest.fixture(scope="module")
+def probe_and_dense_std():
+    x = torch.randn(2048, TD, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return x, build_moe("dense", TD, TE, TM, TK)(x).output.std().item()
+
+
+@pytest.mark.parametrize("router_std", [0.02, 0.1])
+@pytest.mark.parametrize("name", PAPER_SEVEN)
+def test_dense_match_puts_the_output_at_init_on_the_dense_ffns_scale(name, router_std,
+                                                                      probe_and_dense_std):
+    x, dense_std = probe_and_dense_std
+    ratio = {}
+    for init in ("default", "dense_match"):
+        torch.manual_seed(1)
+        layer = _tiny_layer(name, router_init_std=router_std, expert_init=init)
+        with torch.no_grad():
+            ratio[init] = layer(x).output.std().item() / dense_std
+    assert 0.8 <= ratio["dense_match"] <= 1.25, ratio
+    if not name.startswith("sharede"):  # shared experts alone already carry the dense scale
+        assert ratio["default"] < 0.8, ratio  # ~1/K: 0.25 for smoe (0.058 vs 0.234 in issue 22)
+
+
+def test_dense_match_only_rescales_w2_and_leaves_the_global_rng_alone():
+    torch.manual_seed(3)
+    a = build_moe("sharede_v2", TD, 14, TM, 2, n_shared=2)
+    after_a = torch.rand(1)
+    torch.manual_seed(3)
+    b = build_moe("sharede_v2", TD, 14, TM, 2, n_shared=2, expert_init="dense_match")
+    assert torch.equal(torch.rand(1), after_a)  # the probe draws from its own generator
+    sa, sb = a.state_dict(), b.state_dict()
+    for key in sa:
+        if key.endswith("w2"):
+            factor = (sb[key] / sa[key]).flatten()
+            torch.testing.assert_close(factor, factor[:1].expand_as(factor))  # one factor per module
+            assert factor[0] != 1
+        else:
+            assert torch.equal(sa[key], sb[key]), key
+
+
+def test_init_weight_square_is_one_over_k_for_uniform_renormalised_top_k():
+    for name in ("smoe", "sigma_moe", "xmoe", "cosine"):
+        layer = build_moe(name, D, 8, M, 4)
+        with torch.no_grad():
+            for p in layer.router.parameters():
+                p.fill_(1.0 if name in ("xmoe", "cosine") else 0.0)  # every slot the same score
+        assert layer.router.init_weight_square(torch.randn(32, D)) == pytest.approx(1 / 4)
+
+
+def test_expert_init_is_validated_and_dense_accepts_it():
+    with pytest.raises(ValueError, match="expert_init='nope'.*dense_match"):
+        build_moe("smoe", D, 4, M, K, expert_init="nope")
+    build_moe("dense", D, 4, M, K, expert_init="dense_match")
+    with torch.device("meta"):  # weights loaded later: nothing to measure
+        build_moe("smoe", D, 4, M, K, expert_init="dense_match")
+
+
+def test_upcycled_experts_stay_exact_copies_with_dense_match():
+    from libmoe.models import build_model
+    from libmoe.upcycle import upcycle_model
+
+    torch.manual_seed(0)
+    dense = build_model("micro", "dense").eval()
+    up = upcycle_model(dense, "smoe", 4, 2, expert_init="dense_match").eval()
+    for block, source in zip(up.blocks, dense.blocks):
+        w2 = block.ffn.experts.w2
+        torch.testing.assert_close(w2, source.ffn.experts.w2.expand_as(w2))
+    tokens = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(up(tokens).logits, dense(tokens).logits)

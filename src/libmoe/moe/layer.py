@@ -88,6 +88,8 @@ class MoELayer(nn.Module):
             if opts.n_shared > 0
             else None
         )
+        if opts.expert_init == "dense_match":
+            match_dense_output_scale(self)
 
     def forward(self, x: Tensor, prev_logits: Tensor | None = None) -> MoEOutput:
         _check_input(x, self.d_model)
@@ -137,6 +139,64 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"algorithm={self.algorithm!r}, top_k={self.top_k}, router_slots={self.router.n_slots}"
+
+
+PROBE_TOKENS = 512
+"""Tokens of the fixed N(0, 1) probe batch `match_dense_output_scale` measures the router on."""
+
+
+@torch.no_grad()
+def match_dense_output_scale(layer: MoELayer) -> dict[str, float]:
+    """expert_init="dense_match": rescale the output projections (w2) of `layer`'s experts so that
+    its output at init has the variance of the dense FFN of its active width, K + n_shared
+    experts of width M. Returns the factors applied ({"routed": c_r, "shared": c_s}).
+
+    With experts initialised like the compute-matched dense FFN (w2 ~ U(±1/sqrt(K*M))), one
+    expert's output has variance u, and any dense FFN of that init has K*u, whatever its width.
+    Each of the K + n_shared active experts is given an equal share of K*u: the n_shared shared
+    experts (weight shared_scaling each) are scaled by c_s = sqrt(K / ((K + n_shared) *
+    shared_scaling^2)); the routed ones, whose output variance is S * u * routed_scaling^2 with S =
+    `router.init_weight_square` (1/K for near-uniform renormalised top-K), by c_r so that they add
+    up to K/(K + n_shared) of K*u less the variance of slots that are not FFN experts (MoE++'s copy
+    and constant experts), never below a quarter of their share. u, S and that variance are
+    measured on a fixed probe of N(0, 1) tokens (the scale of a LayerNorm output) from a private
+    generator: the global RNG, hence every other initial weight, is the same as with "default".
+    A layer on the meta device is left as it is (its weights are loaded later)."""
+    experts, router, opts = layer.experts, layer.router, layer.opts
+    if experts.w1.is_meta:
+        return {}
+    w = experts.w1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(PROBE_TOKENS, layer.d_model, generator=g, dtype=torch.float64)
+    x = x.to(device=w.device, dtype=w.dtype)
+    T, E, K = x.shape[0], layer.n_experts, layer.top_k
+    # u: one expert's output variance at weight 1 (tokens spread over up to 8 experts)
+    ids = (torch.arange(T, device=x.device) % min(E, 8)).unsqueeze(1)
+    u = float(experts(x, ids, torch.ones(T, 1, dtype=x.dtype, device=x.device)).double().var())
+    n_shared = opts.n_shared if layer.shared_experts is not None else 0
+    share = K * u * K / (K + n_shared)  # the routed experts' part of the dense variance K*u
+    factors: dict[str, float] = {}
+    if n_shared and opts.shared_scaling != 0:
+        factors["shared"] = math.sqrt(K / ((K + n_shared) * opts.shared_scaling ** 2))
+        layer.shared_experts.w2.mul_(factors["shared"])
+    square = router.init_weight_square(x.to(router.param_dtype())) * opts.routed_scaling ** 2
+    if square > 0 and u > 0:
+        routing, _ = _eval_routing(router, x.to(router.param_dtype()))
+        extra = router.extra_output(x, routing, opts.routed_scaling)
+        rest = float(extra.double().var()) if extra is not None else 0.0
+        factors["routed"] = math.sqrt(max(share - rest, share / 4) / (square * u))
+        experts.w2.mul_(factors["routed"])
+    return factors
+
+
+def _eval_routing(router: Router, x: Tensor) -> tuple[Routing, dict[str, Tensor]]:
+    """The router's decision on x without training-only effects (noise, selection counts)."""
+    was_training = router.training
+    router.eval()
+    try:
+        return router(x, x.shape[0], x.new_zeros(x.shape[0], router.n_slots))
+    finally:
+        router.train(was_training)
 
 
 def _check_input(x: Tensor, d_model: int) -> None:

@@ -9,6 +9,11 @@ from ..overrides import did_you_mean
 from .dispatch import DISPATCH_BACKENDS
 from .experts import ACTIVATIONS
 
+EXPERT_INITS = ("default", "dense_match")
+"""Values of the `expert_init` option: "default" initialises experts like the compute-matched dense
+FFN's weights; "dense_match" rescales the experts' output projections so that the layer's output
+at init has the dense FFN's scale (docs/moe.md)."""
+
 
 def check_choice(name: str, value: Any, choices: tuple) -> None:
     """Raise ValueError unless value is one of `choices` (the message lists them)."""
@@ -43,7 +48,7 @@ class MoEOptions:
 
     `extra` holds the algorithm's own knobs (declared by its router class, e.g. xmoe_tau).
     `output_dim` is the width of the layer's output (None: d_model), for layers that change width
-    (e.g. a vision-language connector).
+    (e.g. a vision-language connector). `expert_init` is one of EXPERT_INITS.
     """
 
     activation: str = "relu"
@@ -64,6 +69,7 @@ class MoEOptions:
     bias: bool = False
     expert_bias: bool = False
     output_dim: int | None = None
+    expert_init: str = "default"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,6 +95,7 @@ class MoEOptions:
             raise ValueError(f"expert_bias={self.expert_bias!r} is not valid; it must be True or False.")
         if self.output_dim is not None:
             check_number("output_dim", self.output_dim, 1, integer=True)
+        check_choice("expert_init", self.expert_init, EXPERT_INITS)
 
     @classmethod
     def generic_names(cls) -> list[str]:

@@ -78,6 +78,30 @@ class Router(nn.Module):
     def aux_coefficients(self) -> dict[str, float]:
         return {"balance": self.opts.balance_coef, "z": self.opts.z_coef}
 
+    @torch.no_grad()
+    def init_weight_square(self, x: Tensor) -> float:
+        """E_t[sum_e w_te^2] over the tokens x [T, D], with w_te the weight token t gives FFN
+        expert e (the weights of slots that run the same expert added, signs kept: TC-MoE's +FFN_e
+        and -FFN_e cancel), routed as in evaluation (no training-only noise or counts).
+
+        Experts are independent at init, so the routed output's variance is this times one
+        expert's: what `expert_init="dense_match"` divides by. Near-uniform renormalised top-K
+        weights give 1/K (factor K), a sigmoid without renormalisation about K/4, MoE++ less
+        than 1/K as zero-computation slots take weight. Measured on the router's own weights, so
+        it holds for every router, temperature and init std (docs/moe.md)."""
+        T = x.shape[0]
+        was_training = self.training
+        self.eval()
+        try:
+            routing, _ = self(x, T, x.new_zeros(T, self.n_slots))
+        finally:
+            self.train(was_training)
+        ids, w = self.expert_plan(routing)
+        valid = (ids >= 0) & (ids < self.n_experts)
+        per_expert = x.new_zeros(T, self.n_experts).scatter_add_(
+            1, ids.clamp(0, self.n_experts - 1), torch.where(valid, w.to(x.dtype), 0.0))
+        return float(per_expert.square().sum(-1).mean())
+
     def param_dtype(self) -> torch.dtype:
         """The dtype the router computes in: that of its (first floating) parameter."""
         for p in self.parameters():
