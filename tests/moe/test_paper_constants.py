@@ -159,3 +159,100 @@ def test_upcycled_experts_stay_exact_copies_with_dense_match():
     tokens = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(up(tokens).logits, dense(tokens).logits)
+
+
+# -- sigma_moe: LibMoE's renormalised sigmoid or Csordas et al.'s sigma-MoE -----------------------
+
+
+def test_sigma_renormalize_false_uses_the_selected_sigmoid_scores_as_weights():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, D)
+    plain = build_moe("sigma_moe", D, 8, M, K, sigma_renormalize=False, router_init_std=0.5)
+    r = plain(x).routing
+    torch.testing.assert_close(r.topk_weight, r.probs.gather(-1, r.topk_idx))
+    assert (r.topk_weight.sum(-1) < 2).all() and not torch.allclose(r.topk_weight.sum(-1),
+                                                                   torch.ones(12))
+    torch.manual_seed(0)
+    renorm = build_moe("sigma_moe", D, 8, M, K, router_init_std=0.5)  # the default: LibMoE's
+    torch.testing.assert_close(renorm(x).routing.topk_weight.sum(-1), torch.ones(12))
+    # near-uniform sigmoid scores of 1/2 each: S = K/4, so dense_match scales by about 2
+    with torch.no_grad():
+        plain.router.weight.zero_()
+    assert plain.router.init_weight_square(torch.randn(16, D)) == pytest.approx(K / 4)
+
+
+def test_sigma_entropy_term_is_its_own_aux_term_and_weighted_into_the_loss():
+    torch.manual_seed(0)
+    layer = build_moe("sigma_moe", D, 8, M, K, sigma_entropy_coef=0.1, z_coef=0.01)
+    x = torch.randn(3, 5, D)
+    out = layer(x)
+    z = out.routing.logits
+    pbar = torch.softmax(z, -1).mean(0)
+    torch.testing.assert_close(out.aux["entropy"], (pbar * pbar.log()).sum())
+    expected = 0.01 * out.aux["balance"] + 0.01 * out.aux["z"] + 0.1 * out.aux["entropy"]
+    torch.testing.assert_close(out.aux_loss, expected)
+    out.aux_loss.backward()
+    assert layer.router.weight.grad is not None
+    with torch.no_grad():  # uniform logits: the entropy's maximum, log E
+        layer.router.weight.zero_()
+    assert layer(x).aux["entropy"].item() == pytest.approx(-torch.log(torch.tensor(8.0)).item())
+    off = build_moe("sigma_moe", D, 8, M, K)(x)  # coefficient 0: logged, no graph, not in the loss
+    assert "entropy" in off.aux and not off.aux["entropy"].requires_grad
+
+
+def test_sigma_entropy_reaches_the_model_outputs():
+    from libmoe.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("micro", "sigma_moe", moe_options={"sigma_entropy_coef": 0.01})
+    out = model(torch.randint(0, 512, (2, 8)))
+    layers = model.config.n_layers
+    assert out.aux["entropy"].item() == pytest.approx(-layers * torch.log(torch.tensor(8.0)).item(),
+                                                      rel=0.05)
+    expected = 0.01 * out.aux["balance"] + 0.01 * out.aux["entropy"]
+    torch.testing.assert_close(out.aux_loss, expected)
+
+
+def test_sigma_expert_dropout_removes_experts_per_token_in_training_only():
+    torch.manual_seed(0)
+    layer = build_moe("sigma_moe", D, 8, M, K, sigma_expert_dropout=0.5, router_init_std=0.5)
+    x = torch.randn(64, D)
+    torch.manual_seed(7)
+    a = layer(x).routing
+    torch.manual_seed(7)
+    dropped = torch.rand(64, 8) < 0.5  # the mask the layer drew: one draw per (token, expert)
+    torch.manual_seed(7)
+    b = layer(x).routing
+    assert torch.equal(a.topk_idx, b.topk_idx)  # seeded runs reproduce
+    live = (~dropped).sum(-1) >= K
+    chosen = dropped.gather(-1, a.topk_idx)
+    assert not chosen[live].any()  # with K experts left, only they are picked
+    assert (a.topk_weight[chosen] == 0).all()  # a dropped expert picked anyway weighs 0
+    layer.eval()
+    ref = build_moe("sigma_moe", D, 8, M, K, router_init_std=0.5)
+    ref.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(layer(x).output, ref(x).output)  # never in evaluation
+
+
+@pytest.mark.parametrize("option, value, needle", [
+    ("sigma_renormalize", "yes", "True or False"), ("sigma_entropy_coef", -0.1, ">= 0.0"),
+    ("sigma_expert_dropout", 1.0, "below 1"), ("sigma_expert_dropout", -0.1, ">= 0.0"),
+])
+def test_sigma_options_are_validated(option, value, needle):
+    with pytest.raises(ValueError, match=f"{option}=.*{needle}"):
+        build_moe("sigma_moe", D, 8, M, K, **{option: value})
+
+
+def test_sigma_options_belong_to_sigma_moe_only():
+    with pytest.raises(ValueError, match="unknown option 'sigma_renormalize' for algorithm 'sharede_v3'"):
+        build_moe("sharede_v3", D, 8, M, K, sigma_renormalize=False)
+
+
+@pytest.mark.parametrize("router_std", [0.02, 0.1])
+def test_dense_match_fits_sigma_moe_without_renormalisation(router_std, probe_and_dense_std):
+    x, dense_std = probe_and_dense_std
+    torch.manual_seed(1)
+    layer = _tiny_layer("sigma_moe", router_init_std=router_std, expert_init="dense_match",
+                        sigma_renormalize=False)
+    with torch.no_grad():
+        assert 0.8 <= layer(x).output.std().item() / dense_std <= 1.25

@@ -255,6 +255,8 @@ def reference(layer, name, x, opts=None, k=K, e=E, prev_logits=None):
                 w = v / denom
             elif name == "xmoe" and opts.get("xmoe_weights", "renorm") == "softmax":
                 w = torch.softmax(v, 0)
+            elif name == "sigma_moe" and not opts.get("sigma_renormalize", True):
+                w = v  # Csordas et al.'s sigma-MoE: the selected sigmoid scores as they are
             else:
                 w = v / v.sum()
             sels.append(sorted(zip(chosen, w), key=lambda sw: -sw[1].item()))
@@ -344,6 +346,10 @@ def reference(layer, name, x, opts=None, k=K, e=E, prev_logits=None):
     if name == "tc_moe":
         res["null_reward"] = -torch.stack([p[2 * e:].sum() for p in probs]).mean()
         aux_loss = aux_loss + opts.get("tc_beta", 1e-5) * res["null_reward"]
+    if name == "sigma_moe":  # sum_e pbar_e log pbar_e, pbar = mean_t softmax(z_t) (before tau)
+        pbar = torch.stack([torch.softmax(z, 0) for z in logits]).mean(0)
+        res["entropy"] = (pbar * pbar.log()).sum()
+        aux_loss = aux_loss + opts.get("sigma_entropy_coef", 0.0) * res["entropy"]
     res["aux_loss"] = aux_loss
     return res
 
@@ -426,6 +432,8 @@ def check(layer, name, x, opts=None, k=K, e=E, prev_logits=None, *, routing=True
             _diff(out.aux["z"], ref["z"], "aux['z']", errs)
         if name == "tc_moe":
             _diff(out.aux["null_reward"], ref["null_reward"], "aux['null_reward']", errs)
+        if name == "sigma_moe":
+            _diff(out.aux["entropy"], ref["entropy"], "aux['entropy']", errs)
     if "dropped_fraction" in ref:
         got = out.stats.get("dropped_fraction") if out.stats else None
         if got is None or not math.isclose(float(got), ref["dropped_fraction"], abs_tol=1e-6):
@@ -504,6 +512,10 @@ OPTION_CASES = [
     ("smoe", {"balance_count": "top1"}),
     ("sigma_moe", {"balance_count": "top1", "balance_scope": "batch"}),
     ("sigma_moe", {"z_coef": 0.01}),
+    ("sigma_moe", {"sigma_renormalize": False}),
+    ("sigma_moe", {"sigma_entropy_coef": 0.1}),
+    ("sigma_moe", {"sigma_renormalize": False, "sigma_entropy_coef": 0.05, "temperature": 2.0}),
+    ("sigma_moe", {"sigma_expert_dropout": 0.3}),  # evaluation: no dropout
     ("smoe", {"activation": "relu"}),
     ("smoe", {"activation": "gelu"}),
     ("smoe", {"activation": "silu"}),
@@ -533,6 +545,8 @@ OPTION_CASES = [
 @pytest.mark.parametrize("name,opts", OPTION_CASES, ids=[f"{n}-{o}" for n, o in OPTION_CASES])
 def test_matches_reference_options(name, opts):
     layer = make_layer(name, **opts)
+    if "sigma_expert_dropout" in opts:  # training-only noise: in evaluation, the plain router
+        layer.eval()
     if name == "hyper":
         _set_progress(layer, 1.0)
     x = _x((2, 8, D)) if name in ("moe_plus_plus", "tc_moe") else _x()
@@ -769,10 +783,10 @@ GD, GE, GM, GK = 4, 4, 3, 2
 GC_NAMES = ["smoe", "sigma_moe", "xmoe", "sharede_v3", "moe_plus_plus", "tc_moe"]
 
 
-def _gc_layer(name, dispatch):
+def _gc_layer(name, dispatch, **extra):
     """Seed search on the reference only: top-k margins and ReLU pre-activations must be far
     from the non-differentiable points (eps = 1e-6)."""
-    opts = {"dispatch": dispatch, "z_coef": 0.1, "balance_coef": 0.1}
+    opts = {"dispatch": dispatch, "z_coef": 0.1, "balance_coef": 0.1, **extra}
     gated = {"gating_residual": True} if name == "moe_plus_plus" else {}  # gradients reach prev_logits
     for seed in range(200):
         layer = make_layer(name, k=GK, d=GD, e=GE, m=GM, seed=seed, router_std=1.0,
@@ -799,6 +813,8 @@ def _aux_outputs(out, name):
     terms = [out.output, out.aux["balance"], out.aux["z"]]
     if name == "tc_moe":
         terms.append(out.aux["null_reward"])
+    if name == "sigma_moe":
+        terms.append(out.aux["entropy"])
     return tuple(terms)
 
 
@@ -807,13 +823,32 @@ def _aux_outputs(out, name):
 def test_gradcheck(name, dispatch):
     """float64 gradcheck of output and aux terms: full Jacobian w.r.t. the input, fast mode
     (random projections) w.r.t. every trainable parameter (and MoE++'s prev_logits)."""
-    layer, x, prev, opts = _gc_layer(name, dispatch)
+    _gradcheck(name, dispatch)
+
+
+GC_OPTION_CASES = [
+    ("sigma_moe", {"sigma_renormalize": False, "sigma_entropy_coef": 0.1}),
+    ("sigma_moe", {"sigma_entropy_coef": 0.1, "sigma_expert_dropout": 0.25}),
+]
+
+
+@pytest.mark.parametrize("dispatch", ["loop", "blocked"])
+@pytest.mark.parametrize("name,extra", GC_OPTION_CASES, ids=[f"{n}-{o}" for n, o in GC_OPTION_CASES])
+def test_gradcheck_options(name, extra, dispatch):
+    """The algorithm options that change the maths (expert dropout in training mode, each call
+    drawing the same mask from a re-seeded RNG)."""
+    _gradcheck(name, dispatch, **extra)
+
+
+def _gradcheck(name, dispatch, **extra):
+    layer, x, prev, opts = _gc_layer(name, dispatch, **extra)
     pnames = [n for n, p in layer.named_parameters() if p.requires_grad]
     params = [dict(layer.named_parameters())[n].detach().clone().requires_grad_(True)
               for n in pnames]
 
     def run(x_, prev_, ps):
         kwargs = {} if prev_ is None else {"prev_logits": prev_}
+        torch.manual_seed(0)  # the same expert-dropout mask at every evaluation
         out = torch.func.functional_call(layer, dict(zip(pnames, ps)), (x_,), kwargs)
         return _aux_outputs(out, name)
 

@@ -33,6 +33,20 @@ def test_paper_models_forward_backward_without_host_sync(algorithm):
     assert syncs.count == 0, syncs.summary()
 
 
+@pytest.mark.parametrize("moe_options", [
+    {"sigma_renormalize": False, "sigma_entropy_coef": 1e-3, "sigma_expert_dropout": 0.1},
+    {"sigma_entropy_coef": 1e-4, "expert_init": "dense_match"},
+])
+def test_sigma_moe_model_with_csordas_options_without_host_sync(moe_options):
+    torch.manual_seed(0)
+    model = build_model("micro", "sigma_moe", moe_options={"dispatch": "grouped", **moe_options})
+    tokens = torch.randint(0, model.config.vocab_size, (2, 16))
+    _step(model, tokens)
+    with HostSyncCounter() as syncs:
+        _step(model, tokens)
+    assert syncs.count == 0, syncs.summary()
+
+
 @pytest.mark.parametrize("algorithm, options", [
     ("smoe", {"capacity_factor": 1.0}),
     ("smoe", {"bias_balancing": 1e-3, "n_group": 2, "topk_group": 1}),
@@ -42,6 +56,10 @@ def test_paper_models_forward_backward_without_host_sync(algorithm):
     ("moe_plus_plus", {"gating_residual": False, "capacity_factor": 1.25}),
     ("tc_moe", {"z_coef": 1e-3, "balance_count": "top1"}),
     ("smoe", {"activation": "swiglu", "expert_bias": True, "routed_scaling": 2.0}),
+    ("sigma_moe", {"sigma_renormalize": False, "sigma_entropy_coef": 1e-3,
+                   "sigma_expert_dropout": 0.1}),
+    ("sigma_moe", {"sigma_entropy_coef": 1e-4, "sigma_expert_dropout": 0.05, "bias_balancing": 1e-3}),
+    ("moe_plus_plus", {"expert_init": "dense_match"}),
 ])
 def test_layer_options_without_host_sync(algorithm, options):
     torch.manual_seed(0)

@@ -19,6 +19,7 @@ VARIANTS = {
     "gated": {"activation": "swiglu"},
     "output_dim": {"output_dim": 24},
     "all_generic": {"expert_bias": True, "n_shared": 1, "activation": "geglu", "capacity_factor": 1.0},
+    "dense_match": {"expert_init": "dense_match", "n_shared": 1},
 }
 OWN_VARIANTS = {
     "moe_plus_plus": [{"gating_residual": True}, {"n_const": 0}, {"n_copy": 0, "n_const": 0},
@@ -27,6 +28,7 @@ OWN_VARIANTS = {
     "xmoe": [{"xmoe_dim": 3}],
     "tc_moe": [{"n_null": 0}, {"n_null": 3}],
     "hyper": [{"hyper_embed_dim": 4, "hyper_hidden_dim": 8}],
+    "sigma_moe": [{"sigma_renormalize": False, "sigma_entropy_coef": 0.1, "sigma_expert_dropout": 0.2}],
 }
 CASES = [(name, label, opts) for name in REGISTRY for label, opts in VARIANTS.items()]
 CASES += [(name, f"own{i}", opts) for name, variants in OWN_VARIANTS.items()

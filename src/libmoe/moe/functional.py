@@ -5,6 +5,8 @@ Shapes: T tokens, E experts (or R router slots), K experts per token.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -107,3 +109,15 @@ def z_loss(logits: Tensor) -> Tensor:
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
     return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def neg_entropy_of_mean(logits: Tensor) -> Tensor:
+    """sum_e pbar_e log pbar_e, pbar = mean over the tokens of softmax(logits) [T, E]: minus the
+    entropy of the average selection distribution (sigma-MoE's regulariser, Csordas et al. 2023;
+    its minimum -log E at balanced use). Computed in log space as the paper's code does."""
+    T = logits.shape[0]
+    if T == 0:
+        return logits.sum() * 0.0
+    log_mean = torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(T)
+    return (log_mean.exp() * log_mean).sum()
+

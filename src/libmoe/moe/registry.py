@@ -37,6 +37,7 @@ from .routers import (
     MoEPlusPlusRouter,
     PerturbedCosineRouter,
     Router,
+    SigmaMoERouter,
     SigmoidTopKRouter,
     TCMoERouter,
     TopKRouter,
@@ -280,7 +281,8 @@ def _builtin(name: str, router: type[Router] | None, description: str, **default
 
 
 _builtin("smoe", TopKRouter, "softmax router, renormalised top-k (Shazeer 2017, Switch)")
-_builtin("sigma_moe", SigmoidTopKRouter, "sigmoid router, renormalised top-k (Csordas 2023)")
+_builtin("sigma_moe", SigmaMoERouter, "sigmoid router, top-k renormalised as LibMoE (Csordas 2023: "
+         "sigma_renormalize=false, entropy, expert dropout)")
 _builtin("xmoe", XMoERouter, "low-dim cosine router with expert embeddings (Chi 2022)")
 _builtin("sharede_v2", TopKRouter, "softmax router + always-on shared experts (DeepSeek-V2)", n_shared=2)
 _builtin("sharede_v3", SigmoidTopKRouter, "sigmoid router with selection bias + shared experts (DeepSeek-V3)",

@@ -179,6 +179,11 @@ class TopKRouter(Router):
     def current_k(self) -> int:
         return self.top_k
 
+    def selection_scores(self, s: Tensor) -> Tensor:
+        """The scores top-K selects on and takes its values from (sigma_moe's expert dropout
+        zeroes some in training); `s` itself stays the routing record and the balance input."""
+        return s
+
     def aux_terms(self, z: Tensor, s: Tensor, idx: Tensor, seq_len: int) -> dict[str, Tensor]:
         o = self.opts
         with _grad_if(o.balance_coef):
@@ -197,7 +202,8 @@ class TopKRouter(Router):
         s = self.scores(z)
         bias = self.expert_bias if self.opts.bias_balancing > 0 else None
         idx, vals = fn.select_topk(
-            s, self.current_k(), bias, self.drop_top, self.opts.n_group, self.opts.topk_group
+            self.selection_scores(s), self.current_k(), bias, self.drop_top, self.opts.n_group,
+            self.opts.topk_group,
         )
         w = self.combine(z, s, idx, vals)
         if bias is not None:  # biased selection order can differ from the weight order
@@ -227,6 +233,50 @@ class SigmoidTopKRouter(TopKRouter):
 
     def balance_inputs(self, s, idx):
         return s / s.sum(-1, keepdim=True), idx, None
+
+
+class SigmaMoERouter(SigmoidTopKRouter):
+    """sigma_moe: sigmoid scores, top-K. By default the K selected scores are renormalised to sum
+    to one, as in the LibMoE code the LibMoE paper benchmarks; Csordas et al. 2023's sigma-MoE
+    uses them as they are (`sigma_renormalize=False`), adds an entropy regulariser
+    (`sigma_entropy_coef` gamma: aux term "entropy" = sum_e pbar_e log pbar_e, pbar the mean over
+    the layer's tokens of softmax(z), minimised, i.e. the entropy of the batch's average selection
+    distribution maximised) and expert dropout (`sigma_expert_dropout` delta: in training each
+    (token, expert) score is zeroed before top-K with probability delta, so a token picks among
+    the others; a dropped expert that is picked anyway weighs 0; never in evaluation)."""
+
+    OPTIONS = {"sigma_renormalize": True, "sigma_entropy_coef": 0.0, "sigma_expert_dropout": 0.0}
+
+    @classmethod
+    def check_options(cls, opts, n_experts, top_k):
+        x = opts.extra
+        if not isinstance(x["sigma_renormalize"], bool):
+            raise ValueError(f"sigma_renormalize={x['sigma_renormalize']!r} is not valid; it must be "
+                             "True or False.")
+        check_number("sigma_entropy_coef", x["sigma_entropy_coef"], 0.0)
+        check_number("sigma_expert_dropout", x["sigma_expert_dropout"], 0.0)
+        if x["sigma_expert_dropout"] >= 1:
+            raise ValueError(f"sigma_expert_dropout={x['sigma_expert_dropout']!r} is not valid; it "
+                             "must be a probability below 1 (the paper uses 0.05 to 0.1).")
+
+    def aux_coefficients(self):
+        return {**super().aux_coefficients(), "entropy": self.opts.extra["sigma_entropy_coef"]}
+
+    def selection_scores(self, s):
+        delta = self.opts.extra["sigma_expert_dropout"]
+        if not (self.training and delta > 0):
+            return s
+        # torch's RNG on the scores' device: seeded runs reproduce, and nothing waits on the host
+        return s.masked_fill(torch.rand_like(s) < delta, 0.0)  # sigmoid scores are > 0
+
+    def combine(self, z, s, idx, vals):
+        return fn.renorm(vals) if self.opts.extra["sigma_renormalize"] else vals
+
+    def aux_terms(self, z, s, idx, seq_len):
+        terms = super().aux_terms(z, s, idx, seq_len)
+        with _grad_if(self.opts.extra["sigma_entropy_coef"]):
+            terms["entropy"] = fn.neg_entropy_of_mean(z)
+        return terms
 
 
 class XMoERouter(TopKRouter):
