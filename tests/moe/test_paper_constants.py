@@ -256,3 +256,47 @@ def test_dense_match_fits_sigma_moe_without_renormalisation(router_std, probe_an
                         sigma_renormalize=False)
     with torch.no_grad():
         assert 0.8 <= layer(x).output.std().item() / dense_std <= 1.25
+
+
+# -- router_init_std: "libmoe" = LibMoE's d^-1/2 * sqrt(2/L) ---------------------------------------
+
+
+def test_libmoe_router_init_std_formula():
+    from libmoe.moe import libmoe_router_init_std
+
+    assert libmoe_router_init_std(128, 4) == pytest.approx(0.0625)  # cpu-tiny
+    assert libmoe_router_init_std(512, 16) == pytest.approx(0.015625)  # paper-158m
+    with pytest.raises(ValueError, match="n_layers"):
+        libmoe_router_init_std(128, 0)
+
+
+@pytest.mark.parametrize("value", ["lib", -0.1, True, None])
+def test_router_init_std_is_a_number_or_libmoe(value):
+    from libmoe.moe import MoEOptions
+
+    assert MoEOptions(router_init_std="libmoe").router_init_std == "libmoe"
+    MoEOptions(router_init_std=0)
+    with pytest.raises(ValueError, match="router_init_std=.*number >= 0 or 'libmoe'"):
+        MoEOptions(router_init_std=value)
+
+
+def test_a_single_layer_cannot_resolve_libmoe_and_says_how():
+    with pytest.raises(ValueError, match=r"libmoe_router_init_std\(d_model, n_layers\)"):
+        build_moe("smoe", D, 8, M, K, router_init_std="libmoe")
+
+
+@pytest.mark.parametrize("algorithm", ["smoe", "xmoe", "moe_plus_plus", "sharede_v3"])
+def test_models_resolve_libmoe_router_init_from_their_depth(algorithm):
+    from libmoe.models import build_model, model_config
+
+    torch.manual_seed(0)
+    model = build_model("cpu-tiny", algorithm, moe_options={"router_init_std": "libmoe"})
+    cfg = model.config
+    assert (cfg.d_model, cfg.n_layers) == (128, 4)
+    router = model.blocks[0].ffn.router
+    weight = router.proj.weight if algorithm == "xmoe" else router.weight
+    assert weight.std().item() == pytest.approx(0.0625, rel=0.1)
+    assert router.opts.router_init_std == pytest.approx(0.0625)
+    assert cfg.to_dict()["moe_options"]["router_init_std"] == "libmoe"  # the formula, recorded
+    assert model_config("cpu-tiny", algorithm, moe_options={"router_init_std": "libmoe"}).moe_args()[2][
+        "router_init_std"] == pytest.approx(0.0625)

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from ..moe.layer import check_algorithm, legacy_options, scaled_options
-from ..moe.options import check_number
+from ..moe.options import LIBMOE_INIT, check_number, libmoe_router_init_std
 from ..overrides import did_you_mean
 
 
@@ -77,8 +77,11 @@ class ModelConfig:
         return int(self.head_dim * self.rope_fraction) // 2 * 2
 
     def moe_args(self) -> tuple[int, int, dict[str, Any]]:
-        """(n routed experts, top_k, options) for build_moe under this config's budget."""
+        """(n routed experts, top_k, options) for build_moe under this config's budget, with
+        router_init_std "libmoe" resolved to LibMoE's d_model^-1/2 * sqrt(2 / n_layers)."""
         options = dict(self.moe_options)
+        if options.get("router_init_std") == LIBMOE_INIT:
+            options["router_init_std"] = libmoe_router_init_std(self.d_model, self.n_layers)
         if self.uses_shared:
             options.setdefault("n_shared", self.n_shared)
             return self.n_experts - self.n_shared, self.top_k - self.n_shared, options

@@ -27,7 +27,7 @@ from .layer import (
     set_training_progress,
     update_bias_balancing,
 )
-from .options import MoEOptions, check_choice, check_number
+from .options import EXPERT_INITS, LIBMOE_INIT, MoEOptions, check_choice, check_number, libmoe_router_init_std
 from .registry import (
     ALGORITHMS,
     ENTRY_POINT_GROUP,
@@ -55,6 +55,8 @@ __all__ = [
     "ALGORITHMS",
     "DISPATCH_BACKENDS",
     "ENTRY_POINT_GROUP",
+    "EXPERT_INITS",
+    "LIBMOE_INIT",
     "PLUGINS_ENV",
     "REGISTRY",
     "TRACE_META",
@@ -83,6 +85,7 @@ __all__ = [
     "expert_shards",
     "layer_options",
     "legacy_options",
+    "libmoe_router_init_std",
     "list_traces",
     "load_plugins",
     "moe_layers",

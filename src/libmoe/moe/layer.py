@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..overrides import did_you_mean
 from .experts import Experts
-from .options import MoEOptions, check_number, unknown_option_error
+from .options import LIBMOE_INIT, MoEOptions, check_number, unknown_option_error
 from .registry import REGISTRY
 from .routers import ExpertChoiceRouter, Router, Routing
 
@@ -295,6 +295,12 @@ def layer_options(name: str, d_model: int, n_experts: int, top_k: int, **options
         elif key not in generic:
             raise unknown_option_error(key, generic + list(own), name)
     opts = MoEOptions(**merged, extra=extra)
+    if opts.router_init_std == LIBMOE_INIT:
+        raise ValueError(
+            "router_init_std='libmoe' depends on the model's depth, which one layer does not know: "
+            "pass router_init_std=libmoe_router_init_std(d_model, n_layers) (a MoETransformer "
+            "resolves it from its config)."
+        )
     if router_cls is None:
         return opts
     if opts.bias and not router_cls.ROUTER_BIAS:  # a bias the logits never add gets no gradient

@@ -9,6 +9,19 @@ from ..overrides import did_you_mean
 from .dispatch import DISPATCH_BACKENDS
 from .experts import ACTIVATIONS
 
+LIBMOE_INIT = "libmoe"
+"""The `router_init_std` value that asks for LibMoE's language-model router init,
+N(0, d_model^-1/2 * sqrt(2 / n_layers)) (`libmoe_router_init_std`)."""
+
+
+def libmoe_router_init_std(d_model: int, n_layers: int) -> float:
+    """LibMoE's language-model router init std d_model^-1/2 * sqrt(2 / n_layers): 0.0625 at
+    d_model 128 with 4 layers (cpu-tiny), 0.015625 at 512 with 16 (paper-158m)."""
+    check_number("d_model", d_model, 1, integer=True)
+    check_number("n_layers", n_layers, 1, integer=True)
+    return d_model ** -0.5 * (2.0 / n_layers) ** 0.5
+
+
 EXPERT_INITS = ("default", "dense_match")
 """Values of the `expert_init` option: "default" initialises experts like the compute-matched dense
 FFN's weights; "dense_match" rescales the experts' output projections so that the layer's output
@@ -53,7 +66,7 @@ class MoEOptions:
 
     activation: str = "relu"
     temperature: float = 1.0
-    router_init_std: float = 0.02
+    router_init_std: float | str = 0.02
     n_shared: int = 0
     balance_coef: float = 0.01
     balance_scope: str = "sequence"
@@ -75,7 +88,11 @@ class MoEOptions:
     def __post_init__(self) -> None:
         check_choice("activation", self.activation, tuple(ACTIVATIONS))
         check_number("temperature", self.temperature, 0.0, strict=True)
-        check_number("router_init_std", self.router_init_std, 0.0)
+        if self.router_init_std != LIBMOE_INIT:
+            ok = isinstance(self.router_init_std, (int, float)) and not isinstance(self.router_init_std, bool)
+            if not ok or self.router_init_std < 0:
+                raise ValueError(f"router_init_std={self.router_init_std!r} is not valid; it must be a "
+                                 f"number >= 0 or {LIBMOE_INIT!r} (LibMoE's d^-1/2 * sqrt(2/L)).")
         check_number("n_shared", self.n_shared, 0, integer=True)
         check_number("balance_coef", self.balance_coef, 0.0)
         check_choice("balance_scope", self.balance_scope, ("sequence", "batch", "global"))
