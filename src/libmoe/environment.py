@@ -36,8 +36,9 @@ import torch
 
 from .version import __version__
 
-__all__ = ["ENVIRONMENT_FIELDS", "compare_environments", "comparison_lines", "cpu_model",
-           "environment_record", "environment_summary", "field_value", "libmoe_commit"]
+__all__ = ["ENVIRONMENT_FIELDS", "IGNORED_CONFIG", "compare_environments", "comparison_lines",
+           "comparison_rows", "corpus_note", "cpu_model", "environment_record", "environment_rows",
+           "environment_summary", "field_value", "libmoe_commit"]
 
 # (key in the record, dotted for nested entries; label; kind). The kinds say what a difference
 # means: "data" changes what is measured, the others how the same computation is rounded.
@@ -45,7 +46,6 @@ ENVIRONMENT_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("corpus.hash", "corpus hash", "data"),
     ("corpus.stream", "corpus stream (Hub dataset and options)", "data"),
     ("tokenizer.hash", "tokenizer hash", "data"),
-    ("config", "bench config", "config"),
     ("libmoe", "libmoe version", "software"),
     ("libmoe_commit", "libmoe commit", "software"),
     ("libmoe_modified", "libmoe source modified since its commit", "software"),
@@ -70,6 +70,11 @@ ENVIRONMENT_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("determinism.cudnn_deterministic", "cuDNN deterministic", "settings"),
     ("determinism.cudnn_benchmark", "cuDNN benchmark", "settings"),
 )
+
+# Run-config keys that change where files go or what is logged, never a number: left out when two
+# outputs' configs are compared.
+IGNORED_CONFIG = ("data.cache_dir", "data.num_proc", "train.tensorboard", "train.log_every",
+                  "train.keep_checkpoints", "train.peak_flops")
 
 # The measured size of a machine's effect (issue 22: the README's default bench on two machines).
 MACHINE_SPREAD = "1-3%"
@@ -195,8 +200,8 @@ def compare_environments(this: dict[str, Any] | None, other: dict[str, Any] | No
     """Whether two environment records (results.json's "environment"; None for an output written
     before libmoe recorded one) differ, and what that means for their numbers:
     {"known", "same", "differences": [{"field", "label", "kind", "this", "other"}], "summary"}.
-    `configs`: the two outputs' configs, compared too (a changed config changes the numbers on
-    any machine)."""
+    `configs`: the two outputs' run configs (results.json's "config"), compared key by key too
+    (but for IGNORED_CONFIG): a changed config changes the numbers on any machine."""
     if not isinstance(this, dict) or not isinstance(other, dict):
         missing = "this output" if not isinstance(this, dict) else other_name
         if not isinstance(this, dict) and not isinstance(other, dict):
@@ -208,18 +213,29 @@ def compare_environments(this: dict[str, Any] | None, other: dict[str, Any] | No
                 "from that alone, so compare verdicts, not digits."}
     differences = []
     for key, label, kind in ENVIRONMENT_FIELDS:
-        if key == "config":
-            if configs is None:
-                continue
-            a, b = configs
-        else:
-            a, b = field_value(this, key), field_value(other, key)
+        a, b = field_value(this, key), field_value(other, key)
         if a != b:
-            shown = ("(differs)", "(differs)") if key == "config" else (_show(a, key), _show(b, key))
-            differences.append({"field": key, "label": label, "kind": kind, "this": shown[0],
-                                "other": shown[1]})
+            differences.append({"field": key, "label": label, "kind": kind, "this": _show(a, key),
+                                "other": _show(b, key)})
+    if configs is not None:
+        a, b = (_flat(c) if isinstance(c, dict) else {} for c in configs)
+        for key in sorted(set(a) | set(b)):
+            if key not in IGNORED_CONFIG and a.get(key) != b.get(key):
+                differences.append({"field": f"config.{key}", "label": f"config {key}", "kind": "config",
+                                    "this": _show(a.get(key)), "other": _show(b.get(key))})
     return {"known": True, "same": not differences, "differences": differences, "other": other_name,
             "summary": _summary(differences, this, other)}
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as {dotted key: value}."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _summary(differences: list[dict[str, Any]], this: dict[str, Any], other: dict[str, Any]) -> str:
@@ -243,9 +259,9 @@ def _summary(differences: list[dict[str, Any]], this: dict[str, Any], other: dic
         return (f"the two outputs trained on different data ({listed(('data',))}){why}: their numbers "
                 "measure different text and are not comparable; compare verdicts at most.")
     if "config" in by_kind:
-        return ("the two outputs were made with different bench configs: their numbers differ for "
-                "that reason alone; compare verdicts, not digits.")
-    return (f"the two outputs were made on different machines or software "
+        return (f"the two outputs were made with different configs ({listed(('config',))}): their "
+                "numbers differ for that reason alone; compare verdicts, not digits.")
+    return (f"the two outputs were made on different machines, software or thread counts "
             f"({listed(('software', 'machine', 'threads', 'settings'))}): differences of about "
             f"{MACHINE_SPREAD} in perplexity are expected from float rounding alone (as large as a "
             "second seed's spread), so a one-seed difference smaller than the seed spread means "
@@ -283,3 +299,74 @@ def environment_summary(record: dict[str, Any] | None) -> str:
     threads = record.get("job_threads") or [record.get("torch_threads")]
     return (f"{data}; Python {record.get('python')}, torch {record.get('torch')}, {version_text}; "
             f"{device}, {'/'.join(str(t) for t in threads)} thread(s) per run")
+
+
+def corpus_note(record: dict[str, Any] | None) -> str | None:
+    """One sentence on the corpus the numbers come from (its hash, and for the embedded corpus
+    the Python whose text it is), for a table's header; None when not recorded."""
+    corpus = (record or {}).get("corpus") if isinstance(record, dict) else None
+    if not isinstance(corpus, dict):
+        return None
+    if corpus.get("hash") and corpus.get("source") == "embedded":
+        return (f"Corpus: the embedded corpus of Python {corpus.get('python')} (its documentation and "
+                f"standard library; sha256 {corpus['hash'][:16]}). Another Python version's embedded "
+                "corpus is other text, so its numbers are not comparable with these.")
+    if corpus.get("hash"):
+        return f"Corpus: {corpus.get('source')} (sha256 {corpus['hash'][:16]})."
+    if corpus.get("stream"):
+        return f"Corpus: {corpus.get('source')}, a stream (identified by name and options, not hashed)."
+    return f"Corpus: {corpus.get('source')} (not hashed: {corpus.get('error', 'unknown')})."
+
+
+def environment_rows(record: dict[str, Any] | None) -> list[list[str]]:
+    """An environment record as a header row and rows of two cells (what, value) for a table."""
+    head = ["Environment", "Value"]
+    if not isinstance(record, dict):
+        return [head, ["(not recorded)", "an output of a libmoe older than the record"]]
+    rows = []
+    corpus = record.get("corpus")
+    if isinstance(corpus, dict):
+        rows.append(["Corpus", _corpus_cell(corpus) if corpus.get("hash") else corpus_note(record) or "—"])
+    tokenizer = record.get("tokenizer")
+    if isinstance(tokenizer, dict):
+        kind = tokenizer.get("source")
+        kind = "trained on the training split" if kind == "train" else kind
+        rows.append(["Tokenizer", f"{kind + '; ' if kind else ''}hash {tokenizer.get('hash')}"])
+    commit = record.get("libmoe_commit")
+    libmoe = f"libmoe {record.get('libmoe')}"
+    if commit:
+        libmoe += f" (commit {commit[:12]}{', modified' if record.get('libmoe_modified') else ''})"
+    names = (("cuda", "CUDA"), ("cudnn", "cuDNN"), ("numpy", "numpy"), ("sentencepiece", "sentencepiece"))
+    software = [f"Python {record.get('python')}", f"torch {record.get('torch')}"]
+    software += [f"{name} {record[key]}" for key, name in names if record.get(key)]
+    rows.append(["Software", ", ".join([*software, libmoe])])
+    cpu = record.get("cpu") or "unknown CPU"
+    if record.get("cpu_capability"):
+        cpu += f" ({record['cpu_capability']})"
+    rows.append(["Machine", f"{cpu}, {record.get('cpus')} cores; GPUs: {_show(record.get('gpus'))}; "
+                 f"{record.get('os')}"])
+    threads = record.get("job_threads")
+    per_run = f"{'/'.join(str(t) for t in threads)} per run" if threads else "per run: unknown"
+    rows.append(["Threads", f"{per_run} (torch threads of the process that wrote this: "
+                 f"{record.get('torch_threads')})"])
+    settings = record.get("determinism")
+    if isinstance(settings, dict):
+        shown = [f"{label.removeprefix('torch ')}: {_show(field_value(record, key))}"
+                 for key, label, kind in ENVIRONMENT_FIELDS if kind == "settings"]
+        rows.append(["Float settings", ", ".join(shown)])
+    return [head, *rows]
+
+
+def _corpus_cell(corpus: dict[str, Any]) -> str:
+    origin = (f" (Python {corpus.get('python')}'s documentation and standard library)"
+              if corpus.get("source") == "embedded" else "")
+    size = ""
+    if isinstance(corpus.get("documents"), int) and isinstance(corpus.get("chars"), int):
+        size = f", {corpus['documents']:,} documents, {corpus['chars']:,} characters"
+    return f"{corpus.get('source')}{origin}{size}; sha256 {corpus['hash']}"
+
+
+def comparison_rows(comparison: dict[str, Any]) -> list[list[str]]:
+    """A comparison's differences as a header row and rows (field, this output, the other)."""
+    rows = [[d["label"], d["this"], d["other"]] for d in comparison.get("differences") or []]
+    return [["Differs", "This output", str(comparison.get("other"))], *rows]

@@ -3,14 +3,19 @@
 import csv
 import io
 import json
+import os
+import platform
+import shutil
 
 import pytest
+import torch
 
 from conftest import SHAKESPEARE
 from libmoe.bench import available_tasks, load_bench_preset, run_bench
 from libmoe.bench import runner as bench_runner
 from libmoe.bench.tables import aggregate, results_markdown
 from libmoe.cli import main
+from libmoe.data import corpus_hash, load_corpus, tokenizer_fingerprint
 
 EVAL = SHAKESPEARE.parent / "eval"
 
@@ -182,3 +187,91 @@ def test_bench_presets_and_cli_errors(capsys, tmp_path):
     assert main(["bench", "--preset", "micro", "--algorithms", "smoe,smoe", "--out", str(tmp_path)]) == 2
     assert "twice" in capsys.readouterr().err
     assert main(["bench", "--launcher", "slurm", "--seeds", "0", "--out", str(tmp_path)]) == 2
+
+
+def test_results_record_the_environment_and_show_the_corpus_hash(micro):
+    out, results, _, _ = micro
+    env = results["environment"]
+    assert env["corpus"]["source"] == "embedded" and env["corpus"]["python"] == platform.python_version()
+    assert env["corpus"]["hash"] == corpus_hash(load_corpus("embedded"))
+    assert env["tokenizer"] == {"source": "train",
+                                "hash": tokenizer_fingerprint(out / "runs" / "smoe-s0" / "tokenizer")}
+    assert env["python"] == platform.python_version() and env["torch"] == torch.__version__
+    assert env["cpus"] == os.cpu_count() and env["job_threads"] and "cpu" in env and "gpus" in env
+    assert json.loads((out / "results.json").read_text())["environment"] == env
+    md, report = (out / "results.md").read_text(), (out / "report.html").read_text()
+    short = env["corpus"]["hash"][:16]
+    assert f"embedded corpus of Python {platform.python_version()}" in md.split("## Scores")[0]
+    assert "## Environment" in md and env["corpus"]["hash"] in md and short in report
+    assert "<h2>Environment</h2>" in report and f"torch {torch.__version__}" in report
+
+
+def test_compare_says_where_two_outputs_differ_and_what_it_means(micro, tmp_path, capsys):
+    out, results, _, cache = micro
+    saved = json.loads((out / "results.json").read_text())
+
+    def other(name, **changes):
+        folder = tmp_path / name
+        folder.mkdir()
+        value = {k: v for k, v in saved.items() if k != "environment"}
+        if not changes.pop("old", False):
+            value["environment"] = {**saved["environment"], **changes}
+        (folder / "results.json").write_text(json.dumps(value))
+        return folder
+
+    same = other("same")
+    assert main(["findings", str(out), "--compare", str(same), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "same data, config, software, machine" in printed and "identical for all 2" in printed
+    assert f"corpus embedded from Python {platform.python_version()}" in printed
+
+    machine = other("machine", cpu="Another CPU", torch_threads=64)
+    assert main(["findings", str(out), "--compare", str(machine), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "(CPU model, torch threads)" in printed and "compare verdicts, not digits" in printed
+    assert f"CPU model: {saved['environment']['cpu']} vs Another CPU" in printed
+
+    corpus = {**saved["environment"]["corpus"], "hash": "0" * 64, "python": "3.99.0"}
+    data = other("data", corpus=corpus, python="3.99.0")
+    assert main(["findings", str(out), "--compare", str(data), "--dry-run", "--json"]) == 0
+    comparison = json.loads(capsys.readouterr().out)["environment_comparison"]
+    assert comparison["known"]
+    assert {"corpus.hash", "python"} <= {d["field"] for d in comparison["differences"]}
+    assert "different data" in comparison["summary"] and "3.99.0" in comparison["summary"]
+
+    old = other("old", old=True)
+    assert main(["findings", str(out), "--compare", str(old), "--dry-run"]) == 0
+    assert "unknown: " in capsys.readouterr().out
+
+    # Written into the output (a copy): results.json, results.md and report.html; still the bench's.
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert main(["findings", str(copy), "--compare", str(machine)]) == 0
+    capsys.readouterr()
+    assert json.loads((copy / "results.json").read_text())["environment_comparison"]["differences"]
+    assert f"## Compared with {machine}" in (copy / "results.md").read_text()
+    assert "| CPU model |" in (copy / "results.md").read_text()
+    assert "Another CPU" in (copy / "report.html").read_text()
+    # ... and the bench's own --compare (its runs finished: skipped) says the same.
+    again = run_bench(copy, preset="micro", algorithms=["dense", "smoe"], data_dir=EVAL, compare=data,
+                      overrides=[f"data.cache_dir={cache}"], analysis=False, log=lambda _: None)
+    assert "different data" in again["environment_comparison"]["summary"]
+    assert again["regime_comparison"]["regimes"][1]["bench"] == str(data)  # the regime comparison stays
+    assert "different data" in (copy / "results.md").read_text()
+
+
+def test_an_output_without_the_environment_record_still_loads(micro, tmp_path, capsys):
+    out, _, _, _ = micro
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    saved = json.loads((old / "results.json").read_text())
+    for key in ("environment", "environment_comparison"):
+        saved.pop(key, None)
+    (old / "results.json").write_text(json.dumps(saved))
+    (old / ".libmoe-bench").unlink()  # as an output of a version before the record
+    assert main(["findings", str(old), "--compare", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "environment: not recorded" in printed and "unknown: this output has no environment" in printed
+    md = (old / "results.md").read_text()
+    assert "(not recorded)" in md and "## Compared with" in md
+    assert "Corpus:" not in md.split("## Scores")[0]

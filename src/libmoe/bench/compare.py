@@ -1,4 +1,11 @@
-"""The regime comparison (the paper's Section 5a/5e): how stable each algorithm's routing is when
+"""Comparing two bench outputs: the regime comparison and the environment comparison.
+
+The environment comparison (`compare_outputs`; results.json's `environment_comparison`): where
+two outputs' environment records (`libmoe.environment`: data hashes, software, machine, threads,
+float settings) and configs differ, and what that means for comparing their numbers
+(`--compare` of `libmoe bench` and of `libmoe findings`).
+
+The regime comparison (the paper's Section 5a/5e): how stable each algorithm's routing is when
 it is pretrained from scratch and when it is upcycled from a dense model.
 
 The measure is the expert change rate (the share of probe tokens whose top-k experts differ
@@ -22,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis import FigureInfo
+from ..environment import compare_environments
 from ..files import read_json_object
+from .outputs import write_output_json
 from .plots import save_figure
 
 FIGURE = FigureInfo(
@@ -37,6 +46,55 @@ FIGURE = FigureInfo(
 METRIC = ("expert change rate (top-k set) between consecutive checkpoints, mean over MoE layers and "
           "checkpoint pairs, then over seeds; relative = rate / mean rate of the other algorithms")
 SHARED = ("sharede_v2", "sharede_v3")
+
+
+def compare_outputs(results: dict[str, Any], other: str | Path) -> dict[str, Any]:
+    """results.json's "environment_comparison": where this output's environment record and config
+    differ from those of the bench output `other`, with a one-sentence summary of what that means
+    for their numbers (`libmoe.environment.compare_environments`; "unknown" when either output
+    predates the record)."""
+    saved = read_json_object(Path(other) / "results.json", "give --compare a finished libmoe bench output")
+    comparison = compare_environments(results.get("environment"), saved.get("environment"), str(other),
+                                      configs=(results.get("config"), saved.get("config")))
+    perplexity = _perplexities(results, saved)
+    if perplexity:
+        comparison["perplexity"] = perplexity
+        comparison["summary"] += " " + _perplexity_sentence(perplexity)
+    return comparison
+
+
+def _perplexities(results: dict[str, Any], saved: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{algorithm: {"this", "other", "relative"}}: the validation perplexity of each algorithm that
+    both outputs have one for (a VLM bench has none)."""
+    def ppl(res: dict[str, Any]) -> dict[str, float]:
+        return {r["algorithm"]: float(r["ppl"]) for r in res.get("rows") or []
+                if isinstance(r, dict) and isinstance(r.get("ppl"), (int, float)) and r.get("algorithm")}
+
+    this, other = ppl(results), ppl(saved)
+    return {a: {"this": this[a], "other": other[a], "relative": this[a] / other[a] - 1 if other[a] else None}
+            for a in this if a in other}
+
+
+def _perplexity_sentence(perplexity: dict[str, dict[str, float]]) -> str:
+    differ = {a: p for a, p in perplexity.items() if p["this"] != p["other"]}
+    if not differ:
+        return f"Validation perplexity: identical for all {len(perplexity)} algorithm(s) both have."
+    worst, p = max(differ.items(), key=lambda kv: abs(kv[1]["relative"] or 0.0))
+    change = f" ({100 * p['relative']:+.3g}%)" if p["relative"] is not None else ""
+    return (f"Validation perplexity differs for {len(differ)} of {len(perplexity)} algorithm(s), most for "
+            f"{worst}: {p['this']:.4f} vs {p['other']:.4f}{change}.")
+
+
+def record_comparison(bench_dir: str | Path, other: str | Path) -> dict[str, Any]:
+    """Compare the bench output `bench_dir` with `other` (`compare_outputs`) and keep the result as
+    its results.json's "environment_comparison" (written atomically, the manifest updated); the
+    tables and report show it when next written (`libmoe findings --compare` rewrites them at
+    once). Returns the comparison."""
+    out = Path(bench_dir)
+    results = read_json_object(out / "results.json", "give a finished libmoe bench output")
+    results["environment_comparison"] = compare_outputs(results, other)
+    write_output_json(out, "results.json", results)
+    return results["environment_comparison"]
 
 
 def _mean(values: list[float]) -> float | None:

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ..data import corpus_record, tokenizer_fingerprint
+from ..environment import environment_record
 from ..files import dumps, read_json, sha256, write_json, write_text
 from ..train.rundir import RUN_FILES, remove_entries
 from ..version import __version__
@@ -34,6 +36,12 @@ HTML_MARK = f'<meta name="generator" content="{WRITER} {__version__}">'
 # include eval/, analysis/ and traces/): what `--overwrite` may remove from a run it redoes.
 RUN_ENTRIES = ("bench_run.json", "bench.log", "bench_config.yaml", "bench_init.json",
                "bench_init_ppl.json", "summary.json")
+# results.json's numbers that measure time, speed or memory, not the model: the only ones that
+# differ between two runs of the same command on one machine (with their "<key>_std" over seeds).
+# Every other number (perplexities, losses, task scores, routing metrics, the findings' estimates
+# and intervals) is identical (tests/bench/test_reproducible.py; docs/bench.md).
+TIMING_FIELDS = ("elapsed_s", "train_time_s", "tokens_per_s", "step_time_s", "mfu", "peak_mem_mb",
+                 "latency_ms")
 
 
 def writer_stamp() -> dict[str, Any]:
@@ -178,3 +186,39 @@ def machine_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def without_timings(value: Any) -> Any:
+    """`value` (results.json's content, or any part of it) without TIMING_FIELDS and their
+    "<key>_std" at any depth: what two runs of the same command on one machine give identically."""
+    timing = set(TIMING_FIELDS) | {f"{k}_std" for k in TIMING_FIELDS}
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in timing}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def environment_info(config: dict[str, Any] | None, run_dirs: list[str | Path],
+                     job_threads: list[int] | None = None) -> dict[str, Any]:
+    """results.json's "environment" (`libmoe.environment.environment_record`): this machine and
+    its software, the runs' threads (`job_threads`), and the data the runs read: the corpus's
+    record (content hash; `libmoe.data.corpus_record`) of the run config's data.source, read again
+    here, and the hash of the tokenizer the first of `run_dirs` that has one trained with. A
+    regime whose runs have no data.source (vlm) records no corpus; a source that cannot be read
+    now records its error instead of a hash."""
+    data = (config or {}).get("data")
+    data = data if isinstance(data, dict) else {}
+    corpus = None
+    if data.get("source"):
+        try:
+            corpus = corpus_record(str(data["source"]), data.get("hub") or None)
+        except (OSError, ValueError) as err:  # e.g. a corpus directory moved since the runs trained
+            corpus = {"source": str(data["source"]), "hash": None, "error": f"{type(err).__name__}: {err}"}
+    tokenizer = None
+    for run in run_dirs:
+        path = Path(run) / "tokenizer"
+        if path.is_dir() and any(path.iterdir()):
+            tokenizer = {"source": data.get("tokenizer"), "hash": tokenizer_fingerprint(path)}
+            break
+    return environment_record(corpus, tokenizer, job_threads)

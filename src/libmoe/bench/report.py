@@ -17,12 +17,14 @@ from ..analysis import (
     summary_rows,
     summary_table_html,
 )
+from ..environment import comparison_rows as environment_differences
+from ..environment import corpus_note, environment_rows
 from ..files import write_json
 from ..findings import findings_html
 from .compare import FIGURE, comparison_table
 from .outputs import HTML_MARK, plain_json, write_output_text
 from .plots import plot_scores
-from .tables import cost_table, score_table
+from .tables import ENVIRONMENT_NOTE, cost_table, score_table
 
 REPORT_FILE = "report.html"
 
@@ -84,6 +86,28 @@ def findings_section(out: Path, results: dict[str, Any], embedded: set[str]) -> 
     return [findings_html(results["findings"], embedded)]
 
 
+def environment_html(results: dict[str, Any]) -> list[str]:
+    """The report's "Environment" section (results.json's "environment": data hashes, software,
+    machine, threads) and, after `--compare`, how the other output's differ."""
+    parts = ["<h2>Environment</h2>", _text_table(environment_rows(results.get("environment"))),
+             f"<p class=\"table-note\">{html.escape(ENVIRONMENT_NOTE)}</p>"]
+    comparison = results.get("environment_comparison")
+    if isinstance(comparison, dict):
+        parts += [f"<h2>Compared with {html.escape(str(comparison.get('other')))}</h2>",
+                  f"<p class=\"intro\">{html.escape(str(comparison.get('summary')))}</p>"]
+        if comparison.get("differences"):
+            parts.append(_text_table(environment_differences(comparison)))
+    return parts
+
+
+def _text_table(table: list[list[str]]) -> str:
+    """A table of text cells (left-aligned, escaped)."""
+    head, *body = table
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    rows = ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body]
+    return f'<div class="table-wrap"><table><tr>{th}</tr>\n' + "\n".join(rows) + "</table></div>"
+
+
 def failure_notes(results: dict[str, Any]) -> list[str]:
     """The report's notes on the failed runs (results.json's "failed")."""
     return [f"{f['name']} failed: {f['error']}" for f in results.get("failed", [])]
@@ -117,6 +141,9 @@ def write_bench_report(out: str | Path, results: dict[str, Any], analysis: dict[
     setup = (f"Preset {results['preset']}: {results['description']}. Regime {regime}: "
              f"{describe} {results['elapsed_s'] / 60:.1f} minutes on "
              f"{results['machine'].get('gpu') or str(results['machine']['cpus']) + ' CPU cores'}.")
+    note = corpus_note(results.get("environment"))
+    if note:
+        setup += " " + note
     sections = [
         *table_html("Scores (paper Table 2 layout)", score_table(results),
                     "Validation perplexity on the held-out split; task scores in % (acc_norm where "
@@ -139,6 +166,7 @@ def write_bench_report(out: str | Path, results: dict[str, Any], analysis: dict[
                      f"<p class=\"table-note\">{html.escape(TABLE_NOTE)}</p>"]
     sections += comparison_html(out, results.get("regime_comparison"))
     sections += [figure_html(info, fig_dir) for info in figures]
+    sections += environment_html(results)
     notes = failure_notes(results)
     notes += [f"task {name} not run: {why}" for name, why in (results.get("skipped_tasks") or {}).items()]
     return write_report(out, f"libmoe bench: {results['preset']}", setup, sections,

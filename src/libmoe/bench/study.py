@@ -31,16 +31,27 @@ visible GPUs (divided by the GPUs one job takes) and each job gets its own
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..environment import comparison_lines, environment_summary
 from ..errors import Interrupted
-from .compare import regime_comparison
+from .compare import compare_outputs, regime_comparison
 from .launchers import NODES_DIR, Node0Heartbeat, Progress, duration, publish_decision, run_all
-from .outputs import check_out_dir, machine_info, remove_outputs, remove_run, start_manifest
+from .outputs import (
+    check_out_dir,
+    environment_info,
+    machine_info,
+    remove_outputs,
+    remove_run,
+    start_manifest,
+)
 from .placement import Rendezvous, default_jobs, gpu_slots, gpus_per_job, visible_gpus
 from .presets import PAPER_ALGORITHMS, BenchPreset, load_bench_preset
 from .regimes import Regime, get_regime
@@ -78,6 +89,7 @@ class Study:
     done: dict[str, dict[str, Any]] = field(default_factory=dict)  # {run name: its row}
     gpus: list[str] | None = None  # one CUDA_VISIBLE_DEVICES value per concurrent job (None: CPU)
     rendezvous: Rendezvous = field(default_factory=Rendezvous)
+    environment: dict[str, Any] | None = None  # results.json's "environment", made once at the end
 
     @property
     def every(self) -> list[RunSpec]:
@@ -105,7 +117,7 @@ class Study:
     def shared_results(self) -> dict[str, Any]:
         """The keys of results.json every regime has (`finish_study` adds them to the regime's):
         what was asked, the table's runs (rows without their tracebacks), the failed runs of every
-        stage, and the machine."""
+        stage, the machine and the environment (what decides the numbers across machines)."""
         rows = self.rows
         return {"preset": self.preset, "description": self.bench_preset.description,
                 "regime": self.regime.name, "algorithms": self.algorithms, "seeds": self.seeds,
@@ -113,7 +125,32 @@ class Study:
                 "n_runs": len(self.every),
                 "failed": [{"name": r["name"], "error": r.get("error")}
                            for r in [*self.support, *rows, *self.study_rows] if r.get("status") != "ok"],
-                "machine": machine_info()}
+                "machine": machine_info(), "environment": self.environment_record()}
+
+    def environment_record(self) -> dict[str, Any]:
+        """results.json's "environment" (`outputs.environment_info`), made on first use: the data
+        of the table's runs, the threads they trained with, this machine."""
+        if self.environment is None:
+            specs = self.row_specs
+            done = [self.done.get(s.name) or {} for s in specs]
+            runs = [row["run"] for row in done if row.get("status") == "ok" and row.get("run")]
+            self.environment = environment_info(specs[0].config if specs else None, runs, job_threads(self))
+        return self.environment
+
+
+def job_threads(study: Study) -> list[int] | None:
+    """The torch threads the table's runs trained with: what their rows record, else what the
+    launcher gives them (in this process: this process's; in `--jobs J` worker processes: the
+    cores divided between the jobs); None where the runs trained elsewhere (torchrun, Slurm)."""
+    recorded = [r["threads"] for r in study.rows if isinstance(r.get("threads"), int)]
+    if recorded:
+        return sorted(set(recorded))
+    if study.launcher != "local":
+        return None
+    specs = study.row_specs
+    shared = max(1, (os.cpu_count() or 1) // max(1, min(study.jobs, len(specs))))  # as launchers' pool
+    default = torch.get_num_threads() if study.jobs <= 1 else shared
+    return sorted({s.threads or default for s in specs}) or None
 
 
 def run_bench(
@@ -327,6 +364,11 @@ def finish_study(study: Study) -> dict[str, Any]:
     own, analysis, figures = study.regime.results(study)
     results = lay_out({**study.shared_results(), **own}, study.regime.results_layout)
     results["regime_comparison"] = regime_comparison(results, study.out, study.compare)
+    study.log(f"bench: {environment_summary(results['environment'])}")
+    if study.compare is not None:
+        results["environment_comparison"] = compare_outputs(results, study.compare)
+        for line in comparison_lines(results["environment_comparison"]):
+            study.log(f"bench: {line}")
     results["elapsed_s"] = time.perf_counter() - study.start
     results["findings"] = check_study_findings(study.out, results, study.log)
     before = _stats(study.out)

@@ -14,6 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ..environment import comparison_rows as environment_differences
+from ..environment import corpus_note, environment_rows
 from ..eval.table import LABELS, comparison_rows
 from ..findings import findings_markdown, markdown_table
 from .compare import comparison_table
@@ -144,6 +146,9 @@ def results_markdown(results: dict[str, Any]) -> str:
     intro = [f"{results['description']}. Regime {regime}. {len(results['algorithms'])} algorithms, "
              f"{seeds} seed(s)" + (" (mean ± std over seeds)" if seeds > 1 else "")
              + f", {results['elapsed_s'] / 60:.1f} min."]
+    note = corpus_note(results.get("environment"))
+    if note:
+        intro += ["", note]
     source = results.get("source") or {}
     if source.get("status") == "ok":
         intro += ["", f"Every run started from the dense source {source.get('run')} "
@@ -170,6 +175,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     if results.get("skipped_tasks"):
         sections.append(md_section("Tasks not run", "\n".join(
             f"- {t}: {why}" for t, why in results["skipped_tasks"].items())))
+    sections.append(environment_md(results))
     return markdown_page(f"libmoe bench: preset {results['preset']}", intro, sections)
 
 
@@ -179,6 +185,33 @@ def md_section(heading: str, *blocks: str) -> list[str]:
     for block in blocks:
         lines += ["", block]
     return lines
+
+
+ENVIRONMENT_NOTE = ("What decides these numbers besides the config (results.json's \"environment\"). On "
+                    "one machine the same command gives the same numbers; on another CPU, GPU, thread "
+                    "count, Python or torch the same command gives perplexities about 1-3% apart (float "
+                    "rounding takes training down another path, as another seed does): compare verdicts, "
+                    "not digits (docs/bench.md, \"Comparing numbers across machines\").")
+
+
+def environment_md(results: dict[str, Any]) -> list[str]:
+    """results.md's "Environment" section (results.json's "environment"; an older output says it
+    has none) and, when the output was compared with another (`--compare`), "Compared with"."""
+    table = environment_rows(results.get("environment"))
+    lines = md_section("Environment", ENVIRONMENT_NOTE, _text_markdown(table))
+    comparison = results.get("environment_comparison")
+    if isinstance(comparison, dict):
+        lines += ["", *md_section(f"Compared with {comparison.get('other')}", str(comparison.get("summary")))]
+        if comparison.get("differences"):
+            lines += ["", _text_markdown(environment_differences(comparison))]
+    return lines
+
+
+def _text_markdown(table: list[list[str]]) -> str:
+    """A table of text cells as Markdown (left-aligned; a "|" in a cell, e.g. in a path, escaped)."""
+    head, *body = [[c.replace("|", "\\|") for c in row] for row in table]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in body)])
 
 
 def findings_md(results: dict[str, Any]) -> list[str]:

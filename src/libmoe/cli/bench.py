@@ -6,6 +6,7 @@ import argparse
 
 from ..bench import BENCH_PRESETS, PAPER_ALGORITHMS, REGIMES, failure_line, markdown, run_bench, score_table
 from ..bench.placement import Rendezvous
+from ..environment import comparison_lines, environment_summary
 from ..errors import WorkFailed
 from ..overrides import parse_override
 from .common import add_plugin_option, log, split_list, takes_overrides
@@ -28,8 +29,11 @@ def add_parser(sub) -> None:
     p.add_argument("--regime", default=None, choices=list(REGIMES), help="; ".join(
                    f"{n}: {r.description}" for n, r in REGIMES.items()) + " (default: the preset's)")
     p.add_argument("--compare", default=None, metavar="OTHER_BENCH_DIR",
-                   help="another bench output (of the other regime): the report and results.json "
-                   "set its expert change rates beside this bench's (regime_comparison)")
+                   help="another bench output: the report and results.json set its expert change "
+                   "rates beside this bench's (regime_comparison; a bench of the other regime), and "
+                   "say where its environment differs from this one's (data hashes, Python, torch, "
+                   "libmoe, CPU/GPU, threads, config: environment_comparison) and what that means for "
+                   "comparing their numbers")
     p.add_argument("--algorithms", default=None,
                    help=f"comma-separated (default: {','.join(PAPER_ALGORITHMS)})")
     p.add_argument("--seeds", type=int, default=1, help="seeds per algorithm (0..N-1; default 1)")
@@ -109,6 +113,10 @@ def run(args: argparse.Namespace) -> None:
             raise WorkFailed(f"this node's part of {len(failed)} run(s) failed: {', '.join(failed)}")
         return
     print(markdown(score_table(results)))  # as the study's regime lays its scores out
+    # what the numbers depend on besides the config: the corpus (the embedded one is this Python's)
+    print(f"\n{environment_summary(results.get('environment'))}")
+    if results.get("environment_comparison"):
+        print("\n".join(comparison_lines(results["environment_comparison"])))
     failed = failure_line(results, args.out)
     if failed:  # the tables are written; the exit code and the last line say what failed
         raise WorkFailed(failed)

@@ -1,7 +1,8 @@
 """What the findings checks read from a bench output directory, and nothing else:
 
 - ``results.json``: the regime, the runs (algorithm, seed, status, where each run is), the rows'
-  scores (validation perplexity), the studies that ran and the regime comparison;
+  scores (validation perplexity), the studies that ran, the regime comparison and the environment
+  record (what decides the numbers across machines; absent from outputs of older versions);
 - per run: ``eval/val_windows.json`` (each validation window's loss), ``analysis/metrics.json``
   (routing metrics and the DropTop / temperature results), ``analysis/intervention_units.json``
   (each validation window's or question's metric under each intervention) and its routing traces
@@ -64,7 +65,8 @@ def _field_problem(data: dict[str, Any]) -> str | None:
     def kind(value: Any, *types: type) -> bool:
         return value is None or (isinstance(value, types) and not isinstance(value, bool))
 
-    for key, types in (("algorithms", (list,)), ("studies", (dict,)), ("regime", (str,))):
+    for key, types in (("algorithms", (list,)), ("studies", (dict,)), ("regime", (str,)),
+                       ("environment", (dict,)), ("environment_comparison", (dict,))):
         if not kind(data.get(key), *types):
             return f"{key!r} is a {type(data[key]).__name__}"
     if not all(isinstance(a, str) for a in data.get("algorithms") or []):
@@ -145,6 +147,13 @@ class Bench:
         self.results: dict[str, Any] = results if results is not None else read_bench_results(path)
         self.regime: str = self.results.get("regime", "pretrain")
         self.runs = [Run(self, r) for r in self.results.get("runs") or [] if r.get("status") == "ok"]
+
+    @property
+    def environment(self) -> dict[str, Any] | None:
+        """results.json's environment record (`libmoe.environment`: the data's hashes, software,
+        machine, threads), None for an output written before libmoe recorded one."""
+        value = self.results.get("environment")
+        return value if isinstance(value, dict) else None
 
     def by_algorithm(self) -> dict[str, list[Run]]:
         """{algorithm: its finished runs, by seed}, in the bench's algorithm order."""
