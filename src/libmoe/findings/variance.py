@@ -69,7 +69,7 @@ def _annotate_part(p: dict[str, Any], results: dict[str, Any], claim: str, seede
     robust = None if s_star is None or m is None else m["value"] < s_star
     p.update(overturn_spread=s_star, measured_spread=m, robust=robust)
     if s_star is None:
-        p["variance"] = "undecided in this run already (evaluation noise)"
+        p["variance"] = "undecided in this run already" + (" (evaluation noise)" if p.get("ci95") else "")
         return
     missing = (f"seed spread not measured for preset {results.get('preset') or '?'}; run --seeds 3 or "
                "--preset claims" if seeded else
