@@ -143,7 +143,8 @@ def test_with_seeds_claim_a_and_the_routing_claims_are_t_intervals_over_seeds(se
         tested = [p for p in f["measured"]["parts"] if p["verdict"] != "not_applicable"]
         assert tested, claim
         for p in tested:
-            assert p["method"] == "t interval over 2 seeds" and p["scope"] == "over 2 seeds", (claim, p["name"])
+            assert p["method"] == "t interval over 2 seeds", (claim, p["name"])
+            assert p["scope"] == "over 2 seeds"
             assert len(p["per_seed"]) == 2 and p["seed_spread"] >= 0 and "overturn_spread" not in p
         assert f["scope"] == "over 2 seeds" and f["variance"]["summary"] == "over 2 seeds (t interval)", claim
         assert "t intervals over seeds" in f["why"]

@@ -71,11 +71,17 @@ def _annotate_part(p: dict[str, Any], results: dict[str, Any], claim: str, seede
     if s_star is None:
         p["variance"] = "undecided in this run already" + (" (evaluation noise)" if p.get("ci95") else "")
         return
-    missing = (f"seed spread not measured for preset {results.get('preset') or '?'}; run --seeds 3 or "
-               "--preset claims" if seeded else
-               "its study trains one seed whatever --seeds, so no seed spread is measured")
+    missing = _missing(results, seeded)
     p["variance"] = (f"holds for this run; a seed spread above {fmt(s_star)} would overturn it "
                      f"({_measured_words(m, fmt, robust, missing)})")
+
+
+def _missing(results: dict[str, Any], seeded: bool) -> str:
+    """What a part without a measured seed spread says instead."""
+    if not seeded:
+        return "its study trains one seed whatever --seeds, so no seed spread is measured"
+    return (f"seed spread not measured for preset {results.get('preset') or '?'}; run --seeds 3 or "
+            "--preset claims")
 
 
 def _claim_level(verdict: str, one: list[dict[str, Any]]) -> tuple[dict[str, Any], bool | None,
@@ -115,7 +121,10 @@ def annotate(entry: dict[str, Any], results: dict[str, Any], percent: bool = Fal
     seeds = sorted({_seeds(p) for p in parts})
     one = [p for p in parts if _seeds(p) == 1]
     many = [p for p in parts if _seeds(p) >= 2]
-    notes = "; ".join(f"{p['name']}: {p['variance']}" for p in parts)
+    missing = _missing(results, seeded)  # said once in the note, not once per part
+    notes = "; ".join(f"{p['name']}: {p['variance'].replace(missing, 'not measured')}" for p in parts)
+    if any(missing in p["variance"] for p in parts):
+        notes += f". {missing[0].upper()}{missing[1:]}"
     info: dict[str, Any] = {}
     if not one:
         span = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
