@@ -203,11 +203,11 @@ def compare_environments(this: dict[str, Any] | None, other: dict[str, Any] | No
     `configs`: the two outputs' run configs (results.json's "config"), compared key by key too
     (but for IGNORED_CONFIG): a changed config changes the numbers on any machine."""
     if not isinstance(this, dict) or not isinstance(other, dict):
-        missing = "this output" if not isinstance(this, dict) else other_name
+        missing = "this output has" if not isinstance(this, dict) else f"{other_name} has"
         if not isinstance(this, dict) and not isinstance(other, dict):
-            missing = f"neither this output nor {other_name}"
+            missing = f"this output and {other_name} have"
         return {"known": False, "same": None, "differences": [], "other": other_name,
-                "summary": f"unknown: {missing} has no environment record (written by a libmoe older "
+                "summary": f"unknown: {missing} no environment record (written by a libmoe older "
                 "than the record), so whether they ran on the same machine, software and data is not "
                 f"known; treat them as different machines: numbers differ by about {MACHINE_SPREAD} "
                 "from that alone, so compare verdicts, not digits."}

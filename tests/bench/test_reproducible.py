@@ -128,6 +128,7 @@ def test_the_environment_record_and_its_comparison():
     for unknown in (compare_environments(env, None, "B"), compare_environments(None, env, "B")):
         assert unknown["known"] is False and unknown["summary"].startswith("unknown: ")
     assert "B has no environment record" in compare_environments(env, None, "B")["summary"]
+    assert "this output and B have no environment record" in compare_environments(None, None, "B")["summary"]
     assert environment_summary(None).startswith("environment: not recorded")
     assert "corpus embedded from Python 3.11.7 sha256:aaaaaaaaaaaa" in environment_summary(env)
     assert environment_rows(None)[1][0] == "(not recorded)"
