@@ -282,3 +282,10 @@ def test_another_node_gives_up_without_node_0s_heartbeat(tmp_path, monkeypatch, 
     spec = _node_plan(tmp_path, 1).every[0]
     with pytest.raises(RuntimeError, match="give every node the same --out on a filesystem they all share"):
         launchers.follow_run(spec, lambda _: None)
+
+
+def test_seeds_default_to_the_presets(tmp_path):
+    # `--seeds` not given: the preset's (claims: 3); given: it wins
+    assert _plan(tmp_path, preset="claims", seeds=None).seeds == 3
+    assert _plan(tmp_path, preset="claims", seeds=2).seeds == 2
+    assert _plan(tmp_path, preset="micro", seeds=None).seeds == 1

@@ -124,6 +124,7 @@ def run_one(spec: RunSpec, progress: bool | None = False) -> dict[str, Any]:
         try:
             if spec.threads:
                 torch.set_num_threads(spec.threads)
+            row["threads"] = torch.get_num_threads()  # results.json's environment record reads it
             _check_same_config(spec)
             regime.prepare(spec, row)
             summary = _train(spec, progress)

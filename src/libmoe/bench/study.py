@@ -53,7 +53,7 @@ from .outputs import (
     start_manifest,
 )
 from .placement import Rendezvous, default_jobs, gpu_slots, gpus_per_job, visible_gpus
-from .presets import PAPER_ALGORITHMS, BenchPreset, load_bench_preset
+from .presets import PAPER_ALGORITHMS, BenchPreset, load_bench_preset, resolve_seeds
 from .regimes import Regime, get_regime
 from .runner import available_tasks, blocked_row, finished_row, plan_stages
 from .safety import signals_ignored, stop_on_signals
@@ -157,7 +157,7 @@ def run_bench(
     out: str | Path,
     preset: str | BenchPreset | None = None,
     algorithms: list[str] | None = None,
-    seeds: int = 1,
+    seeds: int | None = None,
     data: str | None = None,
     tasks: list[str] | None = None,
     data_dir: str | Path | None = None,
@@ -216,7 +216,7 @@ def run_bench(
                 "interrupted run continues from its checkpoint).") from None
 
 
-def plan_study(out: str | Path, preset: str | BenchPreset | None, algorithms: list[str] | None, seeds: int,
+def plan_study(out: str | Path, preset: str | BenchPreset | None, algorithms: list[str] | None, seeds: int | None,
                data: str | None, tasks: list[str] | None, data_dir: str | Path | None, jobs: int | None,
                launcher: str, nproc: int, slurm: dict[str, Any] | None, overrides: list[str],
                analysis: bool, regime: str | None, compare: str | Path | None,
@@ -231,6 +231,7 @@ def plan_study(out: str | Path, preset: str | BenchPreset | None, algorithms: li
         get_regime(regime)  # an unknown name fails before anything else
     preset = preset or get_regime(regime or "pretrain").default_preset
     spec = preset if isinstance(preset, BenchPreset) else load_bench_preset(preset)
+    seeds = resolve_seeds(spec, seeds)  # --seeds, else the preset's (claims: 3)
     the_regime = get_regime(regime or spec.regime)
     if algorithms is not None and not list(algorithms):
         raise ValueError("--algorithms names no algorithm; give comma-separated names (e.g. dense,smoe) "
@@ -408,7 +409,7 @@ def _listing(items: list[str]) -> str:
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}" if items else ""
 
 
-def run_vlm_bench(out: str | Path, preset: BenchPreset, algorithms: list[str] | None = None, seeds: int = 1,
+def run_vlm_bench(out: str | Path, preset: BenchPreset, algorithms: list[str] | None = None, seeds: int | None = None,
                   jobs: int | None = None, compare: str | Path | None = None, overrides: list[str] = (),
                   analysis: bool = True, log: Callable[[str], None] = print,
                   studies: list[str] | None = None, overwrite: bool = False) -> dict[str, Any]:

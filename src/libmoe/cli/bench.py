@@ -36,7 +36,8 @@ def add_parser(sub) -> None:
                    "comparing their numbers")
     p.add_argument("--algorithms", default=None,
                    help=f"comma-separated (default: {','.join(PAPER_ALGORITHMS)})")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per algorithm (0..N-1; default 1)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds per algorithm (0..N-1; default: the preset's, 1; 3 for claims)")
     p.add_argument("--data", default=None, help="training corpus for every run (default: the "
                    "training preset's, the embedded corpus)")
     p.add_argument("--tasks", default=None, help="comma-separated zero-shot tasks (default: the "

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> None:
                          {"findings": findings, "environment_comparison": comparison}, indent=1))
         return
     table = findings_table(findings)
-    print(markdown([row[:4] for row in table]))
+    print(markdown([row[:-1] for row in table]))  # every column but Figure
     for f in findings:
         print(f"\n{f['id']} ({f['verdict'].replace('_', ' ')}): {f['why']}")
     # the numbers above depend on the data and machine as well as the config: say which
