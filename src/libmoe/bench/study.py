@@ -216,8 +216,8 @@ def run_bench(
                 "interrupted run continues from its checkpoint).") from None
 
 
-def plan_study(out: str | Path, preset: str | BenchPreset | None, algorithms: list[str] | None, seeds: int | None,
-               data: str | None, tasks: list[str] | None, data_dir: str | Path | None, jobs: int | None,
+def plan_study(out: str | Path, preset: str | BenchPreset | None, algorithms: list[str] | None,
+               seeds: int | None, data: str | None, tasks: list[str] | None, data_dir: str | Path | None, jobs: int | None,
                launcher: str, nproc: int, slurm: dict[str, Any] | None, overrides: list[str],
                analysis: bool, regime: str | None, compare: str | Path | None,
                studies: str | list[str] | None,
@@ -409,7 +409,8 @@ def _listing(items: list[str]) -> str:
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}" if items else ""
 
 
-def run_vlm_bench(out: str | Path, preset: BenchPreset, algorithms: list[str] | None = None, seeds: int | None = None,
+def run_vlm_bench(out: str | Path, preset: BenchPreset, algorithms: list[str] | None = None,
+                  seeds: int | None = None,
                   jobs: int | None = None, compare: str | Path | None = None, overrides: list[str] = (),
                   analysis: bool = True, log: Callable[[str], None] = print,
                   studies: list[str] | None = None, overwrite: bool = False) -> dict[str, Any]:
