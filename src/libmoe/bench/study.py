@@ -217,7 +217,8 @@ def run_bench(
 
 
 def plan_study(out: str | Path, preset: str | BenchPreset | None, algorithms: list[str] | None,
-               seeds: int | None, data: str | None, tasks: list[str] | None, data_dir: str | Path | None, jobs: int | None,
+               seeds: int | None, data: str | None, tasks: list[str] | None,
+               data_dir: str | Path | None, jobs: int | None,
                launcher: str, nproc: int, slurm: dict[str, Any] | None, overrides: list[str],
                analysis: bool, regime: str | None, compare: str | Path | None,
                studies: str | list[str] | None,
