@@ -102,3 +102,19 @@ def test_presets_extend_merge_and_refuse_bad_keys(tmp_path, monkeypatch):
     (tmp_path / "base.yaml").write_text("extends: child\ntrain_preset: micro\n")
     with pytest.raises(ValueError, match="in a cycle: child -> base -> child"):
         presets.load_bench_preset("child")
+
+
+def test_algorithm_options_reach_only_their_algorithm(tmp_path):
+    from dataclasses import replace
+
+    from libmoe.bench import plan_stages
+
+    default = load_bench_preset("default")
+    preset = replace(default, algorithm_options={"tc_moe": {"expert_init": "dense_match"}})
+    assert preset.algorithm_override_list("tc_moe") == ["model.moe_options.expert_init=dense_match"]
+    (stage,) = plan_stages(tmp_path, preset, ["smoe", "tc_moe"], 1, studies=[])
+    by_name = {s.name: s.config["model"]["moe_options"] for s in stage}
+    assert by_name["tc_moe-s0"]["expert_init"] == "dense_match"
+    assert "expert_init" not in by_name["smoe-s0"]  # the other algorithms keep the preset's options
+    # the preset's own options are kept beside the algorithm's (merged, not replaced)
+    assert by_name["tc_moe-s0"]["router_init_std"] == by_name["smoe-s0"]["router_init_std"]

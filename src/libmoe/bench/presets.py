@@ -5,10 +5,10 @@ algorithm (`seeds`; `--seeds` overrides it). They are YAML package data in
 ``libmoe/configs/bench/``; `libmoe bench --preset NAME` picks one.
 
 A preset may `extends: OTHER`: it starts from OTHER's keys (which may extend another in turn) and
-its own replace them, except the mappings `overrides`, `study_options`, `task_limits` and
-`regime_options`, which are merged key by key (its keys win; `study_options` one study at a
-time). The `claims` preset extends `default` this way, so the two train the same model with the
-same budget."""
+its own replace them, except the mappings `overrides`, `study_options`, `task_limits`,
+`regime_options` and `algorithm_options`, which are merged key by key (its keys win;
+`study_options` and `algorithm_options` one study or algorithm at a time). The `claims` preset
+extends `default` this way, so the two train the same model with the same budget."""
 
 from __future__ import annotations
 
@@ -46,10 +46,18 @@ class BenchPreset:
     regime: str = "pretrain"  # how the runs start (libmoe.bench.regimes); --regime overrides it
     regime_options: dict[str, Any] = field(default_factory=dict)  # the regime's, when it is this one
     seeds: int = 1  # seeds per algorithm (0..N-1) when --seeds is not given
+    # {algorithm: {MoE option: value}}: an algorithm's own settings (e.g. moe_plus_plus's expert
+    # init), merged into model.moe_options of that algorithm's runs only
+    algorithm_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     extends: str | None = None  # the preset whose keys this one starts from (see the module docstring)
 
     def override_list(self) -> list[str]:
         return [f"{k}={yaml_value(v)}" for k, v in self.overrides.items()]
+
+    def algorithm_override_list(self, algorithm: str) -> list[str]:
+        """The `algorithm_options` of `algorithm` as dotted overrides of model.moe_options."""
+        options = self.algorithm_options.get(algorithm) or {}
+        return [f"model.moe_options.{k}={yaml_value(v)}" for k, v in options.items()]
 
 
 def yaml_value(value: Any) -> str:
@@ -58,7 +66,7 @@ def yaml_value(value: Any) -> str:
 
 
 # Keys merged key by key with the extended preset's (the others are replaced whole).
-MERGED_KEYS = ("overrides", "study_options", "task_limits", "regime_options")
+MERGED_KEYS = ("overrides", "study_options", "task_limits", "regime_options", "algorithm_options")
 
 
 def load_bench_preset(name: str) -> BenchPreset:
@@ -69,6 +77,10 @@ def load_bench_preset(name: str) -> BenchPreset:
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise ValueError(f"{BENCH_DIR / (name + '.yaml')}: seeds must be a whole number >= 1 (seeds "
                          f"per algorithm), not {seeds!r}.")
+    options = data.get("algorithm_options") or {}
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        raise ValueError(f"{BENCH_DIR / (name + '.yaml')}: algorithm_options maps an algorithm to its "
+                         f"MoE options ({{moe_plus_plus: {{expert_init: dense_match}}}}), not {options!r}.")
     return BenchPreset(name=name, **data)
 
 
@@ -105,7 +117,7 @@ def _preset_data(name: str, chain: list[str]) -> dict[str, Any]:
     for key, value in data.items():
         base = merged.get(key)
         if key in MERGED_KEYS and isinstance(base, dict) and isinstance(value, dict):
-            if key == "study_options":  # one study's options at a time
+            if key in ("study_options", "algorithm_options"):  # one study/algorithm at a time
                 value = {k: {**(base.get(k) or {}), **v} if isinstance(v, dict) else v
                          for k, v in value.items()}
             merged[key] = {**base, **value}

@@ -42,7 +42,8 @@ class PretrainRegime(Regime):
         specs = []
         for seed in range(ctx.seeds):
             for algorithm in ctx.algorithms:
-                cfg = ctx.resolve(f"model.algorithm={algorithm}", f"train.seed={seed}")
+                cfg = ctx.resolve(f"model.algorithm={algorithm}",
+                                  *ctx.preset.algorithm_override_list(algorithm), f"train.seed={seed}")
                 name = f"{algorithm}-s{seed}"
                 specs.append(ctx.spec(name, algorithm, seed, ctx.out / "runs" / name, cfg.to_dict()))
         return [specs]

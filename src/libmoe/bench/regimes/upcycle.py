@@ -64,7 +64,8 @@ class UpcycleRegime(PretrainRegime):
                 else:
                     upcycle = {"algorithm": algorithm, "n_experts": opts["n_experts"],
                                "top_k": opts["top_k"], "layers": opts["layers"], "seed": seed,
-                               "router_init_std": opts["router_init_std"], **opts["moe_options"]}
+                               "router_init_std": opts["router_init_std"], **opts["moe_options"],
+                               **(ctx.preset.algorithm_options.get(algorithm) or {})}
                     with torch.device("meta"):
                         model = upcycle_model(dense, **upcycle).config
                     init = ctx.out / "upcycled" / name
