@@ -190,3 +190,18 @@ def test_shipped_spreads_have_their_provenance():
     issue = SEED_SPREADS["default"]["a_moe_beats_dense"]
     if issue["provisional"]:  # until the seeds study replaces it
         assert "issue 22" in issue["source"] and issue["seeds"] == 2 and "tc_moe" not in issue["spreads"]
+
+
+def test_a_contradicted_part_without_a_finite_estimate_cannot_crash_the_findings():
+    # a part decided "not_reproduced" whose estimate is not finite has no s*; with it the only
+    # contradicted part, the claim's variance summary says undecided instead of failing (the
+    # findings run at the end of a study, before its tables are written)
+    from libmoe.findings.variance import annotate
+
+    parts = [{"name": "smoe", "verdict": "reproduced", "estimate": -0.03, "ci95": [-0.04, -0.02],
+              "sign": -1},
+             {"name": "tc_moe", "verdict": "not_reproduced", "estimate": math.nan, "ci95": [0.01, 0.02],
+              "sign": -1}]
+    entry = {"id": "a_moe_beats_dense", "verdict": "not_reproduced", "measured": {"parts": parts}}
+    annotate(entry, {"preset": "default", "config": CONFIG}, percent=True)
+    assert entry["variance"]["summary"] == "this run only; undecided already"

@@ -71,5 +71,9 @@ def check(f: Finding, bench: Bench) -> dict[str, Any]:
     if out.get("error"):
         entry["error"] = out["error"]
     entry["figure"] = bench.figure(out.get("figure", f.figure))
-    annotate(entry, bench.results, f.percent, f.seeded)
+    try:
+        annotate(entry, bench.results, f.percent, f.seeded)
+    except Exception as err:  # noqa: BLE001  the verdict stands; only its variance note is lost
+        entry["variance"] = {"scope": None, "summary": "–",
+                             "note": f"the training-variance note failed: {type(err).__name__}: {err}"}
     return entry

@@ -85,17 +85,22 @@ def _missing(results: dict[str, Any], seeded: bool) -> str:
 
 
 def _claim_level(verdict: str, one: list[dict[str, Any]]) -> tuple[dict[str, Any], bool | None,
-                                                                   dict[str, Any] | None]:
+                                                                   dict[str, Any] | None] | None:
     """(the part whose s* is the claim's, whether the claim is robust to the measured spreads, the
     part that shows it) of a one-seed claim: a reproduced claim needs every part to hold, so the
     weakest part decides and one part not robust makes it not robust; a contradicted claim needs
-    one contradicted part to hold, so the strongest decides and one robust part makes it robust."""
+    one contradicted part to hold, so the strongest decides and one robust part makes it robust.
+    None when no part can decide (e.g. the contradicted part's estimate was not finite)."""
+    if not one:
+        return None
     if verdict == "reproduced":
         binding = min(one, key=lambda p: p["overturn_spread"])
         weak = next((p for p in one if p["robust"] is False), None)
         robust = False if weak else (None if any(p["robust"] is None for p in one) else True)
         return binding, robust, weak
     contradicted = [p for p in one if p["verdict"] == "not_reproduced"]
+    if not contradicted:
+        return None
     binding = max(contradicted, key=lambda p: p["overturn_spread"])
     strong = next((p for p in contradicted if p["robust"]), None)
     robust = True if strong else (None if any(p["robust"] is None for p in contradicted) else False)
@@ -134,12 +139,13 @@ def annotate(entry: dict[str, Any], results: dict[str, Any], percent: bool = Fal
     else:
         scope = SCOPE_RUN if not many else f"over {max(seeds)} seeds ({len(one)} part(s) one seed)"
         decided = [p for p in one if p.get("overturn_spread") is not None]
+        level = _claim_level(entry["verdict"], decided) if entry["verdict"] in DECIDED else None
         if many:
             summary = scope
-        elif entry["verdict"] not in DECIDED or not decided:
+        elif level is None:
             summary = "this run only; undecided already"
         else:
-            binding, robust, shown = _claim_level(entry["verdict"], decided)
+            binding, robust, shown = level
             info = {"overturn_spread": binding["overturn_spread"], "robust": robust,
                     "binding_part": binding["name"], "robust_evidence": shown["name"] if shown else None}
             measured = [p for p in decided if p["measured_spread"] is not None]
