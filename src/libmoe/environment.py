@@ -202,6 +202,9 @@ def compare_environments(this: dict[str, Any] | None, other: dict[str, Any] | No
     {"known", "same", "differences": [{"field", "label", "kind", "this", "other"}], "summary"}.
     `configs`: the two outputs' run configs (results.json's "config"), compared key by key too
     (but for IGNORED_CONFIG): a changed config changes the numbers on any machine."""
+    # a record whose making failed ({"error": ...}) tells as little as none
+    this = this if isinstance(this, dict) and "error" not in this else None
+    other = other if isinstance(other, dict) and "error" not in other else None
     if not isinstance(this, dict) or not isinstance(other, dict):
         missing = "this output has" if not isinstance(this, dict) else f"{other_name} has"
         if not isinstance(this, dict) and not isinstance(other, dict):

@@ -133,3 +133,26 @@ def test_the_environment_record_and_its_comparison():
     assert "corpus embedded from Python 3.11.7 sha256:aaaaaaaaaaaa" in environment_summary(env)
     assert environment_rows(None)[1][0] == "(not recorded)"
     assert dict(environment_rows(env)[1:])["Corpus"].endswith("sha256 " + "a" * 64)
+
+
+def test_a_record_that_failed_is_compared_as_unknown():
+    from libmoe.environment import compare_environments
+
+    failed = {"error": "ValueError: the corpus moved"}
+    assert compare_environments(failed, failed, "other")["known"] is False
+
+
+def test_a_failing_environment_record_never_costs_the_tables(tmp_path, monkeypatch, one_thread):
+    # describing the machine runs after hours of training: if it fails, the tables are still written
+    import libmoe.bench.study as study_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no /proc/cpuinfo here")
+
+    monkeypatch.setattr(study_module, "environment_info", broken)
+    monkeypatch.chdir(tmp_path)
+    run_bench("bench", preset="micro", algorithms=["dense"], tasks=[], studies="none", analysis=False,
+              overrides=["data.cache_dir=cache", "train.max_steps=4"], log=lambda _: None)
+    saved = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert saved["environment"] == {"error": "RuntimeError: no /proc/cpuinfo here"}
+    assert (tmp_path / "bench" / "results.md").is_file() and (tmp_path / "bench" / "report.html").is_file()

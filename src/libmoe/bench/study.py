@@ -42,6 +42,7 @@ import torch
 
 from ..environment import comparison_lines, environment_summary
 from ..errors import Interrupted
+from ..findings import read_bench_results
 from .compare import compare_outputs, regime_comparison
 from .launchers import NODES_DIR, Node0Heartbeat, Progress, duration, publish_decision, run_all
 from .outputs import (
@@ -134,7 +135,11 @@ class Study:
             specs = self.row_specs
             done = [self.done.get(s.name) or {} for s in specs]
             runs = [row["run"] for row in done if row.get("status") == "ok" and row.get("run")]
-            self.environment = environment_info(specs[0].config if specs else None, runs, job_threads(self))
+            try:
+                self.environment = environment_info(specs[0].config if specs else None, runs,
+                                                    job_threads(self))
+            except Exception as err:  # noqa: BLE001  a description of the machine must never cost the tables
+                self.environment = {"error": f"{type(err).__name__}: {err}"}
         return self.environment
 
 
@@ -254,8 +259,11 @@ def plan_study(out: str | Path, preset: str | BenchPreset | None, algorithms: li
     algorithms = list(PAPER_ALGORITHMS if algorithms is None else algorithms)
     if len(set(algorithms)) != len(algorithms):
         raise ValueError(f"--algorithms lists an algorithm twice: {','.join(algorithms)}.")
-    if compare is not None and not (Path(compare) / "results.json").is_file():
-        raise FileNotFoundError(f"--compare {compare}: no results.json there; give a libmoe bench output.")
+    if compare is not None:  # read now: a damaged or foreign output fails before any work
+        if not (Path(compare) / "results.json").is_file():
+            raise FileNotFoundError(f"--compare {compare}: no results.json there; give a libmoe bench "
+                                    "output.")
+        read_bench_results(Path(compare) / "results.json")
     task_names, skipped_tasks = available_tasks(spec.tasks if tasks is None else tasks, data_dir)
     if tasks is not None and skipped_tasks:  # asked for by name: say so rather than drop them
         raise FileNotFoundError("; ".join(f"{t}: {why}" for t, why in skipped_tasks.items()))
@@ -359,18 +367,32 @@ def follow_study(study: Study) -> dict[str, Any]:
     return {"node_rank": study.rendezvous.node_rank, "runs": rows}
 
 
+def _guarded(study: Study, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), or None with one logged line when it fails: what only describes or compares the
+    runs (the other output moved, a record of an older version) must never cost the tables."""
+    try:
+        return fn(*args)
+    except Exception as err:  # noqa: BLE001
+        study.log(f"bench: {what} failed ({type(err).__name__}: {err}); the tables are written without it")
+        return None
+
+
 def finish_study(study: Study) -> dict[str, Any]:
     """results.json's content: the shared keys (`Study.shared_results`) and the regime's own, in
     the regime's `results_layout`, the regime comparison, the time and the paper's findings checked
     on it; then the regime's tables and report."""
     own, analysis, figures = study.regime.results(study)
     results = lay_out({**study.shared_results(), **own}, study.regime.results_layout)
-    results["regime_comparison"] = regime_comparison(results, study.out, study.compare)
-    study.log(f"bench: {environment_summary(results['environment'])}")
+    results["regime_comparison"] = _guarded(study, "the regime comparison", regime_comparison, results,
+                                            study.out, study.compare)
+    line = _guarded(study, "the environment line", environment_summary, results["environment"])
+    study.log(f"bench: {line}")
     if study.compare is not None:
-        results["environment_comparison"] = compare_outputs(results, study.compare)
-        for line in comparison_lines(results["environment_comparison"]):
-            study.log(f"bench: {line}")
+        results["environment_comparison"] = _guarded(study, "the environment comparison", compare_outputs,
+                                                     results, study.compare)
+        if results["environment_comparison"]:
+            for line in comparison_lines(results["environment_comparison"]):
+                study.log(f"bench: {line}")
     results["elapsed_s"] = time.perf_counter() - study.start
     results["findings"] = check_study_findings(study.out, results, study.log)
     before = _stats(study.out)
