@@ -118,3 +118,20 @@ def test_algorithm_options_reach_only_their_algorithm(tmp_path):
     assert "expert_init" not in by_name["smoe-s0"]  # the other algorithms keep the preset's options
     # the preset's own options are kept beside the algorithm's (merged, not replaced)
     assert by_name["tc_moe-s0"]["router_init_std"] == by_name["smoe-s0"]["router_init_std"]
+
+
+def test_the_users_overrides_win_over_algorithm_options_and_names_are_checked(tmp_path):
+    from dataclasses import replace
+
+    import pytest
+
+    from libmoe.bench import plan_stages
+
+    preset = replace(load_bench_preset("default"),
+                     algorithm_options={"sigma_moe": {"sigma_renormalize": False}})
+    (stage,) = plan_stages(tmp_path, preset, ["sigma_moe"], 1, studies=[],
+                           overrides=["model.moe_options.sigma_renormalize=true"])
+    assert stage[0].config["model"]["moe_options"]["sigma_renormalize"] is True  # LibMoE's form on request
+    typo = replace(preset, algorithm_options={"sigma_moee": {"sigma_renormalize": False}})
+    with pytest.raises(ValueError, match="sigma_moe"):
+        plan_stages(tmp_path, typo, ["smoe"], 1, studies=[])

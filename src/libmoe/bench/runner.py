@@ -66,7 +66,7 @@ def plan_stages(out: str | Path, preset: BenchPreset, algorithms: list[str], see
     the table's rows, then the runs of the extra studies, role "study"), each row's config
     identical but for model.algorithm and train.seed (and, when upcycled, the model the run
     starts from). `studies` defaults to the preset's (libmoe.bench.studies)."""
-    for algorithm in algorithms:
+    for algorithm in [*algorithms, *preset.algorithm_options]:
         check_algorithm(algorithm)  # a typo fails here, before hours of training
     name = regime or preset.regime
     source = [o.removeprefix("source.") for o in overrides if o.startswith("source.")]
@@ -77,7 +77,8 @@ def plan_stages(out: str | Path, preset: BenchPreset, algorithms: list[str], see
     run_fields = dict(tasks=list(tasks), limits=limits, data_dir=None if data_dir is None else str(data_dir),
                       val_tokens=preset.val_tokens, launcher=launcher, nproc=nproc, threads=threads,
                       analysis=analysis, interventions=interventions_of(studies), regime=name)
-    ctx = PlanContext(Path(out), preset, list(algorithms), seeds, common, run_fields, source, jobs)
+    user = [o for o in overrides if not o.startswith("source.")]
+    ctx = PlanContext(Path(out), preset, list(algorithms), seeds, common, run_fields, source, jobs, user)
     the_regime = get_regime(name)
     stages = the_regime.plan(ctx)
     if "init-std" in studies and "init-std" in the_regime.studies:

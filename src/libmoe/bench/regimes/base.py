@@ -51,6 +51,7 @@ class PlanContext:
     source_overrides: list[str] = field(default_factory=list)  # the user's `source.KEY=VALUE`, for
     # the runs the rows start from (the upcycle regime's dense source)
     jobs: int = 1  # runs at a time (a regime may split the threads between them)
+    user: list[str] = field(default_factory=list)  # the user's own key=value overrides (in `common` too)
 
     @property
     def analysis(self) -> bool:
@@ -65,6 +66,12 @@ class PlanContext:
     def resolve(self, *extra: str) -> RunConfig:
         """The RunConfig of the preset's training preset with the common and `extra` overrides."""
         return resolve_config(overrides=[*self.common, *extra], preset=self.preset.train_preset)
+
+    def algorithm_overrides(self, algorithm: str) -> list[str]:
+        """The preset's `algorithm_options` of `algorithm`, then the user's overrides again, so that
+        what the user typed wins over what the preset gives one algorithm."""
+        options = self.preset.algorithm_override_list(algorithm)
+        return [*options, *self.user] if options else []
 
     def spec(self, name: str, algorithm: str, seed: int, run_dir: str | Path, config: dict[str, Any],
              **fields: Any) -> RunSpec:

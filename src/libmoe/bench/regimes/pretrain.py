@@ -43,7 +43,7 @@ class PretrainRegime(Regime):
         for seed in range(ctx.seeds):
             for algorithm in ctx.algorithms:
                 cfg = ctx.resolve(f"model.algorithm={algorithm}",
-                                  *ctx.preset.algorithm_override_list(algorithm), f"train.seed={seed}")
+                                  *ctx.algorithm_overrides(algorithm), f"train.seed={seed}")
                 name = f"{algorithm}-s{seed}"
                 specs.append(ctx.spec(name, algorithm, seed, ctx.out / "runs" / name, cfg.to_dict()))
         return [specs]
