@@ -205,3 +205,14 @@ def test_a_contradicted_part_without_a_finite_estimate_cannot_crash_the_findings
     entry = {"id": "a_moe_beats_dense", "verdict": "not_reproduced", "measured": {"parts": parts}}
     annotate(entry, {"preset": "default", "config": CONFIG}, percent=True)
     assert entry["variance"]["summary"] == "this run only; undecided already"
+
+
+def test_spreads_measured_before_the_per_algorithm_settings_are_marked(table):
+    # a record made without algorithm_options is "another configuration" for an output with them
+    table["default"] = {"a_moe_beats_dense": record({"smoe": 0.01})}
+    table["default"]["a_moe_beats_dense"]["config"]["algorithm_options"] = {}
+    options = {"tc_moe": {"expert_init": "dense_match"}}
+    now = {"preset": "default", "config": {**CONFIG, "algorithm_options": options}}
+    assert measured_spread(now, "a_moe_beats_dense", "smoe")["config_differs"] == ["algorithm_options"]
+    before = {"preset": "default", "config": {**CONFIG, "algorithm_options": {}}}
+    assert measured_spread(before, "a_moe_beats_dense", "smoe")["config_differs"] == []

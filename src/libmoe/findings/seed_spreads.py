@@ -42,7 +42,7 @@ __all__ = ["CONFIG_KEYS", "SEED_SPREADS", "config_summary", "measured_spread", "
 CONFIG_KEYS = ("preset", "model.vocab_size", "model.d_model", "model.n_layers", "model.n_experts",
                "model.expert_dim", "model.top_k", "model.n_shared", "model.moe_options", "model.init_std",
                "optim.lr", "optim.warmup_steps", "train.max_steps", "train.batch_size", "data.source",
-               "data.probe_tokens")
+               "data.probe_tokens", "algorithm_options")
 
 # The default preset's configuration when the provisional spreads below were measured (libmoe at
 # issue 22: cpu-tiny, 270 steps of 32 x 128 tokens, routers N(0, 0.1)).
@@ -51,7 +51,7 @@ _DEFAULT_AT_ISSUE_22 = {
     "model.n_experts": 16, "model.expert_dim": 128, "model.top_k": 4, "model.n_shared": 2,
     "model.moe_options": {"router_init_std": 0.1}, "model.init_std": 0.02, "optim.lr": 0.002,
     "optim.warmup_steps": 30, "train.max_steps": 270, "train.batch_size": 32, "data.source": "embedded",
-    "data.probe_tokens": 8192}
+    "data.probe_tokens": 8192, "algorithm_options": {}}  # before the per-algorithm settings
 
 SEED_SPREADS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {

@@ -86,6 +86,9 @@ class PretrainRegime(Regime):
         config["train"] = dict(config["train"], seed="(each)")
         if config.get("init"):
             config["init"] = "(each)"
+        # what the rows' configs add per algorithm (model.moe_options above is the first row's)
+        config["algorithm_options"] = {a: dict(o) for a, o in spec.algorithm_options.items()
+                                       if a in study.algorithms}
         own = {"tasks": study.tasks, "skipped_tasks": study.skipped_tasks, "limits": specs[0].limits,
                "config": config, "rows": aggregate(rows, study.tasks),
                "studies": {"run": study.studies, **study_results},
