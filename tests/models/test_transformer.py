@@ -231,3 +231,22 @@ def test_an_upcycled_transformers_moe_plus_plus_model_records_and_recovers_its_s
     fresh = wrap_upcycled(transformers.AutoModelForCausalLM.from_config(
         transformers.LlamaConfig(**small)), "moe_plus_plus", 4, 2)
     assert fresh.config.upcycle["options"] == {"n_zero": 1, "n_copy": 1, "n_const": 1}
+
+
+def test_init_from_a_moe_plus_plus_model_saved_before_the_counts_scaled(tmp_path, hf_tokenizer_dir):
+    # --init reads the old layout off the saved tensors: the same layout is accepted, the new
+    # default (1/1/1 at E = 4) refused in one sentence rather than a size mismatch at load
+    from dataclasses import replace
+
+    from libmoe.data.packed import tokenizer_fingerprint
+    from libmoe.models import find_tokenizer, resolve_config
+    from libmoe.train.trainer import init_weights
+
+    out, model = _old_moe_plus_plus_dir(tmp_path, hf_tokenizer_dir)
+    tok_hash = tokenizer_fingerprint(find_tokenizer(out))
+    run = resolve_config(preset="micro")
+    old = replace(run, model=replace(model.config, moe_options={"n_zero": 1, "n_copy": 1, "n_const": 6}))
+    weights = init_weights(out, old, tok_hash)
+    assert weights["blocks.0.ffn.router.weight"].shape[0] == 4 + 8
+    with pytest.raises(ValueError, match="holds a different model"):
+        init_weights(out, replace(run, model=replace(model.config, moe_options={})), tok_hash)

@@ -319,14 +319,18 @@ def init_weights(init: str | Path, cfg: RunConfig, tokenizer_hash: str) -> dict[
     saved = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
     if saved.get("model") is None:
         raise ValueError(f"--init {str(init)!r} has no libmoe config.yaml beside its weights.")
-    if model_hash(replace(cfg, model=type(cfg.model)(**saved["model"]))) != model_hash(cfg):
-        diff = "; ".join(config_diff(saved["model"], cfg.model.to_dict()))
+    weights = load_file(str(path / "model.safetensors"))
+    # a model saved before MoE++'s slot counts scaled with E records none: read them off its tensors
+    shapes = {k: v.shape for k, v in weights.items()}
+    saved_model = type(cfg.model)(**saved["model"]).with_saved_layout(shapes)
+    if model_hash(replace(cfg, model=saved_model)) != model_hash(cfg):
+        diff = "; ".join(config_diff(saved_model.to_dict(), cfg.model.to_dict()))
         raise ValueError(f"--init {str(init)!r} holds a different model than this config ({diff}); "
                          "leave the model section to the init directory's config.")
     if tokenizer_fingerprint(find_tokenizer(path)) != tokenizer_hash:
         raise ValueError(f"--init {str(init)!r} was trained with another tokenizer than this run's data "
                          "(data.source or data.tokenizer differ); use the init directory's data config.")
-    return load_file(str(path / "model.safetensors"))
+    return weights
 
 
 def check_resume_fits(resumed: Resumed, cfg: RunConfig, data: PackedData) -> None:
