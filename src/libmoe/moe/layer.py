@@ -167,7 +167,7 @@ def match_dense_output_scale(layer: MoELayer) -> dict[str, float]:
         return {}
     w = experts.w1
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(PROBE_TOKENS, layer.d_model, generator=g, dtype=torch.float64)
+    x = torch.randn(PROBE_TOKENS, layer.d_model, generator=g, dtype=torch.float64, device="cpu")
     x = x.to(device=w.device, dtype=w.dtype)
     T, E, K = x.shape[0], layer.n_experts, layer.top_k
     # u: one expert's output variance at weight 1 (tokens spread over up to 8 experts)
