@@ -37,6 +37,7 @@ def test_vlm_bench_outputs(bench):
     assert "Table 1 layout" in md and "AVG Rank" in md and all(s in md for s in subtasks)
     html = (out / "report.html").read_text()
     assert "Scores (paper Table 1 layout)" in html and "Routing by subtask" in html
+    assert "## Environment" in md and "<h2>Environment</h2>" in html  # what decides numbers across machines
     assert (out / "analysis" / "figures" / "vlm_subtask_routing.png").is_file()
     comparison = results["regime_comparison"]
     assert set(comparison["regimes"][0]["change_rate"]) == {"smoe", "sharede_v2"}

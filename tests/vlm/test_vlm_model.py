@@ -2,6 +2,7 @@
 aux combination, Table 3 parameter counts, save/load, S2 shapes and the text encoding."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ pytest.importorskip("transformers")
 from libmoe.moe import REGISTRY  # noqa: E402
 from libmoe.upcycle.core import EXACT_AT_INIT, NOT_EXACT_AT_INIT, SHARED_ALGORITHMS  # noqa: E402
 from libmoe.upcycle.hf import find_mlps  # noqa: E402
-from libmoe.vlm.model import IMAGE_TOKEN, MODEL_FILE, build_vlm  # noqa: E402
+from libmoe.vlm.model import IMAGE_TOKEN, MODEL_FILE, VLM_FILE, build_vlm  # noqa: E402
 from libmoe.vlm.presets import load_vlm_preset  # noqa: E402
 from libmoe.vlm.saving import load_vlm, save_vlm  # noqa: E402
 from libmoe.vlm.text import encode_conversation, word_tokenizer  # noqa: E402
@@ -334,3 +335,17 @@ def test_package_exports_resolve():
     assert vlm.parameter_report is parameter_report  # the issue's libmoe.vlm.parameter_report
     with pytest.raises(AttributeError):
         vlm.not_a_name  # noqa: B018
+
+
+def test_a_moe_plus_plus_vlm_saved_before_the_slot_counts_scaled_loads(dense, tok, batch, tmp_path):
+    # then: 1 zero + 1 copy + 6 constant experts whatever E, and no counts in vlm.json
+    model = _upcycle(dense, "moe_plus_plus", options={"n_zero": 1, "n_copy": 1, "n_const": 6})
+    with torch.no_grad():
+        want = model(*batch).logits
+    save_vlm(model, tok, tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / VLM_FILE).read_text())
+    meta["model"]["moe"]["options"] = {}
+    (tmp_path / "m" / VLM_FILE).write_text(json.dumps(meta))
+    loaded, _, _ = load_vlm(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(loaded(*batch).logits, want)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from ..files import write_json
 from ..models import latest_checkpoint
+from ..moe import legacy_options
 from .model import MODEL_FILE, VLM_FILE, LibMoEVLM, load_state, model_state
 from .upcycle import upcycle_vlm
 
@@ -41,11 +42,26 @@ def load_vlm(directory: str | Path, device: str | torch.device = "cpu"):
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     spec = meta["model"]
     model = LibMoEVLM(spec)
+    state = load_file(str(directory / MODEL_FILE))
     if spec.get("moe"):
-        upcycle_vlm(model, **spec["moe"], copy_weights=False)
+        upcycle_vlm(model, **_with_saved_layout(spec["moe"], state), copy_weights=False)
     model.aux_combine = meta.get("aux_combine", model.aux_combine)
-    load_state(model, load_file(str(directory / MODEL_FILE)))
+    load_state(model, state)
     return model.to(device).eval(), tokenizer, meta
+
+
+def _with_saved_layout(moe: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """upcycle_vlm's settings of a saved model, with the MoE++ slot counts of a model saved before
+    they scaled with E (1 zero + 1 copy + 6 constant experts then), read off the router weight of
+    a vision layer (the connector, of another width, has no copy or constant experts)."""
+    routers = [t for k, t in state.items() if k.endswith("router.weight") and not k.startswith("connector")]
+    if not routers or moe["algorithm"] in ("dense",):
+        return moe
+    rows, width = routers[0].shape
+    options = dict(moe.get("options") or {})
+    legacy = legacy_options(moe["algorithm"], width, moe.get("n_experts", 6), moe.get("top_k", 3), rows,
+                            **options)
+    return {**moe, "options": {**options, **legacy}} if legacy else moe
 
 
 def resolve_model_dir(path: str | Path) -> Path:

@@ -49,6 +49,8 @@ from .. import (
     RunSpec,
     cell,
     comparison_html,
+    environment_html,
+    environment_md,
     failed_md,
     failure_notes,
     findings_md,
@@ -328,7 +330,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     return markdown_page(f"libmoe bench (vlm): {results['preset']}", [setup], [
         md_section("Scores (paper Table 1 layout: held-out synthetic MME accuracy per subtask, %)",
                    markdown(score_table(results))),
-        md_section("Cost", markdown(cost_table(results))), findings_md(results), failed_md(results)])
+        md_section("Cost", markdown(cost_table(results))), findings_md(results), failed_md(results),
+        environment_md(results)])
 
 
 def write_cross_run_figures(out: Path, rows: list[dict[str, Any]]) -> list[FigureInfo]:
@@ -387,5 +390,6 @@ def write_vlm_report(out: Path, results: dict[str, Any]) -> Path:
     for name in shown:
         info = infos.get(name) or FigureInfo(name, name.removesuffix(".png").replace("_", " "), "")
         sections.append(figure_html(info, fig_dir))
+    sections += environment_html(results)
     return write_report(out, f"libmoe bench (vlm): {results['preset']}", setup, sections,
                         failure_notes(results))
