@@ -98,6 +98,16 @@ def leaves(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
+def lookup(values: Any, key: str) -> Any:
+    """The value at dotted `key` ("model.moe_options") through nested mappings, or None where any
+    part is missing."""
+    for part in key.split("."):
+        if not hasattr(values, "keys") or part not in values:
+            return None
+        values = values[part]
+    return values
+
+
 def dotted(values: dict[str, Any], prefix: str = "") -> list[str]:
     """The dotted keys of the leaves of a nested dict."""
     return [key for key, _ in leaves(values, prefix)]

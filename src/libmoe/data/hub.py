@@ -14,10 +14,11 @@ the dataset name's last path component. `HUB_ALIASES` names ready-made settings
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path, PurePath
 from typing import Any
 
+from ..overrides import lookup
 from .documents import Corpus, Document
 
 HUB_ALIASES: dict[str, dict[str, Any]] = {
@@ -25,16 +26,6 @@ HUB_ALIASES: dict[str, dict[str, Any]] = {
 }
 
 _DEFAULTS: dict[str, Any] = dict(config=None, split="train", text_field="text", domain_field=None)
-
-
-def _field(record: Mapping[str, Any], dotted: str) -> Any:
-    """`record`'s value at a dotted path through nested dicts, or None where any part is missing."""
-    value: Any = record
-    for part in dotted.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return None
-        value = value[part]
-    return value
 
 
 def _unreachable(name: str, err: BaseException) -> FileNotFoundError:
@@ -101,7 +92,7 @@ def iter_hub_documents(
             text = record.get(text_field)
             if not isinstance(text, str) or not text.strip():
                 continue
-            domain = _field(record, domain_field) if domain_field else None
+            domain = lookup(record, domain_field) if domain_field else None
             yield Document(text, default_domain if domain is None else str(domain),
                            f"{name}:{split}:{index}")
             n += 1

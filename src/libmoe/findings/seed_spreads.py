@@ -35,6 +35,8 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from ..overrides import lookup
+
 __all__ = ["CONFIG_KEYS", "SEED_SPREADS", "config_summary", "measured_spread", "spread_records"]
 
 # The run-config values that decide a statistic's seed spread: a record measured with other values
@@ -73,19 +75,10 @@ SEED_SPREADS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def _get(config: dict[str, Any], dotted: str) -> Any:
-    value: Any = config
-    for key in dotted.split("."):
-        if not isinstance(value, dict) or key not in value:
-            return None
-        value = value[key]
-    return value
-
-
 def config_summary(results: dict[str, Any]) -> dict[str, Any]:
     """The `CONFIG_KEYS` values of a bench output's results.json "config" (those it records)."""
     config = results.get("config") or {}
-    return {k: v for k in CONFIG_KEYS if (v := _get(config, k)) is not None and v != "(each)"}
+    return {k: v for k in CONFIG_KEYS if (v := lookup(config, k)) is not None and v != "(each)"}
 
 
 def _differs(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
