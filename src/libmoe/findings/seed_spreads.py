@@ -46,7 +46,7 @@ CONFIG_KEYS = ("preset", "model.vocab_size", "model.d_model", "model.n_layers", 
                "optim.lr", "optim.warmup_steps", "train.max_steps", "train.batch_size", "data.source",
                "data.probe_tokens", "algorithm_options")
 
-# The default preset's configuration when the provisional spreads below were measured (libmoe at
+# The default preset's configuration before issue 22's per-algorithm settings (libmoe at
 # issue 22: cpu-tiny, 270 steps of 32 x 128 tokens, routers N(0, 0.1)).
 _DEFAULT_AT_ISSUE_22 = {
     "preset": "cpu-tiny", "model.vocab_size": 4096, "model.d_model": 128, "model.n_layers": 4,
@@ -55,22 +55,60 @@ _DEFAULT_AT_ISSUE_22 = {
     "optim.warmup_steps": 30, "train.max_steps": 270, "train.batch_size": 32, "data.source": "embedded",
     "data.probe_tokens": 8192, "algorithm_options": {}}  # before the per-algorithm settings
 
+# The default preset's configuration when its seed spreads were measured (issue 22: cpu-tiny, 270 steps
+# of 32 x 128 tokens, routers N(0, 0.1), each algorithm's own settings).
+_DEFAULT_NOW = {
+    **_DEFAULT_AT_ISSUE_22,
+    "algorithm_options": {"sigma_moe": {"sigma_renormalize": False},
+                          "moe_plus_plus": {"expert_init": "dense_match"},
+                          "tc_moe": {"expert_init": "dense_match"}}}
+
+# The claims preset's run of 2026-12-07 (docs/studies.md "The claims preset"): three seeds of every
+# algorithm, the sd over the seeds of each part's statistic (`python -m libmoe.findings.measure_spreads`).
+_CLAIMS_RUN = {
+    "seeds": 3,
+    "source": "libmoe bench --preset claims (3 seeds), the 2-core development VM (torch 2.13.0, one thread "
+              "per run, the embedded corpus of Python 3.11.7)",
+    "output": "docs/studies.md, 'The claims preset'",
+    "date": "2026-12-07",
+    "provisional": False,
+    "config": _DEFAULT_NOW,
+}
+
 SEED_SPREADS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {
-        # PROVISIONAL: two runs of `libmoe bench --data-dir ../shared/data/eval` on two machines (the
-        # README's table and a fresh clone's, issue 22), which differ as two seeds do. The sd of two
-        # values is |x1 - x2| / sqrt(2): a rough estimate, to be replaced by the seeds study's.
         "a_moe_beats_dense": {
-            "spreads": {"smoe": 0.0048, "sigma_moe": 0.0229, "xmoe": 0.0176, "sharede_v2": 0.0171,
-                        "sharede_v3": 0.0291, "moe_plus_plus": 0.0107},  # tc_moe: not in the issue
-            "seeds": 2,
-            "source": "issue 22: the default bench on two machines (README table vs a fresh clone), "
-                      "as two seeds",
-            "output": "README.md's default bench table; issue 22's fresh-clone perplexities",
-            "date": "2026-12-07",
-            "provisional": True,
-            "config": _DEFAULT_AT_ISSUE_22,
-        },
+            "spreads": {"smoe": 0.008245, "sigma_moe": 0.040956, "xmoe": 0.038945,
+                        "sharede_v2": 0.052661, "sharede_v3": 0.018792, "moe_plus_plus": 0.022232,
+                        "tc_moe": 0.034508},
+            **_CLAIMS_RUN},
+        "b_change_rate_falls": {
+            "spreads": {"smoe": 0.025802, "sigma_moe": 0.019474, "xmoe": 0.013761,
+                        "sharede_v2": 0.016892, "sharede_v3": 0.033814, "moe_plus_plus": 0.016782,
+                        "tc_moe": 0.041587},
+            **_CLAIMS_RUN},
+        "d_margin_grows_with_depth": {
+            "spreads": {"smoe": 0.030062, "sigma_moe": 0.002596, "xmoe": 0.032526,
+                        "sharede_v2": 0.015974, "sharede_v3": 0.012824, "moe_plus_plus": 0.02059,
+                        "tc_moe": 0.029832},
+            **_CLAIMS_RUN},
+        "e_droptop_hurts": {
+            "spreads": {"smoe DropTop1": 0.373054, "smoe DropTop1&2 vs 1": 0.075524,
+                        "sigma_moe DropTop1": 0.189205, "sigma_moe DropTop1&2 vs 1": 0.095866,
+                        "xmoe DropTop1": 0.118086, "xmoe DropTop1&2 vs 1": 0.066917,
+                        "sharede_v2 DropTop1": 0.035702, "sharede_v2 DropTop1&2 vs 1": 0.00091,
+                        "sharede_v3 DropTop1": 0.019094, "sharede_v3 DropTop1&2 vs 1": 0.009153,
+                        "moe_plus_plus DropTop1": 0.088027, "moe_plus_plus DropTop1&2 vs 1": 0.054089,
+                        "tc_moe DropTop1": 0.822939, "tc_moe DropTop1&2 vs 1": 0.34111},
+            **_CLAIMS_RUN},
+        "f_temperature": {
+            "spreads": {"smoe": 0.106286, "sigma_moe": 0.010846, "xmoe": 0.0574, "sharede_v2": 0.001753,
+                        "sharede_v3": 0.008279, "moe_plus_plus": 0.04523, "tc_moe": 0.128658},
+            **_CLAIMS_RUN},
+        "h_subtask_specialisation": {
+            "spreads": {"xmoe spread vs SMoE family": 0.005417, "tc_moe spread vs SMoE family": 0.005047,
+                        "tc_moe lowest weight entropy": 0.017247},
+            **_CLAIMS_RUN},
     },
 }
 
