@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from libmoe.moe import build_moe, layer_options, legacy_options, scaled_options
-from libmoe.moe.routers import MoEPlusPlusRouter, paper_slot_count
+from libmoe.moe.slot_routers import MoEPlusPlusRouter, paper_slot_count
 
 D, M, K = 16, 8, 2
 COUNTS = ("n_zero", "n_copy", "n_const")

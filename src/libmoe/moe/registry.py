@@ -34,15 +34,14 @@ from .routers import (
     CosineRouter,
     ExpertChoiceRouter,
     HyperRouter,
-    MoEPlusPlusRouter,
     PerturbedCosineRouter,
     Router,
     SigmaMoERouter,
     SigmoidTopKRouter,
-    TCMoERouter,
     TopKRouter,
     XMoERouter,
 )
+from .slot_routers import MoEPlusPlusRouter, TCMoERouter
 
 ENTRY_POINT_GROUP = "libmoe.algorithms"
 """The entry-point group of plugin routers (`[project.entry-points."libmoe.algorithms"]`)."""
