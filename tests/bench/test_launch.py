@@ -4,7 +4,10 @@ commands of one node and several, the Slurm job parameters, and the cost table's
 
 import json
 import os
+import signal
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +28,7 @@ from libmoe.bench.spec import RunSpec
 from libmoe.bench.study import plan_study
 from libmoe.bench.tables import COST, aggregate, cost_table
 from libmoe.cli import main
+from libmoe.errors import Interrupted
 
 
 def test_visible_gpus_follow_cuda_visible_devices():
@@ -87,6 +91,37 @@ def test_each_worker_process_gets_its_own_gpus(tmp_path):
     assert set(seen.values()) == {"3", "5,6"}  # one slot per worker, kept for every run it trains
     for r in rows.values():
         assert r["cuda"] == seen[r["pid"]]
+
+
+def _until_stopped(spec):
+    """A run that trains until its worker gets SIGTERM (as run_one: then Interrupted)."""
+    Path(spec.run_dir, "started").write_text(str(os.getpid()))
+    try:
+        time.sleep(30)
+    except KeyboardInterrupt:
+        raise Interrupted(spec.name) from None
+    return {"name": spec.name, "status": "ok"}
+
+
+def test_an_interrupted_pool_starts_no_queued_run(tmp_path):
+    """ProcessPoolExecutor hands a worker its next run before the current one ends; an interrupted
+    bench must not wait while that run trains (it once waited 14 minutes)."""
+    specs = [RunSpec(f"r{i}", "dense", 0, str(tmp_path / f"r{i}"), {}) for i in range(5)]
+    running = [Path(s.run_dir, "started") for s in specs[:2]]
+
+    def interrupt_when_both_run():
+        deadline = time.monotonic() + 60
+        while not all(p.is_file() for p in running) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: a KeyboardInterrupt in the bench's main thread
+
+    threading.Thread(target=interrupt_when_both_run, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        _run_pool(specs, 2, Progress(specs, lambda _: None), work=_until_stopped)
+    assert all(p.is_file() for p in running)
+    assert not any(Path(s.run_dir, "started").exists() for s in specs[2:])  # the queued run never started
+    assert time.monotonic() - start < 25  # it did not wait for a queued run's 30 s
 
 
 def test_take_gpu_slot_sets_the_worker_environment(monkeypatch):

@@ -327,11 +327,17 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def init_worker(slots=None) -> None:
+_STOPPING = None  # in a worker process: the bench's "stop" event (set by init_worker)
+
+
+def init_worker(slots=None, stopping=None) -> None:
     """Worker initializer: take this worker's GPUs (one value of the `slots` queue, see
-    `take_gpu_slot`); die with the bench (above); leave the terminal's process group, so that
-    Ctrl-C reaches the bench alone, which then sends each worker one SIGTERM; and take SIGTERM
-    outside training as an interruption (inside, the trainer checkpoints first)."""
+    `take_gpu_slot`); keep the bench's `stopping` event (see `start_unless_stopped`); die with the
+    bench (above); leave the terminal's process group, so that Ctrl-C reaches the bench alone,
+    which then sends each worker one SIGTERM; and take SIGTERM outside training as an interruption
+    (inside, the trainer checkpoints first)."""
+    global _STOPPING
+    _STOPPING = stopping
     take_gpu_slot(slots)
     _die_with_parent()
     with contextlib.suppress(OSError):
@@ -355,6 +361,15 @@ def take_gpu_slot(slots) -> str | None:
     return slot
 
 
+def start_unless_stopped(work: Callable[[RunSpec], dict[str, Any]], spec: RunSpec) -> dict[str, Any]:
+    """A worker's call: `work(spec)`, unless the bench is stopping. ProcessPoolExecutor hands a
+    worker its next run before the current one ends (a queued run can no longer be cancelled), so
+    without this check an interrupted bench would wait while that run trained to its end."""
+    if _STOPPING is not None and _STOPPING.is_set():
+        raise Interrupted(f"{spec.name}: not started (the bench was interrupted)")
+    return work(spec)
+
+
 def signal_workers(pool, futures) -> None:
     """Cancel the `futures` of a ProcessPoolExecutor not started yet and send each of its worker
     processes one SIGTERM (a worker in training checkpoints, then raises Interrupted)."""
@@ -365,10 +380,13 @@ def signal_workers(pool, futures) -> None:
             os.kill(process.pid, signal.SIGTERM)
 
 
-def _stop_pool(pool, futures: dict, rows: dict[str, dict], progress: Progress) -> None:
-    """The bench was interrupted: cancel the runs not started, send every worker SIGTERM (its
-    training checkpoints) and wait for the running ones to stop; their rows land in `rows`."""
+def _stop_pool(pool, futures: dict, rows: dict[str, dict], progress: Progress, stopping=None) -> None:
+    """The bench was interrupted: cancel the runs not started (`stopping` keeps those a worker
+    already holds from starting), send every worker SIGTERM (its training checkpoints) and wait
+    for the running ones to stop; their rows land in `rows`."""
     with signals_ignored():
+        if stopping is not None:
+            stopping.set()
         signal_workers(pool, futures)
         for future, spec in futures.items():
             if future.cancelled() or spec.name in rows:
@@ -390,18 +408,19 @@ def _run_pool(specs: list[RunSpec], jobs: int, progress: Progress, gpus: list[st
     try:
         context = multiprocessing.get_context("spawn")
         slots = None
+        stopping = context.Event()
         if gpus:
             slots = context.Queue()
             for slot in gpus[:jobs]:
                 slots.put(slot)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=init_worker,
-                                 initargs=(slots,)) as pool:
+                                 initargs=(slots, stopping)) as pool:
             futures = {}
             for spec in specs:
                 Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
                 child = RunSpec(**{**asdict(spec), "threads": spec.threads or threads,
                                    "log_file": str(Path(spec.run_dir) / "bench.log")})
-                futures[pool.submit(work, child)] = spec
+                futures[pool.submit(start_unless_stopped, work, child)] = spec
             for spec in specs[:jobs]:
                 progress.started(spec)
             started = min(jobs, len(specs))
@@ -419,7 +438,7 @@ def _run_pool(specs: list[RunSpec], jobs: int, progress: Progress, gpus: list[st
                         progress.started(specs[started])
                         started += 1
             except KeyboardInterrupt:
-                _stop_pool(pool, futures, rows, progress)
+                _stop_pool(pool, futures, rows, progress, stopping)
                 raise
     finally:
         progress.stop()
