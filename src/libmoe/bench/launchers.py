@@ -380,13 +380,12 @@ def signal_workers(pool, futures) -> None:
             os.kill(process.pid, signal.SIGTERM)
 
 
-def _stop_pool(pool, futures: dict, rows: dict[str, dict], progress: Progress, stopping=None) -> None:
+def _stop_pool(pool, futures: dict, rows: dict[str, dict], progress: Progress, stopping) -> None:
     """The bench was interrupted: cancel the runs not started (`stopping` keeps those a worker
     already holds from starting), send every worker SIGTERM (its training checkpoints) and wait
     for the running ones to stop; their rows land in `rows`."""
     with signals_ignored():
-        if stopping is not None:
-            stopping.set()
+        stopping.set()
         signal_workers(pool, futures)
         for future, spec in futures.items():
             if future.cancelled() or spec.name in rows:
