@@ -88,6 +88,8 @@ class Row:
     note: str = ""
     error: str | None = None
     times_ms: list[float] = field(default_factory=list)
+    peak_mb: float | None = None  # CPU memory allocated at the peak of one forward + backward
+    saved_mb: float | None = None  # activations autograd keeps for backward (parameters excluded)
 
 
 def make_cases(args) -> list[Case]:
@@ -158,7 +160,45 @@ def prepare(case: Case, x: torch.Tensor, g: torch.Tensor, args) -> tuple[Row, Ca
         objective(module(x), g).backward()
         return (time.perf_counter() - start) * 1e3
 
+    if args.memory:
+        try:
+            row.peak_mb = peak_memory_mb(iteration)
+            module.zero_grad(set_to_none=True)
+            row.saved_mb = saved_activations_mb(lambda: module(x))
+        except Exception as exc:
+            row.error = f"memory: {type(exc).__name__}: {exc}"
     return row, iteration
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> float:
+    """Peak CPU memory allocated while `fn()` runs (above what was allocated before it), from the
+    profiler's allocation events: activations, saved tensors, gradients and temporaries."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def saved_activations_mb(forward: Callable[[], object]) -> float:
+    """MB of the distinct tensors autograd keeps for backward during `forward()` (parameters
+    excluded, the layer input included: every case saves it)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(seen.values()) / 2**20
 
 
 def run_interleaved(prepared: list[tuple[Row, Callable | None]], args) -> None:
@@ -190,13 +230,15 @@ def one_line(text: str, width: int = 90) -> str:
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| case | act | ms (median) | vs dense | note |", "|---|---|---:|---:|---|"]
+    lines = ["| case | act | ms (median) | vs dense | peak MB | saved MB | note |",
+             "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         if r.error is not None:
-            lines.append(f"| {r.case} | {r.activation} | error | | {one_line(r.error)} |")
+            lines.append(f"| {r.case} | {r.activation} | error | | | | {one_line(r.error)} |")
             continue
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else ""
-        lines.append(f"| {r.case} | {r.activation} | {r.ms:.1f} | {ratio} | {one_line(r.note)} |")
+        mem = " | ".join(f"{v:.0f}" if v is not None else "" for v in (r.peak_mb, r.saved_mb))
+        lines.append(f"| {r.case} | {r.activation} | {r.ms:.1f} | {ratio} | {mem} | {one_line(r.note)} |")
     return "\n".join(lines)
 
 
@@ -215,6 +257,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--filter", default=None, help="regex: run only the cases whose name matches")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the rows as JSON")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the peak / saved memory measurement (one untimed iteration per case)")
+    p.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
+                   help="keep glibc's default malloc (libmoe train tunes it on the CPU: devices.py)")
     args = p.parse_args(argv)
     if args.quick:
         args.tokens = 512
@@ -231,6 +277,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.malloc_tuning:
+        from libmoe.devices import tune_cpu_allocator
+
+        args.malloc_tuning = tune_cpu_allocator()
     torch.manual_seed(args.seed)
     shape = (args.tokens // args.seq_len, args.seq_len, args.d_model)
     x = torch.randn(shape, requires_grad=True)
@@ -245,6 +295,7 @@ def main(argv=None) -> int:
         "top_k": args.top_k,
         "dtype": "float32",
         "threads": torch.get_num_threads(),
+        "malloc_tuned": args.malloc_tuning,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "torch": torch.__version__,
@@ -257,7 +308,8 @@ def main(argv=None) -> int:
         f"# MoE layer fwd+bwd: T={args.tokens} (x {list(shape)}), d={args.d_model}, "
         f"E={args.experts}, M={args.expert_dim}, K={args.top_k}, fp32, "
         f"threads={config['threads']}, median of {args.repeats}; torch {torch.__version__}, "
-        f"transformers {config['transformers']}; load average {config['loadavg_1min']}"
+        f"transformers {config['transformers']}; malloc tuned {args.malloc_tuning}; "
+        f"load average {config['loadavg_1min']}"
     )
 
     cases = make_cases(args)

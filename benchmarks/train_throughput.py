@@ -12,6 +12,11 @@ Each model reports the median over rounds and its ratio to dense.
     python benchmarks/train_throughput.py                        # cpu-tiny, dense + the paper's 7
     python benchmarks/train_throughput.py --preset micro --rounds 2
     python benchmarks/train_throughput.py --threads 1 --json throughput_1t.json
+    python benchmarks/train_throughput.py --fine-grained        # 64 experts of width 32, top-16
+
+`--fine-grained` is the fine-grained variant of the preset: 4x the experts at 1/4 the width and
+4x the top-k (cpu-tiny: 64 x 32, top-16 instead of 16 x 128, top-4), so the active FFN width and
+the dense baseline stay the same. `--set KEY=VALUE` applies any run-config override to every model.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 from torch import nn
 
 from libmoe.data.packed import SequenceSampler, prepare_data
+from libmoe.devices import tune_cpu_allocator
 from libmoe.models import MoETransformer, count_parameters
 from libmoe.train import resolve_config
 from libmoe.train.optim import build_optimizer
@@ -45,12 +51,25 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--fine-grained", action="store_true",
+                        help="4x the experts at 1/4 the width and 4x the top-k (same active width)")
+    parser.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
+                        help="keep glibc's default malloc (libmoe train tunes it on the CPU)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="run-config override for every model (repeatable)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc_tuning:  # as `libmoe train` does on the CPU (libmoe.devices)
+        args.malloc_tuning = tune_cpu_allocator()
 
     algorithms = args.algorithms.split(",")
-    base = resolve_config(preset=args.preset)
+    overrides = list(args.set)
+    if args.fine_grained:
+        m = resolve_config(preset=args.preset, overrides=overrides).model
+        overrides += [f"model.n_experts={4 * m.n_experts}", f"model.expert_dim={m.expert_dim // 4}",
+                      f"model.top_k={4 * m.top_k}"]
+    base = resolve_config(preset=args.preset, overrides=overrides)
     seq_len, batch_size = base.seq_len, base.train.batch_size
     data = prepare_data(args.data, vocab_size=base.model.vocab_size, seq_len=seq_len,
                         min_val_tokens=base.data.min_val_tokens)
@@ -59,7 +78,7 @@ def main() -> None:
 
     runs = {}
     for name in algorithms:
-        cfg = resolve_config(preset=args.preset, overrides=[f"model.algorithm={name}"])
+        cfg = resolve_config(preset=args.preset, overrides=[*overrides, f"model.algorithm={name}"])
         torch.manual_seed(0)
         model = MoETransformer(cfg.model)
         runs[name] = (model, build_optimizer(model, cfg), cfg.optim.grad_clip,
@@ -86,8 +105,11 @@ def main() -> None:
 
     median = {name: statistics.median(v) for name, v in times.items()}
     ref = median.get("dense")
-    print(f"\n{args.preset}: batch {batch_size} x {seq_len} tokens, {torch.get_num_threads()} "
-          f"threads, median of {args.rounds} rounds of {args.steps} steps")
+    m = base.model
+    print(f"\n{args.preset}: {m.n_experts} experts of width {m.expert_dim}, top-{m.top_k} "
+          f"(dense FFN width {m.dense_width}); batch {batch_size} x {seq_len} tokens, "
+          f"{torch.get_num_threads()} threads, malloc tuned {args.malloc_tuning}, median of "
+          f"{args.rounds} rounds of {args.steps} steps")
     print("| algorithm | params (total / active) | tokens/s | MoE / dense time |\n|---|---|---|---|")
     rows = []
     for name in algorithms:
@@ -99,7 +121,8 @@ def main() -> None:
                      "time_ratio_vs_dense": ratio, "params_total": total, "params_active": active})
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "preset": args.preset, "threads": torch.get_num_threads(), "rows": rows,
+            "preset": args.preset, "overrides": overrides, "malloc_tuned": args.malloc_tuning,
+            "threads": torch.get_num_threads(), "rows": rows,
             "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         }, indent=2))
 

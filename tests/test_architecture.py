@@ -47,6 +47,7 @@ HEAVY = {
     "torch.utils.tensorboard": "half a second to import (tensorboard); only a training run's logger needs it",
     "torch.distributed.fsdp": "0.4 s to import (DTensor); only `train.parallel=fsdp` runs need it",
     "torch.distributed.checkpoint": "0.4 s to import (DTensor); only saving and resuming checkpoints need it",
+    "torch.utils.cpp_extension": "0.15 s to import (setuptools); only building the fused CPU kernel needs it",
 }
 
 

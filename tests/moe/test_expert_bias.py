@@ -8,7 +8,7 @@ from expert_cases import backend, forward_backward, make_case, naive
 
 from libmoe.moe import ACTIVATIONS, Experts, build_moe, run_experts
 
-BACKENDS = ("loop", "blocked", "grouped", "padded")
+BACKENDS = ("loop", "fused", "blocked", "grouped", "padded")
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
@@ -26,7 +26,7 @@ def test_biased_backends_match_per_token_reference_with_gradients(name, activati
 
 
 @pytest.mark.parametrize("activation", ["gelu_tanh", "swiglu", "relu"])
-@pytest.mark.parametrize("name", ["blocked", "grouped", "padded"])
+@pytest.mark.parametrize("name", ["fused", "blocked", "grouped", "padded"])
 def test_biased_backends_match_loop_in_float32(name, activation):
     # float32 with 16-byte-aligned rows runs torch._grouped_mm where it exists.
     ids, act, tensors = make_case(48, 8, 4, 8, 2, activation, seed=3, dtype=torch.float32)

@@ -310,7 +310,7 @@ def test_moe_plus_plus_layers_chain_their_logits():
     assert layers[0].router.gate_residual is None  # first layer: no previous logits, no W_g
 
 
-@pytest.mark.parametrize("backend", ["blocked", "grouped", "padded", "loop"])
+@pytest.mark.parametrize("backend", ["fused", "blocked", "grouped", "padded", "loop"])
 def test_autocast_routes_in_fp32_and_computes_experts_in_bf16(backend):
     torch.manual_seed(0)
     layer = build_moe("smoe", 16, E, 8, K, dispatch=backend)

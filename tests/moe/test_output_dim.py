@@ -13,7 +13,7 @@ from libmoe.moe.dispatch import grouped_mm_supported, resolve_backend
 from libmoe.upcycle.core import copy_into_experts
 
 D, D_OUT, E, M, K = 8, 12, 4, 16, 2
-BACKENDS = ("loop", "blocked", "grouped", "padded", "auto")
+BACKENDS = ("loop", "fused", "blocked", "grouped", "padded", "auto")
 # MoE++'s copy and constant experts are functions of the d_model-wide input.
 WIDTH_OPTIONS = {"moe_plus_plus": {"n_copy": 0, "n_const": 0}}
 
@@ -64,7 +64,7 @@ def test_backends_match_per_token_reference_with_gradients(name, activation, bia
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("name", ["blocked", "grouped", "padded", "auto"])
+@pytest.mark.parametrize("name", ["fused", "blocked", "grouped", "padded", "auto"])
 def test_backends_match_loop_in_float32_with_grouped_mm_and_auto_blocked(name, bias):
     # 16-byte-aligned rows (D, M, D_out) run torch._grouped_mm where it exists; 400 tokens make
     # `auto` pick blocked on CPU.

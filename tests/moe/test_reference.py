@@ -22,7 +22,7 @@ NAMES = [
     "cosine", "perturbed_cosine", "hyper", "expert_choice", "dense",
 ]
 SIGMOID = {"sigma_moe", "sharede_v3"}
-DISPATCHES = ["loop", "padded", "grouped", "blocked"]
+DISPATCHES = ["loop", "padded", "grouped", "blocked", "fused"]
 ATOL = RTOL = 1e-5
 GATOL = GRTOL = 1e-4  # gradients: float32 implementation vs float64 reference
 
@@ -832,7 +832,7 @@ GC_OPTION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dispatch", ["loop", "blocked"])
+@pytest.mark.parametrize("dispatch", ["loop", "blocked", "fused"])
 @pytest.mark.parametrize("name,extra", GC_OPTION_CASES, ids=[f"{n}-{o}" for n, o in GC_OPTION_CASES])
 def test_gradcheck_options(name, extra, dispatch):
     """The algorithm options that change the maths (expert dropout in training mode, each call

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
+from .cpu_kernel import fused_kernel
+
 if TYPE_CHECKING:
     from .experts import Activation
 
@@ -366,7 +368,67 @@ def blocked_dispatch(x, order, weights, w1, w2, w3, act, b1=None, b2=None, b3=No
     return y.to(weights.dtype)
 
 
+# The fused kernel's activation codes (csrc/experts_cpu.cpp); gated ones use w3 as well.
+_KERNEL_ACTIVATIONS = {"relu": 0, "gelu": 1, "geglu": 1, "gelu_tanh": 2, "silu": 3, "swiglu": 3}
+
+
+class _FusedExperts(torch.autograd.Function):
+    """`_BlockedExperts`'s computation with the loop over experts in C++ (cpu_kernel.py)."""
+
+    @staticmethod
+    def forward(ctx, x, weights, w1, w2, w3, b1, b2, b3, tok, pos, counts, code, parallel, kernel):
+        w = weights.reshape(-1)[pos]
+        y, h, g = kernel.forward(x, w, w1, w2, w3, b1, b2, b3, tok, counts, code, parallel,
+                                 FUSED_BLOCK_ROWS)
+        ctx.save_for_backward(x, weights, w1, w2, w3, b1, b2, b3, tok, pos, counts, h, g)
+        ctx.code, ctx.parallel, ctx.kernel = code, parallel, kernel
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weights, w1, w2, w3, b1, b2, b3, tok, pos, counts, h, g = ctx.saved_tensors
+        w = weights.reshape(-1)[pos]
+        gx, gw, gw1, gw2, gw3, gb1, gb2, gb3 = ctx.kernel.backward(
+            gy, x, w, w1, w2, w3, b1, b2, b3, tok, counts, h, g, ctx.code, ctx.parallel,
+            FUSED_BLOCK_ROWS)
+        valid = pos[: gw.shape[0]]  # the kernel's rows: the valid ones, in expert order
+        gweights = torch.zeros_like(weights).reshape(-1).index_put((valid,), gw).view_as(weights)
+        return gx, gweights, gw1, gw2, gw3, gb1, gb2, gb3, None, None, None, None, None, None
+
+
+# Whether `fused` shares the experts out between the intra-op threads (each running
+# single-threaded matmuls) rather than looping over them on one thread with threaded matmuls.
+FUSED_PARALLEL_EXPERTS = True
+# Rows of one expert the kernel multiplies at a time (0: all of them), so that its buffers stay in
+# the CPU's cache; weight gradients accumulate over an expert's blocks.
+FUSED_BLOCK_ROWS = 1024
+
+
+def fused_available(x: Tensor, act: Activation) -> bool:
+    """Whether the fused kernel runs for x and act: CPU, float32/float64, a built-in activation,
+    and a kernel that could be built (cpu_kernel.py; it is built on the first call)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if act.name not in _KERNEL_ACTIVATIONS:
+        return False
+    return fused_kernel() is not None
+
+
+def fused_dispatch(x, order, weights, w1, w2, w3, act, b1=None, b2=None, b3=None):
+    """`blocked`'s computation with its loop over experts in a compiled C++ kernel (no per-expert
+    Python work, experts shared out between the CPU threads). Where the kernel does not run (no
+    C++ compiler, a GPU tensor, bf16 under autocast, a custom activation) it is `blocked` itself."""
+    if not fused_available(x, act):
+        return blocked_dispatch(x, order, weights, w1, w2, w3, act, b1, b2, b3)
+    params = [t.contiguous() if t is not None else None for t in (w1, w2, w3, b1, b2, b3)]
+    y = _FusedExperts.apply(x.contiguous(), weights.to(x.dtype), *params, order.tok, order.pos,
+                            order.counts, _KERNEL_ACTIVATIONS[act.name], FUSED_PARALLEL_EXPERTS,
+                            fused_kernel())
+    return y.to(weights.dtype)
+
+
 _BACKENDS: dict[str, Callable[..., Tensor]] = {
+    "fused": fused_dispatch,
     "blocked": blocked_dispatch,
     "grouped": grouped_dispatch,
     "padded": padded_dispatch,
@@ -398,7 +460,7 @@ def resolve_backend(
         # padded's one read and three batched matmuls. `dispatch: grouped` still chooses it.
         return "grouped" if grouped_mm_supported(x, w1, w2) and grouped_mm_fused(x) else "padded"
     if n_assignments / max(n_experts, 1) >= BLOCKED_MIN_LOAD:
-        return "blocked"
+        return "fused"  # blocked's computation in the C++ kernel; blocked itself where none builds
     return "grouped" if grouped_mm_supported(x, w1, w2) else "padded"
 
 

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..data.packed import PackedData, SequenceSampler, probe_set, tokenizer_fingerprint, validation_windows
-from ..devices import DistInfo
+from ..devices import DistInfo, tune_cpu_allocator
 from ..errors import Interrupted
 from ..files import read_json_object, write_json, write_text
 from ..models import MoETransformer, count_parameters, find_tokenizer, list_checkpoints, resolve_checkpoint
@@ -126,6 +126,8 @@ def train(
         init = source or str(init)
         cfg = transformers_run_config(cfg, init) if hf else replace(cfg, init=init)
     info = init_distributed(cfg.train.device)
+    if info.device.type == "cpu":
+        tune_cpu_allocator()  # steps stop page-faulting their activations in (devices.py)
     try:
         return _train(cfg, out, info, resume, overwrite, stop_after, progress, init, hf,
                       allow_config_change)

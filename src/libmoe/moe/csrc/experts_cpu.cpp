@@ -1,0 +1,431 @@
+// libmoe's fused CPU expert kernel: the `fused` dispatch backend (see dispatch.py).
+//
+// For x [T, D], rows sorted by expert (tok [N] token of each row, counts [E] rows per expert,
+// w [N] each row's routing weight):
+//
+//     y[tok[r]] += (act(x[tok[r]] @ w1[e] + b1[e]) * gate * w[r]) @ w2[e] + w[r] * b2[e]
+//
+// Each expert's rows are gathered into a small per-thread buffer, multiplied (ATen's mm, i.e.
+// MKL), activated and weighted in one pass, multiplied again and added straight into the output;
+// backward saves only the hidden pre-activation (post-ReLU for plain ReLU) and the gate
+// projection. The loop over experts is C++, so its per-call cost does not grow with E the way a
+// Python loop's does; with `parallel`, the experts are shared out between the intra-op threads
+// (largest first, taken dynamically), each running single-threaded matmuls into its own output
+// accumulator, which are summed at the end. This is the computation of `_BlockedExperts` in
+// dispatch.py, written to match it operation for operation.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+enum Activation : int64_t { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };
+
+template <int64_t ACT, typename T>
+inline T act_fn(T h) {
+  if constexpr (ACT == kRelu) {
+    return h > T(0) ? h : T(0);
+  } else if constexpr (ACT == kGelu) {
+    return T(0.5) * h * (T(1) + std::erf(h * T(M_SQRT1_2)));
+  } else if constexpr (ACT == kGeluTanh) {
+    const T c = T(0.7978845608028654);  // sqrt(2 / pi)
+    return T(0.5) * h * (T(1) + std::tanh(c * (h + T(0.044715) * h * h * h)));
+  } else {  // kSilu
+    return h / (T(1) + std::exp(-h));
+  }
+}
+
+template <int64_t ACT, typename T>
+inline T act_grad(T h) {
+  if constexpr (ACT == kRelu) {
+    return h > T(0) ? T(1) : T(0);
+  } else if constexpr (ACT == kGelu) {
+    const T cdf = T(0.5) * (T(1) + std::erf(h * T(M_SQRT1_2)));
+    const T pdf = std::exp(T(-0.5) * h * h) * T(0.3989422804014327);  // 1 / sqrt(2 pi)
+    return cdf + h * pdf;
+  } else if constexpr (ACT == kGeluTanh) {
+    const T c = T(0.7978845608028654);
+    const T t = std::tanh(c * (h + T(0.044715) * h * h * h));
+    const T du = c * (T(1) + T(3) * T(0.044715) * h * h);
+    return T(0.5) * (T(1) + t) + T(0.5) * h * (T(1) - t * t) * du;
+  } else {  // kSilu
+    const T s = T(1) / (T(1) + std::exp(-h));
+    return s * (T(1) + h * (T(1) - s));
+  }
+}
+
+// Forward hidden pass over one expert's c rows of width M: a = act(h) (* g) * w. With INPLACE
+// (plain ReLU) h is overwritten by relu(h), all backward needs.
+template <int64_t ACT, bool GATED, bool INPLACE, typename T>
+void hidden_forward(T* h, const T* g, T* a, const T* w, int64_t c, int64_t M) {
+  for (int64_t r = 0; r < c; ++r) {
+    T* hr = h + r * M;
+    T* ar = a + r * M;
+    const T* gr = GATED ? g + r * M : nullptr;
+    const T wr = w[r];
+#pragma omp simd
+    for (int64_t j = 0; j < M; ++j) {
+      T v = act_fn<ACT>(hr[j]);
+      if constexpr (INPLACE) hr[j] = v;
+      if constexpr (GATED) v *= gr[j];
+      ar[j] = v * wr;
+    }
+  }
+}
+
+// Backward hidden pass 1: a = act(h) (* g) (unless INPLACE: a is h) and aw = a * w.
+template <int64_t ACT, bool GATED, bool INPLACE, typename T>
+void hidden_recompute(const T* h, const T* g, T* a, T* aw, const T* w, int64_t c, int64_t M) {
+  for (int64_t r = 0; r < c; ++r) {
+    const T* hr = h + r * M;
+    T* ar = a + r * M;
+    T* awr = aw + r * M;
+    const T* gr = GATED ? g + r * M : nullptr;
+    const T wr = w[r];
+#pragma omp simd
+    for (int64_t j = 0; j < M; ++j) {
+      T v = INPLACE ? hr[j] : act_fn<ACT>(hr[j]);
+      if constexpr (GATED) v *= gr[j];
+      if constexpr (!INPLACE) ar[j] = v;
+      awr[j] = v * wr;
+    }
+  }
+}
+
+// Backward hidden pass 2, per row: gw[r] = <ga, a>; then ga becomes the gradient of h
+// (ga * w * act'(h) (* g)) and, gated, gg the gradient of the gate projection.
+template <int64_t ACT, bool GATED, typename T>
+void hidden_backward(T* ga, const T* a, const T* h, const T* g, T* gg, const T* w, T* gw,
+                     int64_t c, int64_t M) {
+  for (int64_t r = 0; r < c; ++r) {
+    T* gar = ga + r * M;
+    const T* ar = a + r * M;
+    const T* hr = h + r * M;
+    const T* gr = GATED ? g + r * M : nullptr;
+    T* ggr = GATED ? gg + r * M : nullptr;
+    const T wr = w[r];
+    T dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < M; ++j) dot += gar[j] * ar[j];
+    gw[r] = dot;
+#pragma omp simd
+    for (int64_t j = 0; j < M; ++j) {
+      T gai = gar[j] * wr;
+      if constexpr (GATED) {
+        ggr[j] = gai * act_fn<ACT>(hr[j]);
+        gai *= gr[j];
+      }
+      gar[j] = gai * act_grad<ACT>(hr[j]);
+    }
+  }
+}
+
+// The output is (a @ w2 + b2) * w: each row's weight gradient gets <gy[r], b2> too.
+template <typename T>
+void add_row_dots(T* gw, const T* gy, const T* b2, int64_t c, int64_t width) {
+  for (int64_t r = 0; r < c; ++r) {
+    T dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < width; ++j) dot += gy[r * width + j] * b2[j];
+    gw[r] += dot;
+  }
+}
+
+// Calls f.template operator()<ACT, GATED, INPLACE>() with the runtime choice as constants.
+template <typename F>
+void with_activation(int64_t act, bool gated, const F& f) {
+  if (gated) {
+    switch (act) {
+      case kRelu: return f.template operator()<kRelu, true, false>();
+      case kGelu: return f.template operator()<kGelu, true, false>();
+      case kGeluTanh: return f.template operator()<kGeluTanh, true, false>();
+      default: return f.template operator()<kSilu, true, false>();
+    }
+  }
+  switch (act) {
+    case kRelu: return f.template operator()<kRelu, false, true>();
+    case kGelu: return f.template operator()<kGelu, false, false>();
+    case kGeluTanh: return f.template operator()<kGeluTanh, false, false>();
+    default: return f.template operator()<kSilu, false, false>();
+  }
+}
+
+// Copies rows src[idx[r]] (width `width`) into dst[r].
+template <typename T>
+inline void gather_rows(T* dst, const T* src, const int64_t* idx, int64_t rows, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(dst + r * width, src + idx[r] * width, sizeof(T) * width);
+  }
+}
+
+// dst[idx[r]] += src[r].
+template <typename T>
+inline void scatter_add_rows(T* dst, const T* src, const int64_t* idx, int64_t rows, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* out = dst + idx[r] * width;
+    const T* in = src + r * width;
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) out[j] += in[j];
+  }
+}
+
+// The experts that got rows, largest first (threads take them in this order).
+std::vector<int64_t> work_order(const std::vector<int64_t>& counts) {
+  std::vector<int64_t> order;
+  for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e) {
+    if (counts[e] > 0) order.push_back(e);
+  }
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return counts[a] > counts[b]; });
+  return order;
+}
+
+// Runs body(expert, thread) for every expert in `order`: on `threads` intra-op threads, each
+// taking the next expert as it finishes one, or on the calling thread when threads == 1 (ATen's
+// matmuls then use their own threading).
+template <typename F>
+void for_each_expert(const std::vector<int64_t>& order, int64_t threads, const F& body) {
+  if (threads <= 1) {
+    for (int64_t e : order) body(e, 0);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  const int64_t n = static_cast<int64_t>(order.size());
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tid = begin; tid < end; ++tid) {
+      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) body(order[i], tid);
+    }
+  });
+}
+
+int64_t thread_count(bool parallel, size_t experts_with_rows) {
+  if (!parallel) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), experts_with_rows));
+}
+
+std::vector<int64_t> offsets_of(const std::vector<int64_t>& counts) {
+  std::vector<int64_t> start(counts.size() + 1, 0);
+  std::partial_sum(counts.begin(), counts.end(), start.begin() + 1);
+  return start;
+}
+
+std::vector<int64_t> to_vector(const at::Tensor& counts) {
+  auto c = counts.to(at::kLong).contiguous();
+  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+}
+
+// out = a @ b (first) or out += a @ b.
+void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool first) {
+  if (first) at::mm_out(out, a, b);
+  else out.addmm_(a, b);
+}
+
+// out = a.sum(0) (first) or out += a.sum(0).
+void sum_into(at::Tensor out, const at::Tensor& a, bool first) {
+  if (first) at::sum_out(out, a, {0});
+  else out.add_(a.sum(0));
+}
+
+// Sums the per-thread accumulators 1.. into accumulator 0.
+void reduce_into(at::Tensor& out, std::vector<at::Tensor>& extra) {
+  for (auto& t : extra) out.add_(t);
+}
+
+}  // namespace
+
+// Returns {y [T, D_out], h [N, M] (saved), g [N, M] (saved, gated only; else empty)}.
+std::vector<at::Tensor> fused_experts_forward(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& w1, const at::Tensor& w2,
+    const c10::optional<at::Tensor>& w3, const c10::optional<at::Tensor>& b1,
+    const c10::optional<at::Tensor>& b2, const c10::optional<at::Tensor>& b3,
+    const at::Tensor& tok, const at::Tensor& counts_t, int64_t act, bool parallel,
+    int64_t block_rows) {
+  TORCH_CHECK(x.is_contiguous() && w1.is_contiguous() && w2.is_contiguous(), "contiguous inputs");
+  const auto counts = to_vector(counts_t);
+  const auto start = offsets_of(counts);
+  const int64_t T = x.size(0), D = x.size(1), M = w1.size(2), Dout = w2.size(2);
+  const int64_t N = start.back();
+  const bool gated = w3.has_value();
+  const int64_t largest = counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
+  const int64_t rows = block_rows > 0 ? block_rows : std::max<int64_t>(largest, 1);
+  const int64_t cmax = std::min(largest, rows);
+  const auto order = work_order(counts);
+  const int64_t threads = thread_count(parallel, order.size());
+
+  auto y = at::zeros({T, Dout}, x.options());
+  auto h_all = at::empty({N, M}, x.options());
+  auto g_all = gated ? at::empty({N, M}, x.options()) : at::Tensor();
+  std::vector<at::Tensor> y_extra;
+  for (int64_t i = 1; i < threads; ++i) y_extra.push_back(at::zeros({T, Dout}, x.options()));
+  std::vector<at::Tensor> xbuf, abuf, obuf;
+  for (int64_t i = 0; i < threads; ++i) {
+    xbuf.push_back(at::empty({cmax, D}, x.options()));
+    abuf.push_back(at::empty({cmax, M}, x.options()));
+    obuf.push_back(at::empty({cmax, Dout}, x.options()));
+  }
+  const int64_t* tok_p = tok.data_ptr<int64_t>();
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_experts_forward", [&] {
+    const scalar_t* x_p = x.data_ptr<scalar_t>();
+    const scalar_t* w_p = w.data_ptr<scalar_t>();
+    for_each_expert(order, threads, [&](int64_t e, int64_t tid) {
+     for (int64_t r0 = 0; r0 < counts[e]; r0 += rows) {  // blocks of at most `rows` rows
+      const int64_t c = std::min(rows, counts[e] - r0), s = start[e] + r0;
+      const int64_t* t = tok_p + s;
+      auto xe = xbuf[tid].narrow(0, 0, c);
+      gather_rows(xe.data_ptr<scalar_t>(), x_p, t, c, D);
+      auto h = h_all.narrow(0, s, c);
+      if (b1.has_value()) at::addmm_out(h, b1->select(0, e), xe, w1.select(0, e));
+      else at::mm_out(h, xe, w1.select(0, e));
+      const scalar_t* we = w_p + s;
+      const scalar_t* g_p = nullptr;
+      if (gated) {
+        auto g = g_all.narrow(0, s, c);
+        if (b3.has_value()) at::addmm_out(g, b3->select(0, e), xe, w3->select(0, e));
+        else at::mm_out(g, xe, w3->select(0, e));
+        g_p = g.data_ptr<scalar_t>();
+      }
+      scalar_t* h_p = h.data_ptr<scalar_t>();
+      scalar_t* a_p = abuf[tid].data_ptr<scalar_t>();
+      with_activation(act, gated, [&]<int64_t ACT, bool GATED, bool INPLACE>() {
+        hidden_forward<ACT, GATED, INPLACE>(h_p, g_p, a_p, we, c, M);
+      });
+      auto out = obuf[tid].narrow(0, 0, c);
+      at::mm_out(out, abuf[tid].narrow(0, 0, c), w2.select(0, e));
+      scalar_t* o_p = out.data_ptr<scalar_t>();
+      if (b2.has_value()) {  // the weight multiplies the output bias too
+        const scalar_t* b2_p = b2->select(0, e).data_ptr<scalar_t>();
+        for (int64_t r = 0; r < c; ++r)
+          for (int64_t j = 0; j < Dout; ++j) o_p[r * Dout + j] += we[r] * b2_p[j];
+      }
+      scalar_t* acc = (tid == 0 ? y : y_extra[tid - 1]).data_ptr<scalar_t>();
+      scatter_add_rows(acc, o_p, t, c, Dout);
+     }
+    });
+  });
+  reduce_into(y, y_extra);
+  return {y, h_all, gated ? g_all : at::Tensor()};
+}
+
+// Returns {gx, gw [N] (per row), gw1, gw2, gw3, gb1, gb2, gb3} (undefined where not given).
+std::vector<at::Tensor> fused_experts_backward(
+    const at::Tensor& gy_in, const at::Tensor& x, const at::Tensor& w, const at::Tensor& w1,
+    const at::Tensor& w2, const c10::optional<at::Tensor>& w3, const c10::optional<at::Tensor>& b1,
+    const c10::optional<at::Tensor>& b2, const c10::optional<at::Tensor>& b3,
+    const at::Tensor& tok, const at::Tensor& counts_t, const at::Tensor& h_all,
+    const c10::optional<at::Tensor>& g_all, int64_t act, bool parallel, int64_t block_rows) {
+  const auto gy = gy_in.contiguous();
+  const auto counts = to_vector(counts_t);
+  const auto start = offsets_of(counts);
+  const int64_t D = x.size(1), M = w1.size(2), Dout = w2.size(2);
+  const int64_t E = w1.size(0), N = start.back();
+  const bool gated = w3.has_value();
+  const bool inplace_relu = act == kRelu && !gated;
+  const int64_t largest = counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
+  const int64_t rows = block_rows > 0 ? block_rows : std::max<int64_t>(largest, 1);
+  const int64_t cmax = std::min(largest, rows);
+  const auto order = work_order(counts);
+  const int64_t threads = thread_count(parallel, order.size());
+
+  auto gx = at::zeros_like(x);
+  std::vector<at::Tensor> gx_extra;
+  for (int64_t i = 1; i < threads; ++i) gx_extra.push_back(at::zeros_like(x));
+  // Every expert's gradient block is written below (zeroed when it got no rows): no fill.
+  auto gw1 = at::empty_like(w1), gw2 = at::empty_like(w2);
+  auto gw3 = gated ? at::empty_like(*w3) : at::Tensor();
+  auto gb1 = b1.has_value() ? at::empty_like(*b1) : at::Tensor();
+  auto gb2 = b2.has_value() ? at::empty_like(*b2) : at::Tensor();
+  auto gb3 = b3.has_value() ? at::empty_like(*b3) : at::Tensor();
+  auto gw = at::empty({N}, x.options());
+  for (int64_t e = 0; e < E; ++e) {
+    if (counts[e] > 0) continue;
+    for (auto* grad : {&gw1, &gw2, &gw3, &gb1, &gb2, &gb3})
+      if (grad->defined()) grad->select(0, e).zero_();
+  }
+  std::vector<at::Tensor> xbuf, gybuf, abuf, awbuf, gabuf, ggbuf, gxbuf;
+  for (int64_t i = 0; i < threads; ++i) {
+    xbuf.push_back(at::empty({cmax, D}, x.options()));
+    gybuf.push_back(at::empty({cmax, Dout}, x.options()));
+    abuf.push_back(inplace_relu ? at::Tensor() : at::empty({cmax, M}, x.options()));
+    awbuf.push_back(at::empty({cmax, M}, x.options()));
+    gabuf.push_back(at::empty({cmax, M}, x.options()));
+    ggbuf.push_back(gated ? at::empty({cmax, M}, x.options()) : at::Tensor());
+    gxbuf.push_back(at::empty({cmax, D}, x.options()));
+  }
+  const int64_t* tok_p = tok.data_ptr<int64_t>();
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_experts_backward", [&] {
+    const scalar_t* x_p = x.data_ptr<scalar_t>();
+    const scalar_t* gy_p = gy.data_ptr<scalar_t>();
+    const scalar_t* w_p = w.data_ptr<scalar_t>();
+    scalar_t* gw_p = gw.data_ptr<scalar_t>();
+    for_each_expert(order, threads, [&](int64_t e, int64_t tid) {
+      auto gw1e = gw1.select(0, e);
+      auto gw2e = gw2.select(0, e);
+      auto gw3e = gated ? gw3.select(0, e) : at::Tensor();
+      scalar_t* gb2_p = b2.has_value() ? gb2.select(0, e).data_ptr<scalar_t>() : nullptr;
+      if (gb2_p != nullptr) std::fill(gb2_p, gb2_p + Dout, scalar_t(0));
+      for (int64_t r0 = 0; r0 < counts[e]; r0 += rows) {  // blocks of at most `rows` rows
+        const bool first = r0 == 0;  // the first block writes the weight gradients, later ones add
+        const int64_t c = std::min(rows, counts[e] - r0), s = start[e] + r0;
+        const int64_t* t = tok_p + s;
+        const scalar_t* we = w_p + s;
+        auto xe = xbuf[tid].narrow(0, 0, c);
+        auto gye = gybuf[tid].narrow(0, 0, c);
+        gather_rows(xe.data_ptr<scalar_t>(), x_p, t, c, D);
+        gather_rows(gye.data_ptr<scalar_t>(), gy_p, t, c, Dout);
+        const scalar_t* h_p = h_all.data_ptr<scalar_t>() + s * M;
+        const scalar_t* g_p = gated ? g_all->data_ptr<scalar_t>() + s * M : nullptr;
+        // a: the unweighted hidden activation; aw = a * w.
+        auto a = inplace_relu ? h_all.narrow(0, s, c) : abuf[tid].narrow(0, 0, c);
+        scalar_t* a_p = a.data_ptr<scalar_t>();
+        scalar_t* aw_p = awbuf[tid].data_ptr<scalar_t>();
+        with_activation(act, gated, [&]<int64_t ACT, bool GATED, bool INPLACE>() {
+          hidden_recompute<ACT, GATED, INPLACE>(h_p, g_p, a_p, aw_p, we, c, M);
+        });
+        mm_into(gw2e, awbuf[tid].narrow(0, 0, c).t(), gye, first);
+        auto ga = gabuf[tid].narrow(0, 0, c);  // gradient of the weighted hidden activation
+        at::mm_out(ga, gye, w2.select(0, e).t());
+        scalar_t* ga_p = ga.data_ptr<scalar_t>();
+        const scalar_t* gye_p = gye.data_ptr<scalar_t>();
+        scalar_t* gg_p = gated ? ggbuf[tid].data_ptr<scalar_t>() : nullptr;
+        with_activation(act, gated, [&]<int64_t ACT, bool GATED, bool INPLACE>() {
+          hidden_backward<ACT, GATED>(ga_p, a_p, h_p, g_p, gg_p, we, gw_p + s, c, M);
+        });
+        if (gb2_p != nullptr) {  // the output is (a @ w2 + b2) * weight
+          const scalar_t* b2_p = b2->select(0, e).data_ptr<scalar_t>();
+          add_row_dots(gw_p + s, gye_p, b2_p, c, Dout);
+          for (int64_t r = 0; r < c; ++r)
+            for (int64_t j = 0; j < Dout; ++j) gb2_p[j] += we[r] * gye_p[r * Dout + j];
+        }
+        if (b1.has_value()) sum_into(gb1.select(0, e), ga, first);
+        auto gxe = gxbuf[tid].narrow(0, 0, c);
+        at::mm_out(gxe, ga, w1.select(0, e).t());
+        mm_into(gw1e, xe.t(), ga, first);
+        if (gated) {
+          auto gg = ggbuf[tid].narrow(0, 0, c);
+          mm_into(gw3e, xe.t(), gg, first);
+          if (b3.has_value()) sum_into(gb3.select(0, e), gg, first);
+          gxe.addmm_(gg, w3->select(0, e).t());
+        }
+        scalar_t* acc = (tid == 0 ? gx : gx_extra[tid - 1]).data_ptr<scalar_t>();
+        scatter_add_rows(acc, gxe.data_ptr<scalar_t>(), t, c, D);
+      }
+    });
+  });
+  reduce_into(gx, gx_extra);
+  return {gx, gw, gw1, gw2, gw3, gb1, gb2, gb3};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &fused_experts_forward, "fused expert FFN forward (CPU)");
+  m.def("backward", &fused_experts_backward, "fused expert FFN backward (CPU)");
+}
