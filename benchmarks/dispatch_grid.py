@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from libmoe.devices import tune_cpu_allocator
 from libmoe.moe import DISPATCH_BACKENDS, build_moe
 
 BACKENDS = DISPATCH_BACKENDS[1:]  # every concrete backend, "auto" excluded
@@ -28,6 +29,9 @@ GRID = [
     (1024, 512, 66, 128, 8),
     (2048, 512, 66, 128, 8),
     (4096, 512, 66, 128, 8),
+    # fine-grained: cpu-tiny's --fine-grained layer, and 256 thin experts
+    (4096, 128, 64, 32, 16),
+    (4096, 512, 256, 32, 32),
 ]
 
 
@@ -59,6 +63,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    tune_cpu_allocator()  # as `libmoe train` does on the CPU
     print(f"threads={torch.get_num_threads()}, median of {args.rounds} interleaved rounds (ms)")
     print("| T | d | E | M | K | load/expert | " + " | ".join(BACKENDS) + " | fastest |")
     print("|" + "---|" * (7 + len(BACKENDS)))

@@ -42,6 +42,23 @@ def test_threaded_kernel_matches_loop(monkeypatch, parallel, activation, block_r
 
 
 @needs_kernel
+def test_threaded_kernel_is_deterministic():
+    """Each thread sums a fixed share of the experts: ten calls give bitwise the same output and
+    gradients (a share taken as threads free up would change the summation order by timing)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        case = make_case(2048, 32, 24, 16, 4, "relu", seed=9, dtype=torch.float32)
+        first_y, first_g = outputs_and_grads("fused", *case)
+        for _ in range(9):
+            y, grads = outputs_and_grads("fused", *case)
+            assert torch.equal(y, first_y)
+            assert all(torch.equal(a, b) for a, b in zip(grads, first_g, strict=True))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
 @pytest.mark.parametrize("activation", ["relu", "geglu", "silu"])
 def test_blocks_accumulate_every_bias_gradient(monkeypatch, activation):
     monkeypatch.setattr(dispatch, "FUSED_BLOCK_ROWS", 5)

@@ -1,4 +1,4 @@
-"""Dropless token dispatch: four numerically equivalent ways to run the routed experts.
+"""Dropless token dispatch: five numerically equivalent ways to run the routed experts.
 
 Every backend computes, for x [T, D], expert ids [T, K] and combine weights [T, K],
 
@@ -18,14 +18,18 @@ weights[t, j] * b2[e] to the output.
 - ``blocked``: a custom autograd function that gathers each expert's rows into a small buffer,
   multiplies the routing weight into the hidden activation, scatters results straight back and
   saves only the hidden pre-activation for backward (PERFORMANCE_NOTES: the fastest on CPU).
-- ``auto``: on CPU ``blocked`` when experts average at least BLOCKED_MIN_LOAD rows, else
+- ``fused``: ``blocked``'s computation with the loop over experts in a C++ kernel built on first
+  use (cpu_kernel.py, csrc/experts_cpu.cpp): no per-expert Python work, the experts shared out
+  between the intra-op threads. ``blocked`` itself where the kernel cannot run (no compiler,
+  bf16/fp16, a GPU tensor, a custom activation).
+- ``auto``: on CPU ``fused`` when experts average at least BLOCKED_MIN_LOAD rows, else
   ``grouped`` (``padded`` where ``torch._grouped_mm`` lacks the dtype or the 16-byte row
   alignment); on CUDA ``grouped`` where torch's fused kernel runs (bf16 on sm90/sm100), else
   ``padded`` (one host read per layer against the fallback's one per matmul; not measured here,
   ``dispatch: grouped`` chooses the fallback); under torch.compile always ``grouped``.
 
-``loop``, ``padded`` and ``blocked`` read the per-expert counts on the host once per call (a
-device sync on a GPU); ``grouped`` reads nothing.
+``loop``, ``padded``, ``blocked`` and ``fused`` read the per-expert counts on the host once per
+call (a device sync on a GPU); ``grouped`` reads nothing.
 """
 
 from __future__ import annotations

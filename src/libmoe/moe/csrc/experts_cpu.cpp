@@ -19,7 +19,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -177,38 +176,52 @@ inline void scatter_add_rows(T* dst, const T* src, const int64_t* idx, int64_t r
   }
 }
 
-// The experts that got rows, largest first (threads take them in this order).
-std::vector<int64_t> work_order(const std::vector<int64_t>& counts) {
+// The experts that got rows, shared out between `threads` workers: one worker takes them in
+// expert order; several get a fixed share each, the largest experts first, each to the worker
+// with the fewest rows so far. Fixed by the counts alone, so that every worker's accumulator
+// sums the same experts in the same order at every call: results do not depend on timing.
+std::vector<std::vector<int64_t>> share_out(const std::vector<int64_t>& counts, int64_t threads) {
   std::vector<int64_t> order;
   for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e) {
     if (counts[e] > 0) order.push_back(e);
   }
+  std::vector<std::vector<int64_t>> shares(threads);
+  if (threads == 1) {
+    shares[0] = order;
+    return shares;
+  }
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t a, int64_t b) { return counts[a] > counts[b]; });
-  return order;
+  std::vector<int64_t> load(threads, 0);
+  for (int64_t e : order) {
+    const auto least = std::min_element(load.begin(), load.end()) - load.begin();
+    shares[least].push_back(e);
+    load[least] += counts[e];
+  }
+  return shares;
 }
 
-// Runs body(expert, thread) for every expert in `order`: on `threads` intra-op threads, each
-// taking the next expert as it finishes one, or on the calling thread when threads == 1 (ATen's
-// matmuls then use their own threading).
+// Runs body(expert, worker) for every expert of every share: each share on an intra-op thread,
+// or everything on the calling thread when there is one share (ATen's matmuls then use their
+// own threading).
 template <typename F>
-void for_each_expert(const std::vector<int64_t>& order, int64_t threads, const F& body) {
-  if (threads <= 1) {
-    for (int64_t e : order) body(e, 0);
+void for_each_expert(const std::vector<std::vector<int64_t>>& shares, const F& body) {
+  const int64_t workers = static_cast<int64_t>(shares.size());
+  if (workers == 1) {
+    for (int64_t e : shares[0]) body(e, 0);
     return;
   }
-  std::atomic<int64_t> next{0};
-  const int64_t n = static_cast<int64_t>(order.size());
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t tid = begin; tid < end; ++tid) {
-      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) body(order[i], tid);
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      for (int64_t e : shares[w]) body(e, w);
     }
   });
 }
 
-int64_t thread_count(bool parallel, size_t experts_with_rows) {
+int64_t thread_count(bool parallel, const std::vector<int64_t>& counts) {
   if (!parallel) return 1;
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), experts_with_rows));
+  const int64_t with_rows = std::count_if(counts.begin(), counts.end(), [](int64_t c) { return c > 0; });
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), with_rows));
 }
 
 std::vector<int64_t> offsets_of(const std::vector<int64_t>& counts) {
@@ -257,8 +270,8 @@ std::vector<at::Tensor> fused_experts_forward(
   const int64_t largest = counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
   const int64_t rows = block_rows > 0 ? block_rows : std::max<int64_t>(largest, 1);
   const int64_t cmax = std::min(largest, rows);
-  const auto order = work_order(counts);
-  const int64_t threads = thread_count(parallel, order.size());
+  const int64_t threads = thread_count(parallel, counts);
+  const auto shares = share_out(counts, threads);
 
   auto y = at::zeros({T, Dout}, x.options());
   auto h_all = at::empty({N, M}, x.options());
@@ -276,7 +289,7 @@ std::vector<at::Tensor> fused_experts_forward(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_experts_forward", [&] {
     const scalar_t* x_p = x.data_ptr<scalar_t>();
     const scalar_t* w_p = w.data_ptr<scalar_t>();
-    for_each_expert(order, threads, [&](int64_t e, int64_t tid) {
+    for_each_expert(shares, [&](int64_t e, int64_t tid) {
      for (int64_t r0 = 0; r0 < counts[e]; r0 += rows) {  // blocks of at most `rows` rows
       const int64_t c = std::min(rows, counts[e] - r0), s = start[e] + r0;
       const int64_t* t = tok_p + s;
@@ -332,8 +345,8 @@ std::vector<at::Tensor> fused_experts_backward(
   const int64_t largest = counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
   const int64_t rows = block_rows > 0 ? block_rows : std::max<int64_t>(largest, 1);
   const int64_t cmax = std::min(largest, rows);
-  const auto order = work_order(counts);
-  const int64_t threads = thread_count(parallel, order.size());
+  const int64_t threads = thread_count(parallel, counts);
+  const auto shares = share_out(counts, threads);
 
   auto gx = at::zeros_like(x);
   std::vector<at::Tensor> gx_extra;
@@ -367,7 +380,7 @@ std::vector<at::Tensor> fused_experts_backward(
     const scalar_t* gy_p = gy.data_ptr<scalar_t>();
     const scalar_t* w_p = w.data_ptr<scalar_t>();
     scalar_t* gw_p = gw.data_ptr<scalar_t>();
-    for_each_expert(order, threads, [&](int64_t e, int64_t tid) {
+    for_each_expert(shares, [&](int64_t e, int64_t tid) {
       auto gw1e = gw1.select(0, e);
       auto gw2e = gw2.select(0, e);
       auto gw3e = gated ? gw3.select(0, e) : at::Tensor();
