@@ -28,103 +28,121 @@ namespace {
 
 enum Activation : int64_t { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };
 
-template <int64_t ACT, typename T>
-inline T act_fn(T h) {
-  if constexpr (ACT == kRelu) {
-    return h > T(0) ? h : T(0);
-  } else if constexpr (ACT == kGelu) {
-    return T(0.5) * h * (T(1) + std::erf(h * T(M_SQRT1_2)));
-  } else if constexpr (ACT == kGeluTanh) {
-    const T c = T(0.7978845608028654);  // sqrt(2 / pi)
-    return T(0.5) * h * (T(1) + std::tanh(c * (h + T(0.044715) * h * h * h)));
-  } else {  // kSilu
-    return h / (T(1) + std::exp(-h));
+// act(h) into `out`, by ATen's vectorised kernels (ReLU only for gated ReLU; plain ReLU is done in
+// place by the loops below).
+void act_out(at::Tensor out, const at::Tensor& h, int64_t act) {
+  switch (act) {
+    case kRelu: at::clamp_min_out(out, h, 0); break;
+    case kGelu: at::gelu_out(out, h, "none"); break;
+    case kGeluTanh: at::gelu_out(out, h, "tanh"); break;
+    default: at::silu_out(out, h); break;
   }
 }
 
-template <int64_t ACT, typename T>
-inline T act_grad(T h) {
-  if constexpr (ACT == kRelu) {
-    return h > T(0) ? T(1) : T(0);
-  } else if constexpr (ACT == kGelu) {
-    const T cdf = T(0.5) * (T(1) + std::erf(h * T(M_SQRT1_2)));
-    const T pdf = std::exp(T(-0.5) * h * h) * T(0.3989422804014327);  // 1 / sqrt(2 pi)
-    return cdf + h * pdf;
-  } else if constexpr (ACT == kGeluTanh) {
-    const T c = T(0.7978845608028654);
-    const T t = std::tanh(c * (h + T(0.044715) * h * h * h));
-    const T du = c * (T(1) + T(3) * T(0.044715) * h * h);
-    return T(0.5) * (T(1) + t) + T(0.5) * h * (T(1) - t * t) * du;
-  } else {  // kSilu
-    const T s = T(1) / (T(1) + std::exp(-h));
-    return s * (T(1) + h * (T(1) - s));
+// grad *= act'(h), in place, by ATen's kernels.
+void act_backward_(at::Tensor grad, const at::Tensor& h, int64_t act) {
+  switch (act) {
+    case kRelu: at::threshold_backward_out(grad, grad, h, 0); break;
+    case kGelu: at::gelu_backward_out(grad, grad, h, "none"); break;
+    case kGeluTanh: at::gelu_backward_out(grad, grad, h, "tanh"); break;
+    default: at::silu_backward_out(grad, grad, h); break;
   }
 }
 
-// Forward hidden pass over one expert's c rows of width M: a = act(h) (* g) * w. With INPLACE
-// (plain ReLU) h is overwritten by relu(h), all backward needs.
-template <int64_t ACT, bool GATED, bool INPLACE, typename T>
+// Runs f(begin, end) over row ranges of [0, rows) on the intra-op threads (inline when already
+// inside a parallel region, i.e. when the experts themselves are shared out between threads).
+template <typename F>
+void over_rows(int64_t rows, int64_t width, const F& f) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)), f);
+}
+
+// Forward hidden pass over one block of c rows of width M, a = act(h) (* g) * w:
+// INPLACE (plain ReLU): h is overwritten by relu(h), all backward needs; otherwise `a` holds
+// act(h) already (act_out) and is weighted in place.
+template <bool GATED, bool INPLACE, typename T>
 void hidden_forward(T* h, const T* g, T* a, const T* w, int64_t c, int64_t M) {
-  for (int64_t r = 0; r < c; ++r) {
-    T* hr = h + r * M;
-    T* ar = a + r * M;
-    const T* gr = GATED ? g + r * M : nullptr;
-    const T wr = w[r];
+  over_rows(c, M, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* hr = h + r * M;
+      T* ar = a + r * M;
+      const T* gr = GATED ? g + r * M : nullptr;
+      const T wr = w[r];
 #pragma omp simd
-    for (int64_t j = 0; j < M; ++j) {
-      T v = act_fn<ACT>(hr[j]);
-      if constexpr (INPLACE) hr[j] = v;
-      if constexpr (GATED) v *= gr[j];
-      ar[j] = v * wr;
-    }
-  }
-}
-
-// Backward hidden pass 1: a = act(h) (* g) (unless INPLACE: a is h) and aw = a * w.
-template <int64_t ACT, bool GATED, bool INPLACE, typename T>
-void hidden_recompute(const T* h, const T* g, T* a, T* aw, const T* w, int64_t c, int64_t M) {
-  for (int64_t r = 0; r < c; ++r) {
-    const T* hr = h + r * M;
-    T* ar = a + r * M;
-    T* awr = aw + r * M;
-    const T* gr = GATED ? g + r * M : nullptr;
-    const T wr = w[r];
-#pragma omp simd
-    for (int64_t j = 0; j < M; ++j) {
-      T v = INPLACE ? hr[j] : act_fn<ACT>(hr[j]);
-      if constexpr (GATED) v *= gr[j];
-      if constexpr (!INPLACE) ar[j] = v;
-      awr[j] = v * wr;
-    }
-  }
-}
-
-// Backward hidden pass 2, per row: gw[r] = <ga, a>; then ga becomes the gradient of h
-// (ga * w * act'(h) (* g)) and, gated, gg the gradient of the gate projection.
-template <int64_t ACT, bool GATED, typename T>
-void hidden_backward(T* ga, const T* a, const T* h, const T* g, T* gg, const T* w, T* gw,
-                     int64_t c, int64_t M) {
-  for (int64_t r = 0; r < c; ++r) {
-    T* gar = ga + r * M;
-    const T* ar = a + r * M;
-    const T* hr = h + r * M;
-    const T* gr = GATED ? g + r * M : nullptr;
-    T* ggr = GATED ? gg + r * M : nullptr;
-    const T wr = w[r];
-    T dot = 0;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t j = 0; j < M; ++j) dot += gar[j] * ar[j];
-    gw[r] = dot;
-#pragma omp simd
-    for (int64_t j = 0; j < M; ++j) {
-      T gai = gar[j] * wr;
-      if constexpr (GATED) {
-        ggr[j] = gai * act_fn<ACT>(hr[j]);
-        gai *= gr[j];
+      for (int64_t j = 0; j < M; ++j) {
+        T v = ar[j];
+        if constexpr (INPLACE) {
+          v = hr[j] > T(0) ? hr[j] : T(0);
+          hr[j] = v;
+        }
+        if constexpr (GATED) v *= gr[j];
+        ar[j] = v * wr;
       }
-      gar[j] = gai * act_grad<ACT>(hr[j]);
     }
-  }
+  });
+}
+
+// Backward hidden pass 1: a = t (* g), the unweighted activation (t = act(h); INPLACE: t is h,
+// post-ReLU; not gated: a is t), and aw = a * w.
+template <bool GATED, typename T>
+void hidden_recompute(const T* t, const T* g, T* a, T* aw, const T* w, int64_t c, int64_t M) {
+  over_rows(c, M, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* tr = t + r * M;
+      T* ar = a + r * M;
+      T* awr = aw + r * M;
+      const T* gr = GATED ? g + r * M : nullptr;
+      const T wr = w[r];
+#pragma omp simd
+      for (int64_t j = 0; j < M; ++j) {
+        T v = tr[j];
+        if constexpr (GATED) {
+          v *= gr[j];
+          ar[j] = v;
+        }
+        awr[j] = v * wr;
+      }
+    }
+  });
+}
+
+// Backward hidden pass 2, per row: gw[r] = <ga, a>; then ga = ga * w (* g), the gradient of
+// act(h), and, gated, gg = ga * w * t, the gradient of the gate projection. (act'(h) is applied
+// after, by act_backward_ or, for plain ReLU, relu_mask.)
+template <bool GATED, typename T>
+void hidden_backward(T* ga, const T* a, const T* t, const T* g, T* gg, const T* w, T* gw,
+                     int64_t c, int64_t M) {
+  over_rows(c, M, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* gar = ga + r * M;
+      const T* ar = a + r * M;
+      const T* tr = t + r * M;
+      const T* gr = GATED ? g + r * M : nullptr;
+      T* ggr = GATED ? gg + r * M : nullptr;
+      const T wr = w[r];
+      T dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t j = 0; j < M; ++j) dot += gar[j] * ar[j];
+      gw[r] = dot;
+#pragma omp simd
+      for (int64_t j = 0; j < M; ++j) {
+        T gai = gar[j] * wr;
+        if constexpr (GATED) {
+          ggr[j] = gai * tr[j];
+          gai *= gr[j];
+        }
+        gar[j] = gai;
+      }
+    }
+  });
+}
+
+// ga *= (h > 0) for plain ReLU (h post-ReLU).
+template <typename T>
+void relu_mask(T* ga, const T* h, int64_t c, int64_t M) {
+  over_rows(c, M, [&](int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin * M; i < end * M; ++i) ga[i] = h[i] > T(0) ? ga[i] : T(0);
+  });
 }
 
 // The output is (a @ w2 + b2) * w: each row's weight gradient gets <gy[r], b2> too.
@@ -138,42 +156,28 @@ void add_row_dots(T* gw, const T* gy, const T* b2, int64_t c, int64_t width) {
   }
 }
 
-// Calls f.template operator()<ACT, GATED, INPLACE>() with the runtime choice as constants.
-template <typename F>
-void with_activation(int64_t act, bool gated, const F& f) {
-  if (gated) {
-    switch (act) {
-      case kRelu: return f.template operator()<kRelu, true, false>();
-      case kGelu: return f.template operator()<kGelu, true, false>();
-      case kGeluTanh: return f.template operator()<kGeluTanh, true, false>();
-      default: return f.template operator()<kSilu, true, false>();
-    }
-  }
-  switch (act) {
-    case kRelu: return f.template operator()<kRelu, false, true>();
-    case kGelu: return f.template operator()<kGelu, false, false>();
-    case kGeluTanh: return f.template operator()<kGeluTanh, false, false>();
-    default: return f.template operator()<kSilu, false, false>();
-  }
-}
-
 // Copies rows src[idx[r]] (width `width`) into dst[r].
 template <typename T>
 inline void gather_rows(T* dst, const T* src, const int64_t* idx, int64_t rows, int64_t width) {
-  for (int64_t r = 0; r < rows; ++r) {
-    std::memcpy(dst + r * width, src + idx[r] * width, sizeof(T) * width);
-  }
+  over_rows(rows, width, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      std::memcpy(dst + r * width, src + idx[r] * width, sizeof(T) * width);
+    }
+  });
 }
 
-// dst[idx[r]] += src[r].
+// dst[idx[r]] += src[r]. The rows of one expert block are distinct tokens (a token picks an
+// expert at most once), so the rows can be shared out between threads.
 template <typename T>
 inline void scatter_add_rows(T* dst, const T* src, const int64_t* idx, int64_t rows, int64_t width) {
-  for (int64_t r = 0; r < rows; ++r) {
-    T* out = dst + idx[r] * width;
-    const T* in = src + r * width;
+  over_rows(rows, width, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* out = dst + idx[r] * width;
+      const T* in = src + r * width;
 #pragma omp simd
-    for (int64_t j = 0; j < width; ++j) out[j] += in[j];
-  }
+      for (int64_t j = 0; j < width; ++j) out[j] += in[j];
+    }
+  });
 }
 
 // The experts that got rows, shared out between `threads` workers: one worker takes them in
@@ -267,6 +271,7 @@ std::vector<at::Tensor> fused_experts_forward(
   const int64_t T = x.size(0), D = x.size(1), M = w1.size(2), Dout = w2.size(2);
   const int64_t N = start.back();
   const bool gated = w3.has_value();
+  const bool inplace_relu = act == kRelu && !gated;
   const int64_t largest = counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
   const int64_t rows = block_rows > 0 ? block_rows : std::max<int64_t>(largest, 1);
   const int64_t cmax = std::min(largest, rows);
@@ -308,9 +313,10 @@ std::vector<at::Tensor> fused_experts_forward(
       }
       scalar_t* h_p = h.data_ptr<scalar_t>();
       scalar_t* a_p = abuf[tid].data_ptr<scalar_t>();
-      with_activation(act, gated, [&]<int64_t ACT, bool GATED, bool INPLACE>() {
-        hidden_forward<ACT, GATED, INPLACE>(h_p, g_p, a_p, we, c, M);
-      });
+      if (!inplace_relu) act_out(abuf[tid].narrow(0, 0, c), h, act);
+      if (gated) hidden_forward<true, false, scalar_t>(h_p, g_p, a_p, we, c, M);
+      else if (inplace_relu) hidden_forward<false, true, scalar_t>(h_p, g_p, a_p, we, c, M);
+      else hidden_forward<false, false, scalar_t>(h_p, g_p, a_p, we, c, M);
       auto out = obuf[tid].narrow(0, 0, c);
       at::mm_out(out, abuf[tid].narrow(0, 0, c), w2.select(0, e));
       scalar_t* o_p = out.data_ptr<scalar_t>();
@@ -363,11 +369,12 @@ std::vector<at::Tensor> fused_experts_backward(
     for (auto* grad : {&gw1, &gw2, &gw3, &gb1, &gb2, &gb3})
       if (grad->defined()) grad->select(0, e).zero_();
   }
-  std::vector<at::Tensor> xbuf, gybuf, abuf, awbuf, gabuf, ggbuf, gxbuf;
+  std::vector<at::Tensor> xbuf, gybuf, abuf, tbuf, awbuf, gabuf, ggbuf, gxbuf;
   for (int64_t i = 0; i < threads; ++i) {
     xbuf.push_back(at::empty({cmax, D}, x.options()));
     gybuf.push_back(at::empty({cmax, Dout}, x.options()));
-    abuf.push_back(inplace_relu ? at::Tensor() : at::empty({cmax, M}, x.options()));
+    abuf.push_back(gated ? at::empty({cmax, M}, x.options()) : at::Tensor());
+    tbuf.push_back(inplace_relu ? at::Tensor() : at::empty({cmax, M}, x.options()));
     awbuf.push_back(at::empty({cmax, M}, x.options()));
     gabuf.push_back(at::empty({cmax, M}, x.options()));
     ggbuf.push_back(gated ? at::empty({cmax, M}, x.options()) : at::Tensor());
@@ -395,24 +402,28 @@ std::vector<at::Tensor> fused_experts_backward(
         auto gye = gybuf[tid].narrow(0, 0, c);
         gather_rows(xe.data_ptr<scalar_t>(), x_p, t, c, D);
         gather_rows(gye.data_ptr<scalar_t>(), gy_p, t, c, Dout);
-        const scalar_t* h_p = h_all.data_ptr<scalar_t>() + s * M;
+        auto h = h_all.narrow(0, s, c);
+        const scalar_t* h_p = h.data_ptr<scalar_t>();
         const scalar_t* g_p = gated ? g_all->data_ptr<scalar_t>() + s * M : nullptr;
-        // a: the unweighted hidden activation; aw = a * w.
-        auto a = inplace_relu ? h_all.narrow(0, s, c) : abuf[tid].narrow(0, 0, c);
-        scalar_t* a_p = a.data_ptr<scalar_t>();
+        // t = act(h) (plain ReLU: h itself, kept post-ReLU); a = t (* g), unweighted; aw = a * w.
+        auto act_h = inplace_relu ? h : tbuf[tid].narrow(0, 0, c);
+        if (!inplace_relu) act_out(act_h, h, act);
+        auto a = gated ? abuf[tid].narrow(0, 0, c) : act_h;
+        const scalar_t* t_p = act_h.data_ptr<scalar_t>();
+        const scalar_t* a_p = a.data_ptr<scalar_t>();
         scalar_t* aw_p = awbuf[tid].data_ptr<scalar_t>();
-        with_activation(act, gated, [&]<int64_t ACT, bool GATED, bool INPLACE>() {
-          hidden_recompute<ACT, GATED, INPLACE>(h_p, g_p, a_p, aw_p, we, c, M);
-        });
+        if (gated) hidden_recompute<true>(t_p, g_p, abuf[tid].data_ptr<scalar_t>(), aw_p, we, c, M);
+        else hidden_recompute<false, scalar_t>(t_p, g_p, nullptr, aw_p, we, c, M);
         mm_into(gw2e, awbuf[tid].narrow(0, 0, c).t(), gye, first);
         auto ga = gabuf[tid].narrow(0, 0, c);  // gradient of the weighted hidden activation
         at::mm_out(ga, gye, w2.select(0, e).t());
         scalar_t* ga_p = ga.data_ptr<scalar_t>();
         const scalar_t* gye_p = gye.data_ptr<scalar_t>();
         scalar_t* gg_p = gated ? ggbuf[tid].data_ptr<scalar_t>() : nullptr;
-        with_activation(act, gated, [&]<int64_t ACT, bool GATED, bool INPLACE>() {
-          hidden_backward<ACT, GATED>(ga_p, a_p, h_p, g_p, gg_p, we, gw_p + s, c, M);
-        });
+        if (gated) hidden_backward<true>(ga_p, a_p, t_p, g_p, gg_p, we, gw_p + s, c, M);
+        else hidden_backward<false>(ga_p, a_p, t_p, g_p, gg_p, we, gw_p + s, c, M);
+        if (inplace_relu) relu_mask(ga_p, h_p, c, M);  // now the gradient of h
+        else act_backward_(ga, h, act);
         if (gb2_p != nullptr) {  // the output is (a @ w2 + b2) * weight
           const scalar_t* b2_p = b2->select(0, e).data_ptr<scalar_t>();
           add_row_dots(gw_p + s, gye_p, b2_p, c, Dout);
