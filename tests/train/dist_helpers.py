@@ -3,14 +3,34 @@ rendezvous, and the environment torchrun would give rank `rank` of `world` proce
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import socket
+from pathlib import Path
 
 import torch
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port that is free now and stays free until a test binds it: below the kernel's
+    ephemeral range (from /proc/sys/net/ipv4/ip_local_port_range), which its outgoing
+    connections (gloo's, between ranks) draw from. A port from bind(0) is an ephemeral one, and a
+    test that reserves several before its runs start lost one to a connection of an earlier run
+    (EADDRINUSE)."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every candidate taken: an ephemeral one after all
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
