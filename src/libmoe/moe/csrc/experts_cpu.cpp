@@ -5,14 +5,17 @@
 //
 //     y[tok[r]] += (act(x[tok[r]] @ w1[e] + b1[e]) * gate * w[r]) @ w2[e] + w[r] * b2[e]
 //
-// Each expert's rows are gathered into a small per-thread buffer, multiplied (ATen's mm, i.e.
-// MKL), activated and weighted in one pass, multiplied again and added straight into the output;
-// backward saves only the hidden pre-activation (post-ReLU for plain ReLU) and the gate
-// projection. The loop over experts is C++, so its per-call cost does not grow with E the way a
-// Python loop's does; with `parallel`, the experts are shared out between the intra-op threads
-// (largest first, taken dynamically), each running single-threaded matmuls into its own output
-// accumulator, which are summed at the end. This is the computation of `_BlockedExperts` in
-// dispatch.py, written to match it operation for operation.
+// Each expert's rows (in blocks of at most `block_rows`) are gathered into a small per-thread
+// buffer, multiplied (ATen's mm, i.e. MKL), activated (ATen's vectorised kernels; plain ReLU in
+// place) and weighted in one pass, multiplied again and added straight into the output; backward
+// saves only the hidden pre-activation (post-ReLU for plain ReLU) and the gate projection. The
+// loop over experts is C++, so there is no per-expert Python work; with `parallel`, the experts
+// are shared out between the intra-op threads by a fixed plan (largest first, each to the least
+// loaded thread: deterministic), each running single-threaded matmuls into its own output
+// accumulator, which are summed at the end; otherwise the row loops and the matmuls use the
+// threads. This is the computation of `_BlockedExperts` in dispatch.py (its rounding differs:
+// other summation orders). Measured no faster than it on the 2-core development CPU
+// (docs/performance.md, "Fine-grained experts").
 
 #include <torch/extension.h>
 
@@ -69,10 +72,12 @@ void hidden_forward(T* h, const T* g, T* a, const T* w, int64_t c, int64_t M) {
       const T wr = w[r];
 #pragma omp simd
       for (int64_t j = 0; j < M; ++j) {
-        T v = ar[j];
+        T v;
         if constexpr (INPLACE) {
           v = hr[j] > T(0) ? hr[j] : T(0);
           hr[j] = v;
+        } else {
+          v = ar[j];
         }
         if constexpr (GATED) v *= gr[j];
         ar[j] = v * wr;
