@@ -142,7 +142,7 @@ def test_experts_without_tokens_get_zero_gradient(backend):
 
 def test_auto_backend_choice_on_cpu():
     x = torch.zeros(1, 8)
-    assert resolve_backend("auto", x, n_assignments=4096 * 8, n_experts=66) == "blocked"
+    assert resolve_backend("auto", x, n_assignments=4096 * 8, n_experts=66) == "fused"
     assert resolve_backend("auto", x, n_assignments=512 * 8, n_experts=66) == "grouped"
     assert resolve_backend("auto", x.double(), n_assignments=512 * 8, n_experts=66) == "padded"
     assert resolve_backend("padded", x) == "padded"

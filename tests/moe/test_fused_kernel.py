@@ -42,6 +42,31 @@ def test_threaded_kernel_matches_loop(monkeypatch, parallel, activation, block_r
 
 
 @needs_kernel
+@pytest.mark.parametrize("algorithm", ["smoe", "sharede_v2", "moe_plus_plus"])
+def test_one_thread_reproduces_blocked_bitwise(algorithm):
+    """On one thread `fused` does `blocked`'s operations in `blocked`'s order (ReLU experts), so
+    `auto` choosing it changes no number a one-thread run (the bench's CPU default) computes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.randn(4, 256, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        results = {}
+        for backend in ("blocked", "fused"):
+            torch.manual_seed(1)
+            layer = build_moe(algorithm, 64, 8, 32, 4, dispatch=backend)
+            x.grad = None
+            out = layer(x)
+            (out.output.square().sum() + out.aux_loss).backward()
+            results[backend] = [out.output.detach(), x.grad.clone()] + [
+                p.grad.clone() for p in layer.parameters() if p.grad is not None]
+    finally:
+        torch.set_num_threads(threads)
+    assert len(results["fused"]) == len(results["blocked"]) > 3
+    for a, b in zip(results["blocked"], results["fused"], strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_kernel
 def test_threaded_kernel_is_deterministic():
     """Each thread sums a fixed share of the experts: ten calls give bitwise the same output and
     gradients (a share taken as threads free up would change the summation order by timing)."""

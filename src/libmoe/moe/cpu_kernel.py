@@ -50,7 +50,11 @@ def _load() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         name, flags = _build_flavour()
-        return load(name=name, sources=[str(SOURCE)], extra_cflags=flags, verbose=False)
+        # -fopenmp: ATen's parallel_for is OpenMP pragmas compiled into the caller; without the
+        # flag they are ignored and every "parallel" loop runs on one thread. The library's
+        # SONAME (libgomp.so.1) resolves to the copy torch has loaded already: one OpenMP runtime.
+        return load(name=name, sources=[str(SOURCE)], extra_cflags=[*flags, "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: fall back, say it once
         reason = _reason(exc)
         _state["reason"] = reason

@@ -20,11 +20,11 @@ weights[t, j] * b2[e] to the output.
   saves only the hidden pre-activation for backward (PERFORMANCE_NOTES: the fastest on CPU).
 - ``fused``: ``blocked``'s computation with the loop over experts in a C++ kernel built on first
   use (cpu_kernel.py, csrc/experts_cpu.cpp): no per-expert Python work, the experts shared out
-  between the intra-op threads by a fixed plan (deterministic). ``blocked`` itself where the
-  kernel cannot run (no compiler, bf16/fp16, a GPU tensor, a custom activation). Opt-in: measured
-  no faster than ``blocked`` on the 2-core development CPU (docs/performance.md, "Fine-grained
-  experts").
-- ``auto``: on CPU ``blocked`` when experts average at least BLOCKED_MIN_LOAD rows, else
+  between the intra-op threads by a fixed plan (deterministic; on one thread bitwise
+  ``blocked``'s results for ReLU experts). ``blocked`` itself where the kernel cannot run (no
+  compiler, bf16/fp16, a GPU tensor, a custom activation). The fastest on CPU
+  (docs/performance.md, "Fine-grained experts").
+- ``auto``: on CPU ``fused`` when experts average at least BLOCKED_MIN_LOAD rows, else
   ``grouped`` (``padded`` where ``torch._grouped_mm`` lacks the dtype or the 16-byte row
   alignment); on CUDA ``grouped`` where torch's fused kernel runs (bf16 on sm90/sm100), else
   ``padded`` (one host read per layer against the fallback's one per matmul; not measured here,
@@ -467,7 +467,7 @@ def resolve_backend(
         # padded's one read and three batched matmuls. `dispatch: grouped` still chooses it.
         return "grouped" if grouped_mm_supported(x, w1, w2) and grouped_mm_fused(x) else "padded"
     if n_assignments / max(n_experts, 1) >= BLOCKED_MIN_LOAD:
-        return "blocked"  # not `fused`: measured no faster on CPU (docs/performance.md)
+        return "fused"  # blocked's computation in C++ (itself where the kernel cannot be built)
     return "grouped" if grouped_mm_supported(x, w1, w2) else "padded"
 
 

@@ -20,6 +20,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cmath>
@@ -110,24 +111,18 @@ void hidden_recompute(const T* t, const T* g, T* a, T* aw, const T* w, int64_t c
   });
 }
 
-// Backward hidden pass 2, per row: gw[r] = <ga, a>; then ga = ga * w (* g), the gradient of
-// act(h), and, gated, gg = ga * w * t, the gradient of the gate projection. (act'(h) is applied
-// after, by act_backward_ or, for plain ReLU, relu_mask.)
+// Backward hidden pass 2, per row: ga = ga * w (* g), the gradient of act(h), and, gated,
+// gg = ga * w * t, the gradient of the gate projection. (act'(h) is applied after, by
+// act_backward_ or, for plain ReLU, relu_mask; the weight gradient <ga, a> before, by ATen.)
 template <bool GATED, typename T>
-void hidden_backward(T* ga, const T* a, const T* t, const T* g, T* gg, const T* w, T* gw,
-                     int64_t c, int64_t M) {
+void hidden_backward(T* ga, const T* t, const T* g, T* gg, const T* w, int64_t c, int64_t M) {
   over_rows(c, M, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       T* gar = ga + r * M;
-      const T* ar = a + r * M;
       const T* tr = t + r * M;
       const T* gr = GATED ? g + r * M : nullptr;
       T* ggr = GATED ? gg + r * M : nullptr;
       const T wr = w[r];
-      T dot = 0;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t j = 0; j < M; ++j) dot += gar[j] * ar[j];
-      gw[r] = dot;
 #pragma omp simd
       for (int64_t j = 0; j < M; ++j) {
         T gai = gar[j] * wr;
@@ -220,7 +215,9 @@ void for_each_expert(const std::vector<std::vector<int64_t>>& shares, const F& b
     for (int64_t e : shares[0]) body(e, 0);
     return;
   }
+  const at::ThreadLocalState state;  // grad mode and the like, for ATen calls on the workers
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(state);
     for (int64_t w = begin; w < end; ++w) {
       for (int64_t e : shares[w]) body(e, w);
     }
@@ -415,7 +412,6 @@ std::vector<at::Tensor> fused_experts_backward(
         if (!inplace_relu) act_out(act_h, h, act);
         auto a = gated ? abuf[tid].narrow(0, 0, c) : act_h;
         const scalar_t* t_p = act_h.data_ptr<scalar_t>();
-        const scalar_t* a_p = a.data_ptr<scalar_t>();
         scalar_t* aw_p = awbuf[tid].data_ptr<scalar_t>();
         if (gated) hidden_recompute<true>(t_p, g_p, abuf[tid].data_ptr<scalar_t>(), aw_p, we, c, M);
         else hidden_recompute<false, scalar_t>(t_p, g_p, nullptr, aw_p, we, c, M);
@@ -425,8 +421,12 @@ std::vector<at::Tensor> fused_experts_backward(
         scalar_t* ga_p = ga.data_ptr<scalar_t>();
         const scalar_t* gye_p = gye.data_ptr<scalar_t>();
         scalar_t* gg_p = gated ? ggbuf[tid].data_ptr<scalar_t>() : nullptr;
-        if (gated) hidden_backward<true>(ga_p, a_p, t_p, g_p, gg_p, we, gw_p + s, c, M);
-        else hidden_backward<false>(ga_p, a_p, t_p, g_p, gg_p, we, gw_p + s, c, M);
+        // Each row's weight gradient <ga, a>, by ATen's kernels as `blocked` computes it, so that
+        // one thread reproduces `blocked` bitwise for ReLU experts.
+        auto gw_rows = gw.narrow(0, s, c);
+        at::sum_out(gw_rows, at::mul(ga, a), {-1});
+        if (gated) hidden_backward<true>(ga_p, t_p, g_p, gg_p, we, c, M);
+        else hidden_backward<false>(ga_p, t_p, g_p, gg_p, we, c, M);
         if (inplace_relu) relu_mask(ga_p, h_p, c, M);  // now the gradient of h
         else act_backward_(ga, h, act);
         if (gb2_p != nullptr) {  // the output is (a @ w2 + b2) * weight
