@@ -144,6 +144,27 @@ def test_without_a_compiler_fused_falls_back_to_blocked_with_one_line(tmp_path):
     assert proc.stdout.strip().startswith("unavailable:")
 
 
+@needs_kernel
+def test_two_threads_under_saved_tensor_hooks_do_not_deadlock():
+    """Python saved-tensor hooks (memory profilers, activation checkpointing) around the kernel
+    on two threads: its workers once copied the caller's thread-local state, hooks included, and
+    waited for the GIL the caller held. In a subprocess, so that a hang fails instead of hanging."""
+    script = (
+        "import torch\n"
+        "from libmoe.moe import build_moe\n"
+        "torch.set_num_threads(2)\n"
+        "layer = build_moe('smoe', 32, 8, 16, 2, dispatch='fused')\n"
+        "x = torch.randn(512, 32, requires_grad=True)\n"
+        "with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):\n"
+        "    out = layer(x)\n"
+        "out.output.sum().backward()\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
 def test_env_switch_skips_the_kernel_silently():
     script = ("from libmoe.moe.cpu_kernel import fused_kernel, kernel_status\n"
               "assert fused_kernel() is None\nprint(kernel_status())\n")

@@ -20,7 +20,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
+#include <ATen/core/grad_mode.h>
 
 #include <algorithm>
 #include <cmath>
@@ -215,9 +215,12 @@ void for_each_expert(const std::vector<std::vector<int64_t>>& shares, const F& b
     for (int64_t e : shares[0]) body(e, 0);
     return;
   }
-  const at::ThreadLocalState state;  // grad mode and the like, for ATen calls on the workers
+  // The workers' ATen calls must see the caller's grad mode (off, inside autograd's forward and
+  // backward). Only that: copying the whole thread-local state would copy Python objects (saved
+  // tensor hooks) and deadlock on the GIL.
+  const bool grad = at::GradMode::is_enabled();
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    const at::ThreadLocalStateGuard guard(state);
+    const at::AutoGradMode guard(grad);
     for (int64_t w = begin; w < end; ++w) {
       for (int64_t e : shares[w]) body(e, w);
     }
@@ -455,6 +458,9 @@ std::vector<at::Tensor> fused_experts_backward(
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &fused_experts_forward, "fused expert FFN forward (CPU)");
-  m.def("backward", &fused_experts_backward, "fused expert FFN backward (CPU)");
+  // The GIL is released while the kernel runs: it touches no Python object.
+  m.def("forward", &fused_experts_forward, "fused expert FFN forward (CPU)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("backward", &fused_experts_backward, "fused expert FFN backward (CPU)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }
