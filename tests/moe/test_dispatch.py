@@ -5,8 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import libmoe.moe.dispatch as dispatch
 from libmoe.moe import ACTIVATIONS, build_moe, run_experts
-from libmoe.moe.dispatch import grouped_mm_supported, resolve_backend
+from libmoe.moe.dispatch import BLOCKED_MIN_LOAD, grouped_mm_supported, resolve_backend
 
 BACKENDS = ("fused", "blocked", "grouped", "padded")
 
@@ -140,13 +141,28 @@ def test_experts_without_tokens_get_zero_gradient(backend):
     assert gw1[0].abs().sum() > 0
 
 
-def test_auto_backend_choice_on_cpu():
+def resolve_without_kernel(x, load):
+    if load / 66 >= BLOCKED_MIN_LOAD:
+        return "blocked"
+    return "grouped" if grouped_mm_supported(x) else "padded"
+
+
+def test_auto_backend_choice_on_cpu(monkeypatch):
     x = torch.zeros(1, 8)
-    assert resolve_backend("auto", x, n_assignments=4096 * 8, n_experts=66) == "fused"
+    kernel = dispatch.fused_kernel() is not None
+    for dtype in (torch.float32, torch.float64):  # fused at every load where the kernel builds
+        for load in (4096 * 8, 512 * 8, 8):
+            assert resolve_backend("auto", x.to(dtype), n_assignments=load, n_experts=66) == (
+                "fused" if kernel else resolve_without_kernel(x.to(dtype), load))
+    # bf16 (CPU autocast), or no compiler: blocked from BLOCKED_MIN_LOAD rows, grouped/padded below
+    monkeypatch.setattr(dispatch, "fused_kernel", lambda: None)
+    assert resolve_backend("auto", x, n_assignments=4096 * 8, n_experts=66) == "blocked"
     assert resolve_backend("auto", x, n_assignments=512 * 8, n_experts=66) == "grouped"
     assert resolve_backend("auto", x.double(), n_assignments=512 * 8, n_experts=66) == "padded"
     assert resolve_backend("padded", x) == "padded"
     assert resolve_backend("auto", torch.zeros(1, 5), n_assignments=8, n_experts=66) == "padded"
+    monkeypatch.undo()
+    assert resolve_backend("auto", x.bfloat16(), n_assignments=4096 * 8, n_experts=66) == "blocked"
     assert not grouped_mm_supported(torch.zeros(1, 8, dtype=torch.float64))
     assert not grouped_mm_supported(torch.zeros(1, 5), torch.zeros(2, 5, 8))  # 20-byte rows
     assert grouped_mm_supported(torch.zeros(1, 8), torch.zeros(2, 8, 4)) == hasattr(torch, "_grouped_mm")

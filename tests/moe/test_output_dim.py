@@ -8,6 +8,7 @@ import torch
 from expert_cases import backend, forward_backward, naive
 from torch import nn
 
+import libmoe.moe.dispatch as dispatch_module
 from libmoe.moe import ALGORITHMS, MoEOptions, build_moe, run_experts
 from libmoe.moe.dispatch import grouped_mm_supported, resolve_backend
 from libmoe.upcycle.core import copy_into_experts
@@ -76,10 +77,11 @@ def test_backends_match_loop_in_float32_with_grouped_mm_and_auto_blocked(name, b
         torch.testing.assert_close(grads[key], g_ref[key], rtol=1e-4, atol=1e-4, msg=f"{name} {key}")
 
 
-def test_grouped_mm_checks_the_output_row_stride():
+def test_grouped_mm_checks_the_output_row_stride(monkeypatch):
     x, w1 = torch.randn(4, 8), torch.randn(2, 8, 8)
     assert grouped_mm_supported(x, w1, torch.randn(2, 8, 12)) == grouped_mm_supported(x, w1)
     assert not grouped_mm_supported(x, w1, torch.randn(2, 8, 6))  # 24-byte rows
+    monkeypatch.setattr(dispatch_module, "fused_kernel", lambda: None)  # auto's choice without `fused`
     assert resolve_backend("auto", x, 8, 2, w1, torch.randn(2, 8, 6)) == "padded"
 
 

@@ -24,11 +24,13 @@ weights[t, j] * b2[e] to the output.
   ``blocked``'s results for ReLU experts). ``blocked`` itself where the kernel cannot run (no
   compiler, bf16/fp16, a GPU tensor, a custom activation). The fastest on CPU
   (docs/performance.md, "Fine-grained experts").
-- ``auto``: on CPU ``fused`` when experts average at least BLOCKED_MIN_LOAD rows, else
-  ``grouped`` (``padded`` where ``torch._grouped_mm`` lacks the dtype or the 16-byte row
-  alignment); on CUDA ``grouped`` where torch's fused kernel runs (bf16 on sm90/sm100), else
-  ``padded`` (one host read per layer against the fallback's one per matmul; not measured here,
-  ``dispatch: grouped`` chooses the fallback); under torch.compile always ``grouped``.
+- ``auto``: on CPU ``fused`` in fp32/fp64 (the fastest at every shape measured); where the
+  kernel cannot be built or in bf16/fp16, ``blocked`` when experts average at least
+  BLOCKED_MIN_LOAD rows, else ``grouped`` (``padded`` where ``torch._grouped_mm`` lacks the dtype
+  or the 16-byte row alignment); on CUDA ``grouped`` where torch's fused kernel runs (bf16 on
+  sm90/sm100), else ``padded`` (one host read per layer against the fallback's one per matmul;
+  not measured here, ``dispatch: grouped`` chooses the fallback); under torch.compile always
+  ``grouped``.
 
 ``loop``, ``padded``, ``blocked`` and ``fused`` read the per-expert counts on the host once per
 call (a device sync on a GPU); ``grouped`` reads nothing.
@@ -466,8 +468,10 @@ def resolve_backend(
         # over the experts reading the offsets on the host at every call (~9 per layer), against
         # padded's one read and three batched matmuls. `dispatch: grouped` still chooses it.
         return "grouped" if grouped_mm_supported(x, w1, w2) and grouped_mm_fused(x) else "padded"
+    if x.dtype in (torch.float32, torch.float64) and fused_kernel() is not None:
+        return "fused"  # the fastest at every CPU shape measured (benchmarks/dispatch_grid.py)
     if n_assignments / max(n_experts, 1) >= BLOCKED_MIN_LOAD:
-        return "fused"  # blocked's computation in C++ (itself where the kernel cannot be built)
+        return "blocked"  # bf16/fp16, or no C++ compiler: blocked from this load on
     return "grouped" if grouped_mm_supported(x, w1, w2) else "padded"
 
 
