@@ -418,6 +418,8 @@ def fused_available(x: Tensor, act: Activation) -> bool:
     and a kernel that could be built (cpu_kernel.py; it is built on the first call)."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return False
+    if type(x) not in (Tensor, torch.nn.Parameter):  # a subclass (e.g. a collective's pending
+        return False  # result under expert parallelism) has no plain storage for the kernel
     if act.name not in _KERNEL_ACTIVATIONS:
         return False
     return fused_kernel() is not None
@@ -427,7 +429,9 @@ def fused_dispatch(x, order, weights, w1, w2, w3, act, b1=None, b2=None, b3=None
     """`blocked`'s computation with its loop over experts in a compiled C++ kernel (no per-expert
     Python work, experts shared out between the CPU threads). Where the kernel does not run (no
     C++ compiler, a GPU tensor, bf16 under autocast, a custom activation) it is `blocked` itself."""
-    if not fused_available(x, act):
+    plain = all(type(t) in (Tensor, torch.nn.Parameter) for t in (weights, w1, w2, w3, b1, b2, b3)
+                if t is not None)
+    if not (plain and fused_available(x, act)):
         return blocked_dispatch(x, order, weights, w1, w2, w3, act, b1, b2, b3)
     params = [t.contiguous() if t is not None else None for t in (w1, w2, w3, b1, b2, b3)]
     y = _FusedExperts.apply(x.contiguous(), weights.to(x.dtype), *params, order.tok, order.pos,
