@@ -256,6 +256,23 @@ void sum_into(at::Tensor out, const at::Tensor& a, bool first) {
   else out.add_(a.sum(0));
 }
 
+// What forward and backward share: the counts on the host, each expert's first row, the block
+// size, the largest buffer, the threads and their shares of the experts.
+struct Plan {
+  std::vector<int64_t> counts, start;
+  int64_t rows, cmax, threads;
+  std::vector<std::vector<int64_t>> shares;
+
+  Plan(const at::Tensor& counts_t, bool parallel, int64_t block_rows)
+      : counts(to_vector(counts_t)), start(offsets_of(counts)) {
+    const int64_t largest = counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
+    rows = block_rows > 0 ? block_rows : std::max<int64_t>(largest, 1);
+    cmax = std::min(largest, rows);
+    threads = thread_count(parallel, counts);
+    shares = share_out(counts, threads);
+  }
+};
+
 // Sums the per-thread accumulators 1.. into accumulator 0.
 void reduce_into(at::Tensor& out, std::vector<at::Tensor>& extra) {
   for (auto& t : extra) out.add_(t);
@@ -271,17 +288,12 @@ std::vector<at::Tensor> fused_experts_forward(
     const at::Tensor& tok, const at::Tensor& counts_t, int64_t act, bool parallel,
     int64_t block_rows) {
   TORCH_CHECK(x.is_contiguous() && w1.is_contiguous() && w2.is_contiguous(), "contiguous inputs");
-  const auto counts = to_vector(counts_t);
-  const auto start = offsets_of(counts);
+  const Plan plan(counts_t, parallel, block_rows);
+  const auto& [counts, start, rows, cmax, threads, shares] = plan;
   const int64_t T = x.size(0), D = x.size(1), M = w1.size(2), Dout = w2.size(2);
   const int64_t N = start.back();
   const bool gated = w3.has_value();
   const bool inplace_relu = act == kRelu && !gated;
-  const int64_t largest = counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
-  const int64_t rows = block_rows > 0 ? block_rows : std::max<int64_t>(largest, 1);
-  const int64_t cmax = std::min(largest, rows);
-  const int64_t threads = thread_count(parallel, counts);
-  const auto shares = share_out(counts, threads);
 
   auto y = at::zeros({T, Dout}, x.options());
   auto h_all = at::empty({N, M}, x.options());
@@ -347,17 +359,12 @@ std::vector<at::Tensor> fused_experts_backward(
     const at::Tensor& tok, const at::Tensor& counts_t, const at::Tensor& h_all,
     const c10::optional<at::Tensor>& g_all, int64_t act, bool parallel, int64_t block_rows) {
   const auto gy = gy_in.contiguous();
-  const auto counts = to_vector(counts_t);
-  const auto start = offsets_of(counts);
+  const Plan plan(counts_t, parallel, block_rows);
+  const auto& [counts, start, rows, cmax, threads, shares] = plan;
   const int64_t D = x.size(1), M = w1.size(2), Dout = w2.size(2);
   const int64_t E = w1.size(0), N = start.back();
   const bool gated = w3.has_value();
   const bool inplace_relu = act == kRelu && !gated;
-  const int64_t largest = counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
-  const int64_t rows = block_rows > 0 ? block_rows : std::max<int64_t>(largest, 1);
-  const int64_t cmax = std::min(largest, rows);
-  const int64_t threads = thread_count(parallel, counts);
-  const auto shares = share_out(counts, threads);
 
   auto gx = at::zeros_like(x);
   std::vector<at::Tensor> gx_extra;
