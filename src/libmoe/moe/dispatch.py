@@ -405,8 +405,8 @@ class _FusedExperts(torch.autograd.Function):
 
 
 # Whether `fused` shares the experts out between the intra-op threads (each running
-# single-threaded matmuls) rather than looping over them on one thread with threaded matmuls
-# (measured alike on 2 cores; shared out, each thread keeps its own output accumulator).
+# single-threaded matmuls, with its own output accumulator) rather than looping over them on one
+# thread with threaded matmuls: 1.19x against 1.32x dense at the paper-small shape on 2 cores.
 FUSED_PARALLEL_EXPERTS = True
 # Rows of one expert the kernel multiplies at a time (0: all of them), so that its buffers stay in
 # the CPU's cache; weight gradients accumulate over an expert's blocks.
