@@ -385,23 +385,23 @@ class _FusedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weights, w1, w2, w3, b1, b2, b3, tok, pos, counts, code, parallel, kernel):
-        w = weights.reshape(-1)[pos]
+        w = weights.reshape(-1)[pos]  # each row's weight, in expert order (saved: not gathered twice)
         y, h, g = kernel.forward(x, w, w1, w2, w3, b1, b2, b3, tok, counts, code, parallel,
                                  FUSED_BLOCK_ROWS)
-        ctx.save_for_backward(x, weights, w1, w2, w3, b1, b2, b3, tok, pos, counts, h, g)
-        ctx.code, ctx.parallel, ctx.kernel = code, parallel, kernel
+        ctx.save_for_backward(x, w, w1, w2, w3, b1, b2, b3, tok, pos, counts, h, g)
+        ctx.weights_shape, ctx.code, ctx.parallel, ctx.kernel = weights.shape, code, parallel, kernel
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, weights, w1, w2, w3, b1, b2, b3, tok, pos, counts, h, g = ctx.saved_tensors
-        w = weights.reshape(-1)[pos]
+        x, w, w1, w2, w3, b1, b2, b3, tok, pos, counts, h, g = ctx.saved_tensors
         gx, gw, gw1, gw2, gw3, gb1, gb2, gb3 = ctx.kernel.backward(
             gy, x, w, w1, w2, w3, b1, b2, b3, tok, counts, h, g, ctx.code, ctx.parallel,
             FUSED_BLOCK_ROWS)
         valid = pos[: gw.shape[0]]  # the kernel's rows: the valid ones, in expert order
-        gweights = torch.zeros_like(weights).reshape(-1).index_put((valid,), gw).view_as(weights)
-        return gx, gweights, gw1, gw2, gw3, gb1, gb2, gb3, None, None, None, None, None, None
+        gweights = w.new_zeros(ctx.weights_shape).reshape(-1).index_put((valid,), gw)
+        return (gx, gweights.view(ctx.weights_shape), gw1, gw2, gw3, gb1, gb2, gb3,
+                None, None, None, None, None, None)
 
 
 # Whether `fused` shares the experts out between the intra-op threads (each running
@@ -413,13 +413,15 @@ FUSED_PARALLEL_EXPERTS = True
 FUSED_BLOCK_ROWS = 1024
 
 
-def fused_available(x: Tensor, act: Activation) -> bool:
-    """Whether the fused kernel runs for x and act: CPU, float32/float64, a built-in activation,
-    and a kernel that could be built (cpu_kernel.py; it is built on the first call)."""
+def fused_available(x: Tensor, act: Activation, *tensors: Tensor | None) -> bool:
+    """Whether the fused kernel runs for x (and the other tensors) and act: CPU, float32/float64,
+    plain tensors (a subclass, e.g. a collective's pending result under expert parallelism, has no
+    storage the kernel can read), a built-in activation, and a kernel that could be built
+    (cpu_kernel.py; it is built on the first call)."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return False
-    if type(x) not in (Tensor, torch.nn.Parameter):  # a subclass (e.g. a collective's pending
-        return False  # result under expert parallelism) has no plain storage for the kernel
+    if any(type(t) not in (Tensor, torch.nn.Parameter) for t in (x, *tensors) if t is not None):
+        return False
     if act.name not in _KERNEL_ACTIVATIONS:
         return False
     return fused_kernel() is not None
@@ -429,9 +431,7 @@ def fused_dispatch(x, order, weights, w1, w2, w3, act, b1=None, b2=None, b3=None
     """`blocked`'s computation with its loop over experts in a compiled C++ kernel (no per-expert
     Python work, experts shared out between the CPU threads). Where the kernel does not run (no
     C++ compiler, a GPU tensor, bf16 under autocast, a custom activation) it is `blocked` itself."""
-    plain = all(type(t) in (Tensor, torch.nn.Parameter) for t in (weights, w1, w2, w3, b1, b2, b3)
-                if t is not None)
-    if not (plain and fused_available(x, act)):
+    if not fused_available(x, act, weights, w1, w2, w3, b1, b2, b3):
         return blocked_dispatch(x, order, weights, w1, w2, w3, act, b1, b2, b3)
     params = [t.contiguous() if t is not None else None for t in (w1, w2, w3, b1, b2, b3)]
     y = _FusedExperts.apply(x.contiguous(), weights.to(x.dtype), *params, order.tok, order.pos,

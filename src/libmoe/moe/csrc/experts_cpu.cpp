@@ -43,7 +43,7 @@ void act_out(at::Tensor out, const at::Tensor& h, int64_t act) {
   }
 }
 
-// grad *= act'(h), in place, by ATen's kernels.
+// grad *= act'(h), in place, by ATen's kernels (plain ReLU: h kept post-ReLU, the same mask).
 void act_backward_(at::Tensor grad, const at::Tensor& h, int64_t act) {
   switch (act) {
     case kRelu: at::threshold_backward_out(grad, grad, h, 0); break;
@@ -60,52 +60,29 @@ void over_rows(int64_t rows, int64_t width, const F& f) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)), f);
 }
 
-// Forward hidden pass over one block of c rows of width M, a = act(h) (* g) * w:
-// INPLACE (plain ReLU): h is overwritten by relu(h), all backward needs; otherwise `a` holds
-// act(h) already (act_out) and is weighted in place.
-template <bool GATED, bool INPLACE, typename T>
-void hidden_forward(T* h, const T* g, T* a, const T* w, int64_t c, int64_t M) {
+// The weighting pass over one block of c rows of width M: dst = v (* g) * w, v = src, or, with
+// RELU_IN_PLACE (plain ReLU experts), v = relu(src) written back into src (all backward needs).
+// KEEP also stores v (* g), unweighted, in `keep`. Forward: src the hidden activation, dst the
+// output projection's input; backward: src act(h), dst (and keep, gated) recomputed.
+template <bool GATED, bool RELU_IN_PLACE, bool KEEP, typename T>
+void weigh_rows(T* src, const T* g, T* keep, T* dst, const T* w, int64_t c, int64_t M) {
   over_rows(c, M, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      T* hr = h + r * M;
-      T* ar = a + r * M;
+      T* sr = src + r * M;
+      T* dr = dst + r * M;
+      T* kr = KEEP ? keep + r * M : nullptr;
       const T* gr = GATED ? g + r * M : nullptr;
       const T wr = w[r];
 #pragma omp simd
       for (int64_t j = 0; j < M; ++j) {
-        T v;
-        if constexpr (INPLACE) {
-          v = hr[j] > T(0) ? hr[j] : T(0);
-          hr[j] = v;
-        } else {
-          v = ar[j];
+        T v = sr[j];
+        if constexpr (RELU_IN_PLACE) {
+          v = v > T(0) ? v : T(0);
+          sr[j] = v;
         }
         if constexpr (GATED) v *= gr[j];
-        ar[j] = v * wr;
-      }
-    }
-  });
-}
-
-// Backward hidden pass 1: a = t (* g), the unweighted activation (t = act(h); INPLACE: t is h,
-// post-ReLU; not gated: a is t), and aw = a * w.
-template <bool GATED, typename T>
-void hidden_recompute(const T* t, const T* g, T* a, T* aw, const T* w, int64_t c, int64_t M) {
-  over_rows(c, M, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* tr = t + r * M;
-      T* ar = a + r * M;
-      T* awr = aw + r * M;
-      const T* gr = GATED ? g + r * M : nullptr;
-      const T wr = w[r];
-#pragma omp simd
-      for (int64_t j = 0; j < M; ++j) {
-        T v = tr[j];
-        if constexpr (GATED) {
-          v *= gr[j];
-          ar[j] = v;
-        }
-        awr[j] = v * wr;
+        if constexpr (KEEP) kr[j] = v;
+        dr[j] = v * wr;
       }
     }
   });
@@ -113,7 +90,7 @@ void hidden_recompute(const T* t, const T* g, T* a, T* aw, const T* w, int64_t c
 
 // Backward hidden pass 2, per row: ga = ga * w (* g), the gradient of act(h), and, gated,
 // gg = ga * w * t, the gradient of the gate projection. (act'(h) is applied after, by
-// act_backward_ or, for plain ReLU, relu_mask; the weight gradient <ga, a> before, by ATen.)
+// act_backward_; the weight gradient <ga, a> before, by ATen.)
 template <bool GATED, typename T>
 void hidden_backward(T* ga, const T* t, const T* g, T* gg, const T* w, int64_t c, int64_t M) {
   over_rows(c, M, [&](int64_t begin, int64_t end) {
@@ -133,15 +110,6 @@ void hidden_backward(T* ga, const T* t, const T* g, T* gg, const T* w, int64_t c
         gar[j] = gai;
       }
     }
-  });
-}
-
-// ga *= (h > 0) for plain ReLU (h post-ReLU).
-template <typename T>
-void relu_mask(T* ga, const T* h, int64_t c, int64_t M) {
-  over_rows(c, M, [&](int64_t begin, int64_t end) {
-#pragma omp simd
-    for (int64_t i = begin * M; i < end * M; ++i) ga[i] = h[i] > T(0) ? ga[i] : T(0);
   });
 }
 
@@ -329,11 +297,14 @@ std::vector<at::Tensor> fused_experts_forward(
         g_p = g.data_ptr<scalar_t>();
       }
       scalar_t* h_p = h.data_ptr<scalar_t>();
-      scalar_t* a_p = abuf[tid].data_ptr<scalar_t>();
-      if (!inplace_relu) act_out(abuf[tid].narrow(0, 0, c), h, act);
-      if (gated) hidden_forward<true, false, scalar_t>(h_p, g_p, a_p, we, c, M);
-      else if (inplace_relu) hidden_forward<false, true, scalar_t>(h_p, g_p, a_p, we, c, M);
-      else hidden_forward<false, false, scalar_t>(h_p, g_p, a_p, we, c, M);
+      scalar_t* a_p = abuf[tid].data_ptr<scalar_t>();  // the output projection's input
+      if (inplace_relu) {
+        weigh_rows<false, true, false, scalar_t>(h_p, g_p, nullptr, a_p, we, c, M);
+      } else {
+        act_out(abuf[tid].narrow(0, 0, c), h, act);
+        if (gated) weigh_rows<true, false, false, scalar_t>(a_p, g_p, nullptr, a_p, we, c, M);
+        else weigh_rows<false, false, false, scalar_t>(a_p, g_p, nullptr, a_p, we, c, M);
+      }
       auto out = obuf[tid].narrow(0, 0, c);
       at::mm_out(out, abuf[tid].narrow(0, 0, c), w2.select(0, e));
       scalar_t* o_p = out.data_ptr<scalar_t>();
@@ -415,16 +386,16 @@ std::vector<at::Tensor> fused_experts_backward(
         gather_rows(xe.data_ptr<scalar_t>(), x_p, t, c, D);
         gather_rows(gye.data_ptr<scalar_t>(), gy_p, t, c, Dout);
         auto h = h_all.narrow(0, s, c);
-        const scalar_t* h_p = h.data_ptr<scalar_t>();
         const scalar_t* g_p = gated ? g_all->data_ptr<scalar_t>() + s * M : nullptr;
         // t = act(h) (plain ReLU: h itself, kept post-ReLU); a = t (* g), unweighted; aw = a * w.
         auto act_h = inplace_relu ? h : tbuf[tid].narrow(0, 0, c);
         if (!inplace_relu) act_out(act_h, h, act);
         auto a = gated ? abuf[tid].narrow(0, 0, c) : act_h;
-        const scalar_t* t_p = act_h.data_ptr<scalar_t>();
+        scalar_t* t_p = act_h.data_ptr<scalar_t>();
         scalar_t* aw_p = awbuf[tid].data_ptr<scalar_t>();
-        if (gated) hidden_recompute<true>(t_p, g_p, abuf[tid].data_ptr<scalar_t>(), aw_p, we, c, M);
-        else hidden_recompute<false, scalar_t>(t_p, g_p, nullptr, aw_p, we, c, M);
+        if (gated)
+          weigh_rows<true, false, true>(t_p, g_p, abuf[tid].data_ptr<scalar_t>(), aw_p, we, c, M);
+        else weigh_rows<false, false, false, scalar_t>(t_p, g_p, nullptr, aw_p, we, c, M);
         mm_into(gw2e, awbuf[tid].narrow(0, 0, c).t(), gye, first);
         auto ga = gabuf[tid].narrow(0, 0, c);  // gradient of the weighted hidden activation
         at::mm_out(ga, gye, w2.select(0, e).t());
@@ -437,8 +408,7 @@ std::vector<at::Tensor> fused_experts_backward(
         at::sum_out(gw_rows, at::mul(ga, a), {-1});
         if (gated) hidden_backward<true>(ga_p, t_p, g_p, gg_p, we, c, M);
         else hidden_backward<false>(ga_p, t_p, g_p, gg_p, we, c, M);
-        if (inplace_relu) relu_mask(ga_p, h_p, c, M);  // now the gradient of h
-        else act_backward_(ga, h, act);
+        act_backward_(ga, h, act);  // now the gradient of h
         if (gb2_p != nullptr) {  // the output is (a @ w2 + b2) * weight
           const scalar_t* b2_p = b2->select(0, e).data_ptr<scalar_t>();
           add_row_dots(gw_p + s, gye_p, b2_p, c, Dout);
