@@ -135,6 +135,24 @@ def test_generate_until_is_greedy_and_stops_at_the_first_stop_string(model, toke
         scorer.generate_until([(context, {"do_sample": True, "temperature": 0.7})])
 
 
+def test_generate_until_feeds_one_token_a_step_with_the_cache_and_slides_past_the_window(model, tokenizer):
+    widths = []
+    hook = model.embed.register_forward_hook(lambda mod, args, out: widths.append(args[0].shape[1]))
+    try:
+        context = "def main():\n    return"
+        (text,) = LMScorer(model, tokenizer).generate_until([(context, {"max_gen_toks": 12})])
+        n = len(tokenizer.encode(context))
+        assert widths[0] == n and set(widths[1:]) == {1}  # the prompt once, then one token a step
+        long_context = " ".join(["return x"] * 40)  # beyond the 64-position window
+        widths.clear()
+        (long_text,) = LMScorer(model, tokenizer).generate_until([(long_context, {"max_gen_toks": 6})])
+        assert set(widths) == {64}  # past the window: the last 64 tokens each step, no cache
+    finally:
+        hook.remove()
+    assert text == reference_greedy(model, tokenizer, context, 12)
+    assert long_text == reference_greedy(model, tokenizer, long_context, 6)
+
+
 def test_progress_bar_on_request(model, tokenizer, capsys):
     LMScorer(model, tokenizer, progress=True).loglikelihood(REQUESTS, desc="piqa")
     assert "piqa" in capsys.readouterr().err

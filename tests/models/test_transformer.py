@@ -176,9 +176,9 @@ def _old_moe_plus_plus_dir(tmp_path, hf_tokenizer_dir):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     saved["model"]["moe_options"] = {}
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
-    if (out / "config.json").is_file():
-        hf = json.loads((out / "config.json").read_text())
-        hf["libmoe"]["moe_options"] = {}
+    if (out / "config.json").is_file():  # as libmoe wrote it then: the ModelConfig under "libmoe"
+        hf = {"model_type": "libmoe", "architectures": ["LibMoEForCausalLM"], "libmoe": saved["model"],
+              "vocab_size": 400, "hidden_size": 16, "tie_word_embeddings": False}
         (out / "config.json").write_text(json.dumps(hf))
     return out, model
 
@@ -220,9 +220,15 @@ def test_an_upcycled_transformers_moe_plus_plus_model_records_and_recovers_its_s
     wrapped.save_pretrained(str(tmp_path / "up"))
     config_path = tmp_path / "up" / "config.json"
     config = json.loads(config_path.read_text())
-    assert config["upcycle"]["options"] == old  # saved with its counts
-    config["upcycle"]["options"] = {}  # as libmoe saved it before the counts scaled with E
-    config_path.write_text(json.dumps(config))
+    assert config["moe_options"] == old  # saved with its counts
+    # as libmoe saved it before the counts scaled with E: no counts, and the config nested
+    spec = {"algorithm": "algorithm", "num_experts": "n_experts", "num_experts_per_tok": "top_k",
+            "moe_layers": "layers", "upcycle_seed": "seed", "router_init_std": "router_init_std"}
+    own = {*spec, "moe_options", "model_type", "architectures", "base_model_type", "transformers_version"}
+    nested = {"model_type": "libmoe_upcycled", "architectures": config["architectures"],
+              "upcycle": {new: config[key] for key, new in spec.items()} | {"options": {}},
+              "base": {k: v for k, v in config.items() if k not in own} | {"model_type": "llama"}}
+    config_path.write_text(json.dumps(nested))
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "up")).eval()
     layer = next(m for m in back.modules() if isinstance(m, MoELayer))
     assert layer.router.n_slots == 4 + 8

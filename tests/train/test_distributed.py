@@ -49,7 +49,9 @@ def test_ddp_two_processes_match_one(single, tmp_path):
     assert result.stdout.count("done: step 6") == 1  # rank 0 alone reports
     got = losses(tmp_path / "ddp")
     assert [s for s, _ in got] == [s for s, _ in expected]
-    assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-5)
+    # Micro-batches of one sequence against one batch: matmuls of other shapes round otherwise, and
+    # six steps grow that to 4e-5 of the loss on some CPUs (an AMD EPYC host; 1e-5 on others).
+    assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=2e-4)
     assert (tmp_path / "ddp" / "checkpoints" / "step_6" / "routing_trace.safetensors").is_file()
     from safetensors.torch import load_file
 

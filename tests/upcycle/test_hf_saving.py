@@ -29,7 +29,7 @@ def test_wrapped_model_saves_and_reloads_with_tied_embeddings(tmp_path):
     wrapped = wrap_upcycled(src, "xmoe", 4, 2, seed=5).eval()
     wrapped.save_pretrained(str(tmp_path / "up"))
     config = json.loads((tmp_path / "up" / "config.json").read_text())
-    assert config["model_type"] == "libmoe_upcycled" and config["upcycle"]["seed"] == 5
+    assert config["model_type"] == "libmoe_upcycled" and config["upcycle_seed"] == 5
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "up"))
     assert isinstance(back, LibMoEUpcycledForCausalLM)
     assert back.get_output_embeddings().weight is back.get_input_embeddings().weight  # still tied
@@ -45,7 +45,7 @@ def test_weights_that_do_not_match_the_saved_spec_are_refused(tmp_path):
     wrap_upcycled(source(), "smoe", 4, 2).save_pretrained(str(tmp_path / "up"))
     config_path = tmp_path / "up" / "config.json"
     config = json.loads(config_path.read_text())
-    config["upcycle"]["n_experts"] = 6
+    config["num_experts"] = 6
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="do not match"):
         LibMoEUpcycledForCausalLM.from_pretrained(tmp_path / "up")

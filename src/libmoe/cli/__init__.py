@@ -16,7 +16,7 @@ from ..errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, WorkFailed
 from ..moe import REGISTRY, load_plugins
 from ..overrides import parse_override
 from ..version import __version__
-from . import analyze, bench, eval_table, evaluate, export, findings, prepare, train, upcycle, vlm
+from . import analyze, bench, eval_table, evaluate, export, findings, generate, prepare, train, upcycle, vlm
 from .common import OVERRIDES, add_plugin_option
 
 DESCRIPTION = """\
@@ -32,6 +32,7 @@ train and evaluate one model:
   prepare           tokenise and cache a run's data ahead of (multi-process) training
   eval              zero-shot tasks and validation perplexity of a trained model
   eval-table        the comparison table (scores, AVG, AVG rank) of several models
+  generate          continue a text prompt with a trained model (greedy or sampled)
 look inside the routing:
   analyze           routing analysis of a run: metrics, figures, report.html
   analyze init-std  the router initialisation study
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_parser(sub)
     evaluate.add_parser(sub)
     eval_table.add_parser(sub)
+    generate.add_parser(sub)
     upcycle.add_parser(sub)
     export.add_parser(sub)
     analyze.add_parser(sub)

@@ -15,8 +15,8 @@ preceding tokens (the harness's `get_rolling_token_windows` with context_len 1):
 word and byte perplexity.
 
 `generate_until([(context, {"until": [...], "max_gen_toks": N}), ...])` decodes greedily, one
-request at a time (the models have no KV cache; generation tasks are not part of the paper's
-evaluation), and cuts the text at the first stop string, as the harness does.
+request at a time, with a KV cache (libmoe.models.generation; generation tasks are not part of the
+paper's evaluation), and cuts the text at the first stop string, as the harness does.
 
 A progress bar (tqdm, on stderr) shows the requests scored when stderr is a terminal.
 """
@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from ..models import generate, supports_cache
 
 
 class LMScorer:
@@ -140,35 +142,26 @@ class LMScorer:
         """Greedy continuations of each context, cut at the first of `until` (see the module
         docstring); `max_gen_toks` (default 256) bounds the new tokens."""
         outputs = []
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for context, kwargs in tqdm(requests, desc=desc, unit="req", disable=not self.progress,
-                                        leave=False, dynamic_ncols=True):
-                kwargs = dict(kwargs or {})
-                until = kwargs.get("until") or []
-                until = [until] if isinstance(until, str) else [u for u in until if u]
-                max_new = int(kwargs.get("max_gen_toks", 256))
-                if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0.0:
-                    raise ValueError("libmoe generates greedily only; the request asked for sampling "
-                                     f"({kwargs}).")
-                ids = self.tokenizer.encode(context) if context else [self.tokenizer.eos_id]
-                new: list[int] = []
-                for _ in range(max_new):
-                    window = (ids + new)[-self.max_length:]
-                    logits = self.model(torch.tensor([window], device=self.device)).logits
-                    token = int(logits[0, -1].argmax())
-                    if token == self.tokenizer.eos_id:
-                        break
-                    new.append(token)
-                    if until and any(u in self.tokenizer.decode(new) for u in until):
-                        break
-                text = self.tokenizer.decode(new)
-                for u in until:
-                    text = text.split(u)[0]
-                outputs.append(text)
-        finally:
-            self.model.train(was_training)
+        for context, kwargs in tqdm(requests, desc=desc, unit="req", disable=not self.progress,
+                                    leave=False, dynamic_ncols=True):
+            kwargs = dict(kwargs or {})
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else [u for u in until if u]
+            max_new = int(kwargs.get("max_gen_toks", 256))
+            if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0.0:
+                raise ValueError("libmoe generates greedily only; the request asked for sampling "
+                                 f"({kwargs}).")
+            ids = self.tokenizer.encode(context) if context else [self.tokenizer.eos_id]
+
+            def stop(row: int, new: list[int], until=until) -> bool:
+                return bool(until) and any(u in self.tokenizer.decode(new) for u in until)
+
+            [new] = generate(self.model, [ids], max_new, eos_id=self.tokenizer.eos_id, stop=stop,
+                             window=self.max_length, use_cache=supports_cache(self.model))
+            text = self.tokenizer.decode(new)
+            for u in until:
+                text = text.split(u)[0]
+            outputs.append(text)
         return outputs
 
 

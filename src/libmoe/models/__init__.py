@@ -1,5 +1,6 @@
 """Language models built from `libmoe.moe` layers: config, presets, the Transformer, counting,
-and reading what training writes (run configs, checkpoints, model directories).
+and reading what training writes (run configs, checkpoints, model directories), and generating
+text from them with a KV cache (`generate`, libmoe.models.generation).
 
     from libmoe.models import build_model, count_parameters
     model = build_model(preset="paper-158m", algorithm="smoe")
@@ -34,6 +35,7 @@ from .checkpoints import (
     verify_checkpoint,
 )
 from .config import PRESETS, ModelConfig, model_config
+from .generation import check_sampling, generate, new_cache, supports_cache
 from .loading import (
     LoadedModel,
     find_tokenizer,
@@ -53,7 +55,7 @@ from .run_config import (
     prepare_run_data,
     resolve_config,
 )
-from .transformer import LMOutput, MoETransformer
+from .transformer import KVCache, LMOutput, MoETransformer
 from .transformers_lm import TransformersLM, load_transformers, transformers_run_config, transformers_source
 from .upcycled import (
     GATED_ACTIVATIONS,
@@ -102,6 +104,7 @@ __all__ = [
     "STATE_FILE",
     "DataConfig",
     "DenseMLP",
+    "KVCache",
     "LMOutput",
     "LoadedModel",
     "MoETransformer",
@@ -112,15 +115,18 @@ __all__ = [
     "TransformersLM",
     "UpcycledMLP",
     "build_model",
+    "check_sampling",
     "config_from_dict",
     "copy_into_experts",
     "count_parameters",
     "find_mlps",
     "find_tokenizer",
+    "generate",
     "is_transformers_dir",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "new_cache",
     "load_model",
     "load_run_config",
     "load_transformers",
@@ -133,6 +139,7 @@ __all__ = [
     "resolve_checkpoint",
     "resolve_config",
     "save_model_dir",
+    "supports_cache",
     "transformers_run_config",
     "transformers_source",
     "upcycle_hf_model",

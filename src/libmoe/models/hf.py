@@ -1,13 +1,26 @@
-"""libmoe's Transformer as a transformers model: `LibMoEConfig` (model_type "libmoe") and
-`LibMoEForCausalLM`, registered with AutoConfig / AutoModelForCausalLM by `register_auto()`. A
-libmoe model directory with `write_hf_config`'s config.json loads with
-`AutoModelForCausalLM.from_pretrained(DIR)` after `import libmoe` (no trust_remote_code).
-Needs transformers (`pip install 'libmoe[hub]'`).
+"""libmoe's Transformer as transformers models: `LibMoEConfig` (model_type "libmoe"),
+`LibMoEModel` (the decoder: embeddings, blocks, final norm) and `LibMoEForCausalLM` (plus the
+output head), registered with AutoConfig / AutoModel / AutoModelForCausalLM by `register_auto()`.
+After `import libmoe`, `AutoModelForCausalLM.from_pretrained(DIR)` loads a libmoe model directory
+(no trust_remote_code). Needs transformers (`pip install 'libmoe[hub]'`); tested against the
+version the `test` extra pins (docs/transformers.md).
 
-The wrapped model is `.model` (a MoETransformer); weights are safetensors. `forward(input_ids,
-labels=None)` returns logits and, with labels (the harness/Trainer convention: shifted inside,
--100 ignored), the cross-entropy plus the MoE auxiliary loss; `aux_loss` and `routing` ride along.
-There is no KV cache and no attention mask: padding must be on the right.
+The config is flat, with transformers' standard names (`hidden_size`, `num_hidden_layers`,
+`num_experts`, `num_experts_per_tok`, `moe_intermediate_size`, ...; libmoe's own names, `d_model`,
+`n_experts`, `top_k`, ..., are aliases through `attribute_map`), plus `algorithm` and the routing
+options (`moe_options`). Configs written before it was flat (the ModelConfig under `libmoe`) load.
+
+The models decode like transformers' own decoders: a KV cache (DynamicCache, created when
+`use_cache`), `attention_mask` with left padding, `position_ids`, `inputs_embeds`,
+`logits_to_keep`, `output_hidden_states`, `output_attentions` (explicit attention; the "eager"
+implementation computes it so throughout), and every `generate` mode. With labels (shifted inside,
+-100 ignored) the loss is the cross-entropy plus the MoE auxiliary loss; `aux_loss` rides along,
+and each MoE layer's router logits with `output_router_logits`.
+
+Weights: `save_pretrained` writes transformers' layout (`model.embed.weight`, ...,
+`lm_head.weight`). libmoe's own model directories hold the MoETransformer's keys (`embed.weight`,
+..., `head.weight`), and so did this class's `save_pretrained` before the decoder and head were
+split (`model.head.weight`): `from_pretrained` reads both layouts.
 """
 
 from __future__ import annotations
@@ -15,84 +28,397 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from safetensors.torch import load_file
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    DynamicCache,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..moe import Router
 from .config import ModelConfig
-from .transformer import MoETransformer, rotary_tables
+from .transformer import Block, Decoder, MoETransformer, rotary_tables
+
+# ModelConfig field -> the config's (transformers') name. The libmoe names read and set the same
+# attributes (LibMoEConfig.attribute_map).
+STANDARD_NAMES = {
+    "vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads", "head_dim": "head_dim", "rope_fraction": "partial_rotary_factor",
+    "rope_base": "rope_theta", "max_seq_len": "max_position_embeddings", "algorithm": "algorithm",
+    "n_experts": "num_experts", "expert_dim": "moe_intermediate_size", "top_k": "num_experts_per_tok",
+    "n_shared": "num_shared_experts", "moe_every": "decoder_sparse_step", "moe_options": "moe_options",
+    "norm_eps": "layer_norm_eps", "init_std": "initializer_range", "ffn_dim": "intermediate_size",
+    "moe_layers": "moe_layers",
+}
+# Routing options with a standard config name of their own: (config name, MoEOptions field).
+OPTION_NAMES = (("hidden_act", "activation"), ("router_aux_loss_coef", "balance_coef"),
+                ("router_z_loss_coef", "z_coef"))
 
 
 class LibMoEConfig(PretrainedConfig):
-    """A libmoe ModelConfig (its fields under `libmoe`) as a transformers config."""
+    """A libmoe model's configuration with transformers' standard names (see the module
+    docstring). `hidden_act`, `router_aux_loss_coef` and `router_z_loss_coef` are the experts'
+    activation and the balance and z loss weights (None: the algorithm's default); `moe_options`
+    holds every other routing option (ALGORITHMS.md, docs/moe.md). `intermediate_size` is the dense
+    FFN width (None: num_experts_per_tok * moe_intermediate_size, the compute-matched dense FFN),
+    `decoder_sparse_step` puts an MoE layer in every such block (the last of each group), and
+    `moe_layers` lists the MoE blocks instead. `model_config()` is the libmoe ModelConfig."""
 
     model_type = "libmoe"
+    # Not `top_k`: transformers reads a config's top_k as a generation setting.
+    attribute_map = {name: std for name, std in STANDARD_NAMES.items() if name not in (std, "top_k")} | {
+        "num_local_experts": "num_experts"}
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
-    def __init__(self, libmoe: dict[str, Any] | None = None, **kwargs: Any):
-        self.libmoe = dict(libmoe or {})
-        if self.libmoe:
-            cfg = ModelConfig(**self.libmoe)
-            kwargs.setdefault("vocab_size", cfg.vocab_size)
-            kwargs.setdefault("hidden_size", cfg.d_model)
-            kwargs.setdefault("num_hidden_layers", cfg.n_layers)
-            kwargs.setdefault("max_position_embeddings", cfg.max_seq_len)
-        kwargs.setdefault("tie_word_embeddings", False)
-        super().__init__(**kwargs)
+    def __init__(self, vocab_size: int = 8000, hidden_size: int = 512, num_hidden_layers: int = 16,
+                 num_attention_heads: int = 4, head_dim: int = 82, partial_rotary_factor: float = 0.5,
+                 rope_theta: float = 10000.0, max_position_embeddings: int = 1024,
+                 algorithm: str = "smoe", num_experts: int = 66, moe_intermediate_size: int = 128,
+                 num_experts_per_tok: int = 8, num_shared_experts: int = 2,
+                 decoder_sparse_step: int = 1, moe_layers: list[int] | None = None,
+                 intermediate_size: int | None = None, hidden_act: str | None = None,
+                 router_aux_loss_coef: float | None = None, router_z_loss_coef: float | None = None,
+                 moe_options: dict[str, Any] | None = None, layer_norm_eps: float = 1e-5,
+                 initializer_range: float = 0.02, output_router_logits: bool = False,
+                 use_cache: bool = True, tie_word_embeddings: bool = False,
+                 pad_token_id: int | None = None, bos_token_id: int | None = None,
+                 eos_token_id: int | None = None, **kwargs: Any):
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
+        self.head_dim, self.partial_rotary_factor = head_dim, partial_rotary_factor
+        self.rope_theta = rope_theta
+        self.max_position_embeddings, self.algorithm = max_position_embeddings, algorithm
+        self.num_experts, self.moe_intermediate_size = num_experts, moe_intermediate_size
+        self.num_experts_per_tok, self.num_shared_experts = num_experts_per_tok, num_shared_experts
+        self.decoder_sparse_step = decoder_sparse_step
+        self.moe_layers = list(moe_layers) if moe_layers is not None else None
+        self.intermediate_size, self.hidden_act = intermediate_size, hidden_act
+        self.router_aux_loss_coef, self.router_z_loss_coef = router_aux_loss_coef, router_z_loss_coef
+        self.moe_options = dict(moe_options or {})
+        self.layer_norm_eps, self.initializer_range = layer_norm_eps, initializer_range
+        self.output_router_logits, self.use_cache = output_router_logits, use_cache
+        legacy = kwargs.pop("libmoe", None)  # a config.json written before the config was flat
+        if legacy:
+            for name, value in _standard(ModelConfig(**legacy), resolved=False).items():
+                setattr(self, name, value)
+        super().__init__(tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id,
+                         bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+        self.model_config()  # every invalid value fails here, with libmoe's message
+
+    @classmethod
+    def from_model_config(cls, cfg: ModelConfig, **kwargs: Any) -> LibMoEConfig:
+        """The config of libmoe ModelConfig `cfg` (kwargs: further config attributes, e.g. token ids)."""
+        return cls(**_standard(cfg), **kwargs)
+
+    def model_config(self) -> ModelConfig:
+        """The libmoe ModelConfig these attributes describe."""
+        values = {name: getattr(self, std) for name, std in STANDARD_NAMES.items()}
+        options = dict(values["moe_options"] or {})
+        for std, option in OPTION_NAMES:
+            if getattr(self, std, None) is not None:
+                options[option] = getattr(self, std)
+        values["moe_options"] = options
+        return ModelConfig(**values)
+
+
+def _standard(cfg: ModelConfig, resolved: bool = True) -> dict[str, Any]:
+    """ModelConfig `cfg` as LibMoEConfig's keyword arguments: with to_dict's resolved MoE options
+    (what a new config records), or `cfg`'s own (what an old config.json said, which loading
+    completes from the saved weights: ModelConfig.with_saved_layout)."""
+    values = cfg.to_dict()
+    options = dict(values.pop("moe_options") if resolved else cfg.moe_options)
+    out = {STANDARD_NAMES[name]: value for name, value in values.items()}
+    for std, option in OPTION_NAMES:
+        out[std] = options.pop(option, None)
+    out["moe_options"] = options
+    out.setdefault("intermediate_size", None)
+    out.setdefault("moe_layers", None)
+    return out
+
+
+@dataclass
+class LibMoEModelOutput(BaseModelOutputWithPast):
+    """BaseModelOutputWithPast plus the MoE auxiliary loss and, when asked, the router logits."""
+
+    aux_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
 class LibMoECausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus the MoE auxiliary loss and, when asked, the router logits."""
+
     aux_loss: torch.Tensor | None = None
-    routing: list | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
 
 
-class LibMoEForCausalLM(PreTrainedModel, GenerationMixin):
+# transformers 5.2x names the cache field `cache`; earlier 5.x `past_key_values`.
+CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+class LibMoEPreTrainedModel(PreTrainedModel):
     config_class = LibMoEConfig
     base_model_prefix = "model"
     _no_split_modules = ["Block"]
+    _input_embed_layer = "embed"
+    _supports_sdpa = True
+    _supports_cache_class = True
+    supports_gradient_checkpointing = False
 
-    def __init__(self, config: LibMoEConfig):
-        super().__init__(config)
-        self.model = MoETransformer(ModelConfig(**config.libmoe))
-        self.post_init()
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The initialisation MoETransformer gives each part (transformers calls it for fresh
+        models, and for the weights a checkpoint lacks; its guard skips those loaded). Inside a
+        block, a module takes the parameters and buffers of its twin in a freshly built Block."""
+        std = self.config.initializer_range
+        twin = self._fresh_twin(module)
+        if isinstance(twin, nn.Linear) and any(twin is m for m in self._fresh_attention()):
+            init.normal_(module.weight, std=std)  # as MoETransformer: N(0, init_std) for attention
+        elif twin is not None:
+            own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            for name, tensor in own:
+                init.copy_(tensor, getattr(twin, name))
+        elif isinstance(module, nn.Embedding) or module is getattr(self, "lm_head", None):
+            init.normal_(module.weight, std=std)
+        elif isinstance(module, LibMoEModel):
+            cfg = self.config.model_config()
+            cos, sin = rotary_tables(cfg.max_seq_len, cfg.rope_dim, cfg.rope_base)
+            init.copy_(module.rope_cos, cos)
+            init.copy_(module.rope_sin, sin)
+            init.ones_(module.norm.weight)
+            init.zeros_(module.norm.bias)
 
-    def _init_weights(self, module):  # MoETransformer initialises itself; weights then load
-        pass
+    def _fresh_twin(self, module: nn.Module) -> nn.Module | None:
+        """`module`'s counterpart in a freshly built copy of its Block (None outside the blocks).
+        One fresh block is kept at a time: transformers initialises the modules block by block."""
+        owners = self.__dict__.get("_block_owners")
+        if owners is None or module not in owners:
+            owners = {m: (block, name) for block in self.modules() if isinstance(block, Block)
+                      for name, m in block.named_modules()}
+            self.__dict__["_block_owners"] = owners
+        if module not in owners:
+            return None
+        block, name = owners[module]
+        fresh = self.__dict__.get("_fresh_block")
+        if fresh is None or fresh[0] is not block:
+            fresh = (block, Block(self.config.model_config(), block.layer, block.first_moe))
+            self.__dict__["_fresh_block"] = fresh
+        return fresh[1].get_submodule(name)
+
+    def _fresh_attention(self) -> tuple[nn.Module, ...]:
+        fresh = self.__dict__["_fresh_block"][1]
+        return fresh.attn.qkv, fresh.attn.out
+
+    def initialize_weights(self) -> None:
+        try:
+            super().initialize_weights()
+        finally:  # the fresh block and the module map served this pass only
+            self.__dict__.pop("_fresh_block", None)
+            self.__dict__.pop("_block_owners", None)
 
     @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any) -> LibMoEForCausalLM:
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
         path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         fitted = _fit_saved_layout(path, kwargs.get("config"))
         if fitted is not None:
             kwargs["config"] = fitted
-        model = super().from_pretrained(*args, **kwargs)
-        _restore_buffers(model.model)
-        return model
+        if path is not None and Path(str(path)).is_dir() and _libmoe_layout(Path(str(path))):
+            return _load_libmoe_layout(cls, Path(str(path)), kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info
+        for module in model.modules():
+            if isinstance(module, LibMoEModel):
+                _restore_buffers(module)
+        return loaded
 
-    def get_input_embeddings(self):
+
+class LibMoEModel(Decoder, LibMoEPreTrainedModel):
+    """The decoder (embed, blocks, norm; libmoe's MoETransformer without its head): forward
+    returns the final hidden states [B, S, hidden_size], the cache, and what was asked for."""
+
+    def __init__(self, config: LibMoEConfig):
+        super().__init__(config)
+        self.build_decoder(config.model_config())
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed = value
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: Any = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                output_router_logits: bool | None = None, return_dict: bool | None = None,
+                past_key_values: Any = None, **kwargs: Any):
+        cfg = self.config
+        cache = cache if cache is not None else _old_cache_name(past_key_values)
+        if use_cache is None:  # routing across tokens (expert choice) decodes without a cache
+            use_cache = cfg.use_cache and self.routes_per_token
+        if use_cache and cache is None:
+            cache = DynamicCache(config=cfg)
+        if not use_cache:
+            cache = None
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (cfg.output_hidden_states if output_hidden_states is None
+                                else output_hidden_states)
+        out = self.decode(input_ids, inputs_embeds, attention_mask=attention_mask,
+                          position_ids=position_ids, cache=cache,
+                          output_hidden_states=output_hidden_states,
+                          output_attentions=output_attentions,
+                          eager=getattr(cfg, "_attn_implementation", None) == "eager")
+        router = cfg.output_router_logits if output_router_logits is None else output_router_logits
+        result = LibMoEModelOutput(
+            last_hidden_state=out.hidden, hidden_states=out.hidden_states, attentions=out.attentions,
+            aux_loss=out.aux_loss, router_logits=tuple(r.logits for r in out.routing) if router else None,
+            **{CACHE_FIELD: cache})
+        result.routing = out.routing  # libmoe's Routing records (not a ModelOutput field)
+        return result if return_dict is not False else result.to_tuple()
+
+
+class LibMoEForCausalLM(LibMoEPreTrainedModel, GenerationMixin):
+    """LibMoEModel (`.model`) and the output head (`.lm_head`)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed.weight"}
+
+    def __init__(self, config: LibMoEConfig):
+        super().__init__(config)
+        self.model = LibMoEModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        nn.init.normal_(self.lm_head.weight, std=config.initializer_range)
+        self.post_init()
+        if not self.model.routes_per_token and self.generation_config is not None:
+            self.generation_config.use_cache = False  # expert choice: see Decoder.decode
+
+    def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed
 
-    def get_output_embeddings(self):
-        return self.model.head
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed = value
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask=None,
-                labels: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                **kwargs: Any) -> LibMoECausalLMOutput:
-        out = self.model(input_ids, inputs_embeds=inputs_embeds)
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: Any = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                use_cache: bool | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, output_router_logits: bool | None = None,
+                return_dict: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                past_key_values: Any = None, **kwargs: Any):
+        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache if cache is not None else _old_cache_name(past_key_values),
+                         inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                         output_router_logits=output_router_logits, return_dict=True)
+        hidden = out.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
         loss = None
         if labels is not None:
-            ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                 ignore_index=-100)
+            targets = labels[:, 1:].flatten().to(logits.device)
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100)
             loss = ce + out.aux_loss
-        return LibMoECausalLMOutput(loss=loss, logits=out.logits, aux_loss=out.aux_loss,
-                                    routing=out.routing)
+        result = LibMoECausalLMOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
+            aux_loss=out.aux_loss, router_logits=out.router_logits,
+            **{CACHE_FIELD: getattr(out, CACHE_FIELD)})
+        result.routing = out.routing
+        return result if return_dict is not False else result.to_tuple()
+
+    def to_libmoe(self) -> MoETransformer:
+        """This model as libmoe's MoETransformer, sharing its modules (no copy)."""
+        with torch.device("meta"):
+            model = MoETransformer(self.config.model_config())
+        model.embed, model.blocks, model.norm, model.head = (self.model.embed, self.model.blocks,
+                                                              self.model.norm, self.lm_head)
+        model.rope_cos, model.rope_sin = self.model.rope_cos, self.model.rope_sin
+        return model.train(self.training)
+
+
+def _old_cache_name(past_key_values: Any) -> Any:
+    """`past_key_values`, the cache's name before transformers 5.2x called it `cache` (and still its
+    name there, where no warning is due)."""
+    if past_key_values is not None and CACHE_FIELD == "cache":
+        warnings.warn("`past_key_values` is deprecated: pass the cache as `cache`, as transformers "
+                      f"{transformers.__version__} names it.", FutureWarning, stacklevel=3)
+    return past_key_values
+
+
+def _libmoe_layout(directory: Path) -> bool:
+    """Whether `directory`'s weights have the MoETransformer's keys (`head.weight`, a libmoe
+    model directory) or this class's before the head was split (`model.head.weight`)."""
+    heads = saved_shapes(directory, lambda key: key in ("head.weight", "model.head.weight"))
+    return bool(heads)
+
+
+def _load_libmoe_layout(cls, directory: Path, kwargs: dict[str, Any]):
+    """Load `directory` (libmoe's layout, see `_libmoe_layout`) as `cls` (on the CPU; `dtype`
+    and `device_map` as a device are honoured, other loading options are not needed here)."""
+    config = kwargs.get("config")
+    if not isinstance(config, LibMoEConfig):
+        config = LibMoEConfig.from_pretrained(str(directory))
+    for key in ("output_attentions", "output_hidden_states", "output_router_logits", "use_cache"):
+        if key in kwargs:
+            setattr(config, key, kwargs[key])
+    if kwargs.get("attn_implementation"):
+        config._attn_implementation = kwargs["attn_implementation"]
+    model = cls(config)
+    state = {}
+    for name in _weight_files(directory):
+        state.update(load_file(str(directory / name)))
+    mapped = {}
+    for key, value in state.items():
+        key = key.removeprefix("model.")
+        if key == "head.weight":
+            mapped["lm_head.weight"] = value
+        else:
+            mapped[key if isinstance(model, LibMoEModel) else "model." + key] = value
+    if isinstance(model, LibMoEModel):
+        mapped.pop("lm_head.weight", None)
+    try:
+        model.load_state_dict(mapped, strict=True)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).strip().splitlines()]
+        raise ValueError(f"{directory}: its weights do not fit the model of its config.json "
+                         f"({' '.join(lines[1:2]) or lines[0]})") from None
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    if isinstance(dtype, torch.dtype):
+        model = model.to(dtype)
+    device = kwargs.get("device_map")
+    if isinstance(device, (str, torch.device)) and device != "auto":
+        model = model.to(device)
+    return model.eval()
+
+
+def _weight_files(directory: Path) -> list[str]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+    return ["model.safetensors"]
 
 
 def _fit_saved_layout(path: Any, config: Any) -> LibMoEConfig | None:
@@ -106,27 +432,20 @@ def _fit_saved_layout(path: Any, config: Any) -> LibMoEConfig | None:
         return None
     if not isinstance(config, LibMoEConfig):
         config = LibMoEConfig.from_pretrained(str(path))
-    if not config.libmoe:
-        return None
-    cfg = ModelConfig(**config.libmoe)
+    cfg = config.model_config()
     fitted = cfg.with_saved_layout(shapes)
     if fitted is cfg:
         return None
     config = copy.deepcopy(config)
-    config.libmoe = fitted.to_dict()
+    config.moe_options = _standard(fitted)["moe_options"]
     return config
 
 
 def saved_shapes(directory: Path, wanted) -> dict[str, tuple[int, ...]]:
     """{key: shape} of the tensors whose key satisfies `wanted` in directory's model.safetensors
     (or the shards its model.safetensors.index.json names), read from the headers only."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-    else:
-        files = ["model.safetensors"]
     shapes: dict[str, tuple[int, ...]] = {}
-    for name in files:
+    for name in _weight_files(directory):
         if not (directory / name).is_file():
             continue
         with safe_open(str(directory / name), framework="pt") as handle:
@@ -137,10 +456,10 @@ def saved_shapes(directory: Path, wanted) -> dict[str, tuple[int, ...]]:
 
 
 @torch.no_grad()
-def _restore_buffers(model: MoETransformer) -> None:
+def _restore_buffers(model: LibMoEModel) -> None:
     """Recompute the non-persistent buffers (rotary tables, routers' constants), which
-    transformers' meta-device loading leaves uninitialised."""
-    cfg = model.config
+    transformers' meta-device loading may leave uninitialised."""
+    cfg = model.config.model_config()
     cos, sin = rotary_tables(cfg.max_seq_len, cfg.rope_dim, cfg.rope_base)
     model.rope_cos.copy_(cos)
     model.rope_sin.copy_(sin)
@@ -151,25 +470,29 @@ def _restore_buffers(model: MoETransformer) -> None:
 
 
 def register_auto() -> None:
-    """Register LibMoEConfig / LibMoEForCausalLM with the Auto classes (idempotent)."""
+    """Register the config and models with the Auto classes (idempotent)."""
     with contextlib.suppress(ValueError):  # already registered
         AutoConfig.register("libmoe", LibMoEConfig)
+    with contextlib.suppress(ValueError):
+        AutoModel.register(LibMoEConfig, LibMoEModel)
     with contextlib.suppress(ValueError):
         AutoModelForCausalLM.register(LibMoEConfig, LibMoEForCausalLM)
 
 
-def to_hf(model: MoETransformer) -> LibMoEForCausalLM:
-    """The same weights as a LibMoEForCausalLM."""
-    hf = LibMoEForCausalLM(LibMoEConfig(libmoe=model.config.to_dict()))
-    hf.model.load_state_dict(model.state_dict())
-    return hf.to(next(model.parameters()).device)
+def to_hf(model: MoETransformer, **config_kwargs: Any) -> LibMoEForCausalLM:
+    """The same weights as a LibMoEForCausalLM (config_kwargs: e.g. eos_token_id)."""
+    hf = LibMoEForCausalLM(LibMoEConfig.from_model_config(model.config, **config_kwargs))
+    state = model.state_dict()
+    hf.lm_head.load_state_dict({"weight": state.pop("head.weight")})
+    hf.model.load_state_dict(state)
+    return hf.to(next(model.parameters()).device).train(model.training)
 
 
 def write_hf_config(directory: str | Path, cfg: ModelConfig) -> Path:
     """Add transformers' config.json to a libmoe model directory (model.safetensors with the
-    MoETransformer's keys): AutoModelForCausalLM then loads it as LibMoEForCausalLM, reading the
-    weights as its base model's, while libmoe keeps reading config.yaml."""
-    config = LibMoEConfig(libmoe=cfg.to_dict(), architectures=["LibMoEForCausalLM"])
+    MoETransformer's keys): AutoModelForCausalLM then loads it as LibMoEForCausalLM, while libmoe
+    keeps reading config.yaml."""
+    config = LibMoEConfig.from_model_config(cfg, architectures=["LibMoEForCausalLM"])
     config.save_pretrained(str(directory))
     return Path(directory) / "config.json"
 

@@ -6,24 +6,25 @@ saved weights. Registered with the Auto classes like `libmoe.models.hf`, so
 `import libmoe`. Writing such a directory is `libmoe.upcycle` (`wrap_upcycled`,
 `upcycle_transformers`). Needs transformers (`pip install 'libmoe[hub]'`).
 
-Loading reads DIR/model.safetensors (or the shards of model.safetensors.index.json; a Hub name is
-downloaded first) itself and builds the model on the CPU first: transformers' meta-device loading
-would leave the source's non-persistent buffers (rotary tables) and the routers' constants
-uninitialised.
+Loading is transformers' own (`from_pretrained`'s options apply), after the config is fitted to
+files saved before MoE++'s slot counts scaled with E; the MoE layers initialise the tensors a
+checkpoint lacks like a freshly built layer, and the routers' constants are recomputed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import inspect
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
 
-from ..moe import legacy_options
+from ..moe import MoELayer, Router, legacy_options
+from .hf import _old_cache_name, saved_shapes
 from .upcycled import SHARED_ALGORITHMS, moe_aux_loss, upcycle_hf_model
 
 
@@ -34,113 +35,207 @@ def upcycle_spec(algorithm: str, n_experts: int, top_k: int, layers: list[int] |
             "seed": seed, "router_init_std": router_init_std, "options": dict(options)}
 
 
+# upcycle_spec's keys -> the config's (flat, standard where transformers has a name) attributes.
+SPEC_NAMES = {"algorithm": "algorithm", "n_experts": "num_experts", "top_k": "num_experts_per_tok",
+              "layers": "moe_layers", "seed": "upcycle_seed", "router_init_std": "router_init_std",
+              "options": "moe_options"}
+# Attributes that are not the source model's: they stay out of base_config().
+OWN_NAMES = {*SPEC_NAMES.values(), "base_model_type", "model_type", "architectures",
+             "transformers_version", "auto_map"}
+# Names every config carries at the top level; GPT-2 spells them its own way.
+SHAPE_NAMES = {"vocab_size": (), "hidden_size": ("n_embd",), "num_hidden_layers": ("n_layer",),
+               "num_attention_heads": ("n_head",), "max_position_embeddings": ("n_positions",)}
+
+
 class LibMoEUpcycledConfig(PretrainedConfig):
+    """The source model's config, flat (its own fields at the top level, `base_model_type` its
+    model_type, and `hidden_size`, `num_hidden_layers`, ... under their standard names whatever the
+    source calls them), plus the upcycling: `algorithm`, `num_experts` (E, a shared expert
+    included), `num_experts_per_tok`, `moe_layers` (None: every MLP), `upcycle_seed`,
+    `router_init_std` and the routing options `moe_options`. `upcycle` is that part as
+    `upcycle_spec`'s dict. Configs written before it was flat (`base` and `upcycle` dicts) load."""
+
     model_type = "libmoe_upcycled"
 
-    def __init__(self, base: dict[str, Any] | None = None, upcycle: dict[str, Any] | None = None,
-                 **kwargs: Any):
-        self.base, self.upcycle = dict(base or {}), dict(upcycle or {})
-        names = {"vocab_size": (), "hidden_size": ("n_embd",), "num_hidden_layers": ("n_layer",),
-                 "max_position_embeddings": ("n_positions",)}  # GPT-2 spells them its own way
-        for key, aliases in names.items():
-            for name in (key, *aliases):
-                if name in self.base:
-                    kwargs.setdefault(key, self.base[name])
-                    break
-        kwargs.setdefault("tie_word_embeddings", self.base.get("tie_word_embeddings", False))
+    def __init__(self, base_model_type: str = "llama", algorithm: str = "smoe", num_experts: int = 8,
+                 num_experts_per_tok: int = 2, moe_layers: list[int] | None = None,
+                 upcycle_seed: int = 42, router_init_std: float = 0.02,
+                 moe_options: dict[str, Any] | None = None, **kwargs: Any):
+        base, spec = kwargs.pop("base", None), kwargs.pop("upcycle", None)  # the nested format
+        if base:
+            base = dict(base)
+            base_model_type = base.pop("model_type", base_model_type)
+            kwargs = {**kwargs, **base}
+        self.base_model_type = base_model_type
+        self.algorithm, self.num_experts = algorithm, num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_layers, self.upcycle_seed, self.router_init_std = moe_layers, upcycle_seed, router_init_std
+        self.moe_options = dict(moe_options or {})
+        if spec:
+            self.upcycle = {**self.upcycle, **spec}
+        kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
+        source = self.base_config()
+        for name, aliases in SHAPE_NAMES.items():
+            if name not in self.__dict__:
+                for alias in (name, *aliases):
+                    if hasattr(source, alias):
+                        setattr(self, name, getattr(source, alias))
+                        break
+
+    @property
+    def upcycle(self) -> dict[str, Any]:
+        """The upcycling as `upcycle_spec` gives it (upcycle_hf_model's arguments)."""
+        spec = {key: getattr(self, name) for key, name in SPEC_NAMES.items()}
+        spec["options"] = dict(spec["options"] or {})
+        return spec
+
+    @upcycle.setter
+    def upcycle(self, spec: dict[str, Any]) -> None:
+        for key, value in spec.items():
+            setattr(self, SPEC_NAMES[key], dict(value or {}) if key == "options" else value)
 
     def base_config(self) -> PretrainedConfig:
-        base = dict(self.base)
-        return AutoConfig.for_model(base.pop("model_type"), **base)
+        """The source model's config."""
+        fields = {k: v for k, v in self.to_dict().items() if k not in OWN_NAMES}
+        return AutoConfig.for_model(self.base_model_type, **fields)
 
 
 class LibMoEUpcycledForCausalLM(PreTrainedModel, GenerationMixin):
     """A transformers causal LM whose MLPs are libmoe MoE layers (`.model` is the source class).
-    With labels, the loss is the source's language-model loss plus the MoE auxiliary loss."""
+    With labels, the loss is the source's language-model loss plus the MoE auxiliary loss.
+    Decoding (cache, masks, positions, generate) and the attention implementation are the
+    source model's."""
 
     config_class = LibMoEUpcycledConfig
     base_model_prefix = "model"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
 
     def __init__(self, config: LibMoEUpcycledConfig):
         super().__init__(config)
         spec = dict(config.upcycle)
         options = spec.pop("options", {})
-        self.model = AutoModelForCausalLM.from_config(config.base_config())
+        base = config.base_config()
+        if config._attn_implementation is not None:
+            base._attn_implementation = config._attn_implementation
+        self.model = AutoModelForCausalLM.from_config(base)
         upcycle_hf_model(self.model, **spec, **options)
+        if not any(p.is_meta for p in self.model.parameters()):
+            mark_initialised(self.model)  # the MoE layers hold their upcycled copies: keep them
         self.post_init()
 
-    def _init_weights(self, module):  # the source and the MoE layers initialise themselves
+    def _init_weights(self, module):  # the source model initialises its own modules
         pass
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """The source model's initialisation, then each MoE layer's own (a freshly built layer's
+        parameters and buffers, for those transformers has not loaded or marked initialised)."""
+        super().initialize_weights()
+        for layer in [m for m in self.modules() if isinstance(m, MoELayer)]:
+            with torch.device("cpu"):
+                twin = MoELayer(layer.algorithm, type(layer.router)(layer.d_model, layer.n_experts,
+                                                                     layer.top_k, layer.opts),
+                                layer.d_model, layer.n_experts, layer.expert_dim, layer.top_k, layer.opts)
+            fresh = dict(twin.named_parameters()) | dict(twin.named_buffers())
+            for name, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
+                init.copy_(tensor, fresh[name])
+
+    def set_attn_implementation(self, attn_implementation, *args: Any, **kwargs: Any):
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        self.model.set_attn_implementation(attn_implementation, *args, **kwargs)
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
 
+    def set_input_embeddings(self, value) -> None:
+        self.model.set_input_embeddings(value)
+
     def get_output_embeddings(self):
         return self.model.get_output_embeddings()
 
-    def forward(self, input_ids=None, labels=None, **kwargs: Any):
-        out = self.model(input_ids=input_ids, labels=labels, **kwargs)
+    def set_output_embeddings(self, value) -> None:
+        self.model.set_output_embeddings(value)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
+                past_key_values=None, return_dict=None, **kwargs: Any):
+        cache = cache if cache is not None else _old_cache_name(past_key_values)
+        if cache is not None:
+            params = inspect.signature(self.model.forward).parameters
+            kwargs["cache" if "cache" in params else "past_key_values"] = cache
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                         logits_to_keep=logits_to_keep, return_dict=True, **kwargs)
         if labels is not None:
             out.loss = out.loss + moe_aux_loss(self.model)
-        return out
+        return out if return_dict is not False else out.to_tuple()
 
     @classmethod
-    def from_pretrained(cls, path, *args: Any, **kwargs: Any) -> LibMoEUpcycledForCausalLM:
-        path = Path(path)
-        hub_name = str(path).count("/") == 1 and not str(path).startswith((".", "/", "~"))
-        if not path.exists() and hub_name:
-            from huggingface_hub import snapshot_download  # a Hub repository holding such a model
-
-            path = Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors",
-                                                                     "*.model", "*.txt"]))
-        state = _read_safetensors(path)
-        model = cls(_fit_saved_layout(cls.config_class.from_pretrained(str(path)), state))
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        local = Path(str(path))
+        if not local.exists() and str(path).startswith((".", "/", "~")):
+            raise FileNotFoundError(f"{path}: no such directory (an upcycled model directory holds "
+                                    "config.json and model.safetensors, as libmoe upcycle writes them).")
+        if local.is_dir():
+            config = kwargs.get("config")
+            if not isinstance(config, LibMoEUpcycledConfig):
+                config = cls.config_class.from_pretrained(str(local))
+            shapes = saved_shapes(local, lambda key: key.endswith("moe.router.weight"))
+            kwargs["config"] = _fit_saved_layout(config, shapes)
         try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
+            loaded = super().from_pretrained(*args, **kwargs)
         except RuntimeError as err:  # shapes differ: the weights are not this spec's
-            raise ValueError(f"{path}: weights do not match the upcycled model ({err}).") from err
-        tied = {"model.lm_head.weight"} if model.config.tie_word_embeddings else set()
-        if set(missing) - tied or unexpected:
-            raise ValueError(f"{path}: weights do not match the upcycled model (missing "
-                             f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}).")
-        model.tie_weights()
-        dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
-        return (model.to(dtype) if isinstance(dtype, torch.dtype) else model).eval()
+            if "mismatch" not in str(err):
+                raise
+            raise ValueError(f"{path}: weights do not match the upcycled model its config.json "
+                             "describes (tensor shapes differ; transformers' load report above "
+                             "names them).") from None
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # with output_loading_info
+        _restore_router_buffers(model)
+        return loaded
 
 
-def _fit_saved_layout(config: LibMoEUpcycledConfig, state: dict[str, torch.Tensor]) -> LibMoEUpcycledConfig:
+def mark_initialised(model: nn.Module) -> None:
+    """Flag the MoE layers' tensors of upcycled `model` as initialised, so that transformers' init
+    pass (post_init, and the wrapper's initialize_weights) keeps the upcycled weights."""
+    for layer in [m for m in model.modules() if isinstance(m, MoELayer)]:
+        for tensor in [*layer.parameters(), *layer.buffers()]:
+            tensor._is_hf_initialized = True
+
+
+@torch.no_grad()
+def _restore_router_buffers(model: nn.Module) -> None:
+    """Recompute the routers' non-persistent buffers (constants), which meta-device loading may
+    leave unset."""
+    for router in [m for m in model.modules() if isinstance(m, Router)]:
+        fresh = type(router)(router.d_model, router.n_experts, router.top_k, router.opts)
+        for name in router._non_persistent_buffers_set:
+            getattr(router, name).copy_(getattr(fresh, name))
+
+
+def _fit_saved_layout(config: LibMoEUpcycledConfig,
+                      shapes: dict[str, tuple[int, ...]]) -> LibMoEUpcycledConfig:
     """`config`, its upcycling options completed with the slot counts a MoE++ model saved before
-    they scaled with E was built with (libmoe.moe.legacy_options), when its router weights say so."""
+    they scaled with E was built with (libmoe.moe.legacy_options), when its router weights
+    (`shapes`: saved key -> shape) say so."""
     spec = dict(config.upcycle)
-    weight = next((v for k, v in state.items() if k.endswith("moe.router.weight") and v.dim() == 2), None)
-    if weight is None or "algorithm" not in spec:
+    shape = next((v for k, v in shapes.items() if k.endswith("moe.router.weight") and len(v) == 2), None)
+    if shape is None or "algorithm" not in spec:
         return config
     options = dict(spec.get("options") or {})
     E, K = spec["n_experts"], spec["top_k"]
     if spec["algorithm"] in SHARED_ALGORITHMS:  # as upcycle_hf_model builds them
         E, K = E - 1, K - 1
         options.setdefault("n_shared", 1)
-    legacy = legacy_options(spec["algorithm"], int(weight.shape[1]), E, K, int(weight.shape[0]),
+    legacy = legacy_options(spec["algorithm"], int(shape[1]), E, K, int(shape[0]),
                             router_init_std=spec.get("router_init_std", 0.02), **options)
     if legacy:
         config.upcycle = {**spec, "options": {**(spec.get("options") or {}), **legacy}}
     return config
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The weights of a directory: model.safetensors, or the shards its index names."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(str(path / shard)))
-        return state
-    if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path}: expected model.safetensors (or a sharded index), as "
-                                "libmoe upcycle and save_pretrained write them.")
-    return load_file(str(path / "model.safetensors"))
 
 
 def register_auto() -> None:

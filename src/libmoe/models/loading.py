@@ -155,7 +155,7 @@ def _load_transformers(path: Path, device: str | torch.device) -> LoadedModel:
         bad = [w for w in weights if not _readable_file(w)] or [path]
         raise CorruptFileError(bad[0], "truncated or not a safetensors file", fix) from None
     if type(model).__name__ == "LibMoEForCausalLM":  # libmoe's own model saved by transformers
-        model = model.model
+        model = model.to_libmoe()
     return LoadedModel(model.to(device).eval(), tokenizer, path, step, config)
 
 
@@ -205,10 +205,9 @@ def save_model_dir(out: str | Path, model: MoETransformer, run_config: dict[str,
         say(f"libmoe: {out}: AutoTokenizer files skipped: {first}")
     from transformers import GenerationConfig
 
-    hf_config = LibMoEConfig(libmoe=model.config.to_dict(), architectures=["LibMoEForCausalLM"], **ids)
+    hf_config = LibMoEConfig.from_model_config(model.config, architectures=["LibMoEForCausalLM"], **ids)
     write_text(out / "config.json", hf_config.to_json_string())
-    # use_cache=False: the model keeps no KV cache, so generate() must feed it the whole sequence
-    generation = GenerationConfig(use_cache=False, **{k: v for k, v in ids.items() if v is not None})
+    generation = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
     write_text(out / "generation_config.json", generation.to_json_string())
     return out
 

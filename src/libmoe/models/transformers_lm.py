@@ -14,6 +14,7 @@ read them.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -92,9 +93,19 @@ class TransformersLM(nn.Module):
         super().__init__()
         self.lm = lm
         self.config = describe(lm.config)
+        # transformers 5.2x models take the cache as `cache` (`past_key_values` deprecated); earlier ones
+        # as `past_key_values`
+        params = inspect.signature(lm.forward).parameters
+        self.cache_argument = "cache" if "cache" in params else "past_key_values"
 
-    def forward(self, tokens: Tensor, targets: Tensor | None = None) -> LMOutput:
-        logits = self.lm(input_ids=tokens, use_cache=False).logits
+    def forward(self, tokens: Tensor, targets: Tensor | None = None, cache: Any = None,
+                attention_mask: Tensor | None = None, position_ids: Tensor | None = None) -> LMOutput:
+        """`cache` (a transformers Cache, `new_cache()`), `attention_mask` and `position_ids` are
+        the transformers model's, for decoding (libmoe.models.generation)."""
+        decoding: dict[str, Any] = {"attention_mask": attention_mask, "position_ids": position_ids}
+        if cache is not None:
+            decoding[self.cache_argument] = cache
+        logits = self.lm(input_ids=tokens, use_cache=cache is not None, **decoding).logits
         aux_loss = logits.new_zeros((), dtype=torch.float32)
         aux: dict[str, Tensor] = {}
         routing = []
@@ -109,6 +120,12 @@ class TransformersLM(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return LMOutput(logits, loss, aux_loss, aux, routing)
+
+    def new_cache(self):
+        """An empty transformers DynamicCache for this model."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.lm.config)
 
     def config_json(self) -> str:
         return self.lm.config.to_json_string()

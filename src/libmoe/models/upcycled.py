@@ -266,7 +266,7 @@ def upcycle_hf_model(model: nn.Module, algorithm: str, n_experts: int, top_k: in
         if d.has_bias:
             layer_opts.setdefault("expert_bias", True)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=seeds)))
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=seeds, device="cpu")))
             layer = build_moe(algorithm, D, E, M, K, **layer_opts)
         layer.to(device=d.w1.device, dtype=d.w1.dtype)
         copy_into_experts(layer.experts, d.w1, d.w2, d.w3, noise, noise_std, reinit_fraction,

@@ -377,6 +377,14 @@ def moe_layers(model: nn.Module) -> Iterator[MoELayer | DenseFFN]:
             yield module
 
 
+def routes_per_token(model: nn.Module) -> bool:
+    """Whether every MoE layer of `model` routes each token by itself (Router.PER_TOKEN, and no
+    capacity_factor dropping tokens over an expert's share of the batch), so that decoding with a
+    KV cache routes as the whole sequence does. Expert choice does not."""
+    return all(type(layer.router).PER_TOKEN and layer.opts.capacity_factor is None
+               for layer in model.modules() if isinstance(layer, MoELayer))
+
+
 def update_bias_balancing(model: nn.Module) -> None:
     """Apply the auxiliary-loss-free bias update of every layer (call after optimizer.step())."""
     for layer in moe_layers(model):

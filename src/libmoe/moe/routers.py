@@ -47,6 +47,10 @@ class Router(nn.Module):
     # Options whose default (None) scales with the layer's size, each mapped to the fixed value it
     # had before it scaled: a file saved then records no value for it (`legacy_options`).
     SCALED_OPTIONS: ClassVar[dict[str, Any]] = {}
+    # Whether a token's routing depends on that token alone (its input, the previous layer's logits),
+    # not on the other tokens of the batch: then decoding token by token with a KV cache routes as a
+    # forward over the whole sequence does.
+    PER_TOKEN: ClassVar[bool] = True
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, opts: MoEOptions):
         super().__init__()
@@ -429,6 +433,8 @@ class ExpertChoiceRouter(TopKRouter):
     Selection looks at every token of the batch, so in a causal LM a token's routing depends on
     later tokens: use it for analysis and encoder-style studies, not for autoregressive decoding.
     """
+
+    PER_TOKEN = False
 
     @classmethod
     def check_options(cls, opts, n_experts, top_k):

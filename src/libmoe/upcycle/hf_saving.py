@@ -19,6 +19,7 @@ from ..files import write_json
 from ..models.hf_upcycled import (
     LibMoEUpcycledConfig,
     LibMoEUpcycledForCausalLM,
+    mark_initialised,
     upcycle_spec,
 )
 from ..models.loading import find_tokenizer
@@ -51,6 +52,7 @@ def wrap_upcycled(source, algorithm: str, n_experts: int, top_k: int, layers: li
     wrapper = LibMoEUpcycledForCausalLM.__new__(LibMoEUpcycledForCausalLM)
     PreTrainedModel.__init__(wrapper, config)
     wrapper.model = source
+    mark_initialised(source)
     wrapper.post_init()
     return wrapper
 
