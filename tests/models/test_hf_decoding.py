@@ -220,3 +220,29 @@ def test_the_upcycled_model_generates_with_the_cache_and_left_padding():
     out = m.generate(padded, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     alone = m.generate(ids[1:, :5], max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert torch.equal(out[0, 7:], alone[0, 5:])
+
+
+def test_inputs_embeds_stand_in_for_input_ids_in_forward_and_generate():
+    m = lm()
+    ids = prompt()
+    embeds = m.get_input_embeddings()(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(m(inputs_embeds=embeds).logits, m(ids).logits)
+    from_ids = m.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    from_embeds = m.generate(inputs_embeds=embeds, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(from_embeds, from_ids[:, ids.shape[1]:])  # generate returns the new tokens only
+    with pytest.raises(ValueError, match="exactly one of tokens and inputs_embeds"):
+        m(ids, inputs_embeds=embeds)
+
+
+def test_libmoe_generate_runs_transformers_models_libmoe_trains_with_their_cache():
+    from libmoe.models import TransformersLM
+
+    model = TransformersLM(upcycled())
+    prompts = [prompt(1, 6, seed=4)[0].tolist(), prompt(1, 3, seed=5)[0].tolist()]
+    cached = generate(model, prompts, 8)
+    assert cached == generate(model, prompts, 8, use_cache=False)
+    assert type(model.new_cache()).__name__ == "DynamicCache"
+    direct = model.lm.generate(torch.tensor([prompts[0]]), max_new_tokens=8, min_new_tokens=8,
+                               do_sample=False)
+    assert cached[0] == direct[0, 6:].tolist()
