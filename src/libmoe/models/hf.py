@@ -463,6 +463,12 @@ def _restore_buffers(model: LibMoEModel) -> None:
     cos, sin = rotary_tables(cfg.max_seq_len, cfg.rope_dim, cfg.rope_base)
     model.rope_cos.copy_(cos)
     model.rope_sin.copy_(sin)
+    restore_router_buffers(model)
+
+
+@torch.no_grad()
+def restore_router_buffers(model: nn.Module) -> None:
+    """Recompute the routers' non-persistent buffers (constants) in `model`."""
     for router in [m for m in model.modules() if isinstance(m, Router)]:
         fresh = type(router)(router.d_model, router.n_experts, router.top_k, router.opts)
         for name in router._non_persistent_buffers_set:

@@ -23,8 +23,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
-from ..moe import MoELayer, Router, legacy_options
-from .hf import _old_cache_name, saved_shapes
+from ..moe import MoELayer, legacy_options
+from .hf import _old_cache_name, restore_router_buffers, saved_shapes
 from .upcycled import SHARED_ALGORITHMS, moe_aux_loss, upcycle_hf_model
 
 
@@ -195,7 +195,7 @@ class LibMoEUpcycledForCausalLM(PreTrainedModel, GenerationMixin):
                              "describes (tensor shapes differ; transformers' load report above "
                              "names them).") from None
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # with output_loading_info
-        _restore_router_buffers(model)
+        restore_router_buffers(model)  # the routers' constants, which meta loading may leave unset
         return loaded
 
 
@@ -205,16 +205,6 @@ def mark_initialised(model: nn.Module) -> None:
     for layer in [m for m in model.modules() if isinstance(m, MoELayer)]:
         for tensor in [*layer.parameters(), *layer.buffers()]:
             tensor._is_hf_initialized = True
-
-
-@torch.no_grad()
-def _restore_router_buffers(model: nn.Module) -> None:
-    """Recompute the routers' non-persistent buffers (constants), which meta-device loading may
-    leave unset."""
-    for router in [m for m in model.modules() if isinstance(m, Router)]:
-        fresh = type(router)(router.d_model, router.n_experts, router.top_k, router.opts)
-        for name in router._non_persistent_buffers_set:
-            getattr(router, name).copy_(getattr(fresh, name))
 
 
 def _fit_saved_layout(config: LibMoEUpcycledConfig,
