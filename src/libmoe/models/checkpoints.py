@@ -11,18 +11,26 @@ Contents of a checkpoint directory:
   checkpoint is recognised (`verify_checkpoint`) and `--resume` falls back to an intact one;
 - ``config.yaml``: the run's resolved config, so the directory stands alone;
 - ``routing_trace.safetensors`` / ``routing_trace.json``: see `libmoe.moe.trace`.
+
+Also what the transformers classes read off a model directory's weights: `weight_files`,
+`saved_shapes` (tensor shapes from the safetensors headers) and `restore_router_buffers` (the
+routers' constants, which meta-device loading may leave unset).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
+from torch import nn
 
 from ..files import CorruptFileError, read_json_object, sha256
+from ..moe import Router
 
 # The files of a checkpoint directory (step_N/): the model weights, the optimizer state, the
 # trainer's state, and checkpoint.json (the files' checksums, which verify_checkpoint compares).
@@ -137,3 +145,35 @@ def newest_intact_checkpoint(run_dir: str | Path, say=print) -> tuple[Path, dict
         skipped.append(f"{path.name}: {reason}")
     raise ValueError(f"no intact checkpoint in {str(root / 'checkpoints')!r} ({'; '.join(skipped)}); "
                      "start the run again with --overwrite.")
+
+
+def weight_files(directory: Path) -> list[str]:
+    """The safetensors files of a model directory: the shards model.safetensors.index.json names,
+    else model.safetensors."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+    return ["model.safetensors"]
+
+
+def saved_shapes(directory: Path, wanted) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of the tensors whose key satisfies `wanted` in directory's model.safetensors
+    (or the shards its model.safetensors.index.json names), read from the headers only."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in weight_files(directory):
+        if not (directory / name).is_file():
+            continue
+        with safe_open(str(directory / name), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118  (a safe_open handle is not a dict)
+                if wanted(key):
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
+@torch.no_grad()
+def restore_router_buffers(model: nn.Module) -> None:
+    """Recompute the routers' non-persistent buffers (constants) in `model`."""
+    for router in [m for m in model.modules() if isinstance(m, Router)]:
+        fresh = type(router)(router.d_model, router.n_experts, router.top_k, router.opts)
+        for name in router._non_persistent_buffers_set:
+            getattr(router, name).copy_(getattr(fresh, name))

@@ -27,16 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import transformers
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from transformers import (
@@ -51,8 +47,9 @@ from transformers import (
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ..moe import Router
+from .checkpoints import restore_router_buffers, saved_shapes, weight_files
 from .config import ModelConfig
+from .hf_compat import CACHE_FIELD, old_cache_name
 from .transformer import Block, Decoder, MoETransformer, rotary_tables
 
 # ModelConfig field -> the config's (transformers') name. The libmoe names read and set the same
@@ -168,8 +165,6 @@ class LibMoECausalLMOutput(CausalLMOutputWithPast):
     router_logits: tuple[torch.Tensor, ...] | None = None
 
 
-# transformers 5.2x names the cache field `cache`; earlier 5.x `past_key_values`.
-CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 class LibMoEPreTrainedModel(PreTrainedModel):
@@ -270,7 +265,7 @@ class LibMoEModel(Decoder, LibMoEPreTrainedModel):
                 output_router_logits: bool | None = None, return_dict: bool | None = None,
                 past_key_values: Any = None, **kwargs: Any):
         cfg = self.config
-        cache = cache if cache is not None else _old_cache_name(past_key_values)
+        cache = cache if cache is not None else old_cache_name(past_key_values)
         if use_cache is None:  # routing across tokens (expert choice) decodes without a cache
             use_cache = cfg.use_cache and self.routes_per_token
         if use_cache and cache is None:
@@ -328,7 +323,7 @@ class LibMoEForCausalLM(LibMoEPreTrainedModel, GenerationMixin):
                 return_dict: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
                 past_key_values: Any = None, **kwargs: Any):
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=cache if cache is not None else _old_cache_name(past_key_values),
+                         cache=cache if cache is not None else old_cache_name(past_key_values),
                          inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                          output_router_logits=output_router_logits, return_dict=True)
@@ -357,15 +352,6 @@ class LibMoEForCausalLM(LibMoEPreTrainedModel, GenerationMixin):
         return model.train(self.training)
 
 
-def _old_cache_name(past_key_values: Any) -> Any:
-    """`past_key_values`, the cache's name before transformers 5.2x called it `cache` (and still its
-    name there, where no warning is due)."""
-    if past_key_values is not None and CACHE_FIELD == "cache":
-        warnings.warn("`past_key_values` is deprecated: pass the cache as `cache`, as transformers "
-                      f"{transformers.__version__} names it.", FutureWarning, stacklevel=3)
-    return past_key_values
-
-
 def _libmoe_layout(directory: Path) -> bool:
     """Whether `directory`'s weights have the MoETransformer's keys (`head.weight`, a libmoe
     model directory) or this class's before the head was split (`model.head.weight`)."""
@@ -374,8 +360,9 @@ def _libmoe_layout(directory: Path) -> bool:
 
 
 def _load_libmoe_layout(cls, directory: Path, kwargs: dict[str, Any]):
-    """Load `directory` (libmoe's layout, see `_libmoe_layout`) as `cls` (on the CPU; `dtype`
-    and `device_map` as a device are honoured, other loading options are not needed here)."""
+    """Load `directory` (libmoe's layout, see `_libmoe_layout`) as `cls`, strictly (every tensor
+    present, none left over), on the CPU; `dtype`, `device_map` naming one device,
+    `attn_implementation`, `output_*` and `output_loading_info` are honoured."""
     config = kwargs.get("config")
     if not isinstance(config, LibMoEConfig):
         config = LibMoEConfig.from_pretrained(str(directory))
@@ -386,7 +373,7 @@ def _load_libmoe_layout(cls, directory: Path, kwargs: dict[str, Any]):
         config._attn_implementation = kwargs["attn_implementation"]
     model = cls(config)
     state = {}
-    for name in _weight_files(directory):
+    for name in weight_files(directory):
         state.update(load_file(str(directory / name)))
     mapped = {}
     for key, value in state.items():
@@ -411,14 +398,10 @@ def _load_libmoe_layout(cls, directory: Path, kwargs: dict[str, Any]):
     device = kwargs.get("device_map")
     if isinstance(device, (str, torch.device)) and device != "auto":
         model = model.to(device)
+    if kwargs.get("output_loading_info"):  # strict loading above: nothing missing or unexpected
+        return model.eval(), {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(),
+                              "error_msgs": []}
     return model.eval()
-
-
-def _weight_files(directory: Path) -> list[str]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-    return ["model.safetensors"]
 
 
 def _fit_saved_layout(path: Any, config: Any) -> LibMoEConfig | None:
@@ -441,20 +424,6 @@ def _fit_saved_layout(path: Any, config: Any) -> LibMoEConfig | None:
     return config
 
 
-def saved_shapes(directory: Path, wanted) -> dict[str, tuple[int, ...]]:
-    """{key: shape} of the tensors whose key satisfies `wanted` in directory's model.safetensors
-    (or the shards its model.safetensors.index.json names), read from the headers only."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name in _weight_files(directory):
-        if not (directory / name).is_file():
-            continue
-        with safe_open(str(directory / name), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118  (a safe_open handle is not a dict)
-                if wanted(key):
-                    shapes[key] = tuple(handle.get_slice(key).get_shape())
-    return shapes
-
-
 @torch.no_grad()
 def _restore_buffers(model: LibMoEModel) -> None:
     """Recompute the non-persistent buffers (rotary tables, routers' constants), which
@@ -464,15 +433,6 @@ def _restore_buffers(model: LibMoEModel) -> None:
     model.rope_cos.copy_(cos)
     model.rope_sin.copy_(sin)
     restore_router_buffers(model)
-
-
-@torch.no_grad()
-def restore_router_buffers(model: nn.Module) -> None:
-    """Recompute the routers' non-persistent buffers (constants) in `model`."""
-    for router in [m for m in model.modules() if isinstance(m, Router)]:
-        fresh = type(router)(router.d_model, router.n_experts, router.top_k, router.opts)
-        for name in router._non_persistent_buffers_set:
-            getattr(router, name).copy_(getattr(fresh, name))
 
 
 def register_auto() -> None:

@@ -24,7 +24,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers import initialization as init
 
 from ..moe import MoELayer, legacy_options
-from .hf import _old_cache_name, restore_router_buffers, saved_shapes
+from .checkpoints import restore_router_buffers, saved_shapes
+from .hf_compat import old_cache_name
 from .upcycled import SHARED_ALGORITHMS, moe_aux_loss, upcycle_hf_model
 
 
@@ -162,7 +163,7 @@ class LibMoEUpcycledForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
                 past_key_values=None, return_dict=None, **kwargs: Any):
-        cache = cache if cache is not None else _old_cache_name(past_key_values)
+        cache = cache if cache is not None else old_cache_name(past_key_values)
         if cache is not None:
             params = inspect.signature(self.model.forward).parameters
             kwargs["cache" if "cache" in params else "past_key_values"] = cache
