@@ -105,3 +105,13 @@ def test_export_cli_writes_an_automodel_directory(micro_config, tmp_path):
     assert isinstance(saved.model, MoETransformer) and saved.step is None
     with torch.no_grad():
         assert torch.equal(saved.model(tokens).logits, run.model(tokens).logits)
+
+
+def test_importing_the_classes_first_registers_both_without_a_word():
+    """libmoe.models.hf imports transformers' Auto classes, which fires libmoe's registration hook
+    mid-import: the upcycled module must not need the half-imported hf module."""
+    script = ("import libmoe\nimport libmoe.models.hf\nfrom transformers import AutoConfig\n"
+              "print(AutoConfig.for_model('libmoe_upcycled').model_type)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "libmoe_upcycled" and "could not register" not in done.stderr
