@@ -4,6 +4,7 @@ logits, the labels loss, save_pretrained round trips, and `libmoe export`."""
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -115,3 +116,15 @@ def test_importing_the_classes_first_registers_both_without_a_word():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "libmoe_upcycled" and "could not register" not in done.stderr
+
+
+def test_the_old_cache_name_is_taken_and_warns_where_transformers_renamed_it():
+    from libmoe.models.hf_compat import CACHE_FIELD, old_cache_name
+
+    cache = object()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert old_cache_name(cache) is cache and old_cache_name(None) is None
+    renamed = CACHE_FIELD == "cache"  # transformers 5.2x: `cache`; earlier 5.x: `past_key_values`
+    assert [str(w.message).startswith("`past_key_values` is deprecated") for w in caught] == (
+        [True] if renamed else [])
