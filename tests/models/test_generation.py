@@ -83,14 +83,6 @@ def test_masks_positions_and_lengths_are_checked():
         m(TOKENS, position_ids=torch.arange(29, 41)[None])
 
 
-def test_kv_cache_reorders_rows():
-    cache = KVCache()
-    k = torch.arange(2 * 3 * 4.0).view(2, 1, 3, 4)
-    cache.update(k, -k, 0)
-    cache.reorder(torch.tensor([1, 1]))
-    assert torch.equal(cache.keys[0][0], k[1]) and torch.equal(cache.values[0][1], -k[1])
-
-
 @pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "seed": 3, "temperature": 0.7, "top_k": 20,
                                           "top_p": 0.9}])
 def test_generate_with_the_cache_matches_the_cache_free_loop(sampling):

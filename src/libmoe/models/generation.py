@@ -135,7 +135,8 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
         ids[row, L - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
         mask[row, L - len(prompt):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    padded = bool((mask == 0).any())
+    padded = len({len(p) for p in prompts}) > 1
+    cache_argument = _cache_argument(model)
     new: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     cache = None  # holds the keys and values of every column of ids but the last
@@ -150,7 +151,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
                 start = max(0, N - window)
                 cache = new_cache(model) if use_cache and window >= N else None
             seen = 0 if cache is not None else start  # the mask covers the cached columns too
-            logits = _forward(model, ids[:, start:], mask[:, seen:], cache, padded)
+            logits = _forward(model, ids[:, start:], mask[:, seen:], cache, cache_argument, padded)
             step = next_token(logits[:, -1], do_sample, temperature, top_k, top_p, generator).tolist()
             for row, t in enumerate(step):
                 if done[row]:
@@ -171,9 +172,10 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
     return new
 
 
-def _forward(model: nn.Module, ids: Tensor, mask: Tensor, cache, padded: bool) -> Tensor:
+def _forward(model: nn.Module, ids: Tensor, mask: Tensor, cache, cache_argument: str,
+             padded: bool) -> Tensor:
     """The logits of `ids`, the columns after those `cache` holds; `mask` covers both."""
-    kwargs = {} if cache is None else {_cache_argument(model): cache}
+    kwargs = {} if cache is None else {cache_argument: cache}
     if padded:  # transformers' convention: positions count the real tokens only
         kwargs["attention_mask"] = mask
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]

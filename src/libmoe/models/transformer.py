@@ -68,11 +68,6 @@ class KVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.keys[layer_idx].shape[-2] if layer_idx < len(self.keys) else 0
 
-    def reorder(self, rows: Tensor) -> None:
-        """Keep the batch rows `rows` (in that order), as beam search or a finished row needs."""
-        self.keys = [k.index_select(0, rows) for k in self.keys]
-        self.values = [v.index_select(0, rows) for v in self.values]
-
 
 @dataclass
 class Attending:
