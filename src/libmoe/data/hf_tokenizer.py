@@ -8,7 +8,8 @@ with `transformers.AutoTokenizer.from_pretrained(DIR)` alone.
 A SentencePiece model libmoe trained is converted by transformers' own SentencePiece conversion
 (the one `AutoTokenizer` applies to a `tokenizer.model`: BPE with byte fallback, the model's
 whitespace and dummy-prefix settings), then checked to encode and decode probe texts exactly as
-libmoe does; EOS "</s>" also pads (padding on the right: libmoe's model takes no attention mask).
+libmoe does; EOS "</s>" also pads (on the right, transformers' default; batched generation wants
+`tokenizer.padding_side = "left"`, which the model's attention mask handles).
 A Hugging Face tokenizer (a directory with tokenizer_config.json, a Hub name, or libmoe's
 HFTokenizer) is saved as it is. Needs transformers (`pip install 'libmoe[hub]'`).
 """
