@@ -175,6 +175,9 @@ def test_expert_choice_generates_without_a_cache():
     m = lm("expert_choice")
     assert m.generation_config.use_cache is False
     ids = prompt()
+    with pytest.raises(ValueError, match="decode without a cache"):
+        m(ids, cache=transformers.DynamicCache(config=m.config))
+    assert m(ids).cache is None  # use_cache defaults off for it
     out = m.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     again = m.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=False)
     assert torch.equal(out, again)

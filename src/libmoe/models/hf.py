@@ -182,8 +182,8 @@ class LibMoEPreTrainedModel(PreTrainedModel):
         models, and for the weights a checkpoint lacks; its guard skips those loaded). Inside a
         block, a module takes the parameters and buffers of its twin in a freshly built Block."""
         std = self.config.initializer_range
-        twin = self._fresh_twin(module)
-        if isinstance(twin, nn.Linear) and any(twin is m for m in self._fresh_attention()):
+        twin, name = self._fresh_twin(module)
+        if name in ("attn.qkv", "attn.out"):
             init.normal_(module.weight, std=std)  # as MoETransformer: N(0, init_std) for attention
         elif twin is not None:
             own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
@@ -199,26 +199,23 @@ class LibMoEPreTrainedModel(PreTrainedModel):
             init.ones_(module.norm.weight)
             init.zeros_(module.norm.bias)
 
-    def _fresh_twin(self, module: nn.Module) -> nn.Module | None:
-        """`module`'s counterpart in a freshly built copy of its Block (None outside the blocks).
-        One fresh block is kept at a time: transformers initialises the modules block by block."""
+    def _fresh_twin(self, module: nn.Module) -> tuple[nn.Module | None, str | None]:
+        """`module`'s counterpart in a freshly built copy of its Block and its name there
+        ((None, None) outside the blocks). One fresh block is kept at a time: transformers
+        initialises the modules block by block."""
         owners = self.__dict__.get("_block_owners")
-        if owners is None or module not in owners:
+        if owners is None:  # a map of the blocks' modules, for this init pass
             owners = {m: (block, name) for block in self.modules() if isinstance(block, Block)
                       for name, m in block.named_modules()}
             self.__dict__["_block_owners"] = owners
         if module not in owners:
-            return None
+            return None, None
         block, name = owners[module]
         fresh = self.__dict__.get("_fresh_block")
         if fresh is None or fresh[0] is not block:
             fresh = (block, Block(self.config.model_config(), block.layer, block.first_moe))
             self.__dict__["_fresh_block"] = fresh
-        return fresh[1].get_submodule(name)
-
-    def _fresh_attention(self) -> tuple[nn.Module, ...]:
-        fresh = self.__dict__["_fresh_block"][1]
-        return fresh.attn.qkv, fresh.attn.out
+        return fresh[1].get_submodule(name), name
 
     def initialize_weights(self) -> None:
         try:
@@ -266,8 +263,9 @@ class LibMoEModel(Decoder, LibMoEPreTrainedModel):
                 past_key_values: Any = None, **kwargs: Any):
         cfg = self.config
         cache = cache if cache is not None else old_cache_name(past_key_values)
-        if use_cache is None:  # routing across tokens (expert choice) decodes without a cache
-            use_cache = cfg.use_cache and self.routes_per_token
+        if use_cache is None:  # routing across tokens (expert choice) decodes without a cache,
+            # and a cache passed in anyway is refused (Decoder.decode), never silently dropped
+            use_cache = cache is not None or (cfg.use_cache and self.routes_per_token)
         if use_cache and cache is None:
             cache = DynamicCache(config=cfg)
         if not use_cache:
