@@ -133,7 +133,13 @@ def test_routing_across_tokens_decodes_without_the_cache():
     assert not m.routes_per_token
     with pytest.raises(ValueError, match="decode without a cache"):
         m(TOKENS, cache=KVCache())
-    assert generate(m, [[1, 2, 3]], 8) == generate(m, [[1, 2, 3]], 8, use_cache=False)
+    widths = []
+    hook = m.embed.register_forward_hook(lambda mod, args, out: widths.append(args[0].shape[1]))
+    try:
+        assert generate(m, [[1, 2, 3]], 8) == generate(m, [[1, 2, 3]], 8, use_cache=False)
+    finally:
+        hook.remove()
+    assert widths[:8] == list(range(3, 11))  # every step reads the whole sequence
     torch.manual_seed(0)
     capped = MoETransformer(ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, head_dim=8,
                                         n_experts=4, expert_dim=8, top_k=2,

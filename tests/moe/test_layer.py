@@ -330,3 +330,15 @@ def test_model_cast_to_float64_runs_router_in_float64():
     layer = build_moe("xmoe", D, E, M, K).double()
     out = layer(torch.randn(5, D, dtype=torch.float64))
     assert out.routing.probs.dtype == torch.float64 and out.output.dtype == torch.float64
+
+
+def test_fresh_copy_builds_the_same_layer_anew():
+    torch.manual_seed(0)
+    layer = build_moe("moe_plus_plus", 16, 4, 8, 2)
+    fresh = layer.fresh_copy()
+    ours, theirs = layer.state_dict(), fresh.state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    assert type(fresh.router) is type(layer.router) and fresh.opts is layer.opts
+    assert not torch.equal(ours["experts.w1"], theirs["experts.w1"])  # newly initialised
+    for name in layer.router._non_persistent_buffers_set:  # the constants are the layer's
+        assert torch.equal(getattr(fresh.router, name), getattr(layer.router, name))

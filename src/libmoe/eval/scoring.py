@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..models import generate, supports_cache
+from ..models import generate, model_window, supports_cache
 
 
 class LMScorer:
@@ -42,7 +42,7 @@ class LMScorer:
                  max_length: int | None = None, device: str | torch.device | None = None,
                  progress: bool | None = None):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.max_length = max_length or model_window(model)
+        self.max_length = max_length or model_window(model, default=2048)
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.progress = sys.stderr.isatty() if progress is None else progress
         if tokenizer.eos_id is None or tokenizer.eos_id < 0:
@@ -163,14 +163,3 @@ class LMScorer:
                 text = text.split(u)[0]
             outputs.append(text)
         return outputs
-
-
-def model_window(model: nn.Module, default: int = 2048) -> int:
-    """The longest input `model` takes: libmoe's max_seq_len, or a transformers config's
-    n_positions / max_position_embeddings / n_ctx (the harness's order), else `default`."""
-    config = getattr(model, "config", None)
-    for attr in ("max_seq_len", "n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return default

@@ -35,7 +35,7 @@ from .checkpoints import (
     verify_checkpoint,
 )
 from .config import PRESETS, ModelConfig, model_config
-from .generation import check_sampling, generate, new_cache, supports_cache
+from .generation import cache_argument, check_sampling, generate, model_window, new_cache, supports_cache
 from .loading import (
     LoadedModel,
     find_tokenizer,
@@ -115,6 +115,7 @@ __all__ = [
     "TransformersLM",
     "UpcycledMLP",
     "build_model",
+    "cache_argument",
     "check_sampling",
     "config_from_dict",
     "copy_into_experts",
@@ -133,6 +134,7 @@ __all__ = [
     "load_yaml",
     "mlp_weights",
     "model_config",
+    "model_window",
     "moe_aux_loss",
     "newest_intact_checkpoint",
     "prepare_run_data",

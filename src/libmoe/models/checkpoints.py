@@ -174,6 +174,6 @@ def saved_shapes(directory: Path, wanted) -> dict[str, tuple[int, ...]]:
 def restore_router_buffers(model: nn.Module) -> None:
     """Recompute the routers' non-persistent buffers (constants) in `model`."""
     for router in [m for m in model.modules() if isinstance(m, Router)]:
-        fresh = type(router)(router.d_model, router.n_experts, router.top_k, router.opts)
+        fresh = router.fresh_copy()
         for name in router._non_persistent_buffers_set:
             getattr(router, name).copy_(getattr(fresh, name))

@@ -54,7 +54,7 @@ def _is_transformers(model: nn.Module) -> bool:
     return hasattr(model, "generation_config") and hasattr(model, "can_generate")
 
 
-def _cache_argument(model: nn.Module) -> str:
+def cache_argument(model: nn.Module) -> str:
     """The name `model`'s forward takes the cache by: `cache` (libmoe; transformers 5.2x), else
     `past_key_values` (earlier transformers models)."""
     if _is_transformers(model) and "cache" not in inspect.signature(model.forward).parameters:
@@ -63,10 +63,11 @@ def _cache_argument(model: nn.Module) -> str:
 
 
 def model_window(model: nn.Module, default: int | None = None) -> int:
-    """The longest input `model` reads: libmoe's max_seq_len (TransformersLM's too), a
-    transformers config's max_position_embeddings / n_positions, else `default`."""
+    """The longest input `model` takes: libmoe's max_seq_len (TransformersLM's too), or a
+    transformers config's n_positions / max_position_embeddings / n_ctx (lm-evaluation-harness's
+    order), else `default` (None: an error)."""
     config = getattr(model, "config", None)
-    for attr in ("max_seq_len", "max_position_embeddings", "n_positions"):
+    for attr in ("max_seq_len", "n_positions", "max_position_embeddings", "n_ctx"):
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:
             return value
@@ -136,7 +137,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
         mask[row, L - len(prompt):] = 1
     ids, mask = ids.to(device), mask.to(device)
     padded = len({len(p) for p in prompts}) > 1
-    cache_argument = _cache_argument(model)
+    cache_name = cache_argument(model)
     new: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     cache = None  # holds the keys and values of every column of ids but the last
@@ -151,7 +152,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
                 start = max(0, N - window)
                 cache = new_cache(model) if use_cache and window >= N else None
             seen = 0 if cache is not None else start  # the mask covers the cached columns too
-            logits = _forward(model, ids[:, start:], mask[:, seen:], cache, cache_argument, padded)
+            logits = _forward(model, ids[:, start:], mask[:, seen:], cache, cache_name, padded)
             step = next_token(logits[:, -1], do_sample, temperature, top_k, top_p, generator).tolist()
             for row, t in enumerate(step):
                 if done[row]:
@@ -172,10 +173,10 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
     return new
 
 
-def _forward(model: nn.Module, ids: Tensor, mask: Tensor, cache, cache_argument: str,
+def _forward(model: nn.Module, ids: Tensor, mask: Tensor, cache, cache_name: str,
              padded: bool) -> Tensor:
     """The logits of `ids`, the columns after those `cache` holds; `mask` covers both."""
-    kwargs = {} if cache is None else {cache_argument: cache}
+    kwargs = {} if cache is None else {cache_name: cache}
     if padded:  # transformers' convention: positions count the real tokens only
         kwargs["attention_mask"] = mask
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]

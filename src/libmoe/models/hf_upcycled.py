@@ -14,7 +14,6 @@ checkpoint lacks like a freshly built layer, and the routers' constants are reco
 from __future__ import annotations
 
 import contextlib
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from transformers import initialization as init
 
 from ..moe import MoELayer, legacy_options
 from .checkpoints import restore_router_buffers, saved_shapes
+from .generation import cache_argument
 from .hf_compat import old_cache_name
 from .upcycled import SHARED_ALGORITHMS, moe_aux_loss, upcycle_hf_model
 
@@ -137,9 +137,7 @@ class LibMoEUpcycledForCausalLM(PreTrainedModel, GenerationMixin):
         super().initialize_weights()
         for layer in [m for m in self.modules() if isinstance(m, MoELayer)]:
             with torch.device("cpu"):
-                twin = MoELayer(layer.algorithm, type(layer.router)(layer.d_model, layer.n_experts,
-                                                                     layer.top_k, layer.opts),
-                                layer.d_model, layer.n_experts, layer.expert_dim, layer.top_k, layer.opts)
+                twin = layer.fresh_copy()
             fresh = dict(twin.named_parameters()) | dict(twin.named_buffers())
             for name, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
                 init.copy_(tensor, fresh[name])
@@ -165,8 +163,7 @@ class LibMoEUpcycledForCausalLM(PreTrainedModel, GenerationMixin):
                 past_key_values=None, return_dict=None, **kwargs: Any):
         cache = cache if cache is not None else old_cache_name(past_key_values)
         if cache is not None:
-            params = inspect.signature(self.model.forward).parameters
-            kwargs["cache" if "cache" in params else "past_key_values"] = cache
+            kwargs[cache_argument(self.model)] = cache
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                          logits_to_keep=logits_to_keep, return_dict=True, **kwargs)

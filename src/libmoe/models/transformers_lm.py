@@ -14,7 +14,6 @@ read them.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .generation import cache_argument
 from .loading import is_transformers_dir, resolve_checkpoint
 from .run_config import RunConfig
 from .transformer import LMOutput
@@ -93,10 +93,7 @@ class TransformersLM(nn.Module):
         super().__init__()
         self.lm = lm
         self.config = describe(lm.config)
-        # transformers 5.2x models take the cache as `cache` (`past_key_values` deprecated); earlier ones
-        # as `past_key_values`
-        params = inspect.signature(lm.forward).parameters
-        self.cache_argument = "cache" if "cache" in params else "past_key_values"
+        self.cache_argument = cache_argument(lm)
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None, cache: Any = None,
                 attention_mask: Tensor | None = None, position_ids: Tensor | None = None) -> LMOutput:

@@ -91,6 +91,11 @@ class MoELayer(nn.Module):
         if opts.expert_init == "dense_match":
             match_dense_output_scale(self)
 
+    def fresh_copy(self) -> MoELayer:
+        """A newly built layer of the same construction (router and experts freshly initialised)."""
+        return MoELayer(self.algorithm, self.router.fresh_copy(), self.d_model, self.n_experts,
+                        self.expert_dim, self.top_k, self.opts)
+
     def forward(self, x: Tensor, prev_logits: Tensor | None = None) -> MoEOutput:
         _check_input(x, self.d_model)
         shape = x.shape
@@ -227,6 +232,11 @@ class DenseFFN(nn.Module):
         self.output_dim = opts.output_dim or d_model
         self.experts = Experts(1, d_model, width, opts.activation, width, opts.expert_bias,
                                opts.output_dim)
+
+    def fresh_copy(self) -> MoELayer:
+        """A newly built layer of the same construction (router and experts freshly initialised)."""
+        return MoELayer(self.algorithm, self.router.fresh_copy(), self.d_model, self.n_experts,
+                        self.expert_dim, self.top_k, self.opts)
 
     def forward(self, x: Tensor, prev_logits: Tensor | None = None) -> MoEOutput:
         _check_input(x, self.d_model)

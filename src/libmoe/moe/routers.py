@@ -59,6 +59,11 @@ class Router(nn.Module):
         self.temperature = opts.temperature  # mutable at inference (temperature study)
         self.drop_top = 0  # DropTop-n perturbation at inference (analysis tools)
 
+    def fresh_copy(self) -> Router:
+        """A newly built router of the same class and construction (freshly initialised weights,
+        the constants' values): what restores what meta-device loading leaves unset."""
+        return type(self)(self.d_model, self.n_experts, self.top_k, self.opts)
+
     def forward(
         self, x: Tensor, seq_len: int, prev_logits: Tensor | None = None
     ) -> tuple[Routing, dict[str, Tensor]]:
